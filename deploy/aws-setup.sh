@@ -1,0 +1,442 @@
+#!/usr/bin/env bash
+# Creates the AWS side of orchgpu, or brings it to the desired state: the input,
+# intermediate and output buckets, the SQS jobs queue with its dead-letter queue, the queue
+# policies that let S3 send to the queues, and the S3 -> SQS event notifications.
+# Idempotent: a second run changes nothing and exits 0. Works against real AWS or an
+# emulator (LocalStack, moto) given --endpoint-url or AWS_ENDPOINT_URL.
+#
+# Usage: deploy/aws-setup.sh --input-bucket BUCKET --intermediate BUCKET/DIR \
+#          --output BUCKET/DIR --jobs-queue NAME [options]     (see --help)
+set -euo pipefail
+
+prog=aws-setup.sh
+
+usage() {
+    cat <<'EOF'
+Usage: deploy/aws-setup.sh [options]
+
+Creates (or updates to the desired state) what orchgpu needs on AWS. Running it twice
+changes nothing. Every option can also come from the environment variable in brackets.
+
+Required:
+  --input-bucket BUCKET      bucket users upload to; its ObjectCreated events go to the
+                             jobs queue                                [ORCHGPU_INPUT_BUCKET]
+  --intermediate BUCKET/DIR  where orchgpu uploads bundles (orchgpu -i) [ORCHGPU_INTERMEDIATE]
+  --output BUCKET/DIR        where the function writes results (orchgpu -o)   [ORCHGPU_OUTPUT]
+  --jobs-queue NAME          SQS queue orchgpu consumes (orchgpu -q)   [ORCHGPU_JOBS_QUEUE]
+
+Optional:
+  --dlq NAME                 dead-letter queue (default: <jobs-queue>-dlq)      [ORCHGPU_DLQ]
+  --max-receive-count N      receives before a message moves to the DLQ (default 5)
+                                                                 [ORCHGPU_MAX_RECEIVE_COUNT]
+  --visibility-timeout S     jobs queue default visibility timeout, seconds (default 300)
+                                                            [ORCHGPU_JOBS_VISIBILITY_TIMEOUT]
+  --function-queue NAME      queue for the intermediate bucket's ObjectCreated events under
+                             DIR/ ending in .tar.gz; used by the local function stand-in
+                             (on AWS, SCAR wires its function itself)  [ORCHGPU_FUNCTION_QUEUE]
+  --results-queue NAME       queue for the output bucket's ObjectCreated events under DIR/
+                                                                     [ORCHGPU_RESULTS_QUEUE]
+  --region REGION            default: AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1
+  --endpoint-url URL         AWS-compatible endpoint, e.g. http://127.0.0.1:4566
+                                                                          [AWS_ENDPOINT_URL]
+  -h, --help                 this text
+
+The aws CLI is taken from AWS_CLI (default: aws on PATH); python3 is needed to edit JSON.
+Credentials come from the usual AWS sources; emulators accept any (e.g. test/test).
+The input bucket must differ from the intermediate and output buckets (its notification
+has no filter, so bundles or results written there would become new jobs); with
+--function-queue or --results-queue all three buckets must be distinct.
+EOF
+}
+
+die() {
+    printf '%s: error: %s\n' "$prog" "$*" >&2
+    exit 1
+}
+say() { printf '%s\n' "$*"; }
+
+# --- options ---------------------------------------------------------------------------
+
+input_bucket=${ORCHGPU_INPUT_BUCKET:-}
+intermediate=${ORCHGPU_INTERMEDIATE:-}
+output=${ORCHGPU_OUTPUT:-}
+jobs_queue=${ORCHGPU_JOBS_QUEUE:-}
+dlq=${ORCHGPU_DLQ:-}
+max_receive_count=${ORCHGPU_MAX_RECEIVE_COUNT:-5}
+visibility_timeout=${ORCHGPU_JOBS_VISIBILITY_TIMEOUT:-300}
+function_queue=${ORCHGPU_FUNCTION_QUEUE:-}
+results_queue=${ORCHGPU_RESULTS_QUEUE:-}
+region=${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
+endpoint=${AWS_ENDPOINT_URL:-}
+
+while (($#)); do
+    opt=$1
+    case $opt in
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        --*=*)
+            value=${opt#*=}
+            opt=${opt%%=*}
+            shift
+            ;;
+        --*)
+            (($# >= 2)) || die "$opt needs a value (see --help)"
+            value=$2
+            shift 2
+            ;;
+        *) die "unexpected argument '$opt' (see --help)" ;;
+    esac
+    case $opt in
+        --input-bucket) input_bucket=$value ;;
+        --intermediate) intermediate=$value ;;
+        --output) output=$value ;;
+        --jobs-queue) jobs_queue=$value ;;
+        --dlq) dlq=$value ;;
+        --max-receive-count) max_receive_count=$value ;;
+        --visibility-timeout) visibility_timeout=$value ;;
+        --function-queue) function_queue=$value ;;
+        --results-queue) results_queue=$value ;;
+        --region) region=$value ;;
+        --endpoint-url) endpoint=$value ;;
+        *) die "unknown option '$opt' (see --help)" ;;
+    esac
+done
+
+[[ -n $input_bucket ]] || die "--input-bucket is required (see --help)"
+[[ -n $intermediate ]] || die "--intermediate is required (see --help)"
+[[ -n $output ]] || die "--output is required (see --help)"
+[[ -n $jobs_queue ]] || die "--jobs-queue is required (see --help)"
+dlq=${dlq:-$jobs_queue-dlq}
+
+check_bucket_name() {
+    [[ $2 =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ && $2 != *..* ]] ||
+        die "$1: '$2' is not a valid bucket name (3-63 of a-z 0-9 . -)"
+}
+check_queue_name() {
+    [[ $2 =~ ^[A-Za-z0-9_-]{1,80}$ ]] ||
+        die "$1: '$2' is not a standard queue name (1-80 of A-Z a-z 0-9 _ -; S3 cannot notify FIFO queues; give a name, not a URL)"
+}
+# "bucket/dir/sub/" -> the bucket and "dir/sub"; a bare "bucket" means its root.
+split_location() { # OPTION VALUE -> sets loc_bucket, loc_dir
+    local loc=${2#s3://}
+    loc_bucket=${loc%%/*}
+    loc_dir=
+    [[ $loc == */* ]] && loc_dir=${loc#*/}
+    while [[ $loc_dir == */ ]]; do loc_dir=${loc_dir%/}; done
+    check_bucket_name "$1" "$loc_bucket"
+}
+prefix_of() { if [[ -n $1 ]]; then printf '%s/' "$1"; fi; }
+
+check_bucket_name --input-bucket "$input_bucket"
+split_location --intermediate "$intermediate"
+intermediate_bucket=$loc_bucket intermediate_dir=$loc_dir
+split_location --output "$output"
+output_bucket=$loc_bucket output_dir=$loc_dir
+check_queue_name --jobs-queue "$jobs_queue"
+check_queue_name --dlq "$dlq"
+[[ -z $function_queue ]] || check_queue_name --function-queue "$function_queue"
+[[ -z $results_queue ]] || check_queue_name --results-queue "$results_queue"
+[[ $dlq != "$jobs_queue" ]] || die "--dlq must differ from --jobs-queue"
+if ! [[ $max_receive_count =~ ^[0-9]{1,4}$ ]] || ((10#$max_receive_count < 1 || 10#$max_receive_count > 1000)); then
+    die "--max-receive-count must be 1..1000, not '$max_receive_count'"
+fi
+if ! [[ $visibility_timeout =~ ^[0-9]{1,5}$ ]] || ((10#$visibility_timeout > 43200)); then
+    die "--visibility-timeout must be 0..43200 seconds, not '$visibility_timeout'"
+fi
+max_receive_count=$((10#$max_receive_count)) visibility_timeout=$((10#$visibility_timeout))
+[[ $region =~ ^[a-z0-9-]+$ ]] || die "bad --region '$region'"
+
+# The input notification has no filter: a bundle or result written to the input bucket
+# would become a new job, and so on forever.
+[[ $input_bucket != "$intermediate_bucket" ]] ||
+    die "the input and intermediate buckets must differ ('$input_bucket'): every bundle would become a new job"
+[[ $input_bucket != "$output_bucket" ]] ||
+    die "the input and output buckets must differ ('$input_bucket'): every result would become a new job"
+if [[ -n $function_queue || -n $results_queue ]] && [[ $intermediate_bucket == "$output_bucket" ]]; then
+    die "with --function-queue or --results-queue the intermediate and output buckets must differ ('$output_bucket')"
+fi
+
+aws_cli=${AWS_CLI:-aws}
+command -v "$aws_cli" >/dev/null 2>&1 || die "aws CLI '$aws_cli' not found (install it or set AWS_CLI)"
+command -v python3 >/dev/null 2>&1 || die "python3 not found (needed to edit policy and notification JSON)"
+export AWS_PAGER=""
+aws_args=(--region "$region")
+[[ -z $endpoint ]] || aws_args+=(--endpoint-url "$endpoint")
+
+err_file=$(mktemp)
+trap 'rm -f -- "$err_file"' EXIT
+
+awsq() { "$aws_cli" "${aws_args[@]}" "$@" 2>"$err_file"; }
+# Runs an aws command; on failure dies with WHAT and the CLI's own message.
+aws_or_die() { # WHAT ARGS...
+    local what=$1
+    shift
+    awsq "$@" || die "$what failed: $(tr -s '\n' ' ' <"$err_file")"
+}
+
+# JSON edits, in one small python program: mode and arguments on argv, result on stdout.
+json_tool() {
+    python3 -c '
+import json, sys
+
+def canon(v):
+    """Comparable form: sorted keys, sorted lists, one-item lists as scalars, numbers as text."""
+    if isinstance(v, dict):
+        return {k: canon(x) for k, x in sorted(v.items())}
+    if isinstance(v, list):
+        items = sorted((canon(x) for x in v), key=lambda x: json.dumps(x, sort_keys=True))
+        return items[0] if len(items) == 1 else items
+    if isinstance(v, bool) or v is None:
+        return v
+    return str(v)
+
+def loads(text):
+    text = text.strip()
+    return json.loads(text) if text and text != "None" else {}
+
+mode, args = sys.argv[1], sys.argv[2:]
+
+if mode == "queue-attrs":          # VISIBILITY DLQ_ARN MAX_RECEIVE -> jobs queue attributes
+    vis, dlq_arn, n = args
+    attrs = {"VisibilityTimeout": vis}
+    if dlq_arn:
+        attrs["RedrivePolicy"] = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": n})
+    print(json.dumps(attrs))
+
+elif mode == "attrs-diff":         # DESIRED CURRENT -> attributes to set, or nothing
+    desired, current = loads(args[0]), loads(args[1])
+    diff = {}
+    for k, v in desired.items():
+        have = current.get(k)
+        if k in ("RedrivePolicy", "Policy"):
+            same = have is not None and canon(loads(have)) == canon(loads(v))
+        else:
+            same = have is not None and str(have) == str(v)
+        if not same:
+            diff[k] = v
+    if diff:
+        print(json.dumps(diff))
+
+elif mode == "policy":             # QUEUE_ARN BUCKET_ARN ACCOUNT SID CURRENT -> policy, or nothing
+    queue_arn, bucket_arn, account, sid, current = args
+    ours = {
+        "Sid": sid,
+        "Effect": "Allow",
+        "Principal": {"Service": "s3.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": queue_arn,
+        "Condition": {
+            "ArnLike": {"aws:SourceArn": bucket_arn},
+            "StringEquals": {"aws:SourceAccount": account},
+        },
+    }
+    policy = loads(current) or {"Version": "2012-10-17"}
+    statements = policy.get("Statement", [])
+    if isinstance(statements, dict):
+        statements = [statements]
+    if any(s.get("Sid") == sid and canon(s) == canon(ours) for s in statements):
+        sys.exit(0)
+    policy["Statement"] = [s for s in statements if s.get("Sid") != sid] + [ours]
+    print(json.dumps(policy))
+
+elif mode == "notification":       # CURRENT ID QUEUE_ARN PREFIX SUFFIX -> configuration, or nothing
+    current, cid, queue_arn, prefix, suffix = args
+    config = loads(current)
+    config.pop("ResponseMetadata", None)
+    ours = {"Id": cid, "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"]}
+    rules = [{"Name": n, "Value": v} for n, v in (("Prefix", prefix), ("Suffix", suffix)) if v]
+    if rules:
+        ours["Filter"] = {"Key": {"FilterRules": rules}}
+    def norm(q):   # rule names come back as "Prefix" or "prefix"
+        q = json.loads(json.dumps(q))
+        for r in q.get("Filter", {}).get("Key", {}).get("FilterRules", []):
+            r["Name"] = r["Name"].capitalize()
+        return canon(q)
+    queues = config.get("QueueConfigurations", [])
+    if any(norm(q) == norm(ours) for q in queues):
+        sys.exit(0)
+    # Keep what other tools configured; replace an earlier orchgpu entry for this queue.
+    keep = [q for q in queues if q.get("Id") != cid and q.get("QueueArn") != queue_arn]
+    config["QueueConfigurations"] = keep + [ours]
+    print(json.dumps(config))
+
+else:
+    sys.exit("unknown mode " + mode)
+' "$@"
+}
+
+# --- buckets ---------------------------------------------------------------------------
+
+ensure_bucket() { # BUCKET
+    local bucket=$1
+    if awsq s3api head-bucket --bucket "$bucket" >/dev/null; then
+        say "bucket s3://$bucket: exists"
+        return 0
+    fi
+    if grep -qE '\(403\)|Forbidden' "$err_file"; then
+        die "bucket '$bucket' exists but is not accessible to you (another account's, or no s3:ListBucket)"
+    fi
+    local -a args=(s3api create-bucket --bucket "$bucket")
+    # us-east-1 refuses a LocationConstraint; every other region needs one.
+    [[ $region == us-east-1 ]] || args+=(--create-bucket-configuration "LocationConstraint=$region")
+    if awsq "${args[@]}" >/dev/null; then
+        say "bucket s3://$bucket: created"
+    elif grep -q BucketAlreadyOwnedByYou "$err_file"; then
+        say "bucket s3://$bucket: exists"
+    else
+        die "creating bucket '$bucket' failed: $(tr -s '\n' ' ' <"$err_file")"
+    fi
+}
+
+# --- queues ----------------------------------------------------------------------------
+
+queue_url=
+queue_arn=
+# Creates queue NAME with ATTRS (JSON map), or sets the attributes that differ on an
+# existing one. Sets queue_url and queue_arn.
+ensure_queue() { # NAME ATTRS_JSON
+    local name=$1 attrs=$2 current diff
+    if queue_url=$(awsq sqs get-queue-url --queue-name "$name" --query QueueUrl --output text); then
+        current=$(aws_or_die "reading attributes of queue $name" sqs get-queue-attributes \
+            --queue-url "$queue_url" --attribute-names All --query Attributes --output json)
+        diff=$(json_tool attrs-diff "$attrs" "$current")
+        if [[ -n $diff ]]; then
+            aws_or_die "updating queue $name" sqs set-queue-attributes \
+                --queue-url "$queue_url" --attributes "$diff"
+            say "queue $name: updated $(json_tool_keys "$diff")"
+        else
+            say "queue $name: exists, attributes as wanted"
+        fi
+    elif grep -qE 'NonExistentQueue|QueueDoesNotExist' "$err_file"; then
+        queue_url=$(aws_or_die "creating queue $name" sqs create-queue --queue-name "$name" \
+            --attributes "$attrs" --query QueueUrl --output text)
+        say "queue $name: created"
+    else
+        die "looking up queue '$name' failed: $(tr -s '\n' ' ' <"$err_file")"
+    fi
+    # ARNs come from the service (LocalStack's account id is 000000000000).
+    queue_arn=$(aws_or_die "reading the ARN of queue $name" sqs get-queue-attributes \
+        --queue-url "$queue_url" --attribute-names QueueArn --query Attributes.QueueArn --output text)
+}
+
+json_tool_keys() { python3 -c 'import json,sys; print(", ".join(sorted(json.loads(sys.argv[1]))))' "$1"; }
+
+# Lets S3 send BUCKET's events to the queue (queue_url/queue_arn), keeping other statements.
+ensure_queue_policy() { # NAME BUCKET
+    local name=$1 bucket=$2 partition account current policy
+    IFS=: read -r _ partition _ _ account _ <<<"$queue_arn"
+    current=$(aws_or_die "reading the policy of queue $name" sqs get-queue-attributes \
+        --queue-url "$queue_url" --attribute-names Policy --query Attributes.Policy --output text)
+    policy=$(json_tool policy "$queue_arn" "arn:$partition:s3:::$bucket" "$account" \
+        OrchgpuAllowS3SendMessage "$current")
+    if [[ -n $policy ]]; then
+        aws_or_die "setting the policy of queue $name" sqs set-queue-attributes \
+            --queue-url "$queue_url" --attributes "$(python3 -c \
+                'import json,sys; print(json.dumps({"Policy": sys.argv[1]}))' "$policy")"
+        say "queue $name: policy lets s3://$bucket send messages"
+    else
+        say "queue $name: policy already lets s3://$bucket send messages"
+    fi
+}
+
+# --- notifications ---------------------------------------------------------------------
+
+# Adds (or updates) one queue entry in BUCKET's notification configuration, keeping the
+# entries of other tools: S3 holds one configuration per bucket and a put replaces it all.
+# On every put S3 first sends an s3:TestEvent message to each queue; orchgpu drops it with
+# a log line. An unchanged configuration is not put again, so reruns send no test event.
+ensure_notification() { # BUCKET ID QUEUE_ARN PREFIX SUFFIX
+    local bucket=$1 id=$2 arn=$3 prefix=$4 suffix=$5 current config attempt
+    current=$(aws_or_die "reading the notification configuration of s3://$bucket" \
+        s3api get-bucket-notification-configuration --bucket "$bucket" --output json)
+    config=$(json_tool notification "$current" "$id" "$arn" "$prefix" "$suffix")
+    local what="s3://$bucket/$prefix*$suffix ObjectCreated -> ${arn##*:}"
+    if [[ -z $config ]]; then
+        say "notification $what: already set"
+        return 0
+    fi
+    # A fresh queue policy can take a while to reach S3, which then refuses the
+    # configuration with "Unable to validate the following destination configurations".
+    for attempt in 1 2 3 4 5 6 7; do
+        if awsq s3api put-bucket-notification-configuration --bucket "$bucket" \
+            --notification-configuration "$config"; then
+            say "notification $what: set"
+            return 0
+        fi
+        if ! grep -q 'Unable to validate' "$err_file" || ((attempt == 7)); then
+            break
+        fi
+        say "notification $what: S3 cannot validate the queue yet; retrying in 10 s"
+        sleep 10
+    done
+    die "setting the notification of s3://$bucket failed: $(tr -s '\n' ' ' <"$err_file")"
+}
+
+# --- main ------------------------------------------------------------------------------
+
+say "orchgpu AWS setup: region $region${endpoint:+, endpoint $endpoint}"
+
+declare -A seen=()
+for bucket in "$input_bucket" "$intermediate_bucket" "$output_bucket"; do
+    [[ -n ${seen[$bucket]:-} ]] && continue
+    seen[$bucket]=1
+    ensure_bucket "$bucket"
+done
+
+# Dead-letter queue: the maximum retention, so poison messages wait long for a look.
+ensure_queue "$dlq" '{"MessageRetentionPeriod": "1209600"}'
+dlq_url=$queue_url dlq_arn=$queue_arn
+
+ensure_queue "$jobs_queue" \
+    "$(json_tool queue-attrs "$visibility_timeout" "$dlq_arn" "$max_receive_count")"
+jobs_url=$queue_url jobs_arn=$queue_arn
+ensure_queue_policy "$jobs_queue" "$input_bucket"
+ensure_notification "$input_bucket" orchgpu-jobs "$jobs_arn" "" ""
+
+function_url='' function_arn=''
+if [[ -n $function_queue ]]; then
+    ensure_queue "$function_queue" '{}'
+    function_url=$queue_url function_arn=$queue_arn
+    ensure_queue_policy "$function_queue" "$intermediate_bucket"
+    ensure_notification "$intermediate_bucket" orchgpu-function "$function_arn" \
+        "$(prefix_of "$intermediate_dir")" .tar.gz
+fi
+
+results_url='' results_arn=''
+if [[ -n $results_queue ]]; then
+    ensure_queue "$results_queue" '{}'
+    results_url=$queue_url results_arn=$queue_arn
+    ensure_queue_policy "$results_queue" "$output_bucket"
+    ensure_notification "$output_bucket" orchgpu-results "$results_arn" \
+        "$(prefix_of "$output_dir")" ""
+fi
+
+cat <<EOF
+
+Summary
+  input bucket      s3://$input_bucket/  (ObjectCreated -> $jobs_queue)
+  intermediate      s3://$intermediate_bucket/$(prefix_of "$intermediate_dir")
+  output            s3://$output_bucket/$(prefix_of "$output_dir")
+  jobs queue        $jobs_url
+                    $jobs_arn
+                    visibility ${visibility_timeout} s, to $dlq after $max_receive_count receives
+  dead-letter queue $dlq_url
+                    $dlq_arn
+EOF
+if [[ -n $function_queue ]]; then
+    say "  function queue    $function_url"
+    say "                    $function_arn"
+    say "                    (s3://$intermediate_bucket/$(prefix_of "$intermediate_dir")*.tar.gz)"
+fi
+if [[ -n $results_queue ]]; then
+    say "  results queue     $results_url"
+    say "                    $results_arn"
+    say "                    (s3://$output_bucket/$(prefix_of "$output_dir")*)"
+fi
+cat <<EOF
+
+Run the daemon with, for example:
+  orchgpu -q $jobs_queue -i $intermediate -o $output -S <scheduler host> -P <scheduler port>${endpoint:+ --endpoint-url $endpoint}
+EOF

@@ -1,0 +1,782 @@
+//! The command line: clap `Args` (raw values) and their validation into a `Config`.
+//!
+//! This is the only module that knows clap. Every orchGPU flag keeps its letter, meaning
+//! and default; each also has a long name and an `ORCHGPU_*` environment variable.
+//! Everything downstream takes the validated `Config` and never re-checks it.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// SQS caps a message's visibility timeout at 12 hours.
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// Raw command-line values, as typed; see `Config` for their validated form.
+#[derive(Debug, Parser)]
+#[command(
+    name = "orchgpu",
+    version,
+    about = "Turns S3 uploads into GPU jobs on remote GPUs (rCUDA scheduler + SCAR function).",
+    long_about = "Receives S3 ObjectCreated notifications from an SQS queue, asks the rCUDA \
+scheduler for GPUs through its SSGM client, uploads a bundle (input + reservation) to the \
+intermediate bucket for a SCAR function, waits for the function's result in the output bucket, \
+releases the GPUs and only then deletes the message.\n\nDurations are whole seconds."
+)]
+pub struct Args {
+    /// SQS jobs queue: a queue name or a full queue URL.
+    #[arg(
+        short = 'q',
+        long = "queue",
+        env = "ORCHGPU_QUEUE",
+        value_name = "NAME|URL"
+    )]
+    pub queue: String,
+
+    /// Scheduler host, passed to SSGM `-S`.
+    #[arg(short = 'S', long = "scheduler-host", env = "ORCHGPU_SCHEDULER_HOST")]
+    pub scheduler_host: String,
+
+    /// Scheduler port, passed to SSGM `-P`.
+    #[arg(short = 'P', long = "scheduler-port", env = "ORCHGPU_SCHEDULER_PORT")]
+    pub scheduler_port: String,
+
+    /// GPUs per job, passed to SSGM `-g`.
+    #[arg(short = 'g', long = "gpus", env = "ORCHGPU_GPUS", default_value = "1")]
+    pub gpus: String,
+
+    /// SQS visibility timeout for received messages; extended while a job runs.
+    #[arg(
+        short = 'v',
+        long = "visibility-timeout",
+        env = "ORCHGPU_VISIBILITY_TIMEOUT",
+        default_value = "30",
+        value_name = "SECS"
+    )]
+    pub visibility_timeout: String,
+
+    /// SQS long-poll wait (0..=20).
+    #[arg(
+        short = 'w',
+        long = "wait-time",
+        env = "ORCHGPU_WAIT_TIME",
+        default_value = "20",
+        value_name = "SECS"
+    )]
+    pub wait_time: String,
+
+    /// Interval between allocation attempts while the scheduler answers "busy" (a release by
+    /// one of our own jobs retries sooner).
+    #[arg(
+        short = 's',
+        long = "alloc-retry-interval",
+        env = "ORCHGPU_ALLOC_RETRY_INTERVAL",
+        default_value = "30",
+        value_name = "SECS"
+    )]
+    pub alloc_retry_interval: String,
+
+    /// Pause after a receive that returned no message.
+    #[arg(
+        short = 'u',
+        long = "empty-pause",
+        env = "ORCHGPU_EMPTY_PAUSE",
+        default_value = "10",
+        value_name = "SECS"
+    )]
+    pub empty_pause: String,
+
+    /// Interval between checks of the output bucket for a job's result.
+    #[arg(
+        short = 'b',
+        long = "result-poll-interval",
+        env = "ORCHGPU_RESULT_POLL_INTERVAL",
+        default_value = "60",
+        value_name = "SECS"
+    )]
+    pub result_poll_interval: String,
+
+    /// SSGM client executable: a path, or a name looked up on PATH.
+    #[arg(
+        short = 'm',
+        long = "ssgm",
+        env = "ORCHGPU_SSGM",
+        default_value = "ssgm",
+        value_name = "PATH"
+    )]
+    pub ssgm: String,
+
+    /// Intermediate `bucket/dir` for bundles (a bare `bucket` means its root).
+    #[arg(
+        short = 'i',
+        long = "intermediate",
+        env = "ORCHGPU_INTERMEDIATE",
+        value_name = "BUCKET[/DIR]"
+    )]
+    pub intermediate: String,
+
+    /// Output `bucket/dir` where the function writes results (a bare `bucket` means its root).
+    #[arg(
+        short = 'o',
+        long = "output",
+        env = "ORCHGPU_OUTPUT",
+        value_name = "BUCKET[/DIR]"
+    )]
+    pub output: String,
+
+    /// AWS endpoint URL, for LocalStack or moto (AWS_ENDPOINT_URL is honoured too).
+    #[arg(
+        long = "endpoint-url",
+        env = "ORCHGPU_ENDPOINT_URL",
+        value_name = "URL"
+    )]
+    pub endpoint_url: Option<String>,
+
+    /// AWS region (default: the SDK's usual sources, then us-east-1).
+    #[arg(long = "region", env = "ORCHGPU_REGION")]
+    pub region: Option<String>,
+
+    /// Maximum number of jobs run at once (messages taken never exceed free slots).
+    #[arg(long = "max-jobs", env = "ORCHGPU_MAX_JOBS", default_value = "4")]
+    pub max_jobs: String,
+
+    /// Give up on getting GPUs for a job after this long; the message is retried later.
+    #[arg(
+        long = "alloc-deadline",
+        env = "ORCHGPU_ALLOC_DEADLINE",
+        default_value = "3600",
+        value_name = "SECS"
+    )]
+    pub alloc_deadline: String,
+
+    /// Give up waiting for a job's result after this long; GPUs are released and the
+    /// message is retried later.
+    #[arg(
+        long = "result-deadline",
+        env = "ORCHGPU_RESULT_DEADLINE",
+        default_value = "3600",
+        value_name = "SECS"
+    )]
+    pub result_deadline: String,
+
+    /// Timeout for each SSGM call; a client still running then is killed.
+    #[arg(
+        long = "ssgm-timeout",
+        env = "ORCHGPU_SSGM_TIMEOUT",
+        default_value = "30",
+        value_name = "SECS"
+    )]
+    pub ssgm_timeout: String,
+
+    /// Suffix of the result object the function writes: `<output dir>/<job id><suffix>`.
+    #[arg(
+        long = "result-suffix",
+        env = "ORCHGPU_RESULT_SUFFIX",
+        default_value = ".png"
+    )]
+    pub result_suffix: String,
+
+    /// First delay before a failed job's message is visible again; doubles with each
+    /// receive of the same message, up to 15 minutes.
+    #[arg(
+        long = "retry-backoff",
+        env = "ORCHGPU_RETRY_BACKOFF",
+        default_value = "10",
+        value_name = "SECS"
+    )]
+    pub retry_backoff: String,
+
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish before their GPUs are
+    /// released and their messages returned (a second signal skips the wait).
+    #[arg(
+        long = "shutdown-grace",
+        env = "ORCHGPU_SHUTDOWN_GRACE",
+        default_value = "60",
+        value_name = "SECS"
+    )]
+    pub shutdown_grace: String,
+
+    /// Log format.
+    #[arg(
+        long = "log-format",
+        env = "ORCHGPU_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The SQS queue as given: a name to resolve, or a URL to use as is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueRef {
+    Name(String),
+    Url(String),
+}
+
+/// A `bucket/dir` location; `dir` is empty for the bucket's root and never has a leading
+/// or trailing `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketDir {
+    pub bucket: String,
+    pub dir: String,
+}
+
+impl BucketDir {
+    /// The key of `name` inside this location.
+    pub fn key_for(&self, name: &str) -> String {
+        if self.dir.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{}", self.dir, name)
+        }
+    }
+}
+
+impl std::fmt::Display for BucketDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.dir)
+    }
+}
+
+/// The validated configuration of the daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub queue: QueueRef,
+    pub scheduler_host: String,
+    pub scheduler_port: u16,
+    pub gpus: NonZeroU32,
+    pub visibility_timeout: Duration,
+    pub wait_time: Duration,
+    pub alloc_retry_interval: Duration,
+    pub empty_pause: Duration,
+    pub result_poll_interval: Duration,
+    pub ssgm: PathBuf,
+    pub intermediate: BucketDir,
+    pub output: BucketDir,
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub max_jobs: NonZeroUsize,
+    pub alloc_deadline: Duration,
+    pub result_deadline: Duration,
+    pub ssgm_timeout: Duration,
+    pub result_suffix: String,
+    pub retry_backoff: Duration,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+/// A command-line value that cannot be used; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value {value:?} for {flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(flag: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        ConfigError {
+            flag,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let visibility_timeout = parse_secs(
+            "-v/--visibility-timeout",
+            &args.visibility_timeout,
+            2,
+            MAX_VISIBILITY.as_secs(),
+        )?;
+        let wait_time = parse_secs("-w/--wait-time", &args.wait_time, 0, 20)?;
+        Ok(Config {
+            queue: parse_queue(&args.queue)?,
+            scheduler_host: parse_host(&args.scheduler_host)?,
+            scheduler_port: parse_port(&args.scheduler_port)?,
+            gpus: parse_gpus(&args.gpus)?,
+            visibility_timeout,
+            wait_time,
+            alloc_retry_interval: parse_secs(
+                "-s/--alloc-retry-interval",
+                &args.alloc_retry_interval,
+                1,
+                86_400,
+            )?,
+            empty_pause: parse_secs("-u/--empty-pause", &args.empty_pause, 0, 3600)?,
+            result_poll_interval: parse_secs(
+                "-b/--result-poll-interval",
+                &args.result_poll_interval,
+                1,
+                3600,
+            )?,
+            ssgm: resolve_program("-m/--ssgm", &args.ssgm, std::env::var_os("PATH"))?,
+            intermediate: parse_bucket_dir("-i/--intermediate", &args.intermediate)?,
+            output: parse_bucket_dir("-o/--output", &args.output)?,
+            endpoint_url: parse_endpoint(args.endpoint_url)?,
+            region: parse_region(args.region)?,
+            max_jobs: parse_max_jobs(&args.max_jobs)?,
+            alloc_deadline: parse_secs(
+                "--alloc-deadline",
+                &args.alloc_deadline,
+                1,
+                MAX_VISIBILITY.as_secs(),
+            )?,
+            result_deadline: parse_secs(
+                "--result-deadline",
+                &args.result_deadline,
+                1,
+                MAX_VISIBILITY.as_secs(),
+            )?,
+            ssgm_timeout: parse_secs("--ssgm-timeout", &args.ssgm_timeout, 1, 3600)?,
+            result_suffix: parse_suffix(&args.result_suffix)?,
+            retry_backoff: parse_secs("--retry-backoff", &args.retry_backoff, 0, 900)?,
+            shutdown_grace: parse_secs("--shutdown-grace", &args.shutdown_grace, 0, 3600)?,
+            log_format: args.log_format,
+        })
+    }
+}
+
+fn parse_secs(flag: &'static str, raw: &str, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    let secs: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(flag, raw, "expected a whole number of seconds"))?;
+    if secs < min || secs > max {
+        return Err(ConfigError::new(
+            flag,
+            raw,
+            format!("must be between {min} and {max} seconds"),
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_queue(raw: &str) -> Result<QueueRef, ConfigError> {
+    let flag = "-q/--queue";
+    let value = raw.trim();
+    if value.starts_with("http://") || value.starts_with("https://") {
+        return Ok(QueueRef::Url(value.to_string()));
+    }
+    // SQS queue names: 1..=80 of alphanumerics, '-' and '_', plus ".fifo" for FIFO queues.
+    let base = value.strip_suffix(".fifo").unwrap_or(value);
+    let valid = !base.is_empty()
+        && value.len() <= 80
+        && base
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid {
+        return Err(ConfigError::new(
+            flag,
+            raw,
+            "expected a queue name (1-80 letters, digits, '-', '_') or an http(s) queue URL",
+        ));
+    }
+    Ok(QueueRef::Name(value.to_string()))
+}
+
+fn parse_host(raw: &str) -> Result<String, ConfigError> {
+    let value = raw.trim();
+    if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::new(
+            "-S/--scheduler-host",
+            raw,
+            "expected a host name or address",
+        ));
+    }
+    Ok(value.to_string())
+}
+
+fn parse_port(raw: &str) -> Result<u16, ConfigError> {
+    match raw.trim().parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(ConfigError::new(
+            "-P/--scheduler-port",
+            raw,
+            "expected a port between 1 and 65535",
+        )),
+    }
+}
+
+fn parse_gpus(raw: &str) -> Result<NonZeroU32, ConfigError> {
+    match raw.trim().parse::<u32>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(NonZeroU32::new(n).expect("range excludes zero")),
+        _ => Err(ConfigError::new(
+            "-g/--gpus",
+            raw,
+            "expected a number of GPUs between 1 and 1024",
+        )),
+    }
+}
+
+fn parse_max_jobs(raw: &str) -> Result<NonZeroUsize, ConfigError> {
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=10_000).contains(&n) => {
+            Ok(NonZeroUsize::new(n).expect("range excludes zero"))
+        }
+        _ => Err(ConfigError::new(
+            "--max-jobs",
+            raw,
+            "expected a number between 1 and 10000",
+        )),
+    }
+}
+
+/// Parses `bucket[/dir]`; refuses an empty bucket (orchGPU panicked on a missing `/`).
+pub fn parse_bucket_dir(flag: &'static str, raw: &str) -> Result<BucketDir, ConfigError> {
+    let value = raw.trim();
+    let (bucket, dir) = match value.split_once('/') {
+        Some((bucket, dir)) => (bucket, dir.trim_matches('/')),
+        None => (value, ""),
+    };
+    if bucket.is_empty() {
+        return Err(ConfigError::new(
+            flag,
+            raw,
+            "expected bucket[/dir]; the bucket name is missing",
+        ));
+    }
+    if !is_valid_bucket_name(bucket) {
+        return Err(ConfigError::new(
+            flag,
+            raw,
+            format!(
+                "{bucket:?} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"
+            ),
+        ));
+    }
+    if dir.split('/').any(|part| part == ".." || part == ".")
+        || dir.contains("//")
+        || dir.chars().any(char::is_control)
+    {
+        return Err(ConfigError::new(
+            flag,
+            raw,
+            "the dir part has an empty, '.' or '..' segment",
+        ));
+    }
+    Ok(BucketDir {
+        bucket: bucket.to_string(),
+        dir: dir.to_string(),
+    })
+}
+
+fn is_valid_bucket_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (3..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'.' || *b == b'-')
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Finds the SSGM client the way a shell would, and checks that it can be executed.
+fn resolve_program(
+    flag: &'static str,
+    raw: &str,
+    path_var: Option<std::ffi::OsString>,
+) -> Result<PathBuf, ConfigError> {
+    let value = raw.trim();
+    if value.is_empty() {
+        return Err(ConfigError::new(
+            flag,
+            raw,
+            "expected a path to the SSGM client",
+        ));
+    }
+    if value.contains('/') {
+        let path = Path::new(value);
+        return match executable_status(path) {
+            Ok(()) => Ok(path.to_path_buf()),
+            Err(reason) => Err(ConfigError::new(flag, raw, reason)),
+        };
+    }
+    let found = path_var
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(value))
+        .find(|candidate| executable_status(candidate).is_ok());
+    found.ok_or_else(|| {
+        ConfigError::new(
+            flag,
+            raw,
+            "not found on PATH as an executable file; give its path with -m",
+        )
+    })
+}
+
+fn executable_status(path: &Path) -> Result<(), String> {
+    let metadata = std::fs::metadata(path).map_err(|e| format!("cannot use it: {e}"))?;
+    if !metadata.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    if metadata.permissions().mode() & 0o111 == 0 {
+        return Err("not executable (no x permission)".to_string());
+    }
+    Ok(())
+}
+
+fn parse_endpoint(raw: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let value = raw.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let rest = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
+            Ok(Some(value.trim_end_matches('/').to_string()))
+        }
+        _ => Err(ConfigError::new(
+            "--endpoint-url",
+            &raw,
+            "expected an http:// or https:// URL",
+        )),
+    }
+}
+
+fn parse_region(raw: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let value = raw.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(ConfigError::new(
+            "--region",
+            &raw,
+            "expected a region such as us-east-1",
+        ));
+    }
+    Ok(Some(value.to_string()))
+}
+
+fn parse_suffix(raw: &str) -> Result<String, ConfigError> {
+    let valid = !raw.is_empty()
+        && raw.len() <= 64
+        && !raw.contains('/')
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !valid {
+        return Err(ConfigError::new(
+            "--result-suffix",
+            raw,
+            "expected 1-64 letters, digits, '.', '-' or '_' (no '/')",
+        ));
+    }
+    Ok(raw.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUIRED: [(&str, &str); 6] = [
+        ("-q", "jobs"),
+        ("-S", "sched.local"),
+        ("-P", "9999"),
+        ("-i", "work/bundles"),
+        ("-o", "out"),
+        // Always executable, so tests do not depend on an ssgm on PATH.
+        ("-m", "/bin/sh"),
+    ];
+
+    /// The required flags plus `extra`; a flag given in `extra` replaces its default here.
+    fn with(extra: &[&str]) -> Vec<String> {
+        let mut argv = vec!["orchgpu".to_string()];
+        for (flag, value) in REQUIRED {
+            if !extra.contains(&flag) {
+                argv.push(flag.to_string());
+                argv.push(value.to_string());
+            }
+        }
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        argv
+    }
+
+    fn config(extra: &[&str]) -> Result<Config, ConfigError> {
+        let args = Args::try_parse_from(with(extra)).expect("args parse");
+        Config::try_from(args)
+    }
+
+    fn error_for(extra: &[&str]) -> String {
+        config(extra).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn defaults_match_orchgpu() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(c.queue, QueueRef::Name("jobs".into()));
+        assert_eq!(c.scheduler_host, "sched.local");
+        assert_eq!(c.scheduler_port, 9999);
+        assert_eq!(c.gpus.get(), 1);
+        assert_eq!(c.visibility_timeout, Duration::from_secs(30));
+        assert_eq!(c.wait_time, Duration::from_secs(20));
+        assert_eq!(c.alloc_retry_interval, Duration::from_secs(30));
+        assert_eq!(c.empty_pause, Duration::from_secs(10));
+        assert_eq!(c.result_poll_interval, Duration::from_secs(60));
+        assert_eq!(
+            c.intermediate,
+            BucketDir {
+                bucket: "work".into(),
+                dir: "bundles".into()
+            }
+        );
+        assert_eq!(
+            c.output,
+            BucketDir {
+                bucket: "out".into(),
+                dir: "".into()
+            }
+        );
+        assert_eq!(c.result_suffix, ".png");
+        assert_eq!(c.max_jobs.get(), 4);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_short_flag_sets_its_value() {
+        let c = config(&[
+            "-g", "2", "-v", "300", "-w", "5", "-s", "7", "-u", "0", "-b", "3",
+        ])
+        .expect("valid");
+        assert_eq!(c.gpus.get(), 2);
+        assert_eq!(c.visibility_timeout, Duration::from_secs(300));
+        assert_eq!(c.wait_time, Duration::from_secs(5));
+        assert_eq!(c.alloc_retry_interval, Duration::from_secs(7));
+        assert_eq!(c.empty_pause, Duration::ZERO);
+        assert_eq!(c.result_poll_interval, Duration::from_secs(3));
+        assert_eq!(c.ssgm, PathBuf::from("/bin/sh"));
+    }
+
+    #[test]
+    fn long_options_set_their_values() {
+        let c = config(&[
+            "--endpoint-url",
+            "http://127.0.0.1:4566/",
+            "--region",
+            "eu-west-1",
+            "--max-jobs",
+            "8",
+            "--alloc-deadline",
+            "60",
+            "--result-deadline",
+            "120",
+            "--ssgm-timeout",
+            "5",
+            "--result-suffix",
+            ".jpg",
+            "--retry-backoff",
+            "1",
+            "--shutdown-grace",
+            "9",
+            "--log-format",
+            "json",
+        ])
+        .expect("valid");
+        assert_eq!(c.endpoint_url.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(c.max_jobs.get(), 8);
+        assert_eq!(c.alloc_deadline, Duration::from_secs(60));
+        assert_eq!(c.result_deadline, Duration::from_secs(120));
+        assert_eq!(c.ssgm_timeout, Duration::from_secs(5));
+        assert_eq!(c.result_suffix, ".jpg");
+        assert_eq!(c.retry_backoff, Duration::from_secs(1));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(9));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn queue_url_is_kept_as_url() {
+        let c = config(&["-q", "http://127.0.0.1:4566/000000000000/jobs"]).expect("valid");
+        assert_eq!(
+            c.queue,
+            QueueRef::Url("http://127.0.0.1:4566/000000000000/jobs".into())
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["-w", "25"], "-w/--wait-time"),
+            (&["-w", "x"], "-w/--wait-time"),
+            (&["-P", "0"], "-P/--scheduler-port"),
+            (&["-P", "70000"], "-P/--scheduler-port"),
+            (&["-g", "0"], "-g/--gpus"),
+            (&["-v", "0"], "-v/--visibility-timeout"),
+            (&["-v", "43201"], "-v/--visibility-timeout"),
+            (&["-b", "0"], "-b/--result-poll-interval"),
+            (&["-s", "abc"], "-s/--alloc-retry-interval"),
+            (&["-i", "/bundles"], "-i/--intermediate"),
+            (&["-i", ""], "-i/--intermediate"),
+            (&["-o", "Bad_Bucket/x"], "-o/--output"),
+            (&["-o", "out/../x"], "-o/--output"),
+            (&["-q", "has space"], "-q/--queue"),
+            (&["-S", ""], "-S/--scheduler-host"),
+            (&["-m", "/nonexistent/ssgm"], "-m/--ssgm"),
+            (&["-m", "/tmp"], "-m/--ssgm"),
+            (&["--max-jobs", "0"], "--max-jobs"),
+            (&["--endpoint-url", "localhost:4566"], "--endpoint-url"),
+            (&["--result-suffix", "a/b"], "--result-suffix"),
+            (&["--region", "EU WEST"], "--region"),
+        ];
+        for (extra, flag) in cases {
+            let message = error_for(extra);
+            assert!(message.contains(flag), "{extra:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn ssgm_without_execute_permission_is_refused() {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let path = file.path().to_str().expect("utf-8 temp path");
+        let message = error_for(&["-m", path]);
+        assert!(message.contains("not executable"), "{message}");
+    }
+
+    #[test]
+    fn missing_required_flag_is_a_clap_usage_error() {
+        let err = Args::try_parse_from(["orchgpu", "-q", "jobs"]).expect_err("refused");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn ssgm_is_looked_up_on_path() {
+        let found = resolve_program("-m", "sh", Some("/nonexistent:/bin".into())).expect("found");
+        assert_eq!(found, PathBuf::from("/bin/sh"));
+        assert!(resolve_program("-m", "ssgm-does-not-exist", Some("/bin".into())).is_err());
+    }
+
+    #[test]
+    fn bucket_dir_forms() {
+        let parse = |s| parse_bucket_dir("-i", s).expect("valid");
+        assert_eq!(parse("b-1").dir, "");
+        assert_eq!(parse("b-1/").dir, "");
+        assert_eq!(parse("b-1/a/b/").dir, "a/b");
+        assert_eq!(parse("b-1/a/b").key_for("x.tar.gz"), "a/b/x.tar.gz");
+        assert_eq!(parse("b-1").key_for("x.tar.gz"), "x.tar.gz");
+    }
+}

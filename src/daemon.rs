@@ -1,0 +1,370 @@
+//! The receive loop: job slots, message handling, visibility heartbeats and shutdown.
+//!
+//! One task per message. The loop never takes more messages than there are free job
+//! slots, and takes none while a job waits for the scheduler to free GPUs. Each message's
+//! visibility is extended while its jobs run; the heartbeat stops before the message is
+//! deleted or returned. What happens to a message is decided by `Disposition`.
+//!
+//! Shutdown follows two tokens: `stop` (stop receiving, let running jobs finish) and
+//! `abort` (cancel running jobs: they release their GPUs and return their messages).
+//! `stop` is a child of `abort`. Signals are wired in `main`, not here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::aws::error_chain;
+use crate::event::{Notification, parse_notification};
+use crate::job::{Disposition, JobCancel, JobContext};
+use crate::queue::{Queue, QueueError, ReceivedMessage};
+use crate::scheduler::GpuScheduler;
+
+/// SQS returns at most ten messages per receive.
+const MAX_BATCH: usize = 10;
+/// Longest pause between receive attempts while SQS is failing.
+const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(30);
+/// Retry backoff cap for failed jobs.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(15 * 60);
+/// How much of a message body a drop log line quotes.
+const BODY_GIST_CHARS: usize = 160;
+
+/// Loop settings taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    pub max_jobs: usize,
+    pub wait_time: Duration,
+    pub visibility_timeout: Duration,
+    pub empty_pause: Duration,
+    pub retry_backoff: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// How the daemon is told to stop.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// Stop receiving; running jobs may finish within the grace period.
+    pub stop: CancellationToken,
+    /// Cancel running jobs now: release GPUs, return messages.
+    pub abort: CancellationToken,
+}
+
+impl Shutdown {
+    pub fn new() -> Shutdown {
+        let abort = CancellationToken::new();
+        Shutdown {
+            stop: abort.child_token(),
+            abort,
+        }
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown::new()
+    }
+}
+
+/// Runs the daemon until `shutdown.stop` fires and every job has ended.
+///
+/// Returns once no job is running and every dropped reservation has been released.
+pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
+    queue: Queue,
+    jobs: Arc<JobContext<S>>,
+    settings: DaemonSettings,
+    shutdown: Shutdown,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_jobs));
+    let tracker = TaskTracker::new();
+    let mut receive_failures: u32 = 0;
+    let mut last_failure_log: Option<Instant> = None;
+    let stop = shutdown.stop.clone();
+
+    info!(queue = %queue.url(), max_jobs = settings.max_jobs, "Receiving jobs.");
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            permit = slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+        };
+        // A job waiting for GPUs holds the gate: new messages would only wait too.
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = jobs.gpu_gate.lock() => {}
+        }
+        let wanted = (1 + slots.available_permits()).min(MAX_BATCH);
+        let received = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            received = queue.receive(wanted, settings.wait_time, settings.visibility_timeout) => received,
+        };
+        let messages = match received {
+            Ok(messages) => {
+                if receive_failures > 0 {
+                    info!(failures = receive_failures, "Queue reachable again.");
+                }
+                receive_failures = 0;
+                messages
+            }
+            Err(e) => {
+                receive_failures += 1;
+                // One line per outage interval, not one per failed call.
+                if last_failure_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    warn!(failures = receive_failures, error = %error_chain(&e), "Receive failed; retrying.");
+                    last_failure_log = Some(Instant::now());
+                }
+                let backoff =
+                    Duration::from_secs(1 << receive_failures.min(5)).min(MAX_RECEIVE_BACKOFF);
+                if sleep_or_stop(backoff, &stop).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if messages.is_empty() {
+            drop(permit);
+            if sleep_or_stop(settings.empty_pause, &stop).await {
+                break;
+            }
+            continue;
+        }
+        let mut first_permit = Some(permit);
+        for message in messages {
+            let permit = first_permit
+                .take()
+                .or_else(|| slots.clone().try_acquire_owned().ok());
+            let Some(permit) = permit else {
+                // Cannot happen (we asked for no more than the free slots), but a
+                // message without a slot goes straight back rather than waiting.
+                return_now(&queue, &message).await;
+                continue;
+            };
+            let span = info_span!("message", message_id = %message.message_id);
+            tracker.spawn(
+                handle_message(
+                    queue.clone(),
+                    jobs.clone(),
+                    settings.clone(),
+                    message,
+                    permit,
+                    shutdown.abort.clone(),
+                )
+                .instrument(span),
+            );
+        }
+    }
+
+    tracker.close();
+    info!(
+        running = tracker.len(),
+        grace_s = settings.shutdown_grace.as_secs(),
+        "Stopping: no new messages."
+    );
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = shutdown.abort.cancelled() => info!("Stopping now: cancelling running jobs."),
+        _ = tokio::time::sleep(settings.shutdown_grace) => {
+            info!(running = tracker.len(), "Grace period over: cancelling running jobs.");
+            shutdown.abort.cancel();
+        }
+    }
+    tracker.wait().await;
+    info!("All jobs ended.");
+}
+
+/// Sleeps, or returns `true` early when asked to stop.
+async fn sleep_or_stop(duration: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(duration) => false,
+    }
+}
+
+/// Processes one message in its own task, extending its visibility meanwhile, then
+/// deletes it, returns it or leaves it according to the outcome. A panic in the job is
+/// contained here.
+async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
+    queue: Queue,
+    jobs: Arc<JobContext<S>>,
+    settings: DaemonSettings,
+    message: ReceivedMessage,
+    permit: OwnedSemaphorePermit,
+    abort: CancellationToken,
+) {
+    let _permit = permit;
+    let cancel = JobCancel {
+        token: abort.child_token(),
+        lost: CancellationToken::new(),
+    };
+    let mut work = tokio::spawn(
+        process_message(
+            jobs,
+            message.body.clone(),
+            message.receive_count,
+            cancel.clone(),
+        )
+        .in_current_span(),
+    );
+    let heartbeat_every = (settings.visibility_timeout / 2).max(Duration::from_secs(1));
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut work => break outcome,
+            _ = tokio::time::sleep(heartbeat_every), if !cancel.lost.is_cancelled() => {
+                match queue.set_visibility(&message, settings.visibility_timeout).await {
+                    Ok(()) => {}
+                    Err(QueueError::ReceiptInvalid { .. }) => {
+                        warn!("Message receipt lost; abandoning the job.");
+                        cancel.lost.cancel();
+                        cancel.token.cancel();
+                    }
+                    Err(e) => warn!(error = %error_chain(&e), "Visibility extension failed; will retry."),
+                }
+            }
+        }
+    };
+    let disposition = match outcome {
+        Ok(disposition) => disposition,
+        Err(join_error) => {
+            error!(error = %join_error, "Job task panicked; its message will be retried.");
+            Disposition::RetryLater
+        }
+    };
+    match disposition {
+        Disposition::Delete => {
+            if let Err(e) = queue.delete(&message).await {
+                // The message will come back; its result exists, so it is harmless.
+                warn!(error = %error_chain(&e), "Delete failed; the message will be redelivered.");
+            }
+        }
+        Disposition::RetryLater => {
+            let delay = retry_delay(settings.retry_backoff, message.receive_count);
+            info!(
+                delay_s = delay.as_secs(),
+                receive_count = message.receive_count,
+                "Message returned for a retry."
+            );
+            if let Err(e) = queue.set_visibility(&message, delay).await {
+                warn!(error = %error_chain(&e), "Could not return the message; it reappears after its visibility timeout.");
+            }
+        }
+        Disposition::ReturnNow => return_now(&queue, &message).await,
+        Disposition::Abandon => {}
+    }
+}
+
+async fn return_now(queue: &Queue, message: &ReceivedMessage) {
+    match queue.set_visibility(message, Duration::ZERO).await {
+        Ok(()) => info!(message_id = %message.message_id, "Message returned to the queue."),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "Could not return the message; it reappears after its visibility timeout.")
+        }
+    }
+}
+
+/// Classifies the body and runs a job per object; returns what to do with the message.
+async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
+    jobs: Arc<JobContext<S>>,
+    body: String,
+    receive_count: u32,
+    cancel: JobCancel,
+) -> Disposition {
+    let objects = match parse_notification(&body) {
+        Notification::TestEvent => {
+            info!("Dropping s3:TestEvent message.");
+            return Disposition::Delete;
+        }
+        Notification::NotAnEvent(reason) => {
+            warn!(reason = %reason, body = %gist(&body), "Dropping message that is not an S3 object event.");
+            return Disposition::Delete;
+        }
+        Notification::Objects { objects, skipped } => {
+            if skipped > 0 {
+                info!(
+                    skipped,
+                    "Skipping records that are not ObjectCreated events."
+                );
+            }
+            objects
+        }
+    };
+    for object in &objects {
+        if let Err(e) = jobs.run_job(object, &cancel).await {
+            let disposition = e.disposition();
+            match disposition {
+                Disposition::Delete => {
+                    warn!(bucket = %object.bucket, key = %object.key, reason = %error_chain(&e), "Dropping job that can never run.");
+                    continue;
+                }
+                Disposition::RetryLater => {
+                    warn!(key = %object.key, receive_count, error = %error_chain(&e), "Job failed.");
+                }
+                Disposition::ReturnNow | Disposition::Abandon => {
+                    info!(key = %object.key, reason = %e, "Job stopped.");
+                }
+            }
+            return disposition;
+        }
+    }
+    Disposition::Delete
+}
+
+/// Backoff for a failed job's message: doubles with each receive, capped.
+pub fn retry_delay(base: Duration, receive_count: u32) -> Duration {
+    let exponent = receive_count.saturating_sub(1).min(16);
+    base.saturating_mul(1 << exponent).min(MAX_RETRY_BACKOFF)
+}
+
+/// The first characters of a body, on one line, for a log line.
+fn gist(body: &str) -> String {
+    let one_line: String = body
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(BODY_GIST_CHARS)
+        .collect();
+    if body.chars().count() > BODY_GIST_CHARS {
+        format!("{one_line}…")
+    } else {
+        one_line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_is_capped() {
+        let base = Duration::from_secs(10);
+        assert_eq!(retry_delay(base, 0), Duration::from_secs(10));
+        assert_eq!(retry_delay(base, 1), Duration::from_secs(10));
+        assert_eq!(retry_delay(base, 2), Duration::from_secs(20));
+        assert_eq!(retry_delay(base, 4), Duration::from_secs(80));
+        assert_eq!(retry_delay(base, 10), MAX_RETRY_BACKOFF);
+        assert_eq!(retry_delay(base, u32::MAX), MAX_RETRY_BACKOFF);
+        assert_eq!(retry_delay(Duration::ZERO, 5), Duration::ZERO);
+    }
+
+    #[test]
+    fn gist_is_short_and_one_line() {
+        assert_eq!(gist("a\nb"), "a b");
+        let long = "x".repeat(500);
+        let g = gist(&long);
+        assert_eq!(g.chars().count(), BODY_GIST_CHARS + 1);
+        assert!(g.ends_with('…'));
+    }
+
+    #[test]
+    fn stop_is_a_child_of_abort() {
+        let shutdown = Shutdown::new();
+        shutdown.abort.cancel();
+        assert!(shutdown.stop.is_cancelled());
+        let shutdown = Shutdown::new();
+        shutdown.stop.cancel();
+        assert!(!shutdown.abort.is_cancelled());
+    }
+}

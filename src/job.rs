@@ -1,0 +1,604 @@
+//! One job's pipeline: one input object in, one result object out, as named stages.
+//!
+//! download → allocate → bundle → upload → await result → release. The job owns its GPU
+//! reservation and always gives it back: on success, on error, on cancellation (shutdown,
+//! lost receipt) and, through `Reservation`'s drop guard, when its task is dropped or
+//! panics. Temporary files are `tempfile` values, removed on every path. What happens to
+//! the SQS message afterwards is decided by `JobError::disposition`, not here.
+
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, instrument, warn};
+
+use crate::aws::error_chain;
+use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
+use crate::cli::BucketDir;
+use crate::event::ObjectRef;
+use crate::scheduler::{AllocReply, GpuScheduler, Grant, SchedulerError};
+use crate::storage::{self, StorageError};
+
+/// A job's id: derived from the object's identity, so the same object version always
+/// maps to the same id (and the same result key), across deliveries, restarts and
+/// daemons.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobId(String);
+
+impl JobId {
+    /// `sha256(bucket, key, version or ETag)` cut to 20 hex digits (80 bits): short enough
+    /// for file names, long enough that two objects never share one in practice. The
+    /// event's `sequencer` is not used: LocalStack sends the same one for every event.
+    pub fn derive(object: &ObjectRef) -> JobId {
+        let mut hasher = Sha256::new();
+        let identity = object
+            .version_id
+            .as_deref()
+            .or(object.etag.as_deref())
+            .unwrap_or("");
+        for part in [object.bucket.as_str(), object.key.as_str(), identity] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let hex: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+        JobId(hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Job settings taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub gpus: u32,
+    pub intermediate: BucketDir,
+    pub output: BucketDir,
+    pub result_suffix: String,
+    pub result_poll_interval: Duration,
+    pub result_deadline: Duration,
+    pub alloc_retry_interval: Duration,
+    pub alloc_deadline: Duration,
+    /// Where temporary input and bundle files go.
+    pub work_dir: PathBuf,
+}
+
+/// What every job shares: clients, the scheduler and the GPU bookkeeping.
+pub struct JobContext<S> {
+    pub s3: aws_sdk_s3::Client,
+    pub scheduler: Arc<S>,
+    pub settings: JobSettings,
+    /// Held by the one job that is asking for GPUs. While the scheduler is busy, the
+    /// others (and the receive loop) wait behind it instead of asking too.
+    pub gpu_gate: Mutex<()>,
+    /// Signalled each time one of our reservations is released: GPUs may be free now.
+    pub gpus_freed: Arc<Notify>,
+    /// Fallback release path for reservations dropped without `release` (panic, abort).
+    pub release_tx: mpsc::UnboundedSender<String>,
+}
+
+/// The outcome of a job that did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// The result appeared in the output bucket.
+    Completed,
+}
+
+/// What to do with the message after a job failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// It can never become a job: delete the message.
+    Delete,
+    /// It may work later: make the message visible again after a backoff.
+    RetryLater,
+    /// Not tried for a reason of ours (shutdown): make it visible again at once.
+    ReturnNow,
+    /// Someone else holds the message now: leave it alone.
+    Abandon,
+}
+
+/// Why a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("input s3://{bucket}/{key} no longer exists")]
+    InputGone { bucket: String, key: String },
+    #[error("failed to transfer job data")]
+    Storage(#[source] StorageError),
+    #[error("failed to create a temporary file in {dir}")]
+    TempFile {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to build the bundle")]
+    Bundle(#[source] BundleError),
+    #[error("scheduler refused a request for {gpus} GPUs: {detail}")]
+    SchedulerRejected { gpus: u32, detail: String },
+    #[error("scheduler call failed")]
+    Scheduler(#[source] SchedulerError),
+    #[error("no GPUs granted within {0:?}")]
+    AllocDeadline(Duration),
+    #[error("no result at s3://{bucket}/{key} within {deadline:?}")]
+    ResultDeadline {
+        bucket: String,
+        key: String,
+        deadline: Duration,
+    },
+    #[error("job cancelled by shutdown")]
+    Cancelled,
+    #[error("job abandoned: its message is no longer ours")]
+    Abandoned,
+}
+
+impl JobError {
+    /// The lifecycle policy: only a job that can never work deletes its message.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            JobError::InputGone { .. } => Disposition::Delete,
+            JobError::Cancelled => Disposition::ReturnNow,
+            JobError::Abandoned => Disposition::Abandon,
+            JobError::Storage(_)
+            | JobError::TempFile { .. }
+            | JobError::Bundle(_)
+            | JobError::SchedulerRejected { .. }
+            | JobError::Scheduler(_)
+            | JobError::AllocDeadline(_)
+            | JobError::ResultDeadline { .. } => Disposition::RetryLater,
+        }
+    }
+}
+
+/// Why a job's cancellation token fired.
+#[derive(Debug, Clone)]
+pub struct JobCancel {
+    /// Fired on shutdown abort or when the message's receipt is lost.
+    pub token: CancellationToken,
+    /// Fired only when the message's receipt is lost.
+    pub lost: CancellationToken,
+}
+
+impl JobCancel {
+    fn error(&self) -> JobError {
+        if self.lost.is_cancelled() {
+            JobError::Abandoned
+        } else {
+            JobError::Cancelled
+        }
+    }
+}
+
+/// GPUs granted by the scheduler. Give them back with `JobContext::release`; if the value
+/// is dropped instead (panic, aborted task), its drop guard hands the scheduler job id to
+/// the background releaser.
+pub struct Reservation {
+    grant: Grant,
+    allocated_unix: u64,
+    fallback: Option<mpsc::UnboundedSender<String>>,
+}
+
+impl Reservation {
+    pub fn scheduler_job_id(&self) -> &str {
+        &self.grant.scheduler_job_id
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(tx) = self.fallback.take() {
+            warn!(
+                scheduler_job = %self.grant.scheduler_job_id,
+                "Reservation dropped without release; releasing in the background."
+            );
+            // The releaser lives until the daemon has finished every job, so a send only
+            // fails during a crash, when the journal must take over.
+            let _ = tx.send(self.grant.scheduler_job_id.clone());
+        }
+    }
+}
+
+/// Background task that releases reservations dropped without `release`.
+pub async fn run_releaser<S: GpuScheduler>(
+    scheduler: Arc<S>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    gpus_freed: Arc<Notify>,
+) {
+    while let Some(job) = rx.recv().await {
+        match scheduler.dealloc(&job).await {
+            Ok(()) => info!(scheduler_job = %job, "Released dropped reservation."),
+            Err(e) => tracing::error!(
+                scheduler_job = %job,
+                error = %error_chain(&e),
+                "Failed to release dropped reservation; the GPUs stay allocated."
+            ),
+        }
+        gpus_freed.notify_waiters();
+    }
+}
+
+impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
+    /// Runs one job to its end. Cancellation via `cancel` releases the GPUs and returns
+    /// `Cancelled` or `Abandoned`.
+    ///
+    /// # Errors
+    /// A `JobError` whose `disposition` says what to do with the message.
+    #[instrument(skip_all, fields(job_id = %JobId::derive(object), key = %object.key))]
+    pub async fn run_job(
+        &self,
+        object: &ObjectRef,
+        cancel: &JobCancel,
+    ) -> Result<JobOutcome, JobError> {
+        let id = JobId::derive(object);
+        let started = Instant::now();
+
+        let input = self.temp_file(&id, "input")?;
+        let size = stage(
+            "download",
+            until_cancelled(cancel, self.download(object, input.path())),
+        )
+        .await?;
+
+        let reservation = stage("allocate", self.allocate(cancel)).await?;
+        let result = self
+            .run_with_gpus(&id, object, size, input.path(), &reservation, cancel)
+            .await;
+        // The GPUs go back before anything else happens to the message.
+        self.release(reservation).await;
+        drop(input);
+        if result.is_ok() {
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Job completed."
+            );
+        }
+        result
+    }
+
+    async fn run_with_gpus(
+        &self,
+        id: &JobId,
+        object: &ObjectRef,
+        size: u64,
+        input: &Path,
+        reservation: &Reservation,
+        cancel: &JobCancel,
+    ) -> Result<JobOutcome, JobError> {
+        let bundle_file = self.temp_file(id, "bundle")?;
+        let manifest = Manifest {
+            version: 1,
+            job_id: id.to_string(),
+            scheduler_job_id: reservation.grant.scheduler_job_id.clone(),
+            source: ManifestSource {
+                bucket: object.bucket.clone(),
+                key: object.key.clone(),
+                size,
+                etag: object.etag.clone(),
+                version_id: object.version_id.clone(),
+            },
+            reservation: reservation
+                .grant
+                .settings
+                .iter()
+                .map(|(name, value)| ReservationField {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            created_unix: unix_now(),
+            allocated_unix: reservation.allocated_unix,
+        };
+        let ext = bundle::sanitize_extension(&object.key);
+        stage(
+            "bundle",
+            until_cancelled(
+                cancel,
+                write_bundle_file(input, ext, manifest, bundle_file.path()),
+            ),
+        )
+        .await?;
+
+        let bundle_key = bundle::bundle_key(&self.settings.intermediate.dir, id.as_str());
+        stage(
+            "upload",
+            until_cancelled(cancel, async {
+                storage::upload_file(
+                    &self.s3,
+                    bundle_file.path(),
+                    &self.settings.intermediate.bucket,
+                    &bundle_key,
+                    "application/gzip",
+                )
+                .await
+                .map_err(JobError::Storage)
+            }),
+        )
+        .await?;
+        drop(bundle_file);
+
+        stage("await_result", self.await_result(id, cancel)).await
+    }
+
+    async fn download(&self, object: &ObjectRef, path: &Path) -> Result<u64, JobError> {
+        match storage::download_to_file(&self.s3, &object.bucket, &object.key, path).await {
+            Ok(Some(downloaded)) => Ok(downloaded.size),
+            Ok(None) => Err(JobError::InputGone {
+                bucket: object.bucket.clone(),
+                key: object.key.clone(),
+            }),
+            Err(e) => Err(JobError::Storage(e)),
+        }
+    }
+
+    /// Asks for GPUs until granted, refused, past the deadline or cancelled. While the
+    /// scheduler answers busy, waits for the retry interval or for one of our own
+    /// releases, whichever comes first.
+    async fn allocate(&self, cancel: &JobCancel) -> Result<Reservation, JobError> {
+        let deadline = Instant::now() + self.settings.alloc_deadline;
+        let _gate = tokio::select! {
+            biased;
+            _ = cancel.token.cancelled() => return Err(cancel.error()),
+            gate = self.gpu_gate.lock() => gate,
+        };
+        loop {
+            // Registered before asking, so a release during the call is not missed.
+            let freed = self.gpus_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+
+            // An alloc call is never cut short: a grant we did not read would leak GPUs.
+            // It is bounded by the SSGM call timeout instead.
+            let reply = self
+                .scheduler
+                .alloc(self.settings.gpus)
+                .await
+                .map_err(JobError::Scheduler)?;
+            match reply {
+                AllocReply::Granted(grant) => {
+                    info!(
+                        scheduler_job = %grant.scheduler_job_id,
+                        devices = grant.settings.len(),
+                        "GPUs granted."
+                    );
+                    return Ok(Reservation {
+                        grant,
+                        allocated_unix: unix_now(),
+                        fallback: Some(self.release_tx.clone()),
+                    });
+                }
+                AllocReply::RequestError { detail } => {
+                    return Err(JobError::SchedulerRejected {
+                        gpus: self.settings.gpus,
+                        detail,
+                    });
+                }
+                AllocReply::Busy => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(JobError::AllocDeadline(self.settings.alloc_deadline));
+                    }
+                    let wait = self.settings.alloc_retry_interval.min(deadline - now);
+                    debug!(
+                        wait_ms = wait.as_millis() as u64,
+                        "Scheduler busy; waiting."
+                    );
+                    tokio::select! {
+                        biased;
+                        _ = cancel.token.cancelled() => return Err(cancel.error()),
+                        _ = &mut freed => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Polls for `<output dir>/<id><suffix>` with HEAD until it exists or the deadline.
+    async fn await_result(&self, id: &JobId, cancel: &JobCancel) -> Result<JobOutcome, JobError> {
+        let output = &self.settings.output;
+        let key = output.key_for(&format!("{id}{}", self.settings.result_suffix));
+        let deadline = Instant::now() + self.settings.result_deadline;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(JobError::ResultDeadline {
+                    bucket: output.bucket.clone(),
+                    key,
+                    deadline: self.settings.result_deadline,
+                });
+            }
+            let wait = self.settings.result_poll_interval.min(deadline - now);
+            tokio::select! {
+                biased;
+                _ = cancel.token.cancelled() => return Err(cancel.error()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match storage::object_exists(&self.s3, &output.bucket, &key).await {
+                Ok(true) => return Ok(JobOutcome::Completed),
+                Ok(false) => {}
+                // A failed check may pass; the deadline bounds how long we keep trying.
+                Err(e) => warn!(error = %error_chain(&e), "Result check failed; will retry."),
+            }
+        }
+    }
+
+    /// Gives the GPUs back (the SSGM client retries a few times) and wakes a job waiting
+    /// for GPUs. A failed release is logged, never fatal.
+    async fn release(&self, mut reservation: Reservation) {
+        reservation.fallback = None;
+        let job = reservation.grant.scheduler_job_id.clone();
+        let started = Instant::now();
+        let result = self
+            .scheduler
+            .dealloc(&job)
+            .instrument(tracing::Span::current())
+            .await;
+        match result {
+            Ok(()) => info!(
+                stage = "release",
+                scheduler_job = %job,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Stage finished."
+            ),
+            Err(e) => tracing::error!(
+                scheduler_job = %job,
+                error = %error_chain(&e),
+                "Failed to release GPUs; they stay allocated on the scheduler."
+            ),
+        }
+        self.gpus_freed.notify_waiters();
+    }
+
+    fn temp_file(&self, id: &JobId, what: &str) -> Result<tempfile::NamedTempFile, JobError> {
+        tempfile::Builder::new()
+            .prefix(&format!("orchgpu-{id}-{what}-"))
+            .tempfile_in(&self.settings.work_dir)
+            .map_err(|source| JobError::TempFile {
+                dir: self.settings.work_dir.display().to_string(),
+                source,
+            })
+    }
+}
+
+/// Runs a stage and logs one line with its name and elapsed time when it succeeds.
+async fn stage<T>(
+    name: &'static str,
+    fut: impl Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    let started = Instant::now();
+    let result = fut.await;
+    if result.is_ok() {
+        info!(
+            stage = name,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Stage finished."
+        );
+    }
+    result
+}
+
+async fn until_cancelled<T>(
+    cancel: &JobCancel,
+    fut: impl Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    tokio::select! {
+        biased;
+        _ = cancel.token.cancelled() => Err(cancel.error()),
+        result = fut => result,
+    }
+}
+
+/// Writes the bundle on a blocking thread: tar and gzip are synchronous.
+async fn write_bundle_file(
+    input: &Path,
+    ext: Option<String>,
+    manifest: Manifest,
+    out: &Path,
+) -> Result<(), JobError> {
+    let input = input.to_path_buf();
+    let out = out.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file =
+            std::fs::File::create(&out).map_err(|e| JobError::Bundle(BundleError::Write(e)))?;
+        bundle::write_bundle(
+            &input,
+            ext.as_deref(),
+            &manifest,
+            std::io::BufWriter::with_capacity(256 * 1024, file),
+        )
+        .map_err(JobError::Bundle)
+    })
+    .await
+    .map_err(|e| JobError::Bundle(BundleError::Write(std::io::Error::other(e))))?
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(key: &str, etag: Option<&str>, version: Option<&str>) -> ObjectRef {
+        ObjectRef {
+            bucket: "in".into(),
+            key: key.into(),
+            size: Some(1),
+            etag: etag.map(str::to_string),
+            version_id: version.map(str::to_string),
+            event_name: "ObjectCreated:Put".into(),
+            event_time: None,
+        }
+    }
+
+    #[test]
+    fn job_id_is_stable_and_depends_on_identity() {
+        let a = JobId::derive(&object("a b.jpg", Some("e1"), None));
+        assert_eq!(a, JobId::derive(&object("a b.jpg", Some("e1"), None)));
+        assert_eq!(a.as_str().len(), 20);
+        assert!(a.as_str().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, JobId::derive(&object("a b.jpg", Some("e2"), None)));
+        assert_ne!(a, JobId::derive(&object("a+b.jpg", Some("e1"), None)));
+        // A version id, when present, identifies the object version better than the ETag.
+        assert_eq!(
+            JobId::derive(&object("k", Some("e1"), Some("v1"))),
+            JobId::derive(&object("k", Some("e2"), Some("v1")))
+        );
+    }
+
+    #[test]
+    fn job_id_fields_cannot_run_into_each_other() {
+        let mut left = object("ab", Some("c"), None);
+        left.bucket = "x".into();
+        let mut right = object("a", Some("bc"), None);
+        right.bucket = "x".into();
+        assert_ne!(JobId::derive(&left), JobId::derive(&right));
+    }
+
+    #[test]
+    fn disposition_per_error() {
+        use Disposition::*;
+        let gone = JobError::InputGone {
+            bucket: "b".into(),
+            key: "k".into(),
+        };
+        assert_eq!(gone.disposition(), Delete);
+        assert_eq!(JobError::Cancelled.disposition(), ReturnNow);
+        assert_eq!(JobError::Abandoned.disposition(), Abandon);
+        assert_eq!(
+            JobError::AllocDeadline(Duration::from_secs(1)).disposition(),
+            RetryLater
+        );
+        assert_eq!(
+            JobError::SchedulerRejected {
+                gpus: 9,
+                detail: "x".into()
+            }
+            .disposition(),
+            RetryLater
+        );
+        let deadline = JobError::ResultDeadline {
+            bucket: "b".into(),
+            key: "k".into(),
+            deadline: Duration::from_secs(1),
+        };
+        assert_eq!(deadline.disposition(), RetryLater);
+        let bundle = JobError::Bundle(BundleError::InvalidJobId("x/y".into()));
+        assert_eq!(bundle.disposition(), RetryLater);
+    }
+}

@@ -1,0 +1,22 @@
+//! orchgpu: turns S3 uploads into GPU jobs on remote GPUs.
+//!
+//! An S3 `ObjectCreated` notification arrives on an SQS queue; orchgpu asks the rCUDA
+//! scheduler for GPUs through its SSGM client, uploads a bundle (input + reservation) to
+//! the intermediate bucket, where a SCAR function picks it up, waits for the function's
+//! result in the output bucket, releases the GPUs and only then deletes the message.
+//!
+//! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
+//! `queue` (SQS), `storage` (S3 transfers), `event` (notification parsing), `scheduler`
+//! (SSGM), `bundle` (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop
+//! and shutdown), `signal` (SIGTERM/SIGINT to shutdown tokens).
+
+pub mod aws;
+pub mod bundle;
+pub mod cli;
+pub mod daemon;
+pub mod event;
+pub mod job;
+pub mod queue;
+pub mod scheduler;
+pub mod signal;
+pub mod storage;

@@ -1,0 +1,154 @@
+//! The orchgpu daemon's entry point: parse, log, connect, run, exit.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::{Mutex, Notify, mpsc};
+use tracing::{error, info, warn};
+
+use orchgpu::aws::{AwsOptions, build_clients, error_chain};
+use orchgpu::cli::{Args, Config, LogFormat};
+use orchgpu::daemon::{self, DaemonSettings, Shutdown};
+use orchgpu::job::{JobContext, JobSettings, run_releaser};
+use orchgpu::queue::Queue;
+use orchgpu::scheduler::{Ssgm, SsgmConfig};
+
+/// Exit codes, in one place: 0 clean exit (graceful shutdown included), 1 a fatal error
+/// at run time, 2 a bad command line or configuration (as clap's own usage errors).
+mod exit_codes {
+    pub const OK: u8 = 0;
+    pub const FATAL: u8 = 1;
+    pub const BAD_CONFIG: u8 = 2;
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("orchgpu: error: {e}");
+            return ExitCode::from(exit_codes::BAD_CONFIG);
+        }
+    };
+    init_tracing(config.log_format);
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "Failed to start the async runtime.");
+            return ExitCode::from(exit_codes::FATAL);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => {
+            info!("Stopped.");
+            ExitCode::from(exit_codes::OK)
+        }
+        Err(e) => {
+            error!(error = format!("{e:#}"), "Fatal error.");
+            ExitCode::from(exit_codes::FATAL)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHGPU_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let clients = build_clients(&AwsOptions {
+        endpoint_url: config.endpoint_url.clone(),
+        region: config.region.clone(),
+        max_receive_wait: config.wait_time,
+    })
+    .await;
+    let queue = Queue::resolve(clients.sqs.clone(), &config.queue)
+        .await
+        .context("cannot reach the jobs queue")?;
+    warn_without_redrive(&queue).await;
+
+    let scheduler = Arc::new(Ssgm::new(SsgmConfig {
+        program: config.ssgm.clone(),
+        host: config.scheduler_host.clone(),
+        port: config.scheduler_port,
+        call_timeout: config.ssgm_timeout,
+        release_attempts: 3,
+        release_retry_delay: std::time::Duration::from_secs(1),
+    }));
+    let gpus_freed = Arc::new(Notify::new());
+    let (release_tx, release_rx) = mpsc::unbounded_channel();
+    let releaser = tokio::spawn(run_releaser(
+        scheduler.clone(),
+        release_rx,
+        gpus_freed.clone(),
+    ));
+    let jobs = Arc::new(JobContext {
+        s3: clients.s3,
+        scheduler,
+        settings: JobSettings {
+            gpus: config.gpus.get(),
+            intermediate: config.intermediate.clone(),
+            output: config.output.clone(),
+            result_suffix: config.result_suffix.clone(),
+            result_poll_interval: config.result_poll_interval,
+            result_deadline: config.result_deadline,
+            alloc_retry_interval: config.alloc_retry_interval,
+            alloc_deadline: config.alloc_deadline,
+            work_dir: std::env::temp_dir(),
+        },
+        gpu_gate: Mutex::new(()),
+        gpus_freed,
+        release_tx,
+    });
+
+    let shutdown = Shutdown::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if let Err(e) = orchgpu::signal::forward_signals(shutdown).await {
+                error!(error = %e, "Cannot install signal handlers.");
+            }
+        }
+    });
+
+    daemon::run(
+        queue,
+        jobs,
+        DaemonSettings {
+            max_jobs: config.max_jobs.get(),
+            wait_time: config.wait_time,
+            visibility_timeout: config.visibility_timeout,
+            empty_pause: config.empty_pause,
+            retry_backoff: config.retry_backoff,
+            shutdown_grace: config.shutdown_grace,
+        },
+        shutdown,
+    )
+    .await;
+    // Every job has ended, so the last sender is gone: the releaser drains and stops.
+    releaser.await.context("the releaser task failed")?;
+    Ok(())
+}
+
+/// Without a redrive policy a poison message is retried forever: say so at start-up.
+async fn warn_without_redrive(queue: &Queue) {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    match queue.attribute(QueueAttributeName::RedrivePolicy).await {
+        Ok(Some(_)) => {}
+        Ok(None) => warn!(
+            queue = %queue.url(),
+            "The jobs queue has no redrive policy: a message that always fails is retried forever."
+        ),
+        Err(e) => warn!(error = %error_chain(&e), "Cannot read the jobs queue's redrive policy."),
+    }
+}

@@ -1,0 +1,13 @@
+//! The GPU scheduler: the [`GpuScheduler`] trait the daemon allocates and
+//! releases GPUs through, its implementation on the rCUDA scheduler's SSGM
+//! client ([`Ssgm`]), and the parser of SSGM's `-alloc` reply.
+//!
+//! Running SSGM lives in `ssgm`, reading its reply (pure) in `reply`. What a
+//! busy or refused allocation means for a job, and remembering which
+//! reservations are held, are left to the job pipeline and the journal.
+
+mod reply;
+mod ssgm;
+
+pub use reply::{AllocReply, Grant, ReplyError, parse_alloc_reply};
+pub use ssgm::{GpuScheduler, SchedulerError, Ssgm, SsgmConfig};

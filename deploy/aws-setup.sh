@@ -246,21 +246,35 @@ elif mode == "notification":       # CURRENT ID QUEUE_ARN PREFIX SUFFIX -> confi
     config = loads(current)
     config.pop("ResponseMetadata", None)
     ours = {"Id": cid, "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"]}
-    rules = [{"Name": n, "Value": v} for n, v in (("Prefix", prefix), ("Suffix", suffix)) if v]
+    rules = [{"Name": n, "Value": v} for n, v in (("prefix", prefix), ("suffix", suffix)) if v]
     if rules:
         ours["Filter"] = {"Key": {"FilterRules": rules}}
-    def norm(q):   # rule names come back as "Prefix" or "prefix"
+    def lower_rule_names(q):
+        # S3 documents "prefix"/"suffix" and answers "Prefix"/"Suffix"; moto takes only
+        # the lower-case names, AWS either.
         q = json.loads(json.dumps(q))
         for r in q.get("Filter", {}).get("Key", {}).get("FilterRules", []):
-            r["Name"] = r["Name"].capitalize()
-        return canon(q)
+            r["Name"] = r["Name"].lower()
+        return q
     queues = config.get("QueueConfigurations", [])
-    if any(norm(q) == norm(ours) for q in queues):
+    if any(canon(lower_rule_names(q)) == canon(ours) for q in queues):
         sys.exit(0)
     # Keep what other tools configured; replace an earlier orchgpu entry for this queue.
     keep = [q for q in queues if q.get("Id") != cid and q.get("QueueArn") != queue_arn]
-    config["QueueConfigurations"] = keep + [ours]
+    for kind in ("QueueConfigurations", "TopicConfigurations", "LambdaFunctionConfigurations"):
+        if kind in config:
+            config[kind] = [lower_rule_names(c) for c in config[kind]]
+    config["QueueConfigurations"] = [lower_rule_names(q) for q in keep] + [ours]
     print(json.dumps(config))
+
+elif mode == "get":                # JSON KEY -> the value, or nothing
+    print(loads(args[0]).get(args[1], ""))
+
+elif mode == "keys":               # JSON -> its keys, comma-separated
+    print(", ".join(sorted(loads(args[0]))))
+
+elif mode == "policy-attr":        # POLICY -> {"Policy": POLICY} for set-queue-attributes
+    print(json.dumps({"Policy": args[0]}))
 
 else:
     sys.exit("unknown mode " + mode)
@@ -294,47 +308,49 @@ ensure_bucket() { # BUCKET
 
 queue_url=
 queue_arn=
+queue_attrs=
 # Creates queue NAME with ATTRS (JSON map), or sets the attributes that differ on an
-# existing one. Sets queue_url and queue_arn.
+# existing one. Sets queue_url, queue_attrs (all attributes, JSON) and queue_arn.
 ensure_queue() { # NAME ATTRS_JSON
-    local name=$1 attrs=$2 current diff
+    local name=$1 attrs=$2 diff
     if queue_url=$(awsq sqs get-queue-url --queue-name "$name" --query QueueUrl --output text); then
-        current=$(aws_or_die "reading attributes of queue $name" sqs get-queue-attributes \
-            --queue-url "$queue_url" --attribute-names All --query Attributes --output json)
-        diff=$(json_tool attrs-diff "$attrs" "$current")
+        read_queue_attrs "$name"
+        diff=$(json_tool attrs-diff "$attrs" "$queue_attrs")
         if [[ -n $diff ]]; then
             aws_or_die "updating queue $name" sqs set-queue-attributes \
                 --queue-url "$queue_url" --attributes "$diff"
-            say "queue $name: updated $(json_tool_keys "$diff")"
+            say "queue $name: updated $(json_tool keys "$diff")"
         else
             say "queue $name: exists, attributes as wanted"
         fi
     elif grep -qE 'NonExistentQueue|QueueDoesNotExist' "$err_file"; then
         queue_url=$(aws_or_die "creating queue $name" sqs create-queue --queue-name "$name" \
             --attributes "$attrs" --query QueueUrl --output text)
+        read_queue_attrs "$name"
         say "queue $name: created"
     else
         die "looking up queue '$name' failed: $(tr -s '\n' ' ' <"$err_file")"
     fi
     # ARNs come from the service (LocalStack's account id is 000000000000).
-    queue_arn=$(aws_or_die "reading the ARN of queue $name" sqs get-queue-attributes \
-        --queue-url "$queue_url" --attribute-names QueueArn --query Attributes.QueueArn --output text)
+    queue_arn=$(json_tool get "$queue_attrs" QueueArn)
+    [[ $queue_arn == arn:* ]] || die "queue $name has no QueueArn attribute"
 }
 
-json_tool_keys() { python3 -c 'import json,sys; print(", ".join(sorted(json.loads(sys.argv[1]))))' "$1"; }
+read_queue_attrs() { # NAME; reads all attributes of queue_url into queue_attrs
+    queue_attrs=$(aws_or_die "reading attributes of queue $1" sqs get-queue-attributes \
+        --queue-url "$queue_url" --attribute-names All --query Attributes --output json)
+}
 
-# Lets S3 send BUCKET's events to the queue (queue_url/queue_arn), keeping other statements.
+# Lets S3 send BUCKET's events to the queue of the last ensure_queue, keeping the policy's
+# other statements.
 ensure_queue_policy() { # NAME BUCKET
-    local name=$1 bucket=$2 partition account current policy
+    local name=$1 bucket=$2 partition account policy
     IFS=: read -r _ partition _ _ account _ <<<"$queue_arn"
-    current=$(aws_or_die "reading the policy of queue $name" sqs get-queue-attributes \
-        --queue-url "$queue_url" --attribute-names Policy --query Attributes.Policy --output text)
     policy=$(json_tool policy "$queue_arn" "arn:$partition:s3:::$bucket" "$account" \
-        OrchgpuAllowS3SendMessage "$current")
+        OrchgpuAllowS3SendMessage "$(json_tool get "$queue_attrs" Policy)")
     if [[ -n $policy ]]; then
         aws_or_die "setting the policy of queue $name" sqs set-queue-attributes \
-            --queue-url "$queue_url" --attributes "$(python3 -c \
-                'import json,sys; print(json.dumps({"Policy": sys.argv[1]}))' "$policy")"
+            --queue-url "$queue_url" --attributes "$(json_tool policy-attr "$policy")"
         say "queue $name: policy lets s3://$bucket send messages"
     else
         say "queue $name: policy already lets s3://$bucket send messages"
@@ -438,5 +454,5 @@ fi
 cat <<EOF
 
 Run the daemon with, for example:
-  orchgpu -q $jobs_queue -i $intermediate -o $output -S <scheduler host> -P <scheduler port>${endpoint:+ --endpoint-url $endpoint}
+  orchgpu -q $jobs_queue -i $intermediate_bucket${intermediate_dir:+/$intermediate_dir} -o $output_bucket${output_dir:+/$output_dir} -S <scheduler host> -P <scheduler port>${endpoint:+ --endpoint-url $endpoint}
 EOF

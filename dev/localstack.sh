@@ -2,19 +2,22 @@
 # Installs, starts, stops and inspects the local AWS emulator (S3 + SQS) that orchgpu's
 # tests and demo run against, on the host, without Docker, listening on 127.0.0.1 only.
 #
-# Usage: dev/localstack.sh {install|start|stop|status|url}
+# Usage: dev/localstack.sh {install|start|stop|status|url|pid}
 #   install  create the emulator's venv if it is missing or incomplete
 #   start    install if needed, start in the background and wait until ready; reuses an
 #            emulator that already answers on the port; prints the endpoint URL
 #   stop     stop the emulator this script started (SIGTERM, then SIGKILL after 10 s)
 #   status   say whether it runs and is ready (exit 0 when ready, 1 otherwise)
 #   url      print the endpoint URL
+#   pid      print the pid of the emulator this script started (exit 1 if none runs)
 #
 # Environment:
 #   ORCHGPU_EMULATOR   localstack (default) or moto
 #   ORCHGPU_STATE      state dir for pid and log files (default ~/.cache/orchgpu)
 #   ORCHGPU_LS_VENV    LocalStack venv (default ~/.cache/orchgpu/localstack-venv)
 #   ORCHGPU_LS_PORT    LocalStack port (default 4566)
+#   ORCHGPU_LS_GATEWAY_SERVER  hypercorn (default: listens on 127.0.0.1 only) or twisted
+#                      (LocalStack's own default; listens on all interfaces)
 #   ORCHGPU_MOTO_VENV  moto venv (default ~/.cache/orchgpu/moto-venv)
 #   ORCHGPU_MOTO_PORT  moto port (default 5000)
 #   ORCHGPU_PYTHON     interpreter that creates the venvs (default python3; LocalStack's
@@ -44,6 +47,7 @@ case $emulator in
         venv=${ORCHGPU_LS_VENV:-$HOME/.cache/orchgpu/localstack-venv}
         port=${ORCHGPU_LS_PORT:-4566}
         requirements=$repo_root/dev/localstack/requirements.txt
+        gateway_server=${ORCHGPU_LS_GATEWAY_SERVER:-hypercorn}
         ;;
     moto)
         display_name=moto
@@ -62,6 +66,7 @@ url=http://127.0.0.1:$port
 pid_file=$state_dir/$emulator.pid
 log_file=$state_dir/$emulator.log
 marker=$venv/.orchgpu-installed
+start_lock_fd=
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -166,7 +171,7 @@ cmd_install() {
     note "creating $display_name venv at $venv (Python $pyver)"
     "$python" -m venv -- "$venv" ||
         die "could not create a venv with $python (on Debian: apt-get install python3-venv)"
-    note "installing $display_name into it (LocalStack: ~80 s, ~520 MB)"
+    note "installing $display_name into it (LocalStack: about 80 s and 520 MB; moto: about 40 s)"
     case $emulator in
         localstack)
             "$venv/bin/pip" install -q --disable-pip-version-check --no-deps -r "$requirements" ||
@@ -197,7 +202,9 @@ launch() {
             mkdir -p -- "$fs_root"
             # OVERRIDE_IN_DOCKER=0 and DNS_ADDRESS=0 keep it from acting as if it ran in a
             # container (writing under /etc and /var/lib, taking port 53).
-            cmd=(env
+            # GATEWAY_SERVER=hypercorn: LocalStack 4.13's default server (twisted) ignores
+            # the host part of GATEWAY_LISTEN and listens on 0.0.0.0; hypercorn honours it.
+            cmd=(env GATEWAY_SERVER="$gateway_server"
                 GATEWAY_LISTEN="127.0.0.1:$port" LOCALSTACK_HOST="127.0.0.1:$port"
                 'SERVICES=s3,sqs' EAGER_SERVICE_LOADING=1 PERSISTENCE=0 DNS_ADDRESS=0
                 DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 SQS_ENDPOINT_STRATEGY=off
@@ -211,7 +218,11 @@ launch() {
     # setsid: its own session and process group, so a Ctrl-C in the caller's terminal
     # does not reach it and stop can signal the whole group. Without job control the
     # background child is no group leader, so setsid does not fork and $! is its pid.
-    (cd -- "$state_dir" && exec setsid nohup "${cmd[@]}") >"$log_file" 2>&1 </dev/null &
+    # The emulator must not inherit (and so hold) the start lock.
+    (
+        [[ -z $start_lock_fd ]] || exec {start_lock_fd}>&-
+        cd -- "$state_dir" && exec setsid nohup "${cmd[@]}"
+    ) >"$log_file" 2>&1 </dev/null &
     printf '%s\n' "$!" >"$pid_file"
     note "started $display_name (pid $!), log: $log_file"
 }
@@ -239,7 +250,17 @@ cmd_start() {
         printf '%s\n' "$url"
         return 0
     fi
+    # One start at a time: a concurrent caller waits here, then reuses this one's emulator.
+    mkdir -p -- "$state_dir"
     local pid
+    exec {start_lock_fd}>"$state_dir/$emulator.start.lock"
+    flock -w $((start_timeout + 60)) "$start_lock_fd" ||
+        die "another start holds $state_dir/$emulator.start.lock"
+    if is_ready; then
+        note "$display_name already answers at $url; reusing it"
+        printf '%s\n' "$url"
+        return 0
+    fi
     if pid=$(recorded_pid); then
         note "$display_name (pid $pid) is starting; waiting for it"
     else
@@ -247,6 +268,8 @@ cmd_start() {
         cmd_install
         launch
         pid=$(<"$pid_file")
+        # Interrupted while waiting: do not leave a half-started emulator behind.
+        trap 'note "interrupted; stopping $display_name"; cmd_stop; exit 130' INT TERM
     fi
     if ! wait_ready "$pid"; then
         if [[ -f $log_file ]]; then
@@ -256,6 +279,7 @@ cmd_start() {
         cmd_stop
         exit 1
     fi
+    trap - INT TERM
     printf '%s\n' "$url"
 }
 
@@ -315,6 +339,7 @@ case ${1:-} in
     stop) cmd_stop ;;
     status) cmd_status ;;
     url) printf '%s\n' "$url" ;;
+    pid) recorded_pid ;;
     -h | --help | help) usage ;;
     *)
         usage >&2

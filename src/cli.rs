@@ -19,6 +19,8 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 #[command(
     name = "orchgpu",
     version,
+    // A later value wins, so an extra flag can override one from a systemd env file.
+    args_override_self = true,
     about = "Turns S3 uploads into GPU jobs on remote GPUs (rCUDA scheduler + SCAR function).",
     long_about = "Receives S3 ObjectCreated notifications from an SQS queue, asks the rCUDA \
 scheduler for GPUs through its SSGM client, uploads a bundle (input + reservation) to the \

@@ -52,6 +52,7 @@ pub struct Grant {
 
 impl Grant {
     /// The value of the first setting named `name`, if any.
+    #[must_use]
     pub fn setting(&self, name: &str) -> Option<&str> {
         self.settings
             .iter()
@@ -196,6 +197,25 @@ fn is_identifier(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The job id of a grant found in output that is not a valid reply, or that
+/// came from a failed or killed call, so that the GPUs the scheduler may hold
+/// for it can be released.
+///
+/// This is for cleanup only, never a grant: it looks at every line for one
+/// whose first field is `SSGM_ERROR=0` and whose second field has a non-empty
+/// value, and ignores whatever else is wrong.
+pub fn find_granted_job_id(stdout: &str) -> Option<&str> {
+    stdout.lines().find_map(|line| {
+        let mut fields = line.split(';').map(str::trim).filter(|f| !f.is_empty());
+        let (name, code) = fields.next()?.split_once('=')?;
+        if name.trim() != "SSGM_ERROR" || code.trim() != "0" {
+            return None;
+        }
+        let (_, job) = fields.next()?.split_once('=')?;
+        Some(job.trim()).filter(|job| !job.is_empty())
+    })
 }
 
 /// `s` cut to at most `max` characters, with `…` marking a cut.
@@ -490,6 +510,33 @@ mod tests {
                 name: "RCUDA DEVICE".to_owned()
             })
         );
+    }
+
+    #[test]
+    fn granted_job_id_is_found_in_broken_output() {
+        assert_eq!(
+            find_granted_job_id("SSGM_ERROR=0;SSGM_JOB=5;oops"),
+            Some("5")
+        );
+        assert_eq!(
+            find_granted_job_id("warning: slow\r\n SSGM_ERROR = 0 ; JOB_ID = 6 \nbye\n"),
+            Some("6")
+        );
+        assert_eq!(
+            find_granted_job_id("SSGM_ERROR=0;SSGM_JOB=7;RCUDA_DEVICE_COUNT=1;"),
+            Some("7")
+        );
+        for none in [
+            "",
+            "SSGM_ERROR=2;",
+            "SSGM_ERROR=1;SSGM_JOB=5;",
+            "SSGM_ERROR=0;",
+            "SSGM_ERROR=0;SSGM_JOB=;",
+            "SSGM_ERROR=0;5;",
+            "Segmentation fault (core dumped)",
+        ] {
+            assert_eq!(find_granted_job_id(none), None, "{none:?}");
+        }
     }
 
     #[test]

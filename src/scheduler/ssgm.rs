@@ -18,7 +18,9 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
-use super::reply::{AllocReply, ReplyError, parse_alloc_reply, truncate_chars};
+use super::reply::{
+    AllocReply, ReplyError, find_granted_job_id, parse_alloc_reply, truncate_chars,
+};
 
 /// The most bytes kept of each of a call's stdout and stderr; the rest is read and dropped.
 pub const OUTPUT_CAP: usize = 64 * 1024;
@@ -145,6 +147,7 @@ pub enum SchedulerError {
 impl SchedulerError {
     /// Whether SSGM was killed for taking too long (for a failed release,
     /// whether its last attempt was).
+    #[must_use]
     pub fn is_timeout(&self) -> bool {
         match self {
             Self::Timeout { .. } => true,
@@ -162,11 +165,13 @@ pub struct Ssgm {
 
 impl Ssgm {
     /// A client that runs SSGM as `config` says.
+    #[must_use]
     pub fn new(config: SsgmConfig) -> Self {
         Self { config }
     }
 
     /// The configuration this client runs with.
+    #[must_use]
     pub fn config(&self) -> &SsgmConfig {
         &self.config
     }
@@ -175,9 +180,11 @@ impl Ssgm {
     ///
     /// A non-zero exit is never taken as a grant, even when stdout holds a
     /// well-formed reply: it is returned as [`SchedulerError::Failed`]. The
-    /// scheduler may still hold GPUs for a reply that reads as granted, so
-    /// before returning, such a job is released (best effort, logged), and the
-    /// same is done when a call that timed out had already printed a grant.
+    /// scheduler may still hold GPUs for a job whose grant was printed, so
+    /// whenever the call does not return a grant but its stdout shows one (a
+    /// non-zero exit, a call killed at the timeout after printing, a reply
+    /// broken after its job id), that job is released before returning, best
+    /// effort and logged.
     ///
     /// # Errors
     ///
@@ -194,38 +201,38 @@ impl Ssgm {
     pub async fn alloc(&self, gpus: u32) -> Result<AllocReply, SchedulerError> {
         const ACTION: &str = "-alloc";
         let gpus = gpus.to_string();
-        match self.run(ACTION, &[ACTION, "-g", &gpus]).await? {
+        let (stdout, error) = match self.run(ACTION, &[ACTION, "-g", &gpus]).await? {
             Outcome::TimedOut { stdout } => {
-                if let Ok(AllocReply::Granted(grant)) = parse_alloc_reply(&stdout) {
-                    tracing::warn!(
-                        scheduler_job = %grant.scheduler_job_id,
-                        "Timed-out allocation had printed a grant, releasing it."
-                    );
-                    self.release_stray(&grant.scheduler_job_id).await;
-                }
-                Err(SchedulerError::Timeout {
+                let error = SchedulerError::Timeout {
                     action: ACTION,
                     timeout: self.config.call_timeout,
-                })
+                };
+                (stdout, error)
             }
             Outcome::Exited(out) if !out.status.success() => {
-                if let Ok(AllocReply::Granted(grant)) = parse_alloc_reply(&out.stdout) {
-                    tracing::warn!(
-                        scheduler_job = %grant.scheduler_job_id,
-                        status = %out.status,
-                        "Failed allocation printed a grant, releasing it."
-                    );
-                    self.release_stray(&grant.scheduler_job_id).await;
+                let stdout = out.stdout.clone();
+                (stdout, out.into_failed(ACTION))
+            }
+            Outcome::Exited(out) => match parse_alloc_reply(&out.stdout) {
+                Ok(reply) => return Ok(reply),
+                Err(source) => {
+                    let error = SchedulerError::BadReply {
+                        source,
+                        stdout: truncate_chars(out.stdout.trim(), ERROR_OUTPUT_MAX_CHARS),
+                    };
+                    (out.stdout, error)
                 }
-                Err(out.into_failed(ACTION))
-            }
-            Outcome::Exited(out) => {
-                parse_alloc_reply(&out.stdout).map_err(|source| SchedulerError::BadReply {
-                    source,
-                    stdout: truncate_chars(out.stdout.trim(), ERROR_OUTPUT_MAX_CHARS),
-                })
-            }
+            },
+        };
+        if let Some(job) = find_granted_job_id(&stdout) {
+            tracing::warn!(
+                scheduler_job = %job,
+                error = %error,
+                "Allocation failed after printing a grant, releasing it."
+            );
+            self.release_stray(job).await;
         }
+        Err(error)
     }
 
     /// Runs `<program> -S <host> -P <port> -dealloc -j <id>` until it exits 0,
@@ -309,9 +316,10 @@ impl Ssgm {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // Its own group, so a timeout can reach whatever SSGM forks, and a
-            // Ctrl-C or a systemd SIGTERM sent to orchgpu's group does not kill an
-            // in-flight release.
+            // Its own process group, so a timeout can signal whatever SSGM
+            // forks, and a terminal's Ctrl-C (sent to orchgpu's foreground group)
+            // does not kill an in-flight release. Under systemd this needs
+            // KillMode=mixed, as KillMode=control-group signals every process.
             .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|source| SchedulerError::Spawn {
@@ -422,7 +430,8 @@ impl Output {
 
 /// Reads `reader` to end-of-file, keeping the first [`OUTPUT_CAP`] bytes in `buf`.
 async fn read_capped(mut reader: impl AsyncRead + Unpin, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut chunk = [0u8; 8192];
+    // On the heap, so the futures that embed this one stay small.
+    let mut chunk = vec![0u8; 8192];
     loop {
         let n = reader.read(&mut chunk).await?;
         if n == 0 {
@@ -477,11 +486,15 @@ impl GroupGuard {
 
     fn signal(&self, signal: Signal) {
         if let Some(pgid) = self.pgid {
-            // ESRCH only means the whole group is already gone.
-            if let Err(e) = killpg(pgid, signal)
-                && e != nix::errno::Errno::ESRCH
-            {
-                tracing::warn!(%pgid, ?signal, error = %e, "Failed to signal SSGM's process group.");
+            match killpg(pgid, signal) {
+                // ESRCH only means the whole group is already gone.
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => tracing::warn!(
+                    %pgid,
+                    ?signal,
+                    error = %e,
+                    "Failed to signal SSGM's process group."
+                ),
             }
         }
     }
@@ -516,10 +529,13 @@ mod tests {
 echo 'SSGM_ERROR=0;SSGM_JOB=42;RCUDA_DEVICE_COUNT=1;RCUDA_DEVICE_0=gpu1:0;'
 "#,
         ),
+        // Forks, so killing only the direct child would leave `sleep` behind.
         (
             "sleep",
-            r#"echo $$ > "$2/pid"
-sleep 60
+            r#"sleep 60 &
+echo $! > "$2/child"
+echo $$ > "$2/pid"
+wait
 "#,
         ),
         (
@@ -588,6 +604,15 @@ esac
 esac
 "#,
         ),
+        // Prints a grant whose settings are broken; dealloc is recorded.
+        (
+            "grant-broken",
+            r#"case "$5" in
+-alloc) echo 'SSGM_ERROR=0;SSGM_JOB=79;RCUDA_DEVICE_COUNT'; exit 0 ;;
+-dealloc) printf '%s\n' "$@" > "$2/dealloc" ;;
+esac
+"#,
+        ),
         (
             "busy",
             r#"echo 'SSGM_ERROR=2;'
@@ -618,9 +643,12 @@ esac
                 .flatten()
             {
                 let name = entry.file_name();
-                if let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(PREFIX))
-                    && !Path::new("/proc").join(pid).exists()
-                {
+                let stale = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(PREFIX))
+                    .is_some_and(|pid| !Path::new("/proc").join(pid).exists());
+                if stale {
+                    // Best effort: another run may be removing it too.
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
@@ -665,6 +693,23 @@ esac
                 .rsplit_once(')')
                 .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
             Err(_) => false,
+        }
+    }
+
+    /// Asserts that the processes whose pids are in `files` under `dir` are
+    /// dead, or die within a second: a signalled process dies asynchronously.
+    async fn assert_dies(dir: &Path, files: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for file in files {
+            let pid = read(dir.join(file));
+            while is_alive(&pid) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{file} {} still running",
+                    pid.trim()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 
@@ -727,8 +772,15 @@ esac
             elapsed < Duration::from_millis(500) + KILL_GRACE,
             "{elapsed:?}"
         );
-        let pid = read(state.path().join("pid"));
-        assert!(!is_alive(&pid), "ssgm {pid} still running");
+        assert_dies(state.path(), &["pid", "child"]).await;
+    }
+
+    #[tokio::test]
+    async fn dropping_the_call_kills_the_process_group() {
+        let (ssgm, state) = fake("sleep", Duration::from_secs(30));
+        let cancelled = tokio::time::timeout(Duration::from_millis(500), ssgm.alloc(1)).await;
+        assert!(cancelled.is_err(), "{cancelled:?}");
+        assert_dies(state.path(), &["pid", "child"]).await;
     }
 
     #[tokio::test]
@@ -746,8 +798,7 @@ esac
             elapsed < Duration::from_millis(300) + KILL_GRACE * 2,
             "{elapsed:?}"
         );
-        let pid = read(state.path().join("pid"));
-        assert!(!is_alive(&pid), "ssgm {pid} still running");
+        assert_dies(state.path(), &["pid"]).await;
     }
 
     #[tokio::test]
@@ -805,6 +856,24 @@ esac
         assert!(err.is_timeout(), "{err:?}");
         let dealloc = read(state.path().join("dealloc"));
         assert!(dealloc.ends_with("-dealloc\n-j\n78\n"), "{dealloc}");
+    }
+
+    #[tokio::test]
+    async fn broken_reply_with_a_job_id_is_released() {
+        let (ssgm, state) = fake("grant-broken", Duration::from_secs(10));
+        let err = ssgm.alloc(1).await.expect_err("broken reply");
+        assert!(
+            matches!(
+                &err,
+                SchedulerError::BadReply {
+                    source: ReplyError::NoEquals { index: 2, .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let dealloc = read(state.path().join("dealloc"));
+        assert!(dealloc.ends_with("-dealloc\n-j\n79\n"), "{dealloc}");
     }
 
     #[tokio::test]

@@ -1,1 +1,10 @@
+//! Integration tests: the real binaries against a real S3/SQS emulator.
+//! One test binary (see Cargo.toml), one module per area.
 
+mod deadlines;
+mod harness;
+mod mock_ssgm;
+mod pipeline;
+mod scheduler_faults;
+mod ssgm_client;
+mod startup;

@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# Runs orchgpu's local stack end to end in one command: LocalStack (S3 + SQS), the buckets
+# and queues (deploy/aws-setup.sh), the mock rCUDA scheduler (mock-ssgm), the local SCAR
+# function stand-in running dev/function/example.sh, and the orchgpu daemon; then uploads a
+# few sample images with awkward names, waits for one result per image in the output
+# bucket, downloads them and shows the scheduler's view. Everything listens on 127.0.0.1.
+#
+# Usage: dev/demo.sh [--once]
+#   --once   exit (stopping everything) once the results are there, instead of running
+#            until Ctrl-C
+# Environment:
+#   ORCHGPU_PROFILE=release       build and run release binaries (default: debug)
+#   ORCHGPU_DEMO_OUT=DIR          where results are downloaded (default ./demo-out)
+#   ORCHGPU_DEMO_TIMEOUT=S        how long to wait for the results (default 120)
+#   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log (default ~/.cache/orchgpu)
+#   ORCHGPU_EMULATOR=moto         use moto instead of LocalStack (see dev/localstack.sh)
+#   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH)
+set -euo pipefail
+
+prog=dev/demo.sh
+repo_root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+state_dir=${ORCHGPU_STATE:-$HOME/.cache/orchgpu}
+demo_dir=$state_dir/demo
+out_dir=${ORCHGPU_DEMO_OUT:-./demo-out}
+[[ $out_dir == /* ]] || out_dir=$PWD/$out_dir
+profile=${ORCHGPU_PROFILE:-debug}
+result_timeout=${ORCHGPU_DEMO_TIMEOUT:-120}
+stop_timeout=30
+
+input_bucket=orchgpu-demo-input
+work_bucket=orchgpu-demo-work work_dir=bundles
+output_bucket=orchgpu-demo-output output_dir=results
+jobs_queue=orchgpu-demo-jobs
+function_queue=orchgpu-demo-function
+
+say() { printf '%s: %s\n' "$prog" "$*"; }
+die() {
+    printf '%s: error: %s\n' "$prog" "$*" >&2
+    exit 1
+}
+usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
+
+once=0
+for arg in "$@"; do
+    case $arg in
+        --once) once=1 ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *) die "unknown argument '$arg' (usage: dev/demo.sh [--once])" ;;
+    esac
+done
+case $profile in
+    debug) cargo_profile_args=() ;;
+    release) cargo_profile_args=(--release) ;;
+    *) die "ORCHGPU_PROFILE must be debug or release, not '$profile'" ;;
+esac
+[[ $result_timeout =~ ^[0-9]+$ ]] || die "ORCHGPU_DEMO_TIMEOUT must be whole seconds"
+cd -- "$repo_root"
+
+# --- processes -------------------------------------------------------------------------
+
+child_pids=()
+child_names=()
+started_emulator=0
+samples_dir=
+cleaned_up=0
+
+pid_alive() { # alive and not a zombie
+    local stat
+    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]
+}
+
+# SIGTERM, up to stop_timeout seconds for a graceful exit (the daemon returns messages
+# and releases GPUs), then SIGKILL.
+stop_pid() { # PID NAME
+    local pid=$1 name=$2 deadline=$((SECONDS + stop_timeout))
+    pid_alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+    if pid_alive "$pid"; then
+        say "$name (pid $pid) still runs after $stop_timeout s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    say "stopped $name"
+}
+
+# A child in its own session: Ctrl-C reaches only this script, which then stops the
+# children in order (the daemon before the scheduler it releases GPUs through).
+start_child() { # NAME COMMAND...
+    local name=$1
+    shift
+    setsid "$@" >"$demo_dir/$name.log" 2>&1 </dev/null &
+    child_pids+=("$!")
+    child_names+=("$name")
+    printf '%s\n' "$!" >"$demo_dir/$name.pid"
+    say "started $name (pid $!), log $demo_dir/$name.log"
+}
+
+check_children() {
+    local i
+    for i in "${!child_pids[@]}"; do
+        pid_alive "${child_pids[i]}" || die "${child_names[i]} (pid ${child_pids[i]}) exited"
+    done
+}
+
+# Processes a killed earlier demo left behind (their pid files name them).
+stop_leftovers() {
+    local pid_file pid name
+    for pid_file in "$demo_dir"/*.pid; do
+        [[ -f $pid_file ]] || continue
+        name=$(basename -- "$pid_file" .pid)
+        pid=$(<"$pid_file")
+        rm -f -- "$pid_file"
+        if ! [[ $pid =~ ^[0-9]+$ ]] || ! pid_alive "$pid"; then continue; fi
+        case $name in mock-ssgm | function | orchgpu) ;; *) continue ;; esac
+        [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) == *"$name"* ]] || continue
+        say "stopping $name (pid $pid) left over from an earlier demo"
+        kill -TERM "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + stop_timeout))
+        while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+        pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null
+    done
+    return 0
+}
+
+print_log_tails() {
+    local log
+    for log in "$demo_dir"/*.log; do
+        [[ -s $log ]] || continue
+        printf '\n----- last lines of %s -----\n' "$log" >&2
+        tail -n 25 -- "$log" >&2
+    done
+    if ((started_emulator)); then
+        log=$state_dir/${ORCHGPU_EMULATOR:-localstack}.log
+        if [[ -s $log ]]; then
+            printf '\n----- last lines of %s -----\n' "$log" >&2
+            tail -n 15 -- "$log" >&2
+        fi
+    fi
+}
+
+cleanup() {
+    local rc=$? i
+    ((cleaned_up)) && return
+    cleaned_up=1
+    trap '' INT TERM
+    if ((rc != 0)); then
+        say "failed (exit $rc); logs follow" >&2
+        print_log_tails
+    fi
+    for ((i = ${#child_pids[@]} - 1; i >= 0; i--)); do
+        stop_pid "${child_pids[i]}" "${child_names[i]}"
+        rm -f -- "$demo_dir/${child_names[i]}.pid"
+    done
+    if ((started_emulator)); then
+        dev/localstack.sh stop || true
+    fi
+    [[ -z $samples_dir ]] || rm -rf -- "$samples_dir"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- aws CLI ---------------------------------------------------------------------------
+
+if [[ -z ${AWS_CLI:-} ]]; then
+    AWS_CLI=${ORCHGPU_LS_VENV:-$HOME/.cache/orchgpu/localstack-venv}/bin/aws
+    [[ -x $AWS_CLI ]] || AWS_CLI=aws
+fi
+export AWS_CLI AWS_PAGER=""
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
+export AWS_REGION=${AWS_REGION:-us-east-1}
+endpoint=
+awsl() { "$AWS_CLI" --endpoint-url "$endpoint" --region "$AWS_REGION" "$@"; }
+
+# --- main ------------------------------------------------------------------------------
+
+mkdir -p -- "$demo_dir"
+stop_leftovers
+rm -f -- "$demo_dir"/*.log
+
+say "building the binaries (cargo build --locked ${cargo_profile_args[*]})"
+cargo build --locked "${cargo_profile_args[@]}"
+bin_dir=${CARGO_TARGET_DIR:-$repo_root/target}/$profile
+[[ $bin_dir == /* ]] || bin_dir=$repo_root/$bin_dir
+for exe in orchgpu mock-ssgm orchgpu-function; do
+    [[ -x $bin_dir/$exe ]] || die "cargo build did not produce $bin_dir/$exe"
+done
+
+pid_before=$(dev/localstack.sh pid 2>/dev/null) || pid_before=
+endpoint=$(dev/localstack.sh start)
+pid_after=$(dev/localstack.sh pid 2>/dev/null) || pid_after=
+# Ours to stop only if this start launched it (a new pid); otherwise it was reused.
+if [[ -n $pid_after && $pid_after != "$pid_before" ]]; then
+    started_emulator=1
+else
+    say "reusing the running emulator (it stays up afterwards)"
+fi
+command -v "$AWS_CLI" >/dev/null 2>&1 || die "no aws CLI: set AWS_CLI or run dev/localstack.sh install"
+
+deploy/aws-setup.sh --endpoint-url "$endpoint" --region "$AWS_REGION" \
+    --input-bucket "$input_bucket" --intermediate "$work_bucket/$work_dir" \
+    --output "$output_bucket/$output_dir" --jobs-queue "$jobs_queue" \
+    --function-queue "$function_queue" >"$demo_dir/aws-setup.log" 2>&1 ||
+    die "deploy/aws-setup.sh failed; see $demo_dir/aws-setup.log"
+say "buckets and queues ready (details in $demo_dir/aws-setup.log)"
+
+# The emulator may hold objects and messages of an earlier demo: start from empty buckets
+# and queues so that the results counted below are this run's.
+for location in "$input_bucket" "$work_bucket/$work_dir/" "$output_bucket/$output_dir/"; do
+    awsl s3 rm "s3://$location" --recursive --only-show-errors >/dev/null ||
+        die "could not empty s3://$location"
+done
+for queue in "$jobs_queue" "$jobs_queue-dlq" "$function_queue"; do
+    queue_url=$(awsl sqs get-queue-url --queue-name "$queue" --query QueueUrl --output text)
+    awsl sqs purge-queue --queue-url "$queue_url" ||
+        say "warning: could not purge queue $queue; orchgpu drops stale messages it finds"
+done
+
+start_child mock-ssgm "$bin_dir/mock-ssgm" serve --listen 127.0.0.1:0 --gpus 2
+port=
+deadline=$((SECONDS + 15))
+while [[ -z $port ]] && ((SECONDS < deadline)); do
+    check_children
+    port=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$demo_dir/mock-ssgm.log" | head -n 1)
+    [[ -n $port ]] || sleep 0.1
+done
+[[ -n $port ]] || die "mock-ssgm did not print 'listening on 127.0.0.1:PORT' within 15 s"
+say "mock-ssgm listens on 127.0.0.1:$port"
+
+start_child function "$bin_dir/orchgpu-function" --queue "$function_queue" \
+    --output "$output_bucket/$output_dir" --script "$repo_root/dev/function/example.sh" \
+    --endpoint-url "$endpoint" --region "$AWS_REGION"
+start_child orchgpu "$bin_dir/orchgpu" -q "$jobs_queue" -S 127.0.0.1 -P "$port" \
+    -m "$bin_dir/mock-ssgm" -i "$work_bucket/$work_dir" -o "$output_bucket/$output_dir" \
+    -b 1 -u 1 -w 2 --endpoint-url "$endpoint" --region "$AWS_REGION" --max-jobs 2
+sleep 1
+check_children
+
+# Sample images: darknet's when installed, else small PNGs made with python3's stdlib.
+samples_dir=$(mktemp -d)
+shopt -s nullglob
+darknet_images=(/usr/share/darknet/data/*.jpg)
+shopt -u nullglob
+names=("my photo" "a+b=c" "ünïcødé ☀ 写真")
+samples=()
+if ((${#darknet_images[@]} >= ${#names[@]})); then
+    for i in "${!names[@]}"; do
+        cp -- "${darknet_images[i]}" "$samples_dir/${names[i]}.jpg"
+        samples+=("$samples_dir/${names[i]}.jpg")
+    done
+else
+    python3 - "$samples_dir" "${names[@]}" <<'EOF' || die "could not generate sample PNGs"
+import struct, sys, zlib
+
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+out, names = sys.argv[1], sys.argv[2:]
+for n, name in enumerate(names):
+    w, h = 64, 48
+    rows = b"".join(
+        b"\x00" + b"".join(bytes(((x * 4 + n * 80) % 256, (y * 5) % 256, (n * 90) % 256)) for x in range(w))
+        for y in range(h)
+    )
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    with open(f"{out}/{name}.png", "wb") as f:
+        f.write(png)
+EOF
+    for name in "${names[@]}"; do samples+=("$samples_dir/$name.png"); done
+fi
+
+t0=$SECONDS
+for sample in "${samples[@]}"; do
+    key=${sample##*/}
+    awsl s3api put-object --bucket "$input_bucket" --key "$key" --body "$sample" >/dev/null ||
+        die "upload of '$key' failed"
+    say "uploaded s3://$input_bucket/$key"
+done
+
+list_results() { # keys of the PNG results, one a line
+    awsl s3api list-objects-v2 --bucket "$output_bucket" --prefix "$output_dir/" \
+        --query "Contents[?ends_with(Key, '.png')].Key" --output text | tr '\t' '\n' |
+        grep -v -e '^None$' -e '^$' || true
+}
+want=${#samples[@]}
+have=0
+deadline=$((SECONDS + result_timeout))
+while :; do
+    mapfile -t results < <(list_results)
+    if ((${#results[@]} != have)); then
+        have=${#results[@]}
+        say "$have of $want results after $((SECONDS - t0)) s"
+    fi
+    ((have >= want)) && break
+    ((SECONDS < deadline)) || die "only $have of $want results after $result_timeout s"
+    check_children
+    sleep 1
+done
+
+mkdir -p -- "$out_dir"
+say "results (downloaded to $out_dir):"
+for key in "${results[@]}"; do
+    file=${key##*/}
+    awsl s3 cp "s3://$output_bucket/$key" "$out_dir/$file" --only-show-errors ||
+        die "download of s3://$output_bucket/$key failed"
+    txt=${key%.png}.txt
+    awsl s3 cp "s3://$output_bucket/$txt" "$out_dir/${file%.png}.txt" --only-show-errors \
+        >/dev/null 2>&1 || true
+    printf '  s3://%s/%s  ->  %s\n' "$output_bucket" "$key" "$out_dir/$file"
+done
+
+printf '\nmock-ssgm -top:\n'
+"$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -top || say "mock-ssgm -top failed"
+printf '\nmock-ssgm -stats:\n'
+"$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -stats || say "mock-ssgm -stats failed"
+printf '\n'
+
+if ((once)); then
+    say "done (--once); stopping everything"
+    exit 0
+fi
+say "everything keeps running (endpoint $endpoint, scheduler 127.0.0.1:$port);"
+say "upload more with: $AWS_CLI --endpoint-url $endpoint s3 cp FILE s3://$input_bucket/"
+say "logs: $demo_dir/*.log. Press Ctrl-C to stop everything this script started."
+while :; do
+    check_children
+    sleep 2
+done

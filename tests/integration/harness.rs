@@ -1,0 +1,645 @@
+//! Test harness: a per-test AWS stack on the emulator (buckets, queues, notifications),
+//! the real mock SSGM server, the real function stand-in and the real daemon, each as a
+//! process whose logs are printed when a test fails.
+//!
+//! The emulator URL comes from `ORCHGPU_TEST_ENDPOINT` (default LocalStack on
+//! 127.0.0.1:4566); `dev/test.sh` starts one. Every test uses its own bucket and queue
+//! names, so tests run in parallel and never need an emulator reset.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
+    QueueConfiguration, S3KeyFilter,
+};
+use aws_sdk_sqs::types::QueueAttributeName;
+use serde_json::Value;
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4566";
+
+pub fn endpoint() -> String {
+    std::env::var("ORCHGPU_TEST_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string())
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// SDK clients with the emulator's dummy credentials.
+pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "orchgpu-tests",
+        ))
+        .load()
+        .await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(true)
+            .build(),
+    );
+    let sqs = aws_sdk_sqs::Client::new(&shared);
+    (s3, sqs)
+}
+
+/// Environment for every spawned process: the emulator and its dummy credentials.
+fn aws_env(command: &mut Command) {
+    command
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("ORCHGPU_ENDPOINT_URL", endpoint())
+        .env_remove("AWS_PROFILE")
+        .env(
+            "ORCHGPU_LOG",
+            "info,aws_config=warn,aws_smithy_runtime=warn",
+        );
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One test's AWS resources.
+pub struct Stack {
+    pub s3: aws_sdk_s3::Client,
+    pub sqs: aws_sdk_sqs::Client,
+    pub input_bucket: String,
+    pub work_bucket: String,
+    pub work_dir: String,
+    pub output_bucket: String,
+    pub output_dir: String,
+    pub jobs_queue: String,
+    pub jobs_url: String,
+    pub dlq_url: String,
+    pub function_queue: String,
+    pub logs: tempfile::TempDir,
+    processes: Vec<Process>,
+}
+
+impl Stack {
+    /// Creates buckets, queues (jobs with a dead-letter queue, function) and the
+    /// notifications input → jobs and intermediate → function.
+    pub async fn new(name: &str, max_receive_count: u32) -> Result<Stack> {
+        let (s3, sqs) = clients().await;
+        let unique = format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let input_bucket = format!("in-{unique}");
+        let work_bucket = format!("work-{unique}");
+        let output_bucket = format!("out-{unique}");
+        for bucket in [&input_bucket, &work_bucket, &output_bucket] {
+            s3.create_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot create bucket {bucket} at {}: is the emulator running? \
+                         (dev/test.sh starts one; or set ORCHGPU_TEST_ENDPOINT)",
+                        endpoint()
+                    )
+                })?;
+        }
+        let dlq_url = create_queue(&sqs, &format!("dlq-{unique}"), None).await?;
+        let dlq_arn = queue_arn(&sqs, &dlq_url).await?;
+        let redrive = format!(
+            r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receive_count}"}}"#
+        );
+        let jobs_queue = format!("jobs-{unique}");
+        let jobs_url = create_queue(&sqs, &jobs_queue, Some(redrive)).await?;
+        let function_queue = format!("fn-{unique}");
+        let function_url = create_queue(&sqs, &function_queue, None).await?;
+
+        let work_dir = "bundles/v1".to_string();
+        notify(&s3, &input_bucket, &queue_arn(&sqs, &jobs_url).await?, None).await?;
+        notify(
+            &s3,
+            &work_bucket,
+            &queue_arn(&sqs, &function_url).await?,
+            Some((format!("{work_dir}/"), ".tar.gz".to_string())),
+        )
+        .await?;
+
+        Ok(Stack {
+            s3,
+            sqs,
+            input_bucket,
+            work_bucket,
+            work_dir,
+            output_bucket,
+            output_dir: "results".to_string(),
+            jobs_queue,
+            jobs_url,
+            dlq_url,
+            function_queue,
+            logs: tempfile::tempdir()?,
+            processes: Vec::new(),
+        })
+    }
+
+    pub async fn upload(&self, key: &str, body: &[u8]) -> Result<()> {
+        self.s3
+            .put_object()
+            .bucket(&self.input_bucket)
+            .key(key)
+            .body(ByteStream::from(body.to_vec()))
+            .send()
+            .await
+            .with_context(|| format!("upload {key}"))?;
+        Ok(())
+    }
+
+    /// Sends a raw message body to the jobs queue.
+    pub async fn send_raw(&self, body: &str) -> Result<()> {
+        self.sqs
+            .send_message()
+            .queue_url(&self.jobs_url)
+            .message_body(body)
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// Visible + in flight + delayed messages on a queue.
+    pub async fn queue_depth(&self, url: &str) -> Result<u64> {
+        let output = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::All)
+            .send()
+            .await?;
+        let attributes = output.attributes.unwrap_or_default();
+        let mut total = 0;
+        for name in [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+        ] {
+            total += attributes
+                .get(&name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    /// Every object key under the output dir.
+    pub async fn output_keys(&self) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.output_bucket)
+            .prefix(format!("{}/", self.output_dir))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for object in page?.contents.unwrap_or_default() {
+                keys.extend(object.key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    pub async fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
+        let output = self.s3.get_object().bucket(bucket).key(key).send().await?;
+        Ok(output.body.collect().await?.into_bytes().to_vec())
+    }
+
+    /// Results by source key: the test function writes `<id>.png` (a copy of the input)
+    /// and `<id>.json` (the bundle's manifest), so each result can be traced to its input.
+    pub async fn results_by_source_key(&self) -> Result<HashMap<String, Vec<Vec<u8>>>> {
+        let mut results: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        for key in self.output_keys().await? {
+            let Some(stem) = key.strip_suffix(".json") else {
+                continue;
+            };
+            let manifest: Value =
+                serde_json::from_slice(&self.get(&self.output_bucket, &key).await?)?;
+            let source = manifest["source"]["key"]
+                .as_str()
+                .ok_or_else(|| anyhow!("manifest {key} has no source key"))?
+                .to_string();
+            let png = format!("{stem}.png");
+            let body = self.get(&self.output_bucket, &png).await?;
+            results.entry(source).or_default().push(body);
+        }
+        Ok(results)
+    }
+
+    /// Waits until `count` results (`.png`) are in the output dir.
+    pub async fn wait_for_results(&self, count: usize, timeout: Duration) -> Result<()> {
+        wait_for(&format!("{count} results"), timeout, || async {
+            let pngs = self
+                .output_keys()
+                .await?
+                .iter()
+                .filter(|k| k.ends_with(".png"))
+                .count();
+            Ok((pngs >= count).then_some(()))
+        })
+        .await
+    }
+
+    pub async fn wait_for_empty_queues(&self, timeout: Duration) -> Result<()> {
+        wait_for("empty jobs queue", timeout, || async {
+            Ok((self.queue_depth(&self.jobs_url).await? == 0).then_some(()))
+        })
+        .await
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.logs.path().join(format!("{name}.log"))
+    }
+
+    fn spawn(&mut self, name: &str, mut command: Command) -> Result<usize> {
+        let log = File::create(self.log_path(name))?;
+        aws_env(&mut command);
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let description = format!("{command:?}");
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {description}"))?;
+        self.processes.push(Process {
+            name: name.to_string(),
+            description,
+            child: Some(child),
+        });
+        Ok(self.processes.len() - 1)
+    }
+
+    /// Starts the function stand-in with the test script (`copy-result.sh` by default).
+    pub fn start_function(&mut self, script: &str) -> Result<()> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu-function"));
+        command
+            .arg("--queue")
+            .arg(&self.function_queue)
+            .arg("--output")
+            .arg(format!("{}/{}", self.output_bucket, self.output_dir))
+            .arg("--script")
+            .arg(repo_path(&format!("tests/fixtures/function/{script}")))
+            .arg("--wait-time")
+            .arg("1")
+            .arg("--concurrency")
+            .arg("4");
+        self.spawn("function", command)?;
+        Ok(())
+    }
+
+    /// The daemon's arguments for this stack, with fast test timings; `extra` is appended
+    /// (clap takes the last value of a repeated option).
+    pub fn daemon_args(&self, ssgm: &MockSsgm, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "-q",
+            &self.jobs_queue,
+            "-S",
+            "127.0.0.1",
+            "-P",
+            &ssgm.port.to_string(),
+            "-m",
+            env!("CARGO_BIN_EXE_mock-ssgm"),
+            "-i",
+            &format!("{}/{}", self.work_bucket, self.work_dir),
+            "-o",
+            &format!("{}/{}", self.output_bucket, self.output_dir),
+            "-w",
+            "1",
+            "-u",
+            "0",
+            "-b",
+            "1",
+            "-s",
+            "60",
+            "-v",
+            "20",
+            "--retry-backoff",
+            "1",
+            "--ssgm-timeout",
+            "3",
+            "--result-deadline",
+            "90",
+            "--max-jobs",
+            "4",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Starts the daemon; returns its process index.
+    pub fn start_daemon(&mut self, ssgm: &MockSsgm, extra: &[&str]) -> Result<usize> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu"));
+        command.args(self.daemon_args(ssgm, extra));
+        let name = format!("orchgpu-{}", self.processes.len());
+        self.spawn(&name, command)
+    }
+
+    pub fn process(&mut self, index: usize) -> &mut Process {
+        &mut self.processes[index]
+    }
+
+    /// The log of a started process.
+    pub fn log(&self, index: usize) -> String {
+        std::fs::read_to_string(self.log_path(&self.processes[index].name)).unwrap_or_default()
+    }
+
+    /// Waits until a process's log contains `needle` `count` times; fails at once if the
+    /// process exits first.
+    pub async fn wait_for_log(
+        &mut self,
+        index: usize,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log(index).matches(needle).count() >= count {
+                return Ok(());
+            }
+            if let Some(status) = self.processes[index].try_status()? {
+                bail!("process exited ({status}) before logging {needle:?}");
+            }
+            if Instant::now() >= deadline {
+                bail!("timed out after {timeout:?} waiting for {count}× {needle:?} in the log");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for process in &mut self.processes {
+            process.kill();
+        }
+        // Always printed: the test runner shows a test's output only when it fails (a
+        // test returning `Err` is not "panicking", so that cannot be the condition).
+        {
+            for process in &self.processes {
+                let log = std::fs::read_to_string(self.log_path(&process.name)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                eprintln!(
+                    "===== {} ({}) last {} lines =====",
+                    process.name,
+                    process.description,
+                    tail.len()
+                );
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// A child process that is killed when the test ends.
+pub struct Process {
+    name: String,
+    description: String,
+    child: Option<Child>,
+}
+
+impl Process {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match &mut self.child {
+            Some(child) => Ok(child.try_wait()?),
+            None => bail!("{} was already reaped", self.name),
+        }
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn create_queue(
+    sqs: &aws_sdk_sqs::Client,
+    name: &str,
+    redrive: Option<String>,
+) -> Result<String> {
+    let mut request = sqs.create_queue().queue_name(name);
+    if let Some(redrive) = redrive {
+        request = request.attributes(QueueAttributeName::RedrivePolicy, redrive);
+    }
+    let output = request
+        .send()
+        .await
+        .with_context(|| format!("create queue {name}"))?;
+    output
+        .queue_url
+        .ok_or_else(|| anyhow!("no URL for queue {name}"))
+}
+
+async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String> {
+    let output = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await?;
+    output
+        .attributes
+        .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
+        .ok_or_else(|| anyhow!("queue {url} has no ARN"))
+}
+
+async fn notify(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    queue_arn: &str,
+    prefix_suffix: Option<(String, String)>,
+) -> Result<()> {
+    let mut queue = QueueConfiguration::builder()
+        .queue_arn(queue_arn)
+        .events(Event::from("s3:ObjectCreated:*"));
+    if let Some((prefix, suffix)) = prefix_suffix {
+        queue = queue.filter(
+            NotificationConfigurationFilter::builder()
+                .key(
+                    S3KeyFilter::builder()
+                        .filter_rules(
+                            FilterRule::builder()
+                                .name(FilterRuleName::Prefix)
+                                .value(prefix)
+                                .build(),
+                        )
+                        .filter_rules(
+                            FilterRule::builder()
+                                .name(FilterRuleName::Suffix)
+                                .value(suffix)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    s3.put_bucket_notification_configuration()
+        .bucket(bucket)
+        .notification_configuration(
+            NotificationConfiguration::builder()
+                .queue_configurations(queue.build()?)
+                .build(),
+        )
+        .send()
+        .await
+        .with_context(|| format!("notification on {bucket}"))?;
+    Ok(())
+}
+
+/// The mock SSGM server, as a real process.
+pub struct MockSsgm {
+    pub port: u16,
+    child: Child,
+}
+
+impl MockSsgm {
+    pub fn start(gpus: u32) -> Result<MockSsgm> {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mock-ssgm"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--gpus",
+                &gpus.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start mock-ssgm")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected first line from mock-ssgm: {line:?}"))?;
+        Ok(MockSsgm { port, child })
+    }
+
+    pub fn client(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_mock-ssgm"))
+            .args(["-S", "127.0.0.1", "-P", &self.port.to_string()])
+            .args(args)
+            .output()?)
+    }
+
+    pub fn stats(&self) -> Result<Value> {
+        let output = self.client(&["-stats"])?;
+        if !output.status.success() {
+            bail!(
+                "mock-ssgm -stats failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    pub fn stat(&self, name: &str) -> Result<u64> {
+        self.stats()?[name]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no {name} in mock-ssgm stats"))
+    }
+
+    pub fn inject(&self, kind: &str, count: u32) -> Result<()> {
+        let output = self.client(&["-inject", kind, "-n", &count.to_string()])?;
+        if !output.status.success() {
+            bail!(
+                "mock-ssgm -inject failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Asserts the lifecycle promise: nothing left allocated and every grant released.
+    pub fn assert_all_released(&self) -> Result<()> {
+        let stats = self.stats()?;
+        assert_eq!(stats["live"], 0, "allocations left live: {stats}");
+        assert_eq!(
+            stats["granted"], stats["released"],
+            "grants vs releases: {stats}"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for MockSsgm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

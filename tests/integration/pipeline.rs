@@ -1,0 +1,176 @@
+//! The job path end to end: awkward keys, junk messages, GPU contention.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::harness::{MockSsgm, Stack};
+
+/// Keys users really upload: spaces, '+', '%', unicode, folders, dots, no extension.
+const AWKWARD_KEYS: [&str; 10] = [
+    "plain.jpg",
+    "with space.png",
+    "plus+sign.jpg",
+    "percent%20literal.jpeg",
+    "unicode café 📷.png",
+    "nested/folder/deeper/image.JPG",
+    "many.dots.in.the.name.tar.gz",
+    "no-extension",
+    ".hidden",
+    "trailing.dot.",
+];
+
+fn body_for(key: &str) -> Vec<u8> {
+    // Distinct bytes per key, with some binary, so a mix-up shows.
+    let mut body = format!("input for {key}\n").into_bytes();
+    body.extend((0..=255u8).cycle().take(4096 + key.len()));
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awkward_keys_each_get_exactly_one_correct_result() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("keys", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+    for key in AWKWARD_KEYS {
+        stack.upload(key, &body_for(key)).await?;
+    }
+
+    stack
+        .wait_for_results(AWKWARD_KEYS.len(), Duration::from_secs(120))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+
+    let results = stack.results_by_source_key().await?;
+    assert_eq!(
+        results.len(),
+        AWKWARD_KEYS.len(),
+        "results: {:?}",
+        results.keys()
+    );
+    for key in AWKWARD_KEYS {
+        let bodies = results
+            .get(key)
+            .unwrap_or_else(|| panic!("no result for {key:?}"));
+        assert_eq!(bodies.len(), 1, "{key:?} has {} results", bodies.len());
+        assert_eq!(
+            bodies[0],
+            body_for(key),
+            "result of {key:?} is not its input"
+        );
+    }
+    assert_eq!(
+        stack.queue_depth(&stack.dlq_url).await?,
+        0,
+        "dead-letter queue"
+    );
+    ssgm.assert_all_released()?;
+    assert_eq!(ssgm.stat("granted")?, AWKWARD_KEYS.len() as u64);
+    assert!(
+        stack.process(daemon).try_status()?.is_none(),
+        "daemon exited"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_messages_are_dropped_and_later_jobs_still_run() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("junk", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+
+    stack.send_raw("this is not JSON").await?;
+    stack.send_raw(r#"{"Records":[]}"#).await?;
+    stack.send_raw(r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-11-27T08:00:00.000Z","Bucket":"x","RequestId":"1","HostId":"2"}"#).await?;
+    let missing = format!(
+        r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"{}"}},"object":{{"key":"gone%20away.jpg","size":3,"eTag":"abc"}}}}}}]}}"#,
+        stack.input_bucket
+    );
+    stack.send_raw(&missing).await?;
+
+    // The notification setup's own s3:TestEvent plus ours: two test-event drops.
+    stack
+        .wait_for_log(
+            daemon,
+            "Dropping s3:TestEvent message.",
+            2,
+            Duration::from_secs(30),
+        )
+        .await?;
+    stack
+        .wait_for_log(
+            daemon,
+            "Dropping message that is not an S3 object event.",
+            2,
+            Duration::from_secs(30),
+        )
+        .await?;
+    stack
+        .wait_for_log(
+            daemon,
+            "Dropping job that can never run.",
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let log = stack.log(daemon);
+    assert!(
+        log.contains("this is not JSON"),
+        "the drop line quotes the body"
+    );
+    assert!(
+        log.contains("gone away.jpg"),
+        "the drop line names the missing key"
+    );
+
+    stack.upload("after-junk.png", b"still works").await?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    assert!(
+        stack.process(daemon).try_status()?.is_none(),
+        "daemon exited"
+    );
+    // The missing object never reached the scheduler.
+    assert_eq!(ssgm.stat("alloc_calls")?, 1);
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gpu_five_jobs_never_overlap_and_do_not_hammer_the_scheduler() -> Result<()> {
+    const JOBS: u64 = 5;
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("onegpu", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    stack.start_daemon(&ssgm, &["--max-jobs", "3"])?;
+    for i in 0..JOBS {
+        stack
+            .upload(&format!("img-{i}.png"), &body_for(&i.to_string()))
+            .await?;
+    }
+
+    stack
+        .wait_for_results(JOBS as usize, Duration::from_secs(150))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+
+    let stats = ssgm.stats()?;
+    assert_eq!(
+        stats["max_live"], 1,
+        "two allocations were live at once: {stats}"
+    );
+    assert_eq!(stats["granted"], JOBS, "{stats}");
+    // Each job is granted once; a busy answer is only followed by another try when one of
+    // our own jobs released its GPU (the -s interval, 60 s, is longer than the test), so
+    // at most one busy answer per release: alloc calls <= jobs + (jobs - 1).
+    let alloc_calls = stats["alloc_calls"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        alloc_calls < 2 * JOBS,
+        "{alloc_calls} alloc calls for {JOBS} jobs: {stats}"
+    );
+    ssgm.assert_all_released()?;
+    Ok(())
+}

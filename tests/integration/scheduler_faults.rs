@@ -1,0 +1,62 @@
+//! A failing scheduler: request errors, garbage, a hung client, a failed release. Each
+//! leaves no allocation live and loses no job.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::harness::{MockSsgm, Stack};
+
+/// Injects `count` faults of `kind`, runs `jobs` inputs through and checks that every job
+/// still completes, nothing is left allocated and nothing reaches the dead-letter queue.
+async fn survives(kind: &str, count: u32, jobs: usize) -> Result<(MockSsgm, Stack, usize)> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new(&format!("fault-{kind}"), 10).await?;
+    stack.start_function("copy-result.sh")?;
+    ssgm.inject(kind, count)?;
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+    for i in 0..jobs {
+        stack
+            .upload(&format!("{kind}-{i}.png"), format!("input {i}").as_bytes())
+            .await?;
+    }
+    stack
+        .wait_for_results(jobs, Duration::from_secs(120))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    let results = stack.results_by_source_key().await?;
+    assert_eq!(results.len(), jobs, "{:?}", results.keys());
+    assert!(results.values().all(|r| r.len() == 1));
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    ssgm.assert_all_released()?;
+    assert!(ssgm.stat("faults_injected")? >= u64::from(count));
+    Ok((ssgm, stack, daemon))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_are_retried() -> Result<()> {
+    let (_ssgm, stack, daemon) = survives("error", 2, 2).await?;
+    assert!(stack.log(daemon).contains("scheduler refused a request"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_replies_are_retried() -> Result<()> {
+    let (_ssgm, stack, daemon) = survives("garbage", 2, 2).await?;
+    assert!(stack.log(daemon).contains("unreadable reply"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_client_is_killed_and_retried() -> Result<()> {
+    let (_ssgm, stack, daemon) = survives("hang", 1, 2).await?;
+    assert!(stack.log(daemon).contains("timed out"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_release_is_retried() -> Result<()> {
+    let (ssgm, _stack, _daemon) = survives("fail-release", 2, 2).await?;
+    assert!(ssgm.stat("failed_releases")? >= 2);
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! The SSGM client of the library against the real mock binary: grant, busy, request
+//! error, timeouts, stray-grant release, garbage and failed releases.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use orchgpu::scheduler::{AllocReply, GpuScheduler, SchedulerError, Ssgm, SsgmConfig};
+
+const MOCK: &str = env!("CARGO_BIN_EXE_mock-ssgm");
+
+struct Server(Child, u16);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start() -> Server {
+    let mut child = Command::new(MOCK)
+        .args(["serve", "--gpus", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("line");
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .parse()
+        .expect("port");
+    Server(child, port)
+}
+
+fn cli(s: &Server, args: &[&str]) -> String {
+    let out = Command::new(MOCK)
+        .args(["-S", "127.0.0.1", "-P", &s.1.to_string()])
+        .args(args)
+        .output()
+        .expect("run");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stat(s: &Server, name: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&cli(s, &["-stats"])).expect("json");
+    v[name].as_u64().expect("number")
+}
+
+#[tokio::test]
+async fn ssgm_against_mock() {
+    let server = start();
+    let mut config = SsgmConfig::new(MOCK, "127.0.0.1", server.1);
+    config.call_timeout = Duration::from_millis(700);
+    config.release_retry_delay = Duration::from_millis(10);
+    let ssgm = Ssgm::new(config);
+
+    let AllocReply::Granted(grant) = GpuScheduler::alloc(&ssgm, 2).await.expect("alloc") else {
+        panic!("not granted");
+    };
+    assert_eq!(grant.setting("RCUDA_DEVICE_COUNT"), Some("2"));
+    assert_eq!(ssgm.alloc(1).await.expect("busy"), AllocReply::Busy);
+    assert!(matches!(
+        ssgm.alloc(3).await,
+        Ok(AllocReply::RequestError { .. })
+    ));
+    ssgm.dealloc(&grant.scheduler_job_id)
+        .await
+        .expect("dealloc");
+
+    cli(&server, &["-inject", "hang"]);
+    assert!(ssgm.alloc(1).await.expect_err("hang").is_timeout());
+    assert_eq!(stat(&server, "live"), 0);
+
+    cli(&server, &["-inject", "grant-then-hang"]);
+    assert!(ssgm.alloc(1).await.expect_err("hang").is_timeout());
+    assert_eq!(stat(&server, "live"), 1);
+    cli(&server, &["-reset"]);
+
+    cli(&server, &["-inject", "exit"]);
+    let err = ssgm.alloc(1).await.expect_err("exit 1");
+    assert!(matches!(err, SchedulerError::Failed { .. }), "{err:?}");
+    // The stray release was attempted three times and failed (unknown id).
+    assert_eq!(stat(&server, "dealloc_calls"), 3);
+    assert_eq!(stat(&server, "live"), 0);
+
+    cli(&server, &["-inject", "garbage"]);
+    assert!(matches!(
+        ssgm.alloc(1).await,
+        Err(SchedulerError::BadReply { .. })
+    ));
+    cli(&server, &["-inject", "empty"]);
+    assert!(matches!(
+        ssgm.alloc(1).await,
+        Err(SchedulerError::BadReply { .. })
+    ));
+
+    let AllocReply::Granted(grant) = ssgm.alloc(1).await.expect("alloc") else {
+        panic!("not granted");
+    };
+    cli(&server, &["-inject", "fail-release", "-n", "2"]);
+    ssgm.dealloc(&grant.scheduler_job_id)
+        .await
+        .expect("third attempt");
+    assert_eq!(stat(&server, "live"), 0);
+    cli(&server, &["-inject", "fail-release", "-n", "3"]);
+    let AllocReply::Granted(grant) = ssgm.alloc(1).await.expect("alloc") else {
+        panic!("not granted");
+    };
+    let err = ssgm
+        .dealloc(&grant.scheduler_job_id)
+        .await
+        .expect_err("3 failures");
+    assert!(
+        matches!(err, SchedulerError::ReleaseFailed { attempts: 3, .. }),
+        "{err:?}"
+    );
+}

@@ -200,6 +200,11 @@ pub struct Args {
     )]
     pub shutdown_grace: String,
 
+    /// Directory for the reservation journal and its lock [default: $STATE_DIRECTORY set by
+    /// systemd, else $XDG_STATE_HOME/orchgpu, else ~/.local/state/orchgpu].
+    #[arg(long = "state-dir", env = "ORCHGPU_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// Log format.
     #[arg(
         long = "log-format",
@@ -275,6 +280,7 @@ pub struct Config {
     pub result_suffix: String,
     pub retry_backoff: Duration,
     pub shutdown_grace: Duration,
+    pub state_dir: PathBuf,
     pub log_format: LogFormat,
 }
 
@@ -350,6 +356,7 @@ impl TryFrom<Args> for Config {
             result_suffix: parse_suffix(&args.result_suffix)?,
             retry_backoff: parse_secs("--retry-backoff", &args.retry_backoff, 0, 900)?,
             shutdown_grace: parse_secs("--shutdown-grace", &args.shutdown_grace, 0, 3600)?,
+            state_dir: resolve_state_dir(args.state_dir, |name| std::env::var_os(name))?,
             log_format: args.log_format,
         })
     }
@@ -575,6 +582,40 @@ fn parse_region(raw: Option<String>) -> Result<Option<String>, ConfigError> {
     Ok(Some(value.to_string()))
 }
 
+/// The state directory: the flag, else systemd's `StateDirectory=`, else the XDG state
+/// directory of the user running the daemon.
+fn resolve_state_dir(
+    flag: Option<PathBuf>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<PathBuf, ConfigError> {
+    let chosen = flag
+        .or_else(|| {
+            // systemd may list several directories separated by ':'; the first is ours.
+            env("STATE_DIRECTORY").and_then(|v| {
+                v.to_string_lossy()
+                    .split(':')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
+        })
+        .or_else(|| env("XDG_STATE_HOME").map(|d| PathBuf::from(d).join("orchgpu")))
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".local/state/orchgpu")));
+    match chosen {
+        Some(dir) if dir.is_absolute() => Ok(dir),
+        Some(dir) => Err(ConfigError::new(
+            "--state-dir",
+            &dir.display().to_string(),
+            "expected an absolute path",
+        )),
+        None => Err(ConfigError::new(
+            "--state-dir",
+            "",
+            "no state directory: give one with --state-dir",
+        )),
+    }
+}
+
 fn parse_suffix(raw: &str) -> Result<String, ConfigError> {
     let valid = !raw.is_empty()
         && raw.len() <= 64
@@ -770,6 +811,40 @@ mod tests {
         let found = resolve_program("-m", "sh", Some("/nonexistent:/bin".into())).expect("found");
         assert_eq!(found, PathBuf::from("/bin/sh"));
         assert!(resolve_program("-m", "ssgm-does-not-exist", Some("/bin".into())).is_err());
+    }
+
+    #[test]
+    fn state_dir_comes_from_flag_then_systemd_then_xdg_then_home() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let all: &'static [(&str, &str)] = &[
+            ("STATE_DIRECTORY", "/var/lib/orchgpu:/var/lib/other"),
+            ("XDG_STATE_HOME", "/xdg"),
+            ("HOME", "/home/u"),
+        ];
+        assert_eq!(
+            resolve_state_dir(Some("/flag".into()), env(all)).expect("ok"),
+            PathBuf::from("/flag")
+        );
+        assert_eq!(
+            resolve_state_dir(None, env(all)).expect("ok"),
+            PathBuf::from("/var/lib/orchgpu")
+        );
+        assert_eq!(
+            resolve_state_dir(None, env(&all[1..])).expect("ok"),
+            PathBuf::from("/xdg/orchgpu")
+        );
+        assert_eq!(
+            resolve_state_dir(None, env(&all[2..])).expect("ok"),
+            PathBuf::from("/home/u/.local/state/orchgpu")
+        );
+        assert!(resolve_state_dir(None, env(&[])).is_err());
+        assert!(resolve_state_dir(Some("relative".into()), env(all)).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::aws::error_chain;
+use crate::cli::MAX_VISIBILITY;
 use crate::event::{Notification, parse_notification};
 use crate::job::{Disposition, JobCancel, JobContext};
 use crate::queue::{Queue, QueueError, ReceivedMessage};
@@ -29,6 +30,8 @@ const MAX_BATCH: usize = 10;
 const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(30);
 /// Retry backoff cap for failed jobs.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(15 * 60);
+/// Safety margin under SQS's 12-hour visibility limit.
+const VISIBILITY_MARGIN: Duration = Duration::from_secs(60);
 /// How much of a message body a drop log line quotes.
 const BODY_GIST_CHARS: usize = 160;
 
@@ -151,7 +154,7 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
                     settings.clone(),
                     message,
                     permit,
-                    shutdown.abort.clone(),
+                    shutdown.clone(),
                 )
                 .instrument(span),
             );
@@ -194,12 +197,14 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     settings: DaemonSettings,
     message: ReceivedMessage,
     permit: OwnedSemaphorePermit,
-    abort: CancellationToken,
+    shutdown: Shutdown,
 ) {
     let _permit = permit;
+    let received_at = Instant::now();
     let cancel = JobCancel {
-        token: abort.child_token(),
+        token: shutdown.abort.child_token(),
         lost: CancellationToken::new(),
+        stop: shutdown.stop.clone(),
     };
     let mut work = tokio::spawn(
         process_message(
@@ -215,7 +220,16 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         tokio::select! {
             outcome = &mut work => break outcome,
             _ = tokio::time::sleep(heartbeat_every), if !cancel.lost.is_cancelled() => {
-                match queue.set_visibility(&message, settings.visibility_timeout).await {
+                // SQS refuses to keep a message hidden longer than 12 hours after it was
+                // received; past that another consumer may take it, so we let it go.
+                let left = MAX_VISIBILITY.saturating_sub(received_at.elapsed() + VISIBILITY_MARGIN);
+                if left < heartbeat_every {
+                    warn!("Message reached SQS's 12-hour visibility limit; abandoning the job.");
+                    cancel.lost.cancel();
+                    cancel.token.cancel();
+                    continue;
+                }
+                match queue.set_visibility(&message, settings.visibility_timeout.min(left)).await {
                     Ok(()) => {}
                     Err(QueueError::ReceiptInvalid { .. }) => {
                         warn!("Message receipt lost; abandoning the job.");

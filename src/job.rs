@@ -6,6 +6,7 @@
 //! panics. Temporary files are `tempfile` values, removed on every path. What happens to
 //! the SQS message afterwards is decided by `JobError::disposition`, not here.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::aws::error_chain;
 use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
 use crate::cli::BucketDir;
 use crate::event::ObjectRef;
+use crate::journal::{Journal, JournalEntry};
 use crate::scheduler::{AllocReply, GpuScheduler, Grant, SchedulerError};
 use crate::storage::{self, StorageError};
 
@@ -74,6 +76,8 @@ pub struct JobSettings {
     pub alloc_deadline: Duration,
     /// Where temporary input and bundle files go.
     pub work_dir: PathBuf,
+    /// `host:port` of the scheduler, recorded in the journal with each reservation.
+    pub scheduler_address: String,
 }
 
 /// What every job shares: clients, the scheduler and the GPU bookkeeping.
@@ -88,6 +92,37 @@ pub struct JobContext<S> {
     pub gpus_freed: Arc<Notify>,
     /// Fallback release path for reservations dropped without `release` (panic, abort).
     pub release_tx: mpsc::UnboundedSender<String>,
+    /// Crash-safe record of the reservations held.
+    pub journal: Arc<Journal>,
+    /// Ids of the jobs running in this daemon: a second delivery of the same object
+    /// waits for the first instead of running beside it.
+    pub active: std::sync::Mutex<HashSet<JobId>>,
+    /// Signalled when a job leaves `active`.
+    pub job_ended: Notify,
+}
+
+impl<S> JobContext<S> {
+    /// Builds the context; `release_tx` feeds `run_releaser`.
+    pub fn new(
+        s3: aws_sdk_s3::Client,
+        scheduler: Arc<S>,
+        settings: JobSettings,
+        gpus_freed: Arc<Notify>,
+        release_tx: mpsc::UnboundedSender<String>,
+        journal: Arc<Journal>,
+    ) -> JobContext<S> {
+        JobContext {
+            s3,
+            scheduler,
+            settings,
+            gpu_gate: Mutex::new(()),
+            gpus_freed,
+            release_tx,
+            journal,
+            active: std::sync::Mutex::new(HashSet::new()),
+            job_ended: Notify::new(),
+        }
+    }
 }
 
 /// The outcome of a job that did not fail.
@@ -95,6 +130,9 @@ pub struct JobContext<S> {
 pub enum JobOutcome {
     /// The result appeared in the output bucket.
     Completed,
+    /// The result was already there (a duplicate or redelivered notification): the job
+    /// was not run again.
+    AlreadyDone,
 }
 
 /// What to do with the message after a job failed.
@@ -137,6 +175,10 @@ pub enum JobError {
         key: String,
         deadline: Duration,
     },
+    #[error("failed to record the reservation in the journal")]
+    Journal(#[source] crate::journal::JournalError),
+    #[error("job not started: shutting down")]
+    NotStarted,
     #[error("job cancelled by shutdown")]
     Cancelled,
     #[error("job abandoned: its message is no longer ours")]
@@ -148,11 +190,12 @@ impl JobError {
     pub fn disposition(&self) -> Disposition {
         match self {
             JobError::InputGone { .. } => Disposition::Delete,
-            JobError::Cancelled => Disposition::ReturnNow,
+            JobError::Cancelled | JobError::NotStarted => Disposition::ReturnNow,
             JobError::Abandoned => Disposition::Abandon,
             JobError::Storage(_)
             | JobError::TempFile { .. }
             | JobError::Bundle(_)
+            | JobError::Journal(_)
             | JobError::SchedulerRejected { .. }
             | JobError::Scheduler(_)
             | JobError::AllocDeadline(_)
@@ -168,6 +211,9 @@ pub struct JobCancel {
     pub token: CancellationToken,
     /// Fired only when the message's receipt is lost.
     pub lost: CancellationToken,
+    /// Fired on the first shutdown signal: a job that holds no GPUs yet stops and returns
+    /// its message at once; one that holds GPUs goes on within the grace period.
+    pub stop: CancellationToken,
 }
 
 impl JobCancel {
@@ -214,10 +260,14 @@ pub async fn run_releaser<S: GpuScheduler>(
     scheduler: Arc<S>,
     mut rx: mpsc::UnboundedReceiver<String>,
     gpus_freed: Arc<Notify>,
+    journal: Arc<Journal>,
 ) {
     while let Some(job) = rx.recv().await {
         match scheduler.dealloc(&job).await {
-            Ok(()) => info!(scheduler_job = %job, "Released dropped reservation."),
+            Ok(()) => {
+                info!(scheduler_job = %job, "Released dropped reservation.");
+                forget_in_journal(&journal, &job).await;
+            }
             Err(e) => tracing::error!(
                 scheduler_job = %job,
                 error = %error_chain(&e),
@@ -225,6 +275,81 @@ pub async fn run_releaser<S: GpuScheduler>(
             ),
         }
         gpus_freed.notify_waiters();
+    }
+}
+
+/// Releases the reservations a previous run left in the journal (crash, SIGKILL, failed
+/// release) before any new work starts. Entries from another scheduler address are kept
+/// and reported. Returns (released, kept).
+pub async fn release_leftovers<S: GpuScheduler>(
+    scheduler: &S,
+    journal: &Arc<Journal>,
+    leftovers: Vec<JournalEntry>,
+    scheduler_address: &str,
+) -> (usize, usize) {
+    let mut released = 0;
+    let mut kept = 0;
+    for entry in leftovers {
+        if entry.scheduler != scheduler_address {
+            warn!(
+                scheduler_job = %entry.scheduler_job_id,
+                scheduler = %entry.scheduler,
+                "Journal entry is for another scheduler; keeping it."
+            );
+            kept += 1;
+            continue;
+        }
+        match scheduler.dealloc(&entry.scheduler_job_id).await {
+            Ok(()) => {
+                info!(
+                    scheduler_job = %entry.scheduler_job_id,
+                    job_id = %entry.job_id,
+                    key = %entry.key,
+                    "Released reservation left by a previous run."
+                );
+                forget_in_journal(journal, &entry.scheduler_job_id).await;
+                released += 1;
+            }
+            Err(e) => {
+                tracing::error!(
+                    scheduler_job = %entry.scheduler_job_id,
+                    error = %error_chain(&e),
+                    "Cannot release reservation left by a previous run; keeping it."
+                );
+                kept += 1;
+            }
+        }
+    }
+    (released, kept)
+}
+
+/// Removes a job from `active` when it ends, on every path.
+struct ActiveClaim<'a, S> {
+    context: &'a JobContext<S>,
+    id: JobId,
+}
+
+impl<S> Drop for ActiveClaim<'_, S> {
+    fn drop(&mut self) {
+        self.context
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        self.context.job_ended.notify_waiters();
+    }
+}
+
+/// Forgets a released reservation; a failed write only means a harmless extra release
+/// attempt at the next start.
+async fn forget_in_journal(journal: &Arc<Journal>, scheduler_job_id: &str) {
+    let journal = journal.clone();
+    let job = scheduler_job_id.to_string();
+    let result = tokio::task::spawn_blocking(move || journal.forget(&job)).await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %error_chain(&e), "Failed to update the journal."),
+        Err(e) => warn!(error = %e, "Failed to update the journal."),
     }
 }
 
@@ -242,6 +367,14 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     ) -> Result<JobOutcome, JobError> {
         let id = JobId::derive(object);
         let started = Instant::now();
+        let _claim = self.claim(&id, cancel).await?;
+        if stage("check_result", self.result_exists(&id)).await? {
+            info!("Result already exists; not running the job again.");
+            return Ok(JobOutcome::AlreadyDone);
+        }
+        if cancel.stop.is_cancelled() {
+            return Err(JobError::NotStarted);
+        }
 
         let input = self.temp_file(&id, "input")?;
         let size = stage(
@@ -250,7 +383,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         )
         .await?;
 
-        let reservation = stage("allocate", self.allocate(cancel)).await?;
+        let reservation = stage("allocate", self.allocate(&id, object, cancel)).await?;
         let result = self
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel)
             .await;
@@ -344,11 +477,17 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     /// Asks for GPUs until granted, refused, past the deadline or cancelled. While the
     /// scheduler answers busy, waits for the retry interval or for one of our own
     /// releases, whichever comes first.
-    async fn allocate(&self, cancel: &JobCancel) -> Result<Reservation, JobError> {
+    async fn allocate(
+        &self,
+        id: &JobId,
+        object: &ObjectRef,
+        cancel: &JobCancel,
+    ) -> Result<Reservation, JobError> {
         let deadline = Instant::now() + self.settings.alloc_deadline;
         let _gate = tokio::select! {
             biased;
             _ = cancel.token.cancelled() => return Err(cancel.error()),
+            _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
             gate = self.gpu_gate.lock() => gate,
         };
         loop {
@@ -371,11 +510,33 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                         devices = grant.settings.len(),
                         "GPUs granted."
                     );
-                    return Ok(Reservation {
+                    let reservation = Reservation {
                         grant,
                         allocated_unix: unix_now(),
                         fallback: Some(self.release_tx.clone()),
-                    });
+                    };
+                    let entry = JournalEntry {
+                        scheduler_job_id: reservation.grant.scheduler_job_id.clone(),
+                        scheduler: self.settings.scheduler_address.clone(),
+                        job_id: id.to_string(),
+                        key: object.key.clone(),
+                        since_unix: reservation.allocated_unix,
+                    };
+                    let journal = self.journal.clone();
+                    let recorded = tokio::task::spawn_blocking(move || journal.record(entry))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(crate::journal::JournalError::Io {
+                                path: PathBuf::new(),
+                                source: std::io::Error::other(e),
+                            })
+                        });
+                    if let Err(e) = recorded {
+                        // Without a record a crash would leak these GPUs: do not use them.
+                        self.release(reservation).await;
+                        return Err(JobError::Journal(e));
+                    }
+                    return Ok(reservation);
                 }
                 AllocReply::RequestError { detail } => {
                     return Err(JobError::SchedulerRejected {
@@ -396,6 +557,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     tokio::select! {
                         biased;
                         _ = cancel.token.cancelled() => return Err(cancel.error()),
+                        _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
                         _ = &mut freed => {}
                         _ = tokio::time::sleep(wait) => {}
                     }
@@ -407,7 +569,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     /// Polls for `<output dir>/<id><suffix>` with HEAD until it exists or the deadline.
     async fn await_result(&self, id: &JobId, cancel: &JobCancel) -> Result<JobOutcome, JobError> {
         let output = &self.settings.output;
-        let key = output.key_for(&format!("{id}{}", self.settings.result_suffix));
+        let key = self.result_key(id);
         let deadline = Instant::now() + self.settings.result_deadline;
         loop {
             let now = Instant::now();
@@ -445,19 +607,65 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .instrument(tracing::Span::current())
             .await;
         match result {
-            Ok(()) => info!(
-                stage = "release",
-                scheduler_job = %job,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "Stage finished."
-            ),
+            Ok(()) => {
+                forget_in_journal(&self.journal, &job).await;
+                info!(
+                    stage = "release",
+                    scheduler_job = %job,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "Stage finished."
+                );
+            }
+            // The journal keeps it: the next start-up releases it.
             Err(e) => tracing::error!(
                 scheduler_job = %job,
                 error = %error_chain(&e),
-                "Failed to release GPUs; they stay allocated on the scheduler."
+                "Failed to release GPUs; the journal keeps them for the next start."
             ),
         }
         self.gpus_freed.notify_waiters();
+    }
+
+    /// Marks the job as running in this daemon, waiting while another delivery of the
+    /// same object runs.
+    async fn claim(&self, id: &JobId, cancel: &JobCancel) -> Result<ActiveClaim<'_, S>, JobError> {
+        loop {
+            let ended = self.job_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let inserted = self
+                .active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone());
+            if inserted {
+                return Ok(ActiveClaim {
+                    context: self,
+                    id: id.clone(),
+                });
+            }
+            info!("Same object is already being processed; waiting for it.");
+            tokio::select! {
+                biased;
+                _ = cancel.token.cancelled() => return Err(cancel.error()),
+                _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
+                _ = &mut ended => {}
+            }
+        }
+    }
+
+    fn result_key(&self, id: &JobId) -> String {
+        self.settings
+            .output
+            .key_for(&format!("{id}{}", self.settings.result_suffix))
+    }
+
+    /// Whether the job's result is already in the output bucket. A duplicate or
+    /// redelivered notification then costs one HEAD instead of a GPU job.
+    async fn result_exists(&self, id: &JobId) -> Result<bool, JobError> {
+        storage::object_exists(&self.s3, &self.settings.output.bucket, &self.result_key(id))
+            .await
+            .map_err(JobError::Storage)
     }
 
     fn temp_file(&self, id: &JobId, what: &str) -> Result<tempfile::NamedTempFile, JobError> {

@@ -8,7 +8,7 @@
 //! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
 //! `queue` (SQS), `storage` (S3 transfers), `event` (notification parsing), `scheduler`
 //! (SSGM), `bundle` (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop
-//! and shutdown), `signal` (SIGTERM/SIGINT to shutdown tokens).
+//! and shutdown), `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to shutdown tokens).
 
 pub mod aws;
 pub mod bundle;
@@ -16,6 +16,7 @@ pub mod cli;
 pub mod daemon;
 pub mod event;
 pub mod job;
+pub mod journal;
 pub mod queue;
 pub mod scheduler;
 pub mod signal;

@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tracing::{error, info, warn};
 
 use orchgpu::aws::{AwsOptions, build_clients, error_chain};
 use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
-use orchgpu::job::{JobContext, JobSettings, run_releaser};
+use orchgpu::job::{JobContext, JobSettings, release_leftovers, run_releaser};
+use orchgpu::journal::Journal;
 use orchgpu::queue::Queue;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
 
@@ -77,6 +78,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("cannot reach the jobs queue")?;
     warn_without_redrive(&queue).await;
 
+    let (journal, leftovers) =
+        Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
+    let journal = Arc::new(journal);
     let scheduler = Arc::new(Ssgm::new(SsgmConfig {
         program: config.ssgm.clone(),
         host: config.scheduler_host.clone(),
@@ -85,17 +89,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
         release_attempts: 3,
         release_retry_delay: std::time::Duration::from_secs(1),
     }));
+    let scheduler_address = format!("{}:{}", config.scheduler_host, config.scheduler_port);
+    // Whatever a previous run still held goes back before new work starts.
+    let found = leftovers.len();
+    let (released, kept) =
+        release_leftovers(&*scheduler, &journal, leftovers, &scheduler_address).await;
+    info!(
+        state_dir = %config.state_dir.display(),
+        found,
+        released,
+        kept,
+        "Journal replayed."
+    );
+
     let gpus_freed = Arc::new(Notify::new());
     let (release_tx, release_rx) = mpsc::unbounded_channel();
     let releaser = tokio::spawn(run_releaser(
         scheduler.clone(),
         release_rx,
         gpus_freed.clone(),
+        journal.clone(),
     ));
-    let jobs = Arc::new(JobContext {
-        s3: clients.s3,
+    let jobs = Arc::new(JobContext::new(
+        clients.s3,
         scheduler,
-        settings: JobSettings {
+        JobSettings {
             gpus: config.gpus.get(),
             intermediate: config.intermediate.clone(),
             output: config.output.clone(),
@@ -105,11 +123,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             alloc_retry_interval: config.alloc_retry_interval,
             alloc_deadline: config.alloc_deadline,
             work_dir: std::env::temp_dir(),
+            scheduler_address,
         },
-        gpu_gate: Mutex::new(()),
         gpus_freed,
         release_tx,
-    });
+        journal,
+    ));
 
     let shutdown = Shutdown::new();
     tokio::spawn({

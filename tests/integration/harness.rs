@@ -357,12 +357,23 @@ impl Stack {
             "90",
             "--max-jobs",
             "4",
+            "--state-dir",
+            &self.state_dir("default"),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         args
+    }
+
+    /// A state directory for a daemon of this test (one journal per name).
+    pub fn state_dir(&self, name: &str) -> String {
+        self.logs
+            .path()
+            .join(format!("state-{name}"))
+            .display()
+            .to_string()
     }
 
     /// Starts the daemon; returns its process index.

@@ -100,11 +100,22 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
             _ = jobs.gpu_gate.lock() => {}
         }
         let wanted = (1 + slots.available_permits()).min(MAX_BATCH);
+        // A receive in flight is not dropped on the first signal: SQS may already have
+        // handed it messages, which would stay hidden for the visibility timeout. It ends
+        // within the long-poll wait, and whatever it got is returned at once.
         let received = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = shutdown.abort.cancelled() => break,
             received = queue.receive(wanted, settings.wait_time, settings.visibility_timeout) => received,
         };
+        if stop.is_cancelled() {
+            if let Ok(messages) = received {
+                for message in &messages {
+                    return_now(&queue, message).await;
+                }
+            }
+            break;
+        }
         let messages = match received {
             Ok(messages) => {
                 if receive_failures > 0 {

@@ -305,8 +305,13 @@ impl Stack {
         Ok(self.processes.len() - 1)
     }
 
-    /// Starts the function stand-in with the test script (`copy-result.sh` by default).
-    pub fn start_function(&mut self, script: &str) -> Result<()> {
+    /// Starts the function stand-in with a test script from tests/fixtures/function.
+    pub fn start_function(&mut self, script: &str) -> Result<usize> {
+        self.start_function_with(script, &[])
+    }
+
+    /// Starts the function stand-in with extra environment for its script.
+    pub fn start_function_with(&mut self, script: &str, env: &[(&str, &str)]) -> Result<usize> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu-function"));
         command
             .arg("--queue")
@@ -318,9 +323,33 @@ impl Stack {
             .arg("--wait-time")
             .arg("1")
             .arg("--concurrency")
-            .arg("4");
-        self.spawn("function", command)?;
-        Ok(())
+            .arg("8");
+        command.envs(env.iter().copied());
+        let name = format!("function-{}", self.processes.len());
+        self.spawn(&name, command)
+    }
+
+    /// How many times the function stand-in finished an invocation, by bundle key, over
+    /// every function process of this test.
+    pub fn invocations(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for (index, process) in self.processes.iter().enumerate() {
+            if !process.name.starts_with("function") {
+                continue;
+            }
+            for line in self.log(index).lines() {
+                if !line.contains("Invocation finished.") {
+                    continue;
+                }
+                if let Some(key) = line
+                    .split_whitespace()
+                    .find_map(|field| field.strip_prefix("key="))
+                {
+                    *counts.entry(key.to_string()).or_default() += 1;
+                }
+            }
+        }
+        counts
     }
 
     /// The daemon's arguments for this stack, with fast test timings; `extra` is appended
@@ -484,7 +513,7 @@ impl Process {
         }
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -652,5 +681,58 @@ impl Drop for MockSsgm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder to the emulator that a test can cut and restore, to stage an outage.
+pub struct Proxy {
+    pub port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start() -> Result<Proxy> {
+        let target = endpoint()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (open, watch) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    // Cut: the connection is dropped at once, like a dead endpoint.
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Ok(Proxy { port, open, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -5,6 +5,7 @@ mod deadlines;
 mod harness;
 mod mock_ssgm;
 mod pipeline;
+mod reliability;
 mod scheduler_faults;
 mod ssgm_client;
 mod startup;

@@ -1,0 +1,343 @@
+//! Faults around the daemon itself: SIGKILL and restart, SIGTERM with a long and a short
+//! grace, a job that outlives its visibility timeout, duplicate notifications, two
+//! daemons on one queue, and an emulator outage.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use nix::sys::signal::Signal;
+
+use crate::harness::{MockSsgm, Proxy, Stack, wait_for};
+
+/// A file whose existence holds the test function before it writes its result.
+struct Hold(std::path::PathBuf);
+
+impl Hold {
+    fn new(stack: &Stack) -> Result<Hold> {
+        let path = stack.logs.path().join("hold");
+        std::fs::write(&path, b"")?;
+        Ok(Hold(path))
+    }
+
+    fn env(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn release(&self) -> Result<()> {
+        std::fs::remove_file(&self.0)?;
+        Ok(())
+    }
+}
+
+async fn wait_for_live(ssgm: &MockSsgm, live: u64, timeout: Duration) -> Result<()> {
+    wait_for(&format!("{live} live allocations"), timeout, || async {
+        Ok((ssgm.stat("live")? == live).then_some(()))
+    })
+    .await
+}
+
+/// Every bundle was handed to the function exactly once.
+fn assert_invoked_once_each(stack: &Stack, jobs: usize) {
+    let invocations = stack.invocations();
+    assert_eq!(invocations.len(), jobs, "{invocations:?}");
+    assert!(invocations.values().all(|&n| n == 1), "{invocations:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_holding_gpus_then_restart_releases_and_completes_once() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("sigkill", 5).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    let first = stack.start_daemon(&ssgm, &["-v", "10"])?;
+    stack.upload("killed.png", b"survives a SIGKILL").await?;
+
+    stack
+        .wait_for_log(first, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    assert_eq!(ssgm.stat("live")?, 1);
+    stack.process(first).signal(Signal::SIGKILL)?;
+    stack
+        .process(first)
+        .wait_exit(Duration::from_secs(10))
+        .await?;
+    assert_eq!(ssgm.stat("live")?, 1, "the killed daemon could not release");
+
+    // Same state directory: the journal names the leaked reservation.
+    let second = stack.start_daemon(&ssgm, &["-v", "10"])?;
+    stack
+        .wait_for_log(second, "Journal replayed.", 1, Duration::from_secs(30))
+        .await?;
+    let log = stack.log(second);
+    assert!(
+        log.contains("Released reservation left by a previous run."),
+        "{log}"
+    );
+    assert!(log.contains("found=1 released=1 kept=0"), "{log}");
+    wait_for_live(&ssgm, 0, Duration::from_secs(5)).await?;
+
+    // The function finishes the bundle it already has; when the message comes back to
+    // the new daemon, the result exists and the job is not run again.
+    hold.release()?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    assert_invoked_once_each(&stack, 1);
+    assert_eq!(ssgm.stat("granted")?, 1, "the job ran again");
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_long_grace_lets_running_jobs_finish() -> Result<()> {
+    const JOBS: usize = 3;
+    let ssgm = MockSsgm::start(4)?;
+    let mut stack = Stack::new("graceful", 5).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    let daemon = stack.start_daemon(&ssgm, &["--shutdown-grace", "60"])?;
+    for i in 0..JOBS {
+        stack
+            .upload(&format!("grace-{i}.png"), b"finish me")
+            .await?;
+    }
+    stack
+        .wait_for_log(daemon, "stage=\"upload\"", JOBS, Duration::from_secs(60))
+        .await?;
+
+    stack.process(daemon).signal(Signal::SIGTERM)?;
+    stack
+        .wait_for_log(
+            daemon,
+            "Stopping: no new messages.",
+            1,
+            Duration::from_secs(10),
+        )
+        .await?;
+    hold.release()?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(60))
+        .await?;
+    assert_eq!(status.code(), Some(0), "exit status");
+
+    stack
+        .wait_for_results(JOBS, Duration::from_secs(10))
+        .await?;
+    assert_eq!(
+        stack.queue_depth(&stack.jobs_url).await?,
+        0,
+        "messages left"
+    );
+    assert_invoked_once_each(&stack, JOBS);
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_short_grace_releases_and_returns_then_a_new_daemon_completes() -> Result<()>
+{
+    const JOBS: usize = 2;
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("shortgrace", 5).await?;
+    let hold = Hold::new(&stack)?;
+    let function =
+        stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    let first = stack.start_daemon(&ssgm, &["--shutdown-grace", "1"])?;
+    for i in 0..JOBS {
+        stack
+            .upload(&format!("short-{i}.png"), b"come back later")
+            .await?;
+    }
+    stack
+        .wait_for_log(first, "stage=\"upload\"", JOBS, Duration::from_secs(60))
+        .await?;
+
+    stack.process(first).signal(Signal::SIGTERM)?;
+    let status = stack
+        .process(first)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    assert_eq!(status.code(), Some(0), "exit status");
+    assert_eq!(ssgm.stat("live")?, 0, "GPUs left allocated after shutdown");
+    assert_eq!(
+        stack
+            .log(first)
+            .matches("Message returned to the queue.")
+            .count(),
+        JOBS
+    );
+    assert_eq!(stack.queue_depth(&stack.jobs_url).await?, JOBS as u64);
+
+    // The old function invocations die with their stand-in; a new daemon and function
+    // run both jobs again from the returned messages.
+    stack.process(function).kill();
+    hold.release()?;
+    // A long poll of the killed stand-in may still be open on the emulator; a bundle
+    // notification arriving now would be handed to it and lost to this test.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.start_function("copy-result.sh")?;
+    stack.start_daemon(&ssgm, &[])?;
+    stack
+        .wait_for_results(JOBS, Duration::from_secs(60))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(ssgm.stat("granted")?, 2 * JOBS as u64);
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_outliving_its_visibility_timeout_is_not_started_twice() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("outlive", 5).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    // Visibility 2 s; the job takes about 8 s, four times as long.
+    let daemon = stack.start_daemon(&ssgm, &["-v", "2"])?;
+    stack.upload("long-job.png", b"takes a while").await?;
+    stack
+        .wait_for_log(daemon, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    hold.release()?;
+
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(ssgm.stat("granted")?, 1, "the job was started twice");
+    assert_eq!(stack.log(daemon).matches("stage=\"download\"").count(), 1);
+    assert_invoked_once_each(&stack, 1);
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_object_notified_three_times_runs_one_job() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("dupes", 5).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+    stack.upload("twice.png", b"one job please").await?;
+    let head = stack
+        .s3
+        .head_object()
+        .bucket(&stack.input_bucket)
+        .key("twice.png")
+        .send()
+        .await?;
+    let etag = head
+        .e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string();
+    let duplicate = format!(
+        r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"{}"}},"object":{{"key":"twice.png","size":14,"eTag":"{etag}"}}}}}}]}}"#,
+        stack.input_bucket
+    );
+    // Two more deliveries while the first job runs, and the queue's own notification.
+    stack
+        .wait_for_log(daemon, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    stack.send_raw(&duplicate).await?;
+    stack.send_raw(&duplicate).await?;
+    stack
+        .wait_for_log(
+            daemon,
+            "Same object is already being processed",
+            2,
+            Duration::from_secs(30),
+        )
+        .await?;
+    hold.release()?;
+
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(ssgm.stat("granted")?, 1, "more than one job ran");
+    assert_eq!(
+        stack.log(daemon).matches("Result already exists").count(),
+        2
+    );
+    assert_invoked_once_each(&stack, 1);
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_share_one_queue_without_running_a_job_twice() -> Result<()> {
+    const JOBS: usize = 20;
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("twodaemons", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let a = stack.state_dir("a");
+    let b = stack.state_dir("b");
+    let first = stack.start_daemon(&ssgm, &["--state-dir", &a, "--max-jobs", "2", "-s", "2"])?;
+    let second = stack.start_daemon(&ssgm, &["--state-dir", &b, "--max-jobs", "2", "-s", "2"])?;
+    for i in 0..JOBS {
+        stack
+            .upload(&format!("shared-{i:02}.png"), format!("job {i}").as_bytes())
+            .await?;
+    }
+
+    stack
+        .wait_for_results(JOBS, Duration::from_secs(180))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    let results = stack.results_by_source_key().await?;
+    assert_eq!(results.len(), JOBS);
+    assert_invoked_once_each(&stack, JOBS);
+    let stats = ssgm.stats()?;
+    assert_eq!(stats["granted"], JOBS as u64, "{stats}");
+    assert!(stats["max_live"].as_u64() <= Some(2), "{stats}");
+    let done = |i| stack.log(i).matches("Job completed.").count();
+    assert_eq!(done(first) + done(second), JOBS);
+    assert!(
+        done(first) > 0 && done(second) > 0,
+        "one daemon did all the work"
+    );
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emulator_outage_is_survived_and_logged_once() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("outage", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let proxy = Proxy::start().await?;
+    let daemon = stack.start_daemon(&ssgm, &["--endpoint-url", &proxy.url()])?;
+    stack.upload("before.png", b"before the outage").await?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+
+    proxy.set_open(false);
+    stack
+        .wait_for_log(
+            daemon,
+            "Receive failed; retrying.",
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stack
+        .upload("during.png", b"sent during the outage")
+        .await?;
+    proxy.set_open(true);
+
+    stack
+        .wait_for_log(daemon, "Queue reachable again.", 1, Duration::from_secs(60))
+        .await?;
+    stack.wait_for_results(2, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    let log = stack.log(daemon);
+    assert_eq!(
+        log.matches("Receive failed; retrying.").count(),
+        1,
+        "logged per call, not per interval"
+    );
+    assert!(
+        stack.process(daemon).try_status()?.is_none(),
+        "daemon exited"
+    );
+    ssgm.assert_all_released()?;
+    Ok(())
+}

@@ -325,6 +325,11 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
                     warn!(bucket = %object.bucket, key = %object.key, reason = %error_chain(&e), "Dropping job that can never run.");
                     continue;
                 }
+                Disposition::RetryLater
+                    if matches!(e, crate::job::JobError::CancelledAwaitingResult) =>
+                {
+                    info!(key = %object.key, reason = %e, "Job stopped.");
+                }
                 Disposition::RetryLater => {
                     warn!(key = %object.key, receive_count, error = %error_chain(&e), "Job failed.");
                 }

@@ -181,6 +181,10 @@ pub enum JobError {
     NotStarted,
     #[error("job cancelled by shutdown")]
     Cancelled,
+    /// Cancelled after the bundle went to the function, which may still write the result:
+    /// the message comes back after a backoff, by when a retry will probably find it.
+    #[error("job cancelled by shutdown while its function was running")]
+    CancelledAwaitingResult,
     #[error("job abandoned: its message is no longer ours")]
     Abandoned,
 }
@@ -199,6 +203,7 @@ impl JobError {
             | JobError::SchedulerRejected { .. }
             | JobError::Scheduler(_)
             | JobError::AllocDeadline(_)
+            | JobError::CancelledAwaitingResult
             | JobError::ResultDeadline { .. } => Disposition::RetryLater,
         }
     }
@@ -583,7 +588,10 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             let wait = self.settings.result_poll_interval.min(deadline - now);
             tokio::select! {
                 biased;
-                _ = cancel.token.cancelled() => return Err(cancel.error()),
+                _ = cancel.token.cancelled() => return Err(match cancel.error() {
+                    JobError::Cancelled => JobError::CancelledAwaitingResult,
+                    other => other,
+                }),
                 _ = tokio::time::sleep(wait) => {}
             }
             match storage::object_exists(&self.s3, &output.bucket, &key).await {
@@ -787,6 +795,8 @@ mod tests {
         };
         assert_eq!(gone.disposition(), Delete);
         assert_eq!(JobError::Cancelled.disposition(), ReturnNow);
+        assert_eq!(JobError::NotStarted.disposition(), ReturnNow);
+        assert_eq!(JobError::CancelledAwaitingResult.disposition(), RetryLater);
         assert_eq!(JobError::Abandoned.disposition(), Abandon);
         assert_eq!(
             JobError::AllocDeadline(Duration::from_secs(1)).disposition(),

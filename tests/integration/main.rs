@@ -7,5 +7,6 @@ mod mock_ssgm;
 mod pipeline;
 mod reliability;
 mod scheduler_faults;
+mod soak;
 mod ssgm_client;
 mod startup;

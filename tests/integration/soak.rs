@@ -1,0 +1,168 @@
+//! The reliability soak: many jobs through two daemons while faults are injected, then
+//! the figures the README's reliability section reports. Ignored by default (it takes
+//! minutes); run it with `dev/soak.sh` (ORCHGPU_SOAK_JOBS sets the job count, 500 by
+//! default).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nix::sys::signal::Signal;
+
+use crate::harness::{MockSsgm, Stack, wait_for};
+
+const WAVE: usize = 50;
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes long; run with dev/soak.sh"]
+async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
+    let jobs: usize = std::env::var("ORCHGPU_SOAK_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let started = Instant::now();
+    let ssgm = MockSsgm::start(4)?;
+    let mut stack = Stack::new("soak", 10).await?;
+    stack.start_function("copy-result.sh")?;
+    let state_a = stack.state_dir("a");
+    let state_b = stack.state_dir("b");
+    let daemon_args = |state: &str| -> Vec<String> {
+        [
+            "--state-dir",
+            state,
+            "--max-jobs",
+            "6",
+            "-s",
+            "2",
+            "-v",
+            "10",
+            "--shutdown-grace",
+            "2",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let args_a = daemon_args(&state_a);
+    let args_b = daemon_args(&state_b);
+    let mut a = stack.start_daemon(&ssgm, &as_strs(&args_a))?;
+    let mut b = stack.start_daemon(&ssgm, &as_strs(&args_b))?;
+
+    let mut faults: HashMap<&str, u64> = HashMap::new();
+    let mut keys = Vec::new();
+    let mut wave = 0;
+    while keys.len() < jobs {
+        wave += 1;
+        for (kind, count) in [
+            ("error", 2),
+            ("garbage", 1),
+            ("hang", 1),
+            ("fail-release", 2),
+            ("busy", 3),
+        ] {
+            ssgm.inject(kind, count)?;
+            *faults.entry(kind).or_default() += u64::from(count);
+        }
+        let wave_keys: Vec<String> = (0..WAVE.min(jobs - keys.len()))
+            .map(|i| format!("soak/w{wave:03}/img {i}.png"))
+            .collect();
+        for (i, key) in wave_keys.iter().enumerate() {
+            stack.upload(key, format!("{key} body").as_bytes()).await?;
+            if i == wave_keys.len() / 2 {
+                if wave % 2 == 1 {
+                    // A crash: no release, no return; the journal and SQS must cope.
+                    stack.process(a).signal(Signal::SIGKILL)?;
+                    stack.process(a).wait_exit(Duration::from_secs(10)).await?;
+                    a = stack.start_daemon(&ssgm, &as_strs(&args_a))?;
+                    *faults.entry("daemon SIGKILL").or_default() += 1;
+                } else {
+                    // A stop with a short grace: jobs cut off, messages returned.
+                    stack.process(b).signal(Signal::SIGTERM)?;
+                    let status = stack.process(b).wait_exit(Duration::from_secs(60)).await?;
+                    assert!(status.success(), "daemon exit after SIGTERM: {status}");
+                    b = stack.start_daemon(&ssgm, &as_strs(&args_b))?;
+                    *faults.entry("daemon SIGTERM (2 s grace)").or_default() += 1;
+                }
+            }
+        }
+        // Duplicate notifications of objects of the previous wave (most of them done by
+        // now): a redelivered object must not run again. (Two daemons taking two
+        // notifications of one object at the same moment can both run it; see README.)
+        let previous: Vec<String> = keys.iter().rev().take(5).cloned().collect();
+        for key in &previous {
+            let head = stack
+                .s3
+                .head_object()
+                .bucket(&stack.input_bucket)
+                .key(key)
+                .send()
+                .await?;
+            let etag = head
+                .e_tag()
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_string();
+            let encoded = key.replace(' ', "+");
+            stack
+                .send_raw(&format!(
+                    r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"{}"}},"object":{{"key":"{encoded}","eTag":"{etag}"}}}}}}]}}"#,
+                    stack.input_bucket
+                ))
+                .await?;
+            *faults.entry("duplicate notification").or_default() += 1;
+        }
+        keys.extend(wave_keys);
+    }
+
+    let _ = stack.wait_for_results(jobs, Duration::from_secs(600)).await;
+    let _ = stack.wait_for_empty_queues(Duration::from_secs(120)).await;
+    for daemon in [a, b] {
+        stack.process(daemon).signal(Signal::SIGTERM)?;
+        stack
+            .process(daemon)
+            .wait_exit(Duration::from_secs(60))
+            .await?;
+    }
+    wait_for("no live allocation", Duration::from_secs(10), || async {
+        Ok((ssgm.stat("live")? == 0).then_some(()))
+    })
+    .await
+    .ok();
+
+    let results = stack.results_by_source_key().await?;
+    let lost = keys.iter().filter(|k| !results.contains_key(*k)).count();
+    let invocations = stack.invocations();
+    let duplicates: usize = invocations.values().map(|n| n.saturating_sub(1)).sum();
+    let stats = ssgm.stats()?;
+    let dead_lettered = stack.queue_depth(&stack.dlq_url).await?;
+    let left_in_queue = stack.queue_depth(&stack.jobs_url).await?;
+
+    println!("SOAK jobs={jobs} elapsed_s={}", started.elapsed().as_secs());
+    let mut kinds: Vec<_> = faults.iter().collect();
+    kinds.sort();
+    for (kind, count) in kinds {
+        println!("SOAK fault {kind}: {count} armed/caused");
+    }
+    println!("SOAK ssgm faults applied: {}", stats["faults_injected"]);
+    println!(
+        "SOAK results: {} of {jobs}; messages lost: {lost}",
+        results.len()
+    );
+    println!("SOAK duplicate function invocations: {duplicates}");
+    println!("SOAK dead-lettered: {dead_lettered}; left in queue: {left_in_queue}");
+    println!(
+        "SOAK reservations left live: {}; scheduler stats: {stats}",
+        stats["live"]
+    );
+
+    assert_eq!(lost, 0, "messages lost");
+    assert_eq!(dead_lettered, 0, "messages dead-lettered");
+    assert_eq!(left_in_queue, 0, "messages left in the queue");
+    assert_eq!(stats["live"], 0, "reservations left live");
+    assert_eq!(stats["granted"], stats["released"], "grants vs releases");
+    assert_eq!(duplicates, 0, "duplicate results");
+    Ok(())
+}

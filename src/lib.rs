@@ -8,7 +8,8 @@
 //! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
 //! `queue` (SQS), `storage` (S3 transfers), `event` (notification parsing), `scheduler`
 //! (SSGM), `bundle` (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop
-//! and shutdown), `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to shutdown tokens).
+//! and shutdown), `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to
+//! shutdown tokens), `notify` (the systemd notify protocol).
 
 pub mod aws;
 pub mod bundle;
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod event;
 pub mod job;
 pub mod journal;
+pub mod notify;
 pub mod queue;
 pub mod scheduler;
 pub mod signal;

@@ -13,8 +13,10 @@ use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
 use orchgpu::job::{JobContext, JobSettings, release_leftovers, run_releaser};
 use orchgpu::journal::Journal;
+use orchgpu::notify;
 use orchgpu::queue::Queue;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
+use orchgpu::signal::Signals;
 
 /// Exit codes, in one place: 0 clean exit (graceful shutdown included), 1 a fatal error
 /// at run time, 2 a bad command line or configuration (as clap's own usage errors).
@@ -133,14 +135,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let shutdown = Shutdown::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            if let Err(e) = orchgpu::signal::forward_signals(shutdown).await {
-                error!(error = %e, "Cannot install signal handlers.");
-            }
-        }
-    });
+    let signals = Signals::install().context("cannot install the signal handlers")?;
+    tokio::spawn(signals.forward(shutdown.clone()));
+    // The queue is reached, the journal replayed and signals handled: tell systemd.
+    notify::ready(&format!("Receiving jobs from {}.", queue.url()));
 
     daemon::run(
         queue,

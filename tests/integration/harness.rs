@@ -736,3 +736,47 @@ impl Drop for Proxy {
         self.task.abort();
     }
 }
+
+// Helpers for the deployment tests (systemd notify, real inference).
+impl Stack {
+    /// Starts the daemon with extra environment variables; returns its process index.
+    pub fn start_daemon_with_env(
+        &mut self,
+        ssgm: &MockSsgm,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<usize> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu"));
+        command.args(self.daemon_args(ssgm, extra));
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let name = format!("orchgpu-{}", self.processes.len());
+        self.spawn(&name, command)
+    }
+
+    /// Starts the function stand-in with any script (not only the test fixtures) and extra
+    /// environment variables for it, one bundle at a time.
+    pub fn start_function_with(
+        &mut self,
+        script: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<usize> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu-function"));
+        command
+            .arg("--queue")
+            .arg(&self.function_queue)
+            .arg("--output")
+            .arg(format!("{}/{}", self.output_bucket, self.output_dir))
+            .arg("--script")
+            .arg(script)
+            .arg("--wait-time")
+            .arg("1")
+            .arg("--concurrency")
+            .arg("1");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        self.spawn("function", command)
+    }
+}

@@ -2,7 +2,9 @@
 //! One test binary (see Cargo.toml), one module per area.
 
 mod deadlines;
+mod deploy_files;
 mod harness;
+mod inference;
 mod mock_ssgm;
 mod pipeline;
 mod reliability;
@@ -10,3 +12,4 @@ mod scheduler_faults;
 mod soak;
 mod ssgm_client;
 mod startup;
+mod systemd_notify;

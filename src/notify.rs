@@ -1,0 +1,54 @@
+//! The systemd notify protocol (`Type=notify`): tells the service manager that orchgpu is
+//! ready, what it is doing, and that it is stopping.
+//!
+//! This module owns only the messages; `main` decides when orchgpu is ready and `signal`
+//! when it starts stopping. Outside systemd (`NOTIFY_SOCKET` unset) every call does nothing.
+//! A failed send is logged and otherwise ignored: a missing status line must never stop
+//! the daemon.
+
+use sd_notify::NotifyState;
+use tracing::{debug, warn};
+
+/// Sends `READY=1` with a status line: start-up is over and messages are being received.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(&one_line(status))]);
+}
+
+/// Sends `STOPPING=1` with a status line: shutdown has begun.
+pub fn stopping(status: &str) {
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status(&one_line(status)),
+    ]);
+}
+
+/// Sends a `STATUS=` line, shown by `systemctl status`.
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(&one_line(status))]);
+}
+
+/// The protocol is one `NAME=value` per line: a newline in a status would start a field.
+fn one_line(status: &str) -> String {
+    status.replace(['\n', '\r'], " ")
+}
+
+fn send(states: &[NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    // One small datagram on a local socket: it does not block for long.
+    match sd_notify::notify(states) {
+        Ok(()) => debug!(states = ?states, "Notified the service manager."),
+        Err(e) => warn!(error = %e, "Cannot notify the service manager."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_stays_on_one_line() {
+        assert_eq!(one_line("a\nREADY=1\r"), "a READY=1 ");
+    }
+}

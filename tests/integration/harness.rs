@@ -757,7 +757,7 @@ impl Stack {
 
     /// Starts the function stand-in with any script (not only the test fixtures) and extra
     /// environment variables for it, one bundle at a time.
-    pub fn start_function_with(
+    pub fn start_function_script(
         &mut self,
         script: &Path,
         env: &[(&str, &std::ffi::OsStr)],
@@ -777,6 +777,7 @@ impl Stack {
         for (name, value) in env {
             command.env(name, value);
         }
-        self.spawn("function", command)
+        let name = format!("function-{}", self.processes.len());
+        self.spawn(&name, command)
     }
 }

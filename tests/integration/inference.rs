@@ -90,7 +90,7 @@ async fn start(name: &str) -> Result<(Stack, MockSsgm)> {
     let weights = weights()?;
     let mut stack = Stack::new(name, 5).await?;
     let ssgm = MockSsgm::start(1)?;
-    stack.start_function_with(
+    stack.start_function_script(
         &repo_path("scar/detect.sh"),
         &[
             ("DARKNET_HOME", DARKNET_HOME.as_ref()),

@@ -260,26 +260,77 @@ impl Drop for Reservation {
     }
 }
 
-/// Background task that releases reservations dropped without `release`.
+/// First and longest wait between background release attempts.
+const RELEASE_RETRY_FIRST: Duration = Duration::from_secs(5);
+const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A reservation the background releaser still has to give back.
+struct PendingRelease {
+    job: String,
+    due: Instant,
+    delay: Duration,
+}
+
+/// Background task that releases what the jobs could not: reservations dropped without
+/// `release` (panic, aborted task) and releases that failed. It retries with a capped
+/// backoff until the scheduler confirms, so a scheduler that refused releases for a while
+/// does not keep our GPUs (and block every later job) until a restart. Whatever is still
+/// held when the daemon stops stays in the journal for the next start.
 pub async fn run_releaser<S: GpuScheduler>(
     scheduler: Arc<S>,
     mut rx: mpsc::UnboundedReceiver<String>,
     gpus_freed: Arc<Notify>,
     journal: Arc<Journal>,
 ) {
-    while let Some(job) = rx.recv().await {
-        match scheduler.dealloc(&job).await {
-            Ok(()) => {
-                info!(scheduler_job = %job, "Released dropped reservation.");
-                forget_in_journal(&journal, &job).await;
-            }
-            Err(e) => tracing::error!(
-                scheduler_job = %job,
-                error = %error_chain(&e),
-                "Failed to release dropped reservation; the GPUs stay allocated."
-            ),
+    let mut pending: Vec<PendingRelease> = Vec::new();
+    loop {
+        let next_due = pending.iter().map(|p| p.due).min();
+        tokio::select! {
+            received = rx.recv() => match received {
+                Some(job) => pending.push(PendingRelease {
+                    job,
+                    due: Instant::now(),
+                    delay: RELEASE_RETRY_FIRST,
+                }),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now).into()), if next_due.is_some() => {}
         }
-        gpus_freed.notify_waiters();
+        let now = Instant::now();
+        let mut waiting = Vec::with_capacity(pending.len());
+        for item in pending.drain(..) {
+            if item.due > now {
+                waiting.push(item);
+                continue;
+            }
+            match scheduler.dealloc(&item.job).await {
+                Ok(()) => {
+                    info!(scheduler_job = %item.job, "Released reservation in the background.");
+                    forget_in_journal(&journal, &item.job).await;
+                    gpus_freed.notify_waiters();
+                }
+                Err(e) => {
+                    warn!(
+                        scheduler_job = %item.job,
+                        retry_s = item.delay.as_secs(),
+                        error = %error_chain(&e),
+                        "Release failed again; will retry."
+                    );
+                    waiting.push(PendingRelease {
+                        job: item.job,
+                        due: Instant::now() + item.delay,
+                        delay: (item.delay * 2).min(RELEASE_RETRY_MAX),
+                    });
+                }
+            }
+        }
+        pending = waiting;
+    }
+    if !pending.is_empty() {
+        tracing::error!(
+            count = pending.len(),
+            "Reservations still unreleased at exit; the journal keeps them for the next start."
+        );
     }
 }
 
@@ -291,6 +342,7 @@ pub async fn release_leftovers<S: GpuScheduler>(
     journal: &Arc<Journal>,
     leftovers: Vec<JournalEntry>,
     scheduler_address: &str,
+    background: &mpsc::UnboundedSender<String>,
 ) -> (usize, usize) {
     let mut released = 0;
     let mut kept = 0;
@@ -319,8 +371,9 @@ pub async fn release_leftovers<S: GpuScheduler>(
                 tracing::error!(
                     scheduler_job = %entry.scheduler_job_id,
                     error = %error_chain(&e),
-                    "Cannot release reservation left by a previous run; keeping it."
+                    "Cannot release reservation left by a previous run; retrying in the background."
                 );
+                let _ = background.send(entry.scheduler_job_id);
                 kept += 1;
             }
         }
@@ -624,12 +677,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     "Stage finished."
                 );
             }
-            // The journal keeps it: the next start-up releases it.
-            Err(e) => tracing::error!(
-                scheduler_job = %job,
-                error = %error_chain(&e),
-                "Failed to release GPUs; the journal keeps them for the next start."
-            ),
+            // The journal keeps it and the background releaser retries it.
+            Err(e) => {
+                tracing::error!(
+                    scheduler_job = %job,
+                    error = %error_chain(&e),
+                    "Failed to release GPUs; retrying in the background."
+                );
+                let _ = self.release_tx.send(job);
+            }
         }
         self.gpus_freed.notify_waiters();
     }

@@ -94,18 +94,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         release_retry_delay: std::time::Duration::from_secs(1),
     }));
     let scheduler_address = format!("{}:{}", config.scheduler_host, config.scheduler_port);
-    // Whatever a previous run still held goes back before new work starts.
-    let found = leftovers.len();
-    let (released, kept) =
-        release_leftovers(&*scheduler, &journal, leftovers, &scheduler_address).await;
-    info!(
-        state_dir = %config.state_dir.display(),
-        found,
-        released,
-        kept,
-        "Journal replayed."
-    );
-
     let gpus_freed = Arc::new(Notify::new());
     let (release_tx, release_rx) = mpsc::unbounded_channel();
     let releaser = tokio::spawn(run_releaser(
@@ -114,6 +102,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         gpus_freed.clone(),
         journal.clone(),
     ));
+    // Whatever a previous run still held goes back before new work starts.
+    let found = leftovers.len();
+    let (released, kept) = release_leftovers(
+        &*scheduler,
+        &journal,
+        leftovers,
+        &scheduler_address,
+        &release_tx,
+    )
+    .await;
+    info!(
+        state_dir = %config.state_dir.display(),
+        found,
+        released,
+        kept,
+        "Journal replayed."
+    );
+
     let jobs = Arc::new(JobContext::new(
         clients.s3,
         scheduler,

@@ -9,8 +9,13 @@ use crate::harness::{MockSsgm, Stack};
 
 /// Injects `count` faults of `kind`, runs `jobs` inputs through and checks that every job
 /// still completes, nothing is left allocated and nothing reaches the dead-letter queue.
-async fn survives(kind: &str, count: u32, jobs: usize) -> Result<(MockSsgm, Stack, usize)> {
-    let ssgm = MockSsgm::start(2)?;
+async fn survives(
+    kind: &str,
+    count: u32,
+    jobs: usize,
+    gpus: u32,
+) -> Result<(MockSsgm, Stack, usize)> {
+    let ssgm = MockSsgm::start(gpus)?;
     let mut stack = Stack::new(&format!("fault-{kind}"), 10).await?;
     stack.start_function("copy-result.sh")?;
     ssgm.inject(kind, count)?;
@@ -35,28 +40,42 @@ async fn survives(kind: &str, count: u32, jobs: usize) -> Result<(MockSsgm, Stac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_errors_are_retried() -> Result<()> {
-    let (_ssgm, stack, daemon) = survives("error", 2, 2).await?;
+    let (_ssgm, stack, daemon) = survives("error", 2, 2, 2).await?;
     assert!(stack.log(daemon).contains("scheduler refused a request"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_replies_are_retried() -> Result<()> {
-    let (_ssgm, stack, daemon) = survives("garbage", 2, 2).await?;
+    let (_ssgm, stack, daemon) = survives("garbage", 2, 2, 2).await?;
     assert!(stack.log(daemon).contains("unreadable reply"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_client_is_killed_and_retried() -> Result<()> {
-    let (_ssgm, stack, daemon) = survives("hang", 1, 2).await?;
+    let (_ssgm, stack, daemon) = survives("hang", 1, 2, 2).await?;
     assert!(stack.log(daemon).contains("timed out"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_release_is_retried() -> Result<()> {
-    let (ssgm, _stack, _daemon) = survives("fail-release", 2, 2).await?;
+    let (ssgm, _stack, _daemon) = survives("fail-release", 2, 2, 2).await?;
     assert!(ssgm.stat("failed_releases")? >= 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_failing_past_its_retries_is_retried_in_the_background() -> Result<()> {
+    // Four failures outlast the client's three attempts; with one GPU the second job can
+    // only run once the background releaser has given the first job's GPU back.
+    let (ssgm, stack, daemon) = survives("fail-release", 4, 2, 1).await?;
+    assert!(
+        stack
+            .log(daemon)
+            .contains("Released reservation in the background.")
+    );
+    assert_eq!(ssgm.stat("failed_releases")?, 4);
     Ok(())
 }

@@ -115,6 +115,10 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
             *faults.entry("duplicate notification").or_default() += 1;
         }
         keys.extend(wave_keys);
+        // Let the wave finish before arming the next faults, so they spread over the run.
+        stack
+            .wait_for_results(keys.len(), Duration::from_secs(300))
+            .await?;
     }
 
     let _ = stack.wait_for_results(jobs, Duration::from_secs(600)).await;

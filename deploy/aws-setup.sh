@@ -23,7 +23,8 @@ Required:
                              jobs queue                                [ORCHGPU_INPUT_BUCKET]
   --intermediate BUCKET/DIR  where orchgpu uploads bundles (orchgpu -i) [ORCHGPU_INTERMEDIATE]
   --output BUCKET/DIR        where the function writes results (orchgpu -o)   [ORCHGPU_OUTPUT]
-  --jobs-queue NAME          SQS queue orchgpu consumes (orchgpu -q)   [ORCHGPU_JOBS_QUEUE]
+  --jobs-queue NAME          SQS queue orchgpu consumes (orchgpu -q)
+                                                [ORCHGPU_JOBS_QUEUE, else ORCHGPU_QUEUE]
 
 Optional:
   --dlq NAME                 dead-letter queue (default: <jobs-queue>-dlq)      [ORCHGPU_DLQ]
@@ -36,11 +37,14 @@ Optional:
                              (on AWS, SCAR wires its function itself)  [ORCHGPU_FUNCTION_QUEUE]
   --results-queue NAME       queue for the output bucket's ObjectCreated events under DIR/
                                                                      [ORCHGPU_RESULTS_QUEUE]
-  --region REGION            default: AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1
+  --region REGION            [ORCHGPU_REGION, else AWS_REGION, else AWS_DEFAULT_REGION,
+                             else us-east-1]
   --endpoint-url URL         AWS-compatible endpoint, e.g. http://127.0.0.1:4566
-                                                                          [AWS_ENDPOINT_URL]
+                                           [ORCHGPU_ENDPOINT_URL, else AWS_ENDPOINT_URL]
   -h, --help                 this text
 
+ORCHGPU_QUEUE, ORCHGPU_INTERMEDIATE, ORCHGPU_OUTPUT, ORCHGPU_REGION and
+ORCHGPU_ENDPOINT_URL are the daemon's own variables, so one environment file serves both.
 The aws CLI is taken from AWS_CLI (default: aws on PATH); python3 is needed to edit JSON.
 Credentials come from the usual AWS sources; emulators accept any (e.g. test/test).
 The input bucket must differ from the intermediate and output buckets (its notification
@@ -60,14 +64,14 @@ say() { printf '%s\n' "$*"; }
 input_bucket=${ORCHGPU_INPUT_BUCKET:-}
 intermediate=${ORCHGPU_INTERMEDIATE:-}
 output=${ORCHGPU_OUTPUT:-}
-jobs_queue=${ORCHGPU_JOBS_QUEUE:-}
+jobs_queue=${ORCHGPU_JOBS_QUEUE:-${ORCHGPU_QUEUE:-}}
 dlq=${ORCHGPU_DLQ:-}
 max_receive_count=${ORCHGPU_MAX_RECEIVE_COUNT:-5}
 visibility_timeout=${ORCHGPU_JOBS_VISIBILITY_TIMEOUT:-300}
 function_queue=${ORCHGPU_FUNCTION_QUEUE:-}
 results_queue=${ORCHGPU_RESULTS_QUEUE:-}
-region=${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}
-endpoint=${AWS_ENDPOINT_URL:-}
+region=${ORCHGPU_REGION:-${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}}
+endpoint=${ORCHGPU_ENDPOINT_URL:-${AWS_ENDPOINT_URL:-}}
 
 while (($#)); do
     opt=$1

@@ -14,6 +14,8 @@
 #   ORCHGPU_DEMO_TIMEOUT=S        how long to wait for the results (default 120)
 #   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log (default ~/.cache/orchgpu)
 #   ORCHGPU_EMULATOR=moto         use moto instead of LocalStack (see dev/localstack.sh)
+#   ORCHGPU_DEMO_SCRIPT=PATH      the function's script, from the repository root (default
+#                                 dev/function/example.sh: no inference; scar/detect.sh runs darknet)
 #   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH)
 set -euo pipefail
 
@@ -26,6 +28,8 @@ out_dir=${ORCHGPU_DEMO_OUT:-./demo-out}
 profile=${ORCHGPU_PROFILE:-debug}
 result_timeout=${ORCHGPU_DEMO_TIMEOUT:-120}
 stop_timeout=30
+function_script=${ORCHGPU_DEMO_SCRIPT:-dev/function/example.sh}
+[[ $function_script == /* ]] || function_script=$repo_root/$function_script
 
 input_bucket=orchgpu-demo-input
 work_bucket=orchgpu-demo-work work_dir=bundles
@@ -57,6 +61,7 @@ case $profile in
     *) die "ORCHGPU_PROFILE must be debug or release, not '$profile'" ;;
 esac
 [[ $result_timeout =~ ^[0-9]+$ ]] || die "ORCHGPU_DEMO_TIMEOUT must be whole seconds"
+[[ -x $function_script ]] || die "the function script $function_script is not executable"
 cd -- "$repo_root"
 
 # --- processes -------------------------------------------------------------------------
@@ -69,7 +74,8 @@ cleaned_up=0
 
 pid_alive() { # alive and not a zombie
     local stat
-    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    # read, not $(<file): under set -e a failed $(<file) ends the whole script.
+    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
     stat=${stat##*) }
     [[ ${stat%% *} != Z ]]
 }
@@ -94,7 +100,8 @@ stop_pid() { # PID NAME
 start_child() { # NAME COMMAND...
     local name=$1
     shift
-    setsid "$@" >"$demo_dir/$name.log" 2>&1 </dev/null &
+    # NO_COLOR: the logs are files, not terminals.
+    setsid env NO_COLOR=1 "$@" >"$demo_dir/$name.log" 2>&1 </dev/null &
     child_pids+=("$!")
     child_names+=("$name")
     printf '%s\n' "$!" >"$demo_dir/$name.pid"
@@ -114,7 +121,7 @@ stop_leftovers() {
     for pid_file in "$demo_dir"/*.pid; do
         [[ -f $pid_file ]] || continue
         name=$(basename -- "$pid_file" .pid)
-        pid=$(<"$pid_file")
+        read -r pid 2>/dev/null <"$pid_file" || pid=
         rm -f -- "$pid_file"
         if ! [[ $pid =~ ^[0-9]+$ ]] || ! pid_alive "$pid"; then continue; fi
         case $name in mock-ssgm | function | orchgpu) ;; *) continue ;; esac
@@ -136,7 +143,7 @@ print_log_tails() {
         tail -n 25 -- "$log" >&2
     done
     if ((started_emulator)); then
-        log=$state_dir/${ORCHGPU_EMULATOR:-localstack}.log
+        log=$(dev/localstack.sh log)
         if [[ -s $log ]]; then
             printf '\n----- last lines of %s -----\n' "$log" >&2
             tail -n 15 -- "$log" >&2
@@ -149,10 +156,14 @@ cleanup() {
     ((cleaned_up)) && return
     cleaned_up=1
     trap '' INT TERM
-    if ((rc != 0)); then
-        say "failed (exit $rc); logs follow" >&2
-        print_log_tails
-    fi
+    case $rc in
+        0) ;;
+        130 | 143) say "interrupted; stopping everything" ;;
+        *)
+            say "failed (exit $rc); logs follow" >&2
+            print_log_tails
+            ;;
+    esac
     for ((i = ${#child_pids[@]} - 1; i >= 0; i--)); do
         stop_pid "${child_pids[i]}" "${child_names[i]}"
         rm -f -- "$demo_dir/${child_names[i]}.pid"
@@ -236,11 +247,12 @@ done
 say "mock-ssgm listens on 127.0.0.1:$port"
 
 start_child function "$bin_dir/orchgpu-function" --queue "$function_queue" \
-    --output "$output_bucket/$output_dir" --script "$repo_root/dev/function/example.sh" \
+    --output "$output_bucket/$output_dir" --script "$function_script" \
     --endpoint-url "$endpoint" --region "$AWS_REGION"
 start_child orchgpu "$bin_dir/orchgpu" -q "$jobs_queue" -S 127.0.0.1 -P "$port" \
     -m "$bin_dir/mock-ssgm" -i "$work_bucket/$work_dir" -o "$output_bucket/$output_dir" \
-    -b 1 -u 1 -w 2 --endpoint-url "$endpoint" --region "$AWS_REGION" --max-jobs 2
+    -b 1 -u 1 -w 2 --endpoint-url "$endpoint" --region "$AWS_REGION" --max-jobs 2 \
+    --state-dir "$demo_dir/state"
 sleep 1
 check_children
 
@@ -293,7 +305,7 @@ list_results() { # keys of the PNG results, one a line
 }
 want=${#samples[@]}
 have=0
-deadline=$((SECONDS + result_timeout))
+deadline=$((t0 + result_timeout))
 while :; do
     mapfile -t results < <(list_results)
     if ((${#results[@]} != have)); then
@@ -306,16 +318,14 @@ while :; do
     sleep 1
 done
 
+# The output prefix was emptied above, so all of it is this run's: the PNGs and the
+# function's .txt notes.
 mkdir -p -- "$out_dir"
-say "results (downloaded to $out_dir):"
+awsl s3 cp "s3://$output_bucket/$output_dir/" "$out_dir" --recursive --only-show-errors ||
+    die "download of s3://$output_bucket/$output_dir/ failed"
+say "results (downloaded to $out_dir, with the function's .txt notes):"
 for key in "${results[@]}"; do
-    file=${key##*/}
-    awsl s3 cp "s3://$output_bucket/$key" "$out_dir/$file" --only-show-errors ||
-        die "download of s3://$output_bucket/$key failed"
-    txt=${key%.png}.txt
-    awsl s3 cp "s3://$output_bucket/$txt" "$out_dir/${file%.png}.txt" --only-show-errors \
-        >/dev/null 2>&1 || true
-    printf '  s3://%s/%s  ->  %s\n' "$output_bucket" "$key" "$out_dir/$file"
+    printf '  s3://%s/%s  ->  %s\n' "$output_bucket" "$key" "$out_dir/${key##*/}"
 done
 
 printf '\nmock-ssgm -top:\n'

@@ -2,7 +2,7 @@
 # Installs, starts, stops and inspects the local AWS emulator (S3 + SQS) that orchgpu's
 # tests and demo run against, on the host, without Docker, listening on 127.0.0.1 only.
 #
-# Usage: dev/localstack.sh {install|start|stop|status|url|pid}
+# Usage: dev/localstack.sh {install|start|stop|status|url|pid|log}
 #   install  create the emulator's venv if it is missing or incomplete
 #   start    install if needed, start in the background and wait until ready; reuses an
 #            emulator that already answers on the port; prints the endpoint URL
@@ -10,10 +10,12 @@
 #   status   say whether it runs and is ready (exit 0 when ready, 1 otherwise)
 #   url      print the endpoint URL
 #   pid      print the pid of the emulator this script started (exit 1 if none runs)
+#   log      print the path of its log file
 #
 # Environment:
 #   ORCHGPU_EMULATOR   localstack (default) or moto
-#   ORCHGPU_STATE      state dir for pid and log files (default ~/.cache/orchgpu)
+#   ORCHGPU_STATE      state dir for pid and log files (default ~/.cache/orchgpu):
+#                      localstack.pid, localstack.log (localstack-PORT.* on another port)
 #   ORCHGPU_LS_VENV    LocalStack venv (default ~/.cache/orchgpu/localstack-venv)
 #   ORCHGPU_LS_PORT    LocalStack port (default 4566)
 #   ORCHGPU_LS_GATEWAY_SERVER  hypercorn (default: listens on 127.0.0.1 only) or twisted
@@ -46,6 +48,7 @@ case $emulator in
         display_name=LocalStack
         venv=${ORCHGPU_LS_VENV:-$HOME/.cache/orchgpu/localstack-venv}
         port=${ORCHGPU_LS_PORT:-4566}
+        default_port=4566
         requirements=$repo_root/dev/localstack/requirements.txt
         gateway_server=${ORCHGPU_LS_GATEWAY_SERVER:-hypercorn}
         ;;
@@ -53,6 +56,7 @@ case $emulator in
         display_name=moto
         venv=${ORCHGPU_MOTO_VENV:-$HOME/.cache/orchgpu/moto-venv}
         port=${ORCHGPU_MOTO_PORT:-5000}
+        default_port=5000
         moto_spec='moto[server]==5.2.5'
         ;;
     *) die "ORCHGPU_EMULATOR must be 'localstack' or 'moto', not '$emulator'" ;;
@@ -63,8 +67,11 @@ fi
 [[ $start_timeout =~ ^[0-9]+$ ]] || die "ORCHGPU_EMULATOR_START_TIMEOUT must be whole seconds"
 
 url=http://127.0.0.1:$port
-pid_file=$state_dir/$emulator.pid
-log_file=$state_dir/$emulator.log
+# An emulator on another port gets its own files, so that both can run and be stopped.
+instance=$emulator
+[[ $port == "$default_port" ]] || instance=$emulator-$port
+pid_file=$state_dir/$instance.pid
+log_file=$state_dir/$instance.log
 marker=$venv/.orchgpu-installed
 start_lock_fd=
 
@@ -98,7 +105,8 @@ port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
 # Alive and not a zombie (a start that failed in this shell leaves an unreaped child).
 pid_alive() {
     local stat
-    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    # read, not $(<file): under set -e a failed $(<file) ends the whole script.
+    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
     stat=${stat##*) }
     [[ ${stat%% *} != Z ]]
 }
@@ -107,8 +115,7 @@ pid_alive() {
 # pid file may name a recycled pid).
 recorded_pid() {
     local pid cmdline
-    [[ -f $pid_file ]] || return 1
-    pid=$(<"$pid_file")
+    read -r pid 2>/dev/null <"$pid_file" || return 1
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     pid_alive "$pid" || return 1
     { cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline"); } 2>/dev/null || return 1
@@ -130,7 +137,7 @@ install_stamp() { # what the marker must contain: the install spec and the inter
 }
 
 venv_complete() {
-    [[ -f $marker && -x $venv/bin/python ]] && [[ $(<"$marker") == "$(install_stamp)" ]]
+    [[ -f $marker && -x $venv/bin/python ]] && [[ $(cat -- "$marker" 2>/dev/null) == "$(install_stamp)" ]]
 }
 
 cmd_install() {
@@ -199,6 +206,7 @@ launch() {
     case $emulator in
         localstack)
             local fs_root=$HOME/.cache/localstack-fs
+            [[ $port == "$default_port" ]] || fs_root=$fs_root-$port
             mkdir -p -- "$fs_root"
             # OVERRIDE_IN_DOCKER=0 and DNS_ADDRESS=0 keep it from acting as if it ran in a
             # container (writing under /etc and /var/lib, taking port 53).
@@ -253,9 +261,9 @@ cmd_start() {
     # One start at a time: a concurrent caller waits here, then reuses this one's emulator.
     mkdir -p -- "$state_dir"
     local pid
-    exec {start_lock_fd}>"$state_dir/$emulator.start.lock"
+    exec {start_lock_fd}>"$state_dir/$instance.start.lock"
     flock -w $((start_timeout + 60)) "$start_lock_fd" ||
-        die "another start holds $state_dir/$emulator.start.lock"
+        die "another start holds $state_dir/$instance.start.lock"
     if is_ready; then
         note "$display_name already answers at $url; reusing it"
         printf '%s\n' "$url"
@@ -267,7 +275,7 @@ cmd_start() {
         port_taken && die "127.0.0.1:$port is taken by something that is not a ready $display_name"
         cmd_install
         launch
-        pid=$(<"$pid_file")
+        read -r pid <"$pid_file"
         # Interrupted while waiting: do not leave a half-started emulator behind.
         trap 'note "interrupted; stopping $display_name"; cmd_stop; exit 130' INT TERM
     fi
@@ -296,15 +304,18 @@ cmd_stop() {
     fi
     # The group id equals the pid when launch's setsid made it a group leader.
     local stat='' pgrp='' target=$pid
-    { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || true
+    read -r stat 2>/dev/null <"/proc/$pid/stat" || true
     stat=${stat##*) }
     read -r _ _ pgrp _ <<<"$stat"
     [[ $pgrp == "$pid" ]] && target=-$pid
     kill -TERM -- "$target" 2>/dev/null || true
+    # After a client vanished mid-request, LocalStack's hypercorn server may never exit on
+    # SIGTERM (a worker thread waits on its stopped event loop): SIGKILL then ends it; its
+    # state is in memory only (PERSISTENCE=0), so nothing is lost.
     local deadline=$((SECONDS + stop_timeout))
     while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
     if pid_alive "$pid"; then
-        note "$display_name (pid $pid) ignored SIGTERM for $stop_timeout s; sending SIGKILL"
+        note "$display_name (pid $pid) did not exit $stop_timeout s after SIGTERM; sending SIGKILL"
         kill -KILL -- "$target" 2>/dev/null || true
         while pid_alive "$pid"; do sleep 0.1; done
     fi
@@ -340,6 +351,7 @@ case ${1:-} in
     status) cmd_status ;;
     url) printf '%s\n' "$url" ;;
     pid) recorded_pid ;;
+    log) printf '%s\n' "$log_file" ;;
     -h | --help | help) usage ;;
     *)
         usage >&2

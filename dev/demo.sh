@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs orchgpu's local stack end to end in one command: LocalStack (S3 + SQS), the buckets
 # and queues (deploy/aws-setup.sh), the mock rCUDA scheduler (mock-ssgm), the local SCAR
-# function stand-in running dev/function/example.sh, and the orchgpu daemon; then uploads a
+# function stand-in running scar/detect.sh (real YOLOv3-tiny inference with Debian's darknet,
+# installed with dev/install-darknet.sh when missing), and the orchgpu daemon; then uploads a
 # few sample images with awkward names, waits for one result per image in the output
 # bucket, downloads them and shows the scheduler's view. Everything listens on 127.0.0.1.
 #
@@ -15,7 +16,7 @@
 #   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log (default ~/.cache/orchgpu)
 #   ORCHGPU_EMULATOR=moto         use moto instead of LocalStack (see dev/localstack.sh)
 #   ORCHGPU_DEMO_SCRIPT=PATH      the function's script, from the repository root (default
-#                                 dev/function/example.sh: no inference; scar/detect.sh runs darknet)
+#                                 scar/detect.sh, darknet; dev/function/example.sh: no inference)
 #   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH)
 set -euo pipefail
 
@@ -28,8 +29,14 @@ out_dir=${ORCHGPU_DEMO_OUT:-./demo-out}
 profile=${ORCHGPU_PROFILE:-debug}
 result_timeout=${ORCHGPU_DEMO_TIMEOUT:-120}
 stop_timeout=30
-function_script=${ORCHGPU_DEMO_SCRIPT:-dev/function/example.sh}
+function_script=${ORCHGPU_DEMO_SCRIPT:-scar/detect.sh}
 [[ $function_script == /* ]] || function_script=$repo_root/$function_script
+if [[ $function_script == "$repo_root/scar/detect.sh" ]] &&
+    ! "$repo_root/dev/install-darknet.sh" >/dev/null; then
+    printf '%s: darknet could not be installed; falling back to dev/function/example.sh (NO inference)\n' \
+        dev/demo.sh >&2
+    function_script=$repo_root/dev/function/example.sh
+fi
 
 input_bucket=orchgpu-demo-input
 work_bucket=orchgpu-demo-work work_dir=bundles

@@ -312,6 +312,15 @@ impl Stack {
 
     /// Starts the function stand-in with extra environment for its script.
     pub fn start_function_with(&mut self, script: &str, env: &[(&str, &str)]) -> Result<usize> {
+        let script = repo_path(&format!("tests/fixtures/function/{script}"));
+        let mut command = self.function_command(&script, 8);
+        command.envs(env.iter().copied());
+        let name = format!("function-{}", self.processes.len());
+        self.spawn(&name, command)
+    }
+
+    /// The function stand-in's command line for this stack.
+    fn function_command(&self, script: &Path, concurrency: u32) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu-function"));
         command
             .arg("--queue")
@@ -319,14 +328,27 @@ impl Stack {
             .arg("--output")
             .arg(format!("{}/{}", self.output_bucket, self.output_dir))
             .arg("--script")
-            .arg(repo_path(&format!("tests/fixtures/function/{script}")))
+            .arg(script)
             .arg("--wait-time")
             .arg("1")
             .arg("--concurrency")
-            .arg("8");
-        command.envs(env.iter().copied());
-        let name = format!("function-{}", self.processes.len());
-        self.spawn(&name, command)
+            .arg(concurrency.to_string());
+        command
+    }
+
+    /// An S3 ObjectCreated notification body for an object of the input bucket, as S3
+    /// would send it (key form-encoded), to stage duplicate or stale deliveries.
+    pub fn object_created_event(&self, key: &str, etag: &str) -> String {
+        serde_json::json!({"Records": [{
+            "eventVersion": "2.1",
+            "eventSource": "aws:s3",
+            "eventName": "ObjectCreated:Put",
+            "s3": {
+                "bucket": {"name": self.input_bucket},
+                "object": {"key": key.replace('%', "%25").replace('+', "%2B").replace(' ', "+"), "eTag": etag}
+            }
+        }]})
+        .to_string()
     }
 
     /// How many times the function stand-in finished an invocation, by bundle key, over
@@ -762,18 +784,7 @@ impl Stack {
         script: &Path,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<usize> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu-function"));
-        command
-            .arg("--queue")
-            .arg(&self.function_queue)
-            .arg("--output")
-            .arg(format!("{}/{}", self.output_bucket, self.output_dir))
-            .arg("--script")
-            .arg(script)
-            .arg("--wait-time")
-            .arg("1")
-            .arg("--concurrency")
-            .arg("1");
+        let mut command = self.function_command(script, 1);
         for (name, value) in env {
             command.env(name, value);
         }

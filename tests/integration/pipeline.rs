@@ -84,10 +84,7 @@ async fn junk_messages_are_dropped_and_later_jobs_still_run() -> Result<()> {
     stack.send_raw("this is not JSON").await?;
     stack.send_raw(r#"{"Records":[]}"#).await?;
     stack.send_raw(r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-11-27T08:00:00.000Z","Bucket":"x","RequestId":"1","HostId":"2"}"#).await?;
-    let missing = format!(
-        r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"{}"}},"object":{{"key":"gone%20away.jpg","size":3,"eTag":"abc"}}}}}}]}}"#,
-        stack.input_bucket
-    );
+    let missing = stack.object_created_event("gone away.jpg", "abc");
     stack.send_raw(&missing).await?;
 
     // The notification setup's own s3:TestEvent plus ours: two test-event drops.

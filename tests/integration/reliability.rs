@@ -232,10 +232,7 @@ async fn the_same_object_notified_three_times_runs_one_job() -> Result<()> {
         .unwrap_or_default()
         .trim_matches('"')
         .to_string();
-    let duplicate = format!(
-        r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"{}"}},"object":{{"key":"twice.png","size":14,"eTag":"{etag}"}}}}}}]}}"#,
-        stack.input_bucket
-    );
+    let duplicate = stack.object_created_event("twice.png", &etag);
     // Two more deliveries while the first job runs, and the queue's own notification.
     stack
         .wait_for_log(daemon, "stage=\"upload\"", 1, Duration::from_secs(60))

@@ -105,12 +105,8 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
                 .unwrap_or_default()
                 .trim_matches('"')
                 .to_string();
-            let encoded = key.replace(' ', "+");
             stack
-                .send_raw(&format!(
-                    r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"{}"}},"object":{{"key":"{encoded}","eTag":"{etag}"}}}}}}]}}"#,
-                    stack.input_bucket
-                ))
+                .send_raw(&stack.object_created_event(key, &etag))
                 .await?;
             *faults.entry("duplicate notification").or_default() += 1;
         }

@@ -340,3 +340,25 @@ async fn an_emulator_outage_is_survived_and_logged_once() -> Result<()> {
     ssgm.assert_all_released()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_directory_is_refused() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("locked", 5).await?;
+    let first = stack.start_daemon(&ssgm, &[])?;
+    stack
+        .wait_for_log(first, "Receiving jobs.", 1, Duration::from_secs(30))
+        .await?;
+    let second = stack.start_daemon(&ssgm, &[])?;
+    let status = stack
+        .process(second)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    assert_eq!(status.code(), Some(1), "second daemon exit");
+    assert!(stack.log(second).contains("is locked by another orchgpu"));
+    assert!(
+        stack.process(first).try_status()?.is_none(),
+        "first daemon exited"
+    );
+    Ok(())
+}

@@ -10,6 +10,8 @@ use std::time::Duration;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 
+use crate::metrics::RequestCounter;
+
 /// Connecting to AWS (or the emulator) should never take long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A transfer that sends or receives nothing for this long is stalled.
@@ -24,6 +26,8 @@ const FALLBACK_REGION: &str = "us-east-1";
 pub struct AwsClients {
     pub s3: aws_sdk_s3::Client,
     pub sqs: aws_sdk_sqs::Client,
+    /// Every request attempt both clients make, by operation.
+    pub requests: RequestCounter,
 }
 
 /// Where and how to reach AWS.
@@ -56,6 +60,7 @@ pub async fn build_clients(options: &AwsOptions) -> AwsClients {
     // Path-style only for custom endpoints: emulators' bucket host names do not resolve,
     // while real AWS prefers virtual-hosted addressing.
     let custom_endpoint = shared.endpoint_url().is_some();
+    let requests = RequestCounter::new();
 
     let s3_config = aws_sdk_s3::config::Builder::from(&shared)
         .force_path_style(custom_endpoint)
@@ -67,6 +72,7 @@ pub async fn build_clients(options: &AwsOptions) -> AwsClients {
                 .read_timeout(READ_TIMEOUT)
                 .build(),
         )
+        .interceptor(requests.interceptor())
         .build();
 
     let sqs_config = aws_sdk_sqs::config::Builder::from(&shared)
@@ -77,11 +83,13 @@ pub async fn build_clients(options: &AwsOptions) -> AwsClients {
                 .operation_attempt_timeout(options.max_receive_wait + RECEIVE_SLACK)
                 .build(),
         )
+        .interceptor(requests.interceptor())
         .build();
 
     AwsClients {
         s3: aws_sdk_s3::Client::from_conf(s3_config),
         sqs: aws_sdk_sqs::Client::from_conf(sqs_config),
+        requests,
     }
 }
 

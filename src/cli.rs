@@ -213,6 +213,20 @@ pub struct Args {
         default_value_t = LogFormat::Text
     )]
     pub log_format: LogFormat,
+
+    /// SQS queue (name or URL) fed by the output bucket's ObjectCreated notifications:
+    /// results are then detected by event instead of polling with HEAD (which stays as
+    /// the fallback, at the `-b` interval).
+    #[arg(
+        long = "results-queue",
+        env = "ORCHGPU_RESULTS_QUEUE",
+        value_name = "NAME|URL"
+    )]
+    pub results_queue: Option<String>,
+
+    /// Write the counts of AWS requests made, by operation, to this file (JSON) at exit.
+    #[arg(long = "stats-file", env = "ORCHGPU_STATS_FILE", value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
 }
 
 /// How log lines are written to stderr.
@@ -282,6 +296,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub state_dir: PathBuf,
     pub log_format: LogFormat,
+    pub results_queue: Option<QueueRef>,
+    pub stats_file: Option<PathBuf>,
 }
 
 /// A command-line value that cannot be used; the message names the flag.
@@ -358,6 +374,8 @@ impl TryFrom<Args> for Config {
             shutdown_grace: parse_secs("--shutdown-grace", &args.shutdown_grace, 0, 3600)?,
             state_dir: resolve_state_dir(args.state_dir, |name| std::env::var_os(name))?,
             log_format: args.log_format,
+            results_queue: parse_results_queue(args.results_queue)?,
+            stats_file: args.stats_file,
         })
     }
 }
@@ -398,6 +416,17 @@ fn parse_queue(raw: &str) -> Result<QueueRef, ConfigError> {
         ));
     }
     Ok(QueueRef::Name(value.to_string()))
+}
+
+fn parse_results_queue(raw: Option<String>) -> Result<Option<QueueRef>, ConfigError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.trim().is_empty() => Ok(None),
+        Some(raw) => parse_queue(&raw).map(Some).map_err(|e| ConfigError {
+            flag: "--results-queue",
+            ..e
+        }),
+    }
 }
 
 fn parse_host(raw: &str) -> Result<String, ConfigError> {
@@ -855,5 +884,21 @@ mod tests {
         assert_eq!(parse("b-1/a/b/").dir, "a/b");
         assert_eq!(parse("b-1/a/b").key_for("x.tar.gz"), "a/b/x.tar.gz");
         assert_eq!(parse("b-1").key_for("x.tar.gz"), "x.tar.gz");
+    }
+
+    #[test]
+    fn results_queue_and_stats_file() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(c.results_queue, None);
+        assert_eq!(c.stats_file, None);
+        let c = config(&["--results-queue", "res", "--stats-file", "/tmp/s.json"]).expect("valid");
+        assert_eq!(c.results_queue, Some(QueueRef::Name("res".into())));
+        assert_eq!(c.stats_file, Some(PathBuf::from("/tmp/s.json")));
+        let c = config(&["--results-queue", "http://h:1/000/res"]).expect("valid");
+        assert_eq!(
+            c.results_queue,
+            Some(QueueRef::Url("http://h:1/000/res".into()))
+        );
+        assert!(error_for(&["--results-queue", "bad name"]).contains("--results-queue"));
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::aws::error_chain;
 use crate::cli::MAX_VISIBILITY;
@@ -260,12 +260,13 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         }
     };
     match disposition {
-        Disposition::Delete => {
-            if let Err(e) = queue.delete(&message).await {
-                // The message will come back; its result exists, so it is harmless.
-                warn!(error = %error_chain(&e), "Delete failed; the message will be redelivered.");
+        Disposition::Delete => match queue.delete(&message).await {
+            Ok(()) => debug!("Message deleted."),
+            // The message will come back; its result exists, so it is harmless.
+            Err(e) => {
+                warn!(error = %error_chain(&e), "Delete failed; the message will be redelivered.")
             }
-        }
+        },
         Disposition::RetryLater => {
             let delay = retry_delay(settings.retry_backoff, message.receive_count);
             info!(

@@ -9,7 +9,8 @@
 //! `queue` (SQS), `storage` (S3 transfers), `event` (notification parsing), `scheduler`
 //! (SSGM), `bundle` (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop
 //! and shutdown), `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to
-//! shutdown tokens), `notify` (the systemd notify protocol).
+//! shutdown tokens), `notify` (the systemd notify protocol), `metrics` (AWS request
+//! counts), `results` (event-driven result detection).
 
 pub mod aws;
 pub mod bundle;
@@ -18,8 +19,10 @@ pub mod daemon;
 pub mod event;
 pub mod job;
 pub mod journal;
+pub mod metrics;
 pub mod notify;
 pub mod queue;
+pub mod results;
 pub mod scheduler;
 pub mod signal;
 pub mod storage;

@@ -15,6 +15,7 @@ use orchgpu::job::{JobContext, JobSettings, release_leftovers, run_releaser};
 use orchgpu::journal::Journal;
 use orchgpu::notify;
 use orchgpu::queue::Queue;
+use orchgpu::results::ResultRegistry;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
 use orchgpu::signal::Signals;
 
@@ -81,6 +82,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("cannot reach the jobs queue")?;
     warn_without_redrive(&queue).await;
+    let requests = clients.requests.clone();
+    let results_stop = tokio_util::sync::CancellationToken::new();
+    let (results, results_task) = match &config.results_queue {
+        Some(queue_ref) => {
+            let results_queue = Queue::resolve(clients.sqs.clone(), queue_ref)
+                .await
+                .context("cannot reach the results queue")?;
+            let registry = ResultRegistry::new();
+            let task = tokio::spawn(orchgpu::results::run(
+                results_queue,
+                registry.clone(),
+                results_stop.clone(),
+            ));
+            (Some(registry), Some(task))
+        }
+        None => (None, None),
+    };
 
     let (journal, leftovers) =
         Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
@@ -120,7 +138,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "Journal replayed."
     );
 
-    let jobs = Arc::new(JobContext::new(
+    let mut jobs = JobContext::new(
         clients.s3,
         scheduler,
         JobSettings {
@@ -138,7 +156,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         gpus_freed,
         release_tx,
         journal,
-    ));
+    );
+    jobs.results = results;
+    let jobs = Arc::new(jobs);
 
     let shutdown = Shutdown::new();
     let signals = Signals::install().context("cannot install the signal handlers")?;
@@ -162,6 +182,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await;
     // Every job has ended, so the last sender is gone: the releaser drains and stops.
     releaser.await.context("the releaser task failed")?;
+    results_stop.cancel();
+    if let Some(task) = results_task {
+        task.await.context("the results task failed")?;
+    }
+    requests.log_totals();
+    if let Some(path) = &config.stats_file
+        && let Err(e) = requests.write_json(path)
+    {
+        warn!(path = %path.display(), error = %e, "Cannot write the stats file.");
+    }
     Ok(())
 }
 

@@ -183,6 +183,54 @@ impl Queue {
         Ok(())
     }
 
+    /// Deletes several messages in one request (at most ten, as SQS allows per batch;
+    /// more are sent in batches of ten).
+    ///
+    /// # Errors
+    /// `QueueError::Delete` naming the first message SQS did not delete.
+    pub async fn delete_batch(&self, messages: &[ReceivedMessage]) -> Result<(), QueueError> {
+        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+        for chunk in messages.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&m.receipt.0)
+                        .build()
+                        .expect("id and receipt handle are set")
+                })
+                .collect();
+            let output = self
+                .sqs
+                .delete_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| QueueError::Delete {
+                    message_id: chunk[0].message_id.clone(),
+                    source: e.into(),
+                })?;
+            if let Some(failed) = output.failed.first() {
+                let index: usize = failed.id.parse().unwrap_or(0);
+                return Err(QueueError::Delete {
+                    message_id: chunk
+                        .get(index)
+                        .map_or_else(String::new, |m| m.message_id.clone()),
+                    source: format!(
+                        "{}: {}",
+                        failed.code,
+                        failed.message.as_deref().unwrap_or("")
+                    )
+                    .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Makes a held message visible again after `delay` (zero: at once), or keeps it
     /// hidden that much longer.
     ///

@@ -99,10 +99,20 @@ pub async fn download_to_file(
     Ok(Some(Downloaded { size, etag }))
 }
 
-/// Uploads a file to `s3://bucket/key`, streaming it from disk.
+/// Files up to this size go up in one PutObject; larger ones in a multipart upload.
+pub const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
+/// Size of each part of a multipart upload (the last one may be smaller).
+pub const PART_SIZE: u64 = 16 * 1024 * 1024;
+/// Parts in flight at once. Each part streams from the file, so memory does not grow
+/// with it; this bounds connections and emulator load.
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// Uploads a file to `s3://bucket/key`, streaming it from disk: one PutObject up to
+/// `MULTIPART_THRESHOLD`, a multipart upload of `PART_SIZE` parts above it.
 ///
 /// # Errors
-/// `StorageError::Upload`.
+/// `StorageError::Upload`. A failed multipart upload is aborted; so is one whose future
+/// is dropped (cancel safety: the abort then runs in a background task).
 pub async fn upload_file(
     s3: &aws_sdk_s3::Client,
     path: &Path,
@@ -110,24 +120,248 @@ pub async fn upload_file(
     key: &str,
     content_type: &str,
 ) -> Result<(), StorageError> {
+    upload_file_with(
+        s3,
+        path,
+        bucket,
+        key,
+        content_type,
+        MULTIPART_THRESHOLD,
+        PART_SIZE,
+    )
+    .await
+}
+
+/// `upload_file` with explicit limits, so tests can exercise multipart on small files.
+///
+/// # Errors
+/// As `upload_file`.
+pub async fn upload_file_with(
+    s3: &aws_sdk_s3::Client,
+    path: &Path,
+    bucket: &str,
+    key: &str,
+    content_type: &str,
+    multipart_threshold: u64,
+    part_size: u64,
+) -> Result<(), StorageError> {
     let upload_error = |source: BoxError| StorageError::Upload {
         path: path.display().to_string(),
         bucket: bucket.to_string(),
         key: key.to_string(),
         source,
     };
-    let body = ByteStream::from_path(path)
+    let size = tokio::fs::metadata(path)
         .await
-        .map_err(|e| upload_error(e.into()))?;
-    s3.put_object()
+        .map_err(|e| upload_error(e.into()))?
+        .len();
+    if size <= multipart_threshold {
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| upload_error(e.into()))?;
+        s3.put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| upload_error(e.into()))?;
+        return Ok(());
+    }
+    upload_multipart(s3, path, bucket, key, content_type, size, part_size.max(1))
+        .await
+        .map_err(upload_error)
+}
+
+async fn upload_multipart(
+    s3: &aws_sdk_s3::Client,
+    path: &Path,
+    bucket: &str,
+    key: &str,
+    content_type: &str,
+    size: u64,
+    part_size: u64,
+) -> Result<(), BoxError> {
+    use aws_sdk_s3::types::CompletedMultipartUpload;
+
+    let created = s3
+        .create_multipart_upload()
         .bucket(bucket)
         .key(key)
         .content_type(content_type)
+        .send()
+        .await?;
+    let upload_id = created
+        .upload_id
+        .ok_or("CreateMultipartUpload returned no upload id")?;
+    let mut guard = AbortOnDrop {
+        s3: s3.clone(),
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        upload_id: Some(upload_id.clone()),
+    };
+
+    let parts = size.div_ceil(part_size);
+    let result = upload_parts(s3, path, bucket, key, &upload_id, size, part_size, parts).await;
+    let completed = match result {
+        Ok(completed) => completed,
+        Err(e) => {
+            guard.abort_now().await;
+            return Err(e);
+        }
+    };
+    let complete = s3
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(completed))
+                .build(),
+        )
+        .send()
+        .await;
+    match complete {
+        Ok(_) => {
+            guard.upload_id = None;
+            Ok(())
+        }
+        Err(e) => {
+            guard.abort_now().await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Uploads the parts, at most `PARTS_IN_FLIGHT` at once, each streamed from its byte
+/// range of the file. Returns them in part order.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one private call site, all plain values"
+)]
+async fn upload_parts(
+    s3: &aws_sdk_s3::Client,
+    path: &Path,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+    size: u64,
+    part_size: u64,
+    parts: u64,
+) -> Result<Vec<aws_sdk_s3::types::CompletedPart>, BoxError> {
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut completed = Vec::with_capacity(usize::try_from(parts)?);
+    let mut next = 0;
+    while next < parts || !in_flight.is_empty() {
+        while next < parts && in_flight.len() < PARTS_IN_FLIGHT {
+            let offset = next * part_size;
+            let length = part_size.min(size - offset);
+            let part_number = i32::try_from(next + 1)?;
+            in_flight.spawn(upload_part(
+                s3.clone(),
+                path.to_path_buf(),
+                bucket.to_string(),
+                key.to_string(),
+                upload_id.to_string(),
+                part_number,
+                offset,
+                length,
+            ));
+            next += 1;
+        }
+        // Dropping the set on an error (or on cancellation) aborts the other parts.
+        match in_flight.join_next().await {
+            Some(Ok(Ok(part))) => completed.push(part),
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Err(join_error)) => return Err(join_error.into()),
+            None => break,
+        }
+    }
+    completed.sort_by_key(|part| part.part_number);
+    Ok(completed)
+}
+
+#[expect(clippy::too_many_arguments, reason = "owned values for a spawned task")]
+async fn upload_part(
+    s3: aws_sdk_s3::Client,
+    path: std::path::PathBuf,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    part_number: i32,
+    offset: u64,
+    length: u64,
+) -> Result<aws_sdk_s3::types::CompletedPart, BoxError> {
+    // Streams this part's byte range from the file; nothing is buffered whole.
+    let body = ByteStream::read_from()
+        .path(&path)
+        .offset(offset)
+        .length(aws_sdk_s3::primitives::Length::Exact(length))
+        .build()
+        .await?;
+    let output = s3
+        .upload_part()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .part_number(part_number)
+        .content_length(i64::try_from(length)?)
         .body(body)
         .send()
-        .await
-        .map_err(|e| upload_error(e.into()))?;
-    Ok(())
+        .await?;
+    // ETags only: LocalStack refuses per-part checksums on an upload created without a
+    // checksum algorithm.
+    Ok(aws_sdk_s3::types::CompletedPart::builder()
+        .part_number(part_number)
+        .set_e_tag(output.e_tag)
+        .build())
+}
+
+/// Aborts an unfinished multipart upload, so its parts do not linger (and cost) in S3.
+struct AbortOnDrop {
+    s3: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    upload_id: Option<String>,
+}
+
+impl AbortOnDrop {
+    async fn abort_now(&mut self) {
+        if let Some(upload_id) = self.upload_id.take() {
+            abort(&self.s3, &self.bucket, &self.key, &upload_id).await;
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(upload_id) = self.upload_id.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (s3, bucket, key) = (self.s3.clone(), self.bucket.clone(), self.key.clone());
+            runtime.spawn(async move { abort(&s3, &bucket, &key, &upload_id).await });
+        }
+    }
+}
+
+async fn abort(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: &str) {
+    let result = s3
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(
+            bucket,
+            key,
+            error = %crate::aws::error_chain(&e),
+            "Cannot abort a failed multipart upload; a bucket lifecycle rule will have to."
+        );
+    }
 }
 
 /// Whether `s3://bucket/key` exists (a HEAD request, never a listing).

@@ -543,7 +543,7 @@ impl Process {
     }
 }
 
-async fn create_queue(
+pub async fn create_queue(
     sqs: &aws_sdk_sqs::Client,
     name: &str,
     redrive: Option<String>,
@@ -561,7 +561,7 @@ async fn create_queue(
         .ok_or_else(|| anyhow!("no URL for queue {name}"))
 }
 
-async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String> {
+pub async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String> {
     let output = sqs
         .get_queue_attributes()
         .queue_url(url)
@@ -574,7 +574,7 @@ async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("queue {url} has no ARN"))
 }
 
-async fn notify(
+pub async fn notify(
     s3: &aws_sdk_s3::Client,
     bucket: &str,
     queue_arn: &str,

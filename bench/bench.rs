@@ -1,0 +1,1484 @@
+//! orchgpu-bench: measures what orchestration costs, each figure beside a floor measured
+//! in the same run (see BENCHMARKS.md). `bench/run.sh` builds the release binaries, starts
+//! an emulator and runs this; it can also be run by hand:
+//!
+//! `orchgpu-bench --endpoint URL --bin-dir target/release [--quick] [--only NAME,...]`
+//!
+//! It starts the real daemon, the mock SSGM and the function stand-in as processes, drives
+//! them through S3 and SQS, and reads the daemon's JSON log (per-stage `elapsed_us` and
+//! timestamps), its `--stats-file` (exact AWS request counts from the SDK interceptor),
+//! `/proc/<pid>/status` and `/proc/<pid>/stat` (memory, CPU) and `mock-ssgm -stats`.
+//! Every load loop is bounded in count and in time.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
+    QueueConfiguration, S3KeyFilter,
+};
+use aws_sdk_sqs::types::QueueAttributeName;
+use orchgpu::aws::{AwsClients, AwsOptions, build_clients};
+use orchgpu::event::{Notification, parse_notification};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+/// Linux reports utime/stime in USER_HZ ticks, 100 per second on every common platform.
+const TICKS_PER_SEC: f64 = 100.0;
+
+struct Opts {
+    endpoint: String,
+    bin_dir: PathBuf,
+    repo: PathBuf,
+    quick: bool,
+    only: Option<Vec<String>>,
+    work: tempfile::TempDir,
+}
+
+impl Opts {
+    fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
+    fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+}
+
+/// Sizes of each scenario, full or `--quick`.
+struct Sizes {
+    overhead_small: usize,
+    overhead_large: usize,
+    detection: usize,
+    throughput: usize,
+    contended: usize,
+    memory_big_mb: usize,
+    waiting: usize,
+    waiting_window: Duration,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                overhead_small: 8,
+                overhead_large: 2,
+                detection: 4,
+                throughput: 100,
+                contended: 6,
+                memory_big_mb: 64,
+                waiting: 200,
+                waiting_window: Duration::from_secs(10),
+            }
+        } else {
+            Sizes {
+                overhead_small: 20,
+                overhead_large: 5,
+                detection: 10,
+                throughput: 300,
+                contended: 20,
+                memory_big_mb: 200,
+                waiting: 1000,
+                waiting_window: Duration::from_secs(30),
+            }
+        }
+    }
+}
+
+/// One line of the final table.
+struct Row {
+    what: String,
+    value: String,
+    floor: String,
+    ratio: String,
+    target: &'static str,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(
+        &mut self,
+        what: impl Into<String>,
+        value: impl Into<String>,
+        floor: impl Into<String>,
+        ratio: impl Into<String>,
+        target: &'static str,
+    ) {
+        let row = Row {
+            what: what.into(),
+            value: value.into(),
+            floor: floor.into(),
+            ratio: ratio.into(),
+            target,
+        };
+        eprintln!(
+            "bench: {} = {} (floor {}, ratio {})",
+            row.what, row.value, row.floor, row.ratio
+        );
+        self.rows.push(row);
+    }
+    fn note(&mut self, text: impl Into<String>) {
+        let text = text.into();
+        eprintln!("bench: note: {text}");
+        self.notes.push(text);
+    }
+    fn print(&self) -> String {
+        let mut out = String::new();
+        out.push_str("| what | orchgpu | floor (same run) | ratio | target |\n");
+        out.push_str("|---|---|---|---|---|\n");
+        for r in &self.rows {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                r.what, r.value, r.floor, r.ratio, r.target
+            ));
+        }
+        if !self.notes.is_empty() {
+            out.push('\n');
+            for n in &self.notes {
+                out.push_str(&format!("- {n}\n"));
+            }
+        }
+        out
+    }
+}
+
+fn parse_opts() -> Result<Opts> {
+    let mut endpoint = std::env::var("ORCHGPU_BENCH_ENDPOINT").ok();
+    let mut bin_dir = None;
+    let mut quick = false;
+    let mut only = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--endpoint" => endpoint = args.next(),
+            "--bin-dir" => bin_dir = args.next().map(PathBuf::from),
+            "--quick" => quick = true,
+            "--only" => {
+                only = args
+                    .next()
+                    .map(|s| s.split(',').map(str::to_string).collect())
+            }
+            other => bail!(
+                "unknown argument {other:?}; usage: orchgpu-bench --endpoint URL --bin-dir DIR [--quick] [--only overhead,detection,throughput,contended,memory,waiting]"
+            ),
+        }
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(Opts {
+        endpoint: endpoint.ok_or_else(|| anyhow!("--endpoint or ORCHGPU_BENCH_ENDPOINT"))?,
+        bin_dir: bin_dir.unwrap_or_else(|| repo.join("target/release")),
+        repo,
+        quick,
+        only,
+        work: tempfile::Builder::new()
+            .prefix("orchgpu-bench-")
+            .tempdir()?,
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let opts = parse_opts()?;
+    let sizes = Sizes::new(opts.quick);
+    let aws = build_clients(&AwsOptions {
+        endpoint_url: Some(opts.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        max_receive_wait: Duration::from_secs(20),
+    })
+    .await;
+    let mut report = Report::default();
+    let started = Instant::now();
+    let scenarios: [(&str, Scenario); 6] = [
+        ("overhead", overhead),
+        ("detection", detection),
+        ("throughput", throughput),
+        ("contended", contended),
+        ("memory", memory),
+        ("waiting", waiting),
+    ];
+    for (name, scenario) in scenarios {
+        if !opts.wants(name) {
+            continue;
+        }
+        let t0 = Instant::now();
+        eprintln!("bench: === {name} ===");
+        if let Err(e) = scenario(&opts, &sizes, &aws, &mut report).await {
+            report.note(format!("scenario {name} failed: {e:#}"));
+        }
+        eprintln!("bench: {name} took {:.0} s", t0.elapsed().as_secs_f64());
+    }
+    report.note(format!(
+        "whole run: {:.0} s, mode {}",
+        started.elapsed().as_secs_f64(),
+        if opts.quick { "quick" } else { "full" }
+    ));
+    println!("{}", report.print());
+    Ok(())
+}
+
+type Scenario = for<'a> fn(
+    &'a Opts,
+    &'a Sizes,
+    &'a AwsClients,
+    &'a mut Report,
+)
+    -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
+
+// ---------------------------------------------------------------------------------------
+// Infrastructure: stacks, processes, logs.
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+struct Stack {
+    input: String,
+    work: String,
+    out: String,
+    jobs: String,
+    fn_queue: String,
+    fn_url: String,
+    results: String,
+}
+
+async fn create_stack(aws: &AwsClients, tag: &str) -> Result<Stack> {
+    let unique = format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let stack = Stack {
+        input: format!("bin-{unique}"),
+        work: format!("bwork-{unique}"),
+        out: format!("bout-{unique}"),
+        jobs: format!("bjobs-{unique}"),
+        fn_queue: format!("bfn-{unique}"),
+        fn_url: String::new(),
+        results: format!("bres-{unique}"),
+    };
+    for bucket in [&stack.input, &stack.work, &stack.out] {
+        aws.s3
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .with_context(|| format!("create bucket {bucket}"))?;
+    }
+    let jobs_url = create_queue(aws, &stack.jobs).await?;
+    let fn_url = create_queue(aws, &stack.fn_queue).await?;
+    let results_url = create_queue(aws, &stack.results).await?;
+    notify(aws, &stack.input, &jobs_url, None).await?;
+    notify(
+        aws,
+        &stack.work,
+        &fn_url,
+        Some(("bundles/".into(), ".tar.gz".into())),
+    )
+    .await?;
+    notify(
+        aws,
+        &stack.out,
+        &results_url,
+        Some(("results/".into(), ".png".into())),
+    )
+    .await?;
+    Ok(Stack { fn_url, ..stack })
+}
+
+async fn create_queue(aws: &AwsClients, name: &str) -> Result<String> {
+    aws.sqs
+        .create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .with_context(|| format!("create queue {name}"))?
+        .queue_url
+        .ok_or_else(|| anyhow!("no url for {name}"))
+}
+
+async fn queue_arn(aws: &AwsClients, url: &str) -> Result<String> {
+    aws.sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await?
+        .attributes
+        .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
+        .ok_or_else(|| anyhow!("no arn for {url}"))
+}
+
+async fn notify(
+    aws: &AwsClients,
+    bucket: &str,
+    queue_url: &str,
+    prefix_suffix: Option<(String, String)>,
+) -> Result<()> {
+    let mut queue = QueueConfiguration::builder()
+        .queue_arn(queue_arn(aws, queue_url).await?)
+        .events(Event::from("s3:ObjectCreated:*"));
+    if let Some((prefix, suffix)) = prefix_suffix {
+        queue = queue.filter(
+            NotificationConfigurationFilter::builder()
+                .key(
+                    S3KeyFilter::builder()
+                        .filter_rules(
+                            FilterRule::builder()
+                                .name(FilterRuleName::Prefix)
+                                .value(prefix)
+                                .build(),
+                        )
+                        .filter_rules(
+                            FilterRule::builder()
+                                .name(FilterRuleName::Suffix)
+                                .value(suffix)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    aws.s3
+        .put_bucket_notification_configuration()
+        .bucket(bucket)
+        .notification_configuration(
+            NotificationConfiguration::builder()
+                .queue_configurations(queue.build()?)
+                .build(),
+        )
+        .send()
+        .await
+        .with_context(|| format!("notification on {bucket}"))?;
+    Ok(())
+}
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Option<Child>,
+    name: String,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+    /// SIGTERM, then waits up to `timeout`, then SIGKILL.
+    async fn stop(&mut self, timeout: Duration) -> Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if child.try_wait()?.is_some() {
+                self.child = None;
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                bail!("{} did not stop within {timeout:?}; killed", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn(opts: &Opts, name: &str, mut command: Command, log: &Path) -> Result<Proc> {
+    let file = std::fs::File::create(log)?;
+    command
+        .env("ORCHGPU_ENDPOINT_URL", &opts.endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    let child = command
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Proc {
+        child: Some(child),
+        name: name.to_string(),
+    })
+}
+
+struct Ssgm {
+    port: u16,
+    _proc: Proc,
+    bin: PathBuf,
+}
+
+impl Ssgm {
+    fn start(opts: &Opts, gpus: u32) -> Result<Ssgm> {
+        let mut child = Command::new(opts.bin("mock-ssgm"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--gpus",
+                &gpus.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start mock-ssgm")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected first line from mock-ssgm: {line:?}"))?;
+        Ok(Ssgm {
+            port,
+            _proc: Proc {
+                child: Some(child),
+                name: "mock-ssgm".into(),
+            },
+            bin: opts.bin("mock-ssgm"),
+        })
+    }
+    fn stats(&self) -> Result<Value> {
+        let output = Command::new(&self.bin)
+            .args(["-S", "127.0.0.1", "-P", &self.port.to_string(), "-stats"])
+            .output()?;
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+    fn calls(&self) -> Result<(u64, u64, u64)> {
+        let s = self.stats()?;
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        Ok((n("alloc_calls"), n("busy"), n("dealloc_calls")))
+    }
+}
+
+/// The daemon as a process, with its JSON log and stats file.
+struct Daemon {
+    proc: Proc,
+    log: LogTail,
+    stats_file: PathBuf,
+}
+
+fn start_daemon(
+    opts: &Opts,
+    stack: &Stack,
+    ssgm: &Ssgm,
+    tag: &str,
+    extra: &[&str],
+) -> Result<Daemon> {
+    let log = opts.work.path().join(format!("{tag}.daemon.log"));
+    let stats_file = opts.work.path().join(format!("{tag}.stats.json"));
+    let mut command = Command::new(opts.bin("orchgpu"));
+    command
+        .args(["-q", &stack.jobs, "-S", "127.0.0.1", "-P"])
+        .arg(ssgm.port.to_string())
+        .arg("-m")
+        .arg(&ssgm.bin)
+        .args(["-i", &format!("{}/bundles", stack.work)])
+        .args(["-o", &format!("{}/results", stack.out)])
+        .args(["-w", "20", "-u", "0", "--log-format", "json"])
+        .arg("--stats-file")
+        .arg(&stats_file)
+        .args(extra)
+        .env(
+            "ORCHGPU_LOG",
+            "info,orchgpu::daemon=debug,orchgpu::job=debug,aws_config=warn,aws_smithy_runtime=warn",
+        );
+    let proc = spawn(opts, "orchgpu", command, &log)?;
+    Ok(Daemon {
+        proc,
+        log: LogTail::new(log),
+        stats_file,
+    })
+}
+
+impl Daemon {
+    /// Waits until the daemon has dropped the queue's s3:TestEvent: it is then receiving.
+    async fn ready(&mut self) -> Result<()> {
+        self.log
+            .wait_count(
+                |l| message(l) == "Message deleted.",
+                1,
+                Duration::from_secs(60),
+            )
+            .await
+            .context("daemon never dropped the test event")?;
+        Ok(())
+    }
+    fn cpu_ticks(&self) -> Result<u64> {
+        cpu_ticks(self.proc.pid())
+    }
+    /// Stops it and returns its request counts by operation.
+    async fn stop(&mut self, timeout: Duration) -> Result<BTreeMap<String, u64>> {
+        self.proc.stop(timeout).await?;
+        let text = std::fs::read_to_string(&self.stats_file)
+            .with_context(|| format!("no stats file {}", self.stats_file.display()))?;
+        let value: Value = serde_json::from_str(&text)?;
+        let mut counts = BTreeMap::new();
+        if let Some(map) = value["requests"].as_object() {
+            for (k, v) in map {
+                counts.insert(k.clone(), v.as_u64().unwrap_or(0));
+            }
+        }
+        Ok(counts)
+    }
+}
+
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(") ").ok_or_else(|| anyhow!("odd stat"))?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+/// `VmHWM` and `VmRSS` in KiB.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmHWM:"), field("VmRSS:")))
+}
+
+/// Reads a JSON-lines log incrementally.
+struct LogTail {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    lines: Vec<Value>,
+}
+
+impl LogTail {
+    fn new(path: PathBuf) -> LogTail {
+        LogTail {
+            path,
+            offset: 0,
+            partial: String::new(),
+            lines: Vec::new(),
+        }
+    }
+    fn poll(&mut self) -> Result<()> {
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return Ok(());
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut text = String::new();
+        let read = file.read_to_string(&mut text)?;
+        self.offset += read as u64;
+        self.partial.push_str(&text);
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            if let Ok(value) = serde_json::from_str::<Value>(line.trim()) {
+                self.lines.push(value);
+            }
+        }
+        Ok(())
+    }
+    fn count(&mut self, pred: impl Fn(&Value) -> bool) -> Result<usize> {
+        self.poll()?;
+        Ok(self.lines.iter().filter(|l| pred(l)).count())
+    }
+    async fn wait_count(
+        &mut self,
+        pred: impl Fn(&Value) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.count(&pred)?;
+            if n >= count {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} with {n} of {count} log lines ({})",
+                    self.path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn message(line: &Value) -> &str {
+    line["fields"]["message"].as_str().unwrap_or("")
+}
+
+fn job_id(line: &Value) -> Option<String> {
+    line["spans"].as_array()?.iter().find_map(|span| {
+        span.get("job_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    })
+}
+
+/// Microseconds since the epoch of a log line's RFC 3339 UTC timestamp.
+fn timestamp_us(line: &Value) -> Option<i64> {
+    parse_rfc3339_us(line["timestamp"].as_str()?)
+}
+
+fn parse_rfc3339_us(text: &str) -> Option<i64> {
+    // 2026-11-27T08:33:09.123456Z
+    let (date, time) = text.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>());
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+    let micros: i64 = frac.parse().ok()?;
+    // Days from civil (H. Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + micros)
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as i64
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.1} ms", us / 1000.0)
+}
+
+fn ratio(value: f64, floor: f64) -> String {
+    format!("{:.2}×", value / floor)
+}
+
+fn start_function(opts: &Opts, stack: &Stack, script: &str, tag: &str) -> Result<Proc> {
+    let mut command = Command::new(opts.bin("orchgpu-function"));
+    command
+        .args(["--queue", &stack.fn_queue])
+        .args(["--output", &format!("{}/results", stack.out)])
+        .arg("--script")
+        .arg(opts.repo.join("bench").join(script))
+        .args(["--wait-time", "20", "--concurrency", "8"])
+        .env("ORCHGPU_LOG", "warn");
+    spawn(
+        opts,
+        "orchgpu-function",
+        command,
+        &opts.work.path().join(format!("{tag}.function.log")),
+    )
+}
+
+/// Deterministic incompressible bytes (xorshift), so gzip does real work.
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn put_bytes(aws: &AwsClients, bucket: &str, key: &str, body: Vec<u8>) -> Result<()> {
+    aws.s3
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .with_context(|| format!("put {bucket}/{key}"))?;
+    Ok(())
+}
+
+/// Puts `count` objects with `concurrency` in flight; returns when all are in.
+async fn put_many(
+    aws: &AwsClients,
+    bucket: &str,
+    prefix: &str,
+    count: usize,
+    size: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (aws, bucket, prefix, next) = (
+            aws.clone(),
+            bucket.to_string(),
+            prefix.to_string(),
+            next.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let body = pseudo_random(size, i as u64 + 1);
+                put_bytes(&aws, &bucket, &format!("{prefix}{i:05}.jpg"), body).await?;
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(())
+}
+
+fn requests_text(counts: &BTreeMap<String, u64>, jobs: usize) -> String {
+    counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(op, n)| format!("{op} {:.2}", *n as f64 / jobs as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 1: overhead per job, message received → bundle uploaded, vs a plain loop.
+
+fn overhead<'a>(
+    opts: &'a Opts,
+    sizes: &'a Sizes,
+    aws: &'a AwsClients,
+    report: &'a mut Report,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        let ssgm = Ssgm::start(opts, 8)?;
+        let stack = create_stack(aws, "ovh").await?;
+        let floor_bucket = format!("bfloor-{}", std::process::id());
+        aws.s3.create_bucket().bucket(&floor_bucket).send().await?;
+        let _function = start_function(opts, &stack, "instant.sh", "overhead")?;
+        let mut daemon = start_daemon(
+            opts,
+            &stack,
+            &ssgm,
+            "overhead",
+            &["--max-jobs", "1", "--results-queue", &stack.results],
+        )?;
+        daemon.ready().await?;
+        let mut done = 1; // the test event's deletion
+        for (label, size, count) in [
+            ("100 KB", 100 * 1000, sizes.overhead_small),
+            ("20 MB", 20 * 1000 * 1000, sizes.overhead_large),
+        ] {
+            let mut daemon_us = Vec::new();
+            let mut floor_us = Vec::new();
+            let mut stage_us: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            let mut floor_steps: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+            let cpu_before = daemon.cpu_ticks()?;
+            // One warm-up round of each, not counted.
+            for i in 0..=count {
+                let body = pseudo_random(size, 1000 + i as u64);
+                let key = format!("{label}-{i}.jpg").replace(' ', "");
+                // The floor: the same bytes, GET + gzip + PUT + one SSGM call, in a loop.
+                put_bytes(aws, &floor_bucket, &key, body.clone()).await?;
+                let steps = floor_job(opts, aws, &ssgm, &floor_bucket, &key, &stack.work).await?;
+                // orchgpu: the same bytes through the whole pipeline.
+                put_bytes(aws, &stack.input, &key, body).await?;
+                done += 1;
+                daemon
+                    .log
+                    .wait_count(
+                        |l| message(l) == "Message deleted.",
+                        done,
+                        Duration::from_secs(120),
+                    )
+                    .await?;
+                if i == 0 {
+                    continue;
+                }
+                floor_us.push(steps.iter().map(|(_, us)| us).sum());
+                for (name, us) in steps {
+                    floor_steps.entry(name).or_default().push(us);
+                }
+                let lines = &daemon.log.lines;
+                let job = lines
+                    .iter()
+                    .rev()
+                    .find(|l| message(l) == "Job completed.")
+                    .and_then(job_id)
+                    .ok_or_else(|| anyhow!("no completed job in the log"))?;
+                let stage_line = |stage: &str| {
+                    lines.iter().find(|l| {
+                        message(l) == "Stage finished."
+                            && l["fields"]["stage"] == stage
+                            && job_id(l).as_deref() == Some(job.as_str())
+                    })
+                };
+                let download = stage_line("download").ok_or_else(|| anyhow!("no download"))?;
+                let upload = stage_line("upload").ok_or_else(|| anyhow!("no upload"))?;
+                let start = timestamp_us(download).unwrap_or(0)
+                    - download["fields"]["elapsed_us"].as_i64().unwrap_or(0);
+                let end = timestamp_us(upload).unwrap_or(0);
+                daemon_us.push((end - start) as f64);
+                let mut staged = 0.0;
+                for stage in ["download", "allocate", "bundle", "upload"] {
+                    if let Some(line) = stage_line(stage) {
+                        let us = line["fields"]["elapsed_us"].as_f64().unwrap_or(0.0);
+                        staged += us;
+                        stage_us.entry(stage.to_string()).or_default().push(us);
+                    }
+                }
+                stage_us
+                    .entry("between stages".to_string())
+                    .or_default()
+                    .push((end - start) as f64 - staged);
+            }
+            let cpu_ticks = daemon.cpu_ticks()? - cpu_before;
+            let d = median(&mut daemon_us);
+            let f = median(&mut floor_us);
+            report.row(
+                format!(
+                    "overhead per job, received → bundle uploaded, {label} (median of {count})"
+                ),
+                ms(d),
+                ms(f),
+                ratio(d, f),
+                "≤ 1.15×",
+            );
+            let stages: Vec<String> = stage_us
+                .iter_mut()
+                .map(|(k, v)| format!("{k} {}", ms(median(v))))
+                .collect();
+            let floor_parts: Vec<String> = floor_steps
+                .iter_mut()
+                .map(|(k, v)| format!("{k} {}", ms(median(v))))
+                .collect();
+            report.note(format!(
+                "{label}: orchgpu stages (median): {}; floor steps (median): {}; daemon CPU over these {} jobs (whole pipeline, incl. release/delete): {:.1} ms/job",
+                stages.join(", "),
+                floor_parts.join(", "),
+                count + 1,
+                cpu_ticks as f64 * 1000.0 / TICKS_PER_SEC / (count + 1) as f64
+            ));
+        }
+        daemon.stop(Duration::from_secs(30)).await?;
+        Ok(())
+    })
+}
+
+/// One floor job: GET to a file, gzip file to file, PUT from the file, one SSGM alloc
+/// (released afterwards, untimed). Returns each step's time in µs.
+async fn floor_job(
+    opts: &Opts,
+    aws: &AwsClients,
+    ssgm: &Ssgm,
+    bucket: &str,
+    key: &str,
+    out_bucket: &str,
+) -> Result<Vec<(&'static str, f64)>> {
+    let dir = opts.work.path();
+    let input = dir.join("floor-input");
+    let gz = dir.join("floor-input.gz");
+    let mut steps = Vec::new();
+
+    let t = Instant::now();
+    let output = aws.s3.get_object().bucket(bucket).key(key).send().await?;
+    let mut reader = output.body.into_async_read();
+    let mut file = tokio::fs::File::create(&input).await?;
+    tokio::io::copy_buf(&mut reader, &mut file).await?;
+    file.flush().await?;
+    drop(file);
+    steps.push(("GET", t.elapsed().as_micros() as f64));
+
+    let t = Instant::now();
+    let (i2, g2) = (input.clone(), gz.clone());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut src = std::fs::File::open(i2)?;
+        let dst = std::fs::File::create(g2)?;
+        let mut enc = flate2::write::GzEncoder::new(dst, flate2::Compression::fast());
+        std::io::copy(&mut src, &mut enc)?;
+        enc.finish()?.sync_data().ok();
+        Ok(())
+    })
+    .await??;
+    steps.push(("gzip", t.elapsed().as_micros() as f64));
+
+    let t = Instant::now();
+    aws.s3
+        .put_object()
+        .bucket(out_bucket)
+        .key(format!("floor/{key}.gz"))
+        .body(ByteStream::from_path(&gz).await?)
+        .send()
+        .await?;
+    steps.push(("PUT", t.elapsed().as_micros() as f64));
+
+    let t = Instant::now();
+    let port = ssgm.port.to_string();
+    let reply = tokio::process::Command::new(&ssgm.bin)
+        .args(["-S", "127.0.0.1", "-P", &port, "-alloc", "-g", "1"])
+        .output()
+        .await?;
+    steps.push(("SSGM alloc", t.elapsed().as_micros() as f64));
+    let text = String::from_utf8_lossy(&reply.stdout);
+    if let Some(job) = text
+        .split(';')
+        .nth(1)
+        .and_then(|f| f.split_once('='))
+        .map(|(_, v)| v.trim().to_string())
+    {
+        tokio::process::Command::new(&ssgm.bin)
+            .args(["-S", "127.0.0.1", "-P", &port, "-dealloc", "-j", &job])
+            .output()
+            .await?;
+    }
+    Ok(steps)
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 2: result detection, result written → message deleted, vs one HEAD.
+
+fn detection<'a>(
+    opts: &'a Opts,
+    sizes: &'a Sizes,
+    aws: &'a AwsClients,
+    report: &'a mut Report,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        let ssgm = Ssgm::start(opts, 8)?;
+        let mut heads = Vec::new();
+        for events in [true, false] {
+            let stack = create_stack(aws, if events { "dete" } else { "detp" }).await?;
+            let mut extra = vec!["--max-jobs", "1"];
+            if events {
+                extra.extend(["--results-queue", stack.results.as_str()]);
+            }
+            let tag = if events {
+                "detect-events"
+            } else {
+                "detect-poll"
+            };
+            let mut daemon = start_daemon(opts, &stack, &ssgm, tag, &extra)?;
+            daemon.ready().await?;
+            let mut latencies = Vec::new();
+            // Simulated GPU work of varied length, so polling meets results at any phase.
+            let delays_ms = [300u64, 800, 1500, 2500, 1100];
+            for i in 0..sizes.detection {
+                put_bytes(
+                    aws,
+                    &stack.input,
+                    &format!("d{i}.jpg"),
+                    pseudo_random(10_000, i as u64),
+                )
+                .await?;
+                let id = next_bundle_id(aws, &stack.fn_url).await?;
+                tokio::time::sleep(Duration::from_millis(delays_ms[i % delays_ms.len()])).await;
+                let result_key = format!("results/{id}.png");
+                put_bytes(aws, &stack.out, &result_key, b"result".to_vec()).await?;
+                let written = now_us();
+                daemon
+                    .log
+                    .wait_count(
+                        |l| {
+                            message(l) == "Message deleted."
+                                && timestamp_us(l).unwrap_or(0) > written
+                        },
+                        1,
+                        Duration::from_secs(120),
+                    )
+                    .await?;
+                let deleted = daemon
+                    .log
+                    .lines
+                    .iter()
+                    .filter(|l| message(l) == "Message deleted.")
+                    .filter_map(timestamp_us)
+                    .find(|t| *t > written)
+                    .expect("waited for it");
+                latencies.push((deleted - written) as f64);
+                // The floor: one HEAD of that very result, timed now that all is quiet.
+                let t = Instant::now();
+                aws.s3
+                    .head_object()
+                    .bucket(&stack.out)
+                    .key(&result_key)
+                    .send()
+                    .await?;
+                heads.push(t.elapsed().as_micros() as f64);
+            }
+            let counts = daemon.stop(Duration::from_secs(30)).await?;
+            let l = median(&mut latencies);
+            let h = median(&mut heads.clone());
+            if events {
+                report.row(
+                    format!(
+                        "result detection, result written → message deleted, results queue (median of {})",
+                        sizes.detection
+                    ),
+                    ms(l),
+                    format!("{} (one HEAD)", ms(h)),
+                    ratio(l, h),
+                    "≤ 2×",
+                );
+            } else {
+                report.row(
+                    format!(
+                        "result detection, HEAD polling, default -b 60 (median of {}, work 0.3–2.5 s)",
+                        sizes.detection
+                    ),
+                    ms(l),
+                    format!("{} (one HEAD)", ms(h)),
+                    ratio(l, h),
+                    "report",
+                );
+            }
+            report.note(format!(
+                "{tag}: requests per job {}",
+                requests_text(&counts, sizes.detection)
+            ));
+        }
+        Ok(())
+    })
+}
+
+/// Receives the function queue until a bundle event arrives; returns its job id.
+async fn next_bundle_id(aws: &AwsClients, fn_url: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let output = aws
+            .sqs
+            .receive_message()
+            .queue_url(fn_url)
+            .max_number_of_messages(1)
+            .wait_time_seconds(5)
+            .send()
+            .await?;
+        for m in output.messages.unwrap_or_default() {
+            if let Some(receipt) = &m.receipt_handle {
+                aws.sqs
+                    .delete_message()
+                    .queue_url(fn_url)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await?;
+            }
+            if let Notification::Objects { objects, .. } =
+                parse_notification(m.body.as_deref().unwrap_or(""))
+                && let Some(object) = objects.first()
+            {
+                let name = object.key.rsplit('/').next().unwrap_or("");
+                return Ok(name.trim_end_matches(".tar.gz").to_string());
+            }
+        }
+    }
+    bail!("no bundle event within 60 s")
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 3: throughput, 300 jobs on 8 GPUs, vs the emulator's own
+// put → event → receive → delete ceiling. Also gives requests, CPU and SSGM calls per job.
+
+fn throughput<'a>(
+    opts: &'a Opts,
+    sizes: &'a Sizes,
+    aws: &'a AwsClients,
+    report: &'a mut Report,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        let jobs = sizes.throughput;
+        let size = 100 * 1000;
+
+        // The ceiling: puts with 8 in flight, two receivers that delete each message.
+        let stack = create_stack(aws, "ceil").await?;
+        let jobs_url = aws
+            .sqs
+            .get_queue_url()
+            .queue_name(&stack.jobs)
+            .send()
+            .await?
+            .queue_url
+            .unwrap_or_default();
+        let deleted = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let mut receivers = tokio::task::JoinSet::new();
+        for _ in 0..2 {
+            let (aws, url, deleted) = (aws.clone(), jobs_url.clone(), deleted.clone());
+            receivers.spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(300);
+                while deleted.load(Ordering::Relaxed) < jobs && Instant::now() < deadline {
+                    let output = aws
+                        .sqs
+                        .receive_message()
+                        .queue_url(&url)
+                        .max_number_of_messages(10)
+                        .wait_time_seconds(1)
+                        .send()
+                        .await?;
+                    for m in output.messages.unwrap_or_default() {
+                        aws.sqs
+                            .delete_message()
+                            .queue_url(&url)
+                            .set_receipt_handle(m.receipt_handle)
+                            .send()
+                            .await?;
+                        if matches!(
+                            parse_notification(m.body.as_deref().unwrap_or("")),
+                            Notification::Objects { .. }
+                        ) {
+                            deleted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            });
+        }
+        put_many(aws, &stack.input, "c", jobs, size, 8).await?;
+        while let Some(r) = receivers.join_next().await {
+            r??;
+        }
+        let ceiling = jobs as f64 / t0.elapsed().as_secs_f64();
+
+        // orchgpu: the whole pipeline with the instant function and a results queue.
+        let ssgm = Ssgm::start(opts, 8)?;
+        let stack = create_stack(aws, "thr").await?;
+        let _function = start_function(opts, &stack, "instant.sh", "throughput")?;
+        let mut daemon = start_daemon(
+            opts,
+            &stack,
+            &ssgm,
+            "throughput",
+            &["--max-jobs", "8", "--results-queue", &stack.results],
+        )?;
+        daemon.ready().await?;
+        let cpu_before = daemon.cpu_ticks()?;
+        let start = now_us();
+        put_many(aws, &stack.input, "t", jobs, size, 8).await?;
+        daemon
+            .log
+            .wait_count(
+                |l| message(l) == "Message deleted.",
+                jobs + 1,
+                Duration::from_secs(900),
+            )
+            .await?;
+        let end = daemon
+            .log
+            .lines
+            .iter()
+            .filter(|l| message(l) == "Message deleted.")
+            .filter_map(timestamp_us)
+            .max()
+            .unwrap_or(start);
+        let cpu = daemon.cpu_ticks()? - cpu_before;
+        let rate = jobs as f64 / ((end - start) as f64 / 1e6);
+        let (alloc, busy, dealloc) = ssgm.calls()?;
+        let counts = daemon.stop(Duration::from_secs(30)).await?;
+        report.row(
+            format!("throughput, {jobs} jobs of 100 KB, 8 GPUs (jobs/s)"),
+            format!("{rate:.1}"),
+            format!("{ceiling:.1} (put→event→receive→delete)"),
+            ratio(rate, ceiling),
+            "≥ 0.8×",
+        );
+        report.row(
+            format!("CPU time per job (user+sys), {jobs} jobs of 100 KB"),
+            format!(
+                "{:.2} ms",
+                cpu as f64 * 1000.0 / TICKS_PER_SEC / jobs as f64
+            ),
+            "—",
+            "—",
+            "< 5 ms",
+        );
+        let per = |op: &str| *counts.get(op).unwrap_or(&0) as f64 / jobs as f64;
+        report.row(
+            "AWS requests per job (jobs queue + results queue + S3)",
+            format!(
+                "{:.2} total",
+                counts.values().sum::<u64>() as f64 / jobs as f64
+            ),
+            "receive ≤ 1, get 1, put 1, delete 1",
+            "—",
+            "no request the job did not need",
+        );
+        report.note(format!(
+            "requests per job by operation ({jobs} jobs; receives count both queues, including empty long polls): {}",
+            requests_text(&counts, jobs)
+        ));
+        report.note(format!(
+            "GET {:.2}, PUT {:.2}, HEAD {:.2} per job",
+            per("S3.GetObject"),
+            per("S3.PutObject"),
+            per("S3.HeadObject")
+        ));
+        report.row(
+            "SSGM calls per job, ample GPUs",
+            format!(
+                "{:.2} (alloc {alloc}, busy {busy}, dealloc {dealloc})",
+                (alloc + dealloc) as f64 / jobs as f64
+            ),
+            "2",
+            ratio((alloc + dealloc) as f64 / jobs as f64, 2.0),
+            "exactly 2",
+        );
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 4: SSGM calls with 1 GPU and 20 jobs of 2 s.
+
+fn contended<'a>(
+    opts: &'a Opts,
+    sizes: &'a Sizes,
+    aws: &'a AwsClients,
+    report: &'a mut Report,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        let jobs = sizes.contended;
+        let ssgm = Ssgm::start(opts, 1)?;
+        let stack = create_stack(aws, "cont").await?;
+        let _function = start_function(opts, &stack, "two-seconds.sh", "contended")?;
+        let mut daemon = start_daemon(
+            opts,
+            &stack,
+            &ssgm,
+            "contended",
+            &["--results-queue", &stack.results],
+        )?;
+        daemon.ready().await?;
+        put_many(aws, &stack.input, "g", jobs, 1000, 4).await?;
+        daemon
+            .log
+            .wait_count(
+                |l| message(l) == "Message deleted.",
+                jobs + 1,
+                Duration::from_secs(30 + 5 * jobs as u64),
+            )
+            .await?;
+        let (alloc, busy, dealloc) = ssgm.calls()?;
+        daemon.stop(Duration::from_secs(30)).await?;
+        let per = (alloc + dealloc) as f64 / jobs as f64;
+        report.row(
+            format!("SSGM calls per job, 1 GPU, {jobs} jobs of 2 s"),
+            format!("{per:.2} (alloc {alloc}, busy {busy}, dealloc {dealloc})"),
+            "2",
+            ratio(per, 2.0),
+            "≤ 1.5×",
+        );
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 5: peak RSS, 20 concurrent jobs of big inputs vs of 1 MB inputs.
+
+fn memory<'a>(
+    opts: &'a Opts,
+    sizes: &'a Sizes,
+    aws: &'a AwsClients,
+    report: &'a mut Report,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        let mut peaks = Vec::new();
+        for mb in [1, sizes.memory_big_mb] {
+            let stack = create_stack(aws, &format!("mem{mb}")).await?;
+            let ssgm = Ssgm::start(opts, 20)?;
+            // One input file on disk, uploaded 20 times (multipart when large).
+            let file = opts.work.path().join(format!("input-{mb}"));
+            {
+                let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+                for chunk in 0..mb {
+                    out.write_all(&pseudo_random(1_000_000, (chunk + 7) as u64))?;
+                }
+                out.flush()?;
+            }
+            let mut uploads = tokio::task::JoinSet::new();
+            let next = Arc::new(AtomicUsize::new(0));
+            for _ in 0..4 {
+                let (s3, bucket, file, next) = (
+                    aws.s3.clone(),
+                    stack.input.clone(),
+                    file.clone(),
+                    next.clone(),
+                );
+                uploads.spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= 20 {
+                            return Ok::<_, anyhow::Error>(());
+                        }
+                        orchgpu::storage::upload_file(
+                            &s3,
+                            &file,
+                            &bucket,
+                            &format!("m{i}.jpg"),
+                            "image/jpeg",
+                        )
+                        .await?;
+                    }
+                });
+            }
+            while let Some(r) = uploads.join_next().await {
+                r??;
+            }
+            let tag = format!("memory-{mb}");
+            let mut daemon = start_daemon(
+                opts,
+                &stack,
+                &ssgm,
+                &tag,
+                &["--max-jobs", "20", "-v", "300", "--shutdown-grace", "0"],
+            )?;
+            daemon
+                .log
+                .wait_count(
+                    |l| message(l) == "Stage finished." && l["fields"]["stage"] == "upload",
+                    20,
+                    Duration::from_secs(if mb > 1 { 900 } else { 120 }),
+                )
+                .await?;
+            let (hwm, _) = memory_kib(daemon.proc.pid())?;
+            let max_live = ssgm.stats()?["max_live"].as_u64().unwrap_or(0);
+            daemon.stop(Duration::from_secs(60)).await?;
+            let _ = std::fs::remove_file(&file);
+            peaks.push(hwm);
+            report.note(format!(
+                "memory: {mb} MB inputs: peak RSS (VmHWM) {:.1} MB, at most {max_live} jobs held GPUs at once",
+                hwm as f64 / 1024.0
+            ));
+        }
+        let (small, big) = (peaks[0] as f64 / 1024.0, peaks[1] as f64 / 1024.0);
+        report.row(
+            format!(
+                "peak RSS, 20 concurrent jobs of {} MB vs of 1 MB inputs",
+                sizes.memory_big_mb
+            ),
+            format!("{big:.1} MB"),
+            format!("{small:.1} MB (1 MB inputs)"),
+            format!("+{:.1} MB", big - small),
+            "flat (≤ 10 MB) and < 64 MB",
+        );
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 6: 1,000 jobs waiting on results at once.
+
+fn waiting<'a>(
+    opts: &'a Opts,
+    sizes: &'a Sizes,
+    aws: &'a AwsClients,
+    report: &'a mut Report,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        let jobs = sizes.waiting;
+        let stack = create_stack(aws, "wait").await?;
+        let ssgm = Ssgm::start(opts, jobs as u32)?;
+        put_many(aws, &stack.input, "w", jobs, 1000, 16).await?;
+        let max_jobs = jobs.to_string();
+        let mut daemon = start_daemon(
+            opts,
+            &stack,
+            &ssgm,
+            "waiting",
+            &[
+                "--max-jobs",
+                &max_jobs,
+                "--results-queue",
+                &stack.results,
+                "--shutdown-grace",
+                "0",
+            ],
+        )?;
+        let t0 = Instant::now();
+        daemon
+            .log
+            .wait_count(
+                |l| message(l) == "Stage finished." && l["fields"]["stage"] == "upload",
+                jobs,
+                Duration::from_secs(600),
+            )
+            .await?;
+        let fill = t0.elapsed();
+        let pid = daemon.proc.pid();
+        let before = cpu_ticks(pid)?;
+        let t = Instant::now();
+        tokio::time::sleep(sizes.waiting_window).await;
+        let cpu = cpu_ticks(pid)? - before;
+        let window = t.elapsed().as_secs_f64();
+        let (hwm, rss) = memory_kib(pid)?;
+        let stop = daemon.stop(Duration::from_secs(180)).await;
+        let cpu_pct = cpu as f64 / TICKS_PER_SEC / window * 100.0;
+        report.row(
+            format!(
+                "{jobs} jobs waiting on results at once (defaults -v 30, -b 60, results queue)"
+            ),
+            format!(
+                "RSS {:.1} MB (peak {:.1} MB), CPU {cpu_pct:.1}% of a core",
+                rss as f64 / 1024.0,
+                hwm as f64 / 1024.0
+            ),
+            "—",
+            "—",
+            "RSS < 100 MB, CPU < 5%",
+        );
+        report.note(format!(
+            "waiting: {jobs} jobs reached the wait in {:.0} s; CPU measured over {window:.0} s",
+            fill.as_secs_f64()
+        ));
+        match stop {
+            Ok(counts) => report.note(format!(
+                "waiting: requests per job over the whole run: {}",
+                requests_text(&counts, jobs)
+            )),
+            Err(e) => report.note(format!("waiting: {e:#}")),
+        }
+        Ok(())
+    })
+}

@@ -550,6 +550,38 @@ impl Daemon {
     }
 }
 
+/// With `ORCHGPU_BENCH_PERF=DIR`, records a CPU profile of `pid` into `DIR/<tag>.data`
+/// until the returned process is stopped (SIGINT makes perf write its file).
+fn start_perf(pid: u32, tag: &str) -> Result<Option<Proc>> {
+    let Ok(dir) = std::env::var("ORCHGPU_BENCH_PERF") else {
+        return Ok(None);
+    };
+    let child = Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+        .arg(Path::new(&dir).join(format!("{tag}.data")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start perf")?;
+    Ok(Some(Proc {
+        child: Some(child),
+        name: "perf".into(),
+    }))
+}
+
+async fn stop_perf(perf: Option<Proc>) {
+    if let Some(mut perf) = perf {
+        if let Some(child) = &perf.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+        let _ = perf.stop(Duration::from_secs(30)).await;
+    }
+}
+
 fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat.rsplit_once(") ").ok_or_else(|| anyhow!("odd stat"))?.1;
@@ -1005,6 +1037,7 @@ fn detection<'a>(
             let mut daemon = start_daemon(opts, &stack, &ssgm, tag, &extra)?;
             daemon.ready().await?;
             let mut latencies = Vec::new();
+            let mut to_event = Vec::new();
             // Simulated GPU work of varied length, so polling meets results at any phase.
             let delays_ms = [300u64, 800, 1500, 2500, 1100];
             for i in 0..sizes.detection {
@@ -1040,6 +1073,16 @@ fn detection<'a>(
                     .find(|t| *t > written)
                     .expect("waited for it");
                 latencies.push((deleted - written) as f64);
+                if let Some(event) = daemon
+                    .log
+                    .lines
+                    .iter()
+                    .filter(|l| message(l) == "Result event received.")
+                    .filter_map(timestamp_us)
+                    .find(|t| *t > written)
+                {
+                    to_event.push((event - written) as f64);
+                }
                 // The floor: one HEAD of that very result, timed now that all is quiet.
                 let t = Instant::now();
                 aws.s3
@@ -1080,6 +1123,14 @@ fn detection<'a>(
                 "{tag}: requests per job {}",
                 requests_text(&counts, sizes.detection)
             ));
+            if !to_event.is_empty() {
+                let e = median(&mut to_event);
+                report.note(format!(
+                    "{tag}: result written → event routed to the job {} (median), then release + delete {}",
+                    ms(e),
+                    ms(l - e)
+                ));
+            }
         }
         Ok(())
     })
@@ -1194,6 +1245,7 @@ fn throughput<'a>(
             &["--max-jobs", "8", "--results-queue", &stack.results],
         )?;
         daemon.ready().await?;
+        let perf = start_perf(daemon.proc.pid(), "throughput")?;
         let cpu_before = daemon.cpu_ticks()?;
         let start = now_us();
         put_many(aws, &stack.input, "t", jobs, size, 8).await?;
@@ -1214,6 +1266,7 @@ fn throughput<'a>(
             .max()
             .unwrap_or(start);
         let cpu = daemon.cpu_ticks()? - cpu_before;
+        stop_perf(perf).await;
         let rate = jobs as f64 / ((end - start) as f64 / 1e6);
         let (alloc, busy, dealloc) = ssgm.calls()?;
         let counts = daemon.stop(Duration::from_secs(30)).await?;
@@ -1374,6 +1427,24 @@ fn memory<'a>(
                 &tag,
                 &["--max-jobs", "20", "-v", "300", "--shutdown-grace", "0"],
             )?;
+            // RSS every 20 ms, to tell which stage the peak falls in.
+            let pid = daemon.proc.pid();
+            let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let sampler = tokio::spawn({
+                let sampling = sampling.clone();
+                async move {
+                    let mut peak = (0i64, 0u64);
+                    while sampling.load(Ordering::Relaxed) {
+                        if let Ok((_, rss)) = memory_kib(pid)
+                            && rss > peak.1
+                        {
+                            peak = (now_us(), rss);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    peak
+                }
+            });
             daemon
                 .log
                 .wait_count(
@@ -1383,6 +1454,26 @@ fn memory<'a>(
                 )
                 .await?;
             let (hwm, _) = memory_kib(daemon.proc.pid())?;
+            sampling.store(false, Ordering::Relaxed);
+            let (peak_at, _) = sampler.await?;
+            let finished = |stage: &str| {
+                daemon
+                    .log
+                    .lines
+                    .iter()
+                    .filter(|l| {
+                        message(l) == "Stage finished."
+                            && l["fields"]["stage"] == stage
+                            && timestamp_us(l).unwrap_or(i64::MAX) <= peak_at
+                    })
+                    .count()
+            };
+            report.note(format!(
+                "memory: {mb} MB inputs: highest sampled RSS came when {} downloads, {} bundles and {} uploads of 20 had finished",
+                finished("download"),
+                finished("bundle"),
+                finished("upload")
+            ));
             let max_live = ssgm.stats()?["max_live"].as_u64().unwrap_or(0);
             daemon.stop(Duration::from_secs(60)).await?;
             let _ = std::fs::remove_file(&file);

@@ -106,6 +106,65 @@ pub struct JobContext<S> {
     pub job_ended: Notify,
     /// Result events from the results queue, when one is configured (see `results`).
     pub results: Option<Arc<ResultRegistry>>,
+    /// The reservations we hold, and how many we held when the scheduler last said busy.
+    pub ledger: Arc<GrantLedger>,
+}
+
+/// What our own reservations tell us about the scheduler's room. If it answered busy
+/// while we held `n` reservations and we still hold `n` or more, asking again can only
+/// succeed if somebody else released GPUs: so we wait for one of our releases or for the
+/// retry interval, instead of asking right after another of our jobs took the GPU that
+/// the previous release freed (which would cost a busy answer per job).
+#[derive(Debug, Default)]
+pub struct GrantLedger {
+    held: std::sync::atomic::AtomicU32,
+    /// Reservations held at the last busy answer, and when it came.
+    busy: std::sync::Mutex<Option<(u32, Instant)>>,
+}
+
+impl GrantLedger {
+    fn held(&self) -> u32 {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn busy_mark(&self) -> std::sync::MutexGuard<'_, Option<(u32, Instant)>> {
+        self.busy.lock().expect("never held across a panic")
+    }
+
+    fn on_grant(&self) {
+        let held = self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let mut busy = self.busy_mark();
+        // Granted while holding more than at the last busy answer: there is more room
+        // than that answer showed, so it says nothing any more.
+        if busy.is_some_and(|(mark, _)| held > mark) {
+            *busy = None;
+        }
+    }
+
+    fn on_release(&self) {
+        let _ = self.held.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+    }
+
+    fn on_busy(&self) {
+        *self.busy_mark() = Some((self.held(), Instant::now()));
+    }
+
+    /// How long to wait before asking, or `None` to ask now: asking is pointless while we
+    /// hold as many reservations as when the scheduler last said busy, until the retry
+    /// interval since that answer has passed.
+    fn wait_before_asking(&self, retry_interval: Duration) -> Option<Duration> {
+        let (mark, at) = (*self.busy_mark())?;
+        if self.held() < mark {
+            return None;
+        }
+        (at + retry_interval)
+            .checked_duration_since(Instant::now())
+            .filter(|wait| !wait.is_zero())
+    }
 }
 
 impl<S> JobContext<S> {
@@ -129,6 +188,7 @@ impl<S> JobContext<S> {
             active: std::sync::Mutex::new(HashSet::new()),
             job_ended: Notify::new(),
             results: None,
+            ledger: Arc::default(),
         }
     }
 }
@@ -246,6 +306,8 @@ pub struct Reservation {
     grant: Grant,
     allocated_unix: u64,
     fallback: Option<mpsc::UnboundedSender<String>>,
+    /// Counted in the ledger until released (or dropped).
+    ledger: Option<Arc<GrantLedger>>,
 }
 
 impl Reservation {
@@ -256,6 +318,9 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        if let Some(ledger) = self.ledger.take() {
+            ledger.on_release();
+        }
         if let Some(tx) = self.fallback.take() {
             warn!(
                 scheduler_job = %self.grant.scheduler_job_id,
@@ -572,6 +637,29 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             tokio::pin!(freed);
             freed.as_mut().enable();
 
+            if let Some(wait) = self
+                .ledger
+                .wait_before_asking(self.settings.alloc_retry_interval)
+            {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(JobError::AllocDeadline(self.settings.alloc_deadline));
+                }
+                let wait = wait.min(deadline - now);
+                debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    "Scheduler was busy at our current holdings; waiting for a release."
+                );
+                tokio::select! {
+                    biased;
+                    _ = cancel.token.cancelled() => return Err(cancel.error()),
+                    _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
+                    _ = &mut freed => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+
             // An alloc call is never cut short: a grant we did not read would leak GPUs.
             // It is bounded by the SSGM call timeout instead.
             let reply = self
@@ -586,10 +674,12 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                         devices = grant.settings.len(),
                         "GPUs granted."
                     );
+                    self.ledger.on_grant();
                     let reservation = Reservation {
                         grant,
                         allocated_unix: unix_now(),
                         fallback: Some(self.release_tx.clone()),
+                        ledger: Some(self.ledger.clone()),
                     };
                     let entry = JournalEntry {
                         scheduler_job_id: reservation.grant.scheduler_job_id.clone(),
@@ -621,22 +711,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     });
                 }
                 AllocReply::Busy => {
-                    let now = Instant::now();
-                    if now >= deadline {
+                    self.ledger.on_busy();
+                    if Instant::now() >= deadline {
                         return Err(JobError::AllocDeadline(self.settings.alloc_deadline));
                     }
-                    let wait = self.settings.alloc_retry_interval.min(deadline - now);
-                    debug!(
-                        wait_ms = wait.as_millis() as u64,
-                        "Scheduler busy; waiting."
-                    );
-                    tokio::select! {
-                        biased;
-                        _ = cancel.token.cancelled() => return Err(cancel.error()),
-                        _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
-                        _ = &mut freed => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    }
+                    // The next turn waits for a release of ours or the retry interval.
                 }
             }
         }
@@ -701,6 +780,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     /// for GPUs. A failed release is logged, never fatal.
     async fn release(&self, mut reservation: Reservation) {
         reservation.fallback = None;
+        // Uncounted only after the dealloc, just before waking the waiting job.
+        let ledger = reservation.ledger.take();
         let job = reservation.grant.scheduler_job_id.clone();
         let started = Instant::now();
         let result = self
@@ -727,6 +808,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 );
                 let _ = self.release_tx.send(job);
             }
+        }
+        if let Some(ledger) = ledger {
+            ledger.on_release();
         }
         self.gpus_freed.notify_waiters();
     }
@@ -884,6 +968,35 @@ mod tests {
         let mut right = object("a", Some("bc"), None);
         right.bucket = "x".into();
         assert_ne!(JobId::derive(&left), JobId::derive(&right));
+    }
+
+    #[test]
+    fn ledger_waits_while_we_hold_what_we_held_at_busy() {
+        let ledger = GrantLedger::default();
+        let retry = Duration::from_secs(30);
+        assert_eq!(ledger.wait_before_asking(retry), None, "never busy: ask");
+        ledger.on_grant();
+        ledger.on_busy();
+        assert!(ledger.wait_before_asking(retry).is_some(), "still hold 1");
+        ledger.on_release();
+        assert_eq!(ledger.wait_before_asking(retry), None, "a release: ask");
+        ledger.on_grant();
+        assert!(
+            ledger.wait_before_asking(retry).is_some(),
+            "the freed GPU went to our next job: do not ask"
+        );
+        ledger.on_grant();
+        assert_eq!(
+            ledger.wait_before_asking(retry),
+            None,
+            "granted beyond the mark: the busy answer is stale"
+        );
+        ledger.on_busy();
+        assert_eq!(
+            ledger.wait_before_asking(Duration::ZERO),
+            None,
+            "the retry interval has passed: ask"
+        );
     }
 
     #[test]

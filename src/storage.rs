@@ -109,9 +109,12 @@ pub async fn download_to_file(
 pub const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
 /// Size of each part of a multipart upload (the last one may be smaller).
 pub const PART_SIZE: u64 = 16 * 1024 * 1024;
-/// Parts in flight at once. Each part streams from the file, so memory does not grow
-/// with it; this bounds connections and emulator load.
+/// Parts of one upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Parts in flight at once across the whole process. A part streams from its file, but
+/// each connection sending one buffers about half a MiB (the SDK's 64 KiB file reads plus
+/// hyper's write queue): without this bound, 20 jobs with large bundles cost 40+ MiB.
+static ALL_PARTS_IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
 
 /// Uploads a file to `s3://bucket/key`, streaming it from disk: one PutObject up to
 /// `MULTIPART_THRESHOLD`, a multipart upload of `PART_SIZE` parts above it.
@@ -300,6 +303,10 @@ async fn upload_part(
     offset: u64,
     length: u64,
 ) -> Result<aws_sdk_s3::types::CompletedPart, BoxError> {
+    let _slot = ALL_PARTS_IN_FLIGHT
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     // Streams this part's byte range from the file; nothing is buffered whole.
     let body = ByteStream::read_from()
         .path(&path)

@@ -909,8 +909,12 @@ async fn write_bundle_file(
     let input = input.to_path_buf();
     let out = out.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let file =
-            std::fs::File::create(&out).map_err(|e| JobError::Bundle(BundleError::Write(e)))?;
+        // The temp file exists and is empty; opening it without truncating spares
+        // ext4's flush-on-close after a truncate (see storage::download_to_file).
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&out)
+            .map_err(|e| JobError::Bundle(BundleError::Write(e)))?;
         bundle::write_bundle(
             &input,
             ext.as_deref(),

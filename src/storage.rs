@@ -86,7 +86,16 @@ pub async fn download_to_file(
     let etag = output.e_tag.map(|t| t.trim_matches('"').to_string());
     let expected = output.content_length.and_then(|n| u64::try_from(n).ok());
     let mut reader = output.body.into_async_read();
-    let mut out = tokio::fs::File::create(file).await.map_err(write_error)?;
+    // Not `File::create`: truncating (even an empty file) makes ext4 flush the file to
+    // disk when it is closed (its "replace via truncate" heuristic), which costs a
+    // write-back per job for a file we delete soon after. A stale tail is cut below.
+    let mut out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(file)
+        .await
+        .map_err(write_error)?;
     // tokio copies each write into a buffer of up to 2 MiB by default; with many jobs
     // downloading at once that adds up, for no speed gain on a local disk.
     out.set_max_buf_size(WRITE_BUFFER);
@@ -95,6 +104,7 @@ pub async fn download_to_file(
         .await
         .map_err(|e| download_error(e.into()))?;
     out.flush().await.map_err(write_error)?;
+    out.set_len(size).await.map_err(write_error)?;
     if let Some(expected) = expected
         && expected != size
     {

@@ -73,6 +73,7 @@ else
     done
     version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("localstack-core"))')
     emulator="LocalStack $version at $endpoint (started here)"
+    export ORCHGPU_BENCH_EMULATOR_PID=$ls_pid
 fi
 
 export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1

@@ -1,9 +1,7 @@
 //! Large bundles go up as multipart uploads, byte for byte, with nothing left behind.
 
-use std::time::Duration;
-
 use anyhow::Result;
-use orchgpu::aws::{AwsOptions, build_clients};
+use orchgpu::metrics::RequestCounter;
 use orchgpu::storage;
 
 use crate::harness::endpoint;
@@ -12,14 +10,34 @@ const MIB: u64 = 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_upload_round_trips_byte_for_byte() -> Result<()> {
-    let clients = build_clients(&AwsOptions {
-        endpoint_url: Some(endpoint()),
-        region: Some("us-east-1".into()),
-        max_receive_wait: Duration::from_secs(1),
-    })
-    .await;
+    // The daemon's S3 settings (see aws.rs), with the emulator's dummy credentials.
+    let requests = RequestCounter::new();
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "orchgpu-tests",
+        ))
+        .load()
+        .await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(true)
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
+            .interceptor(requests.interceptor())
+            .build(),
+    );
     let bucket = format!("mpu-{}", std::process::id());
-    clients.s3.create_bucket().bucket(&bucket).send().await?;
+    s3.create_bucket().bucket(&bucket).send().await?;
 
     // Three parts of 5 MiB (S3's smallest) and a short last one: 15 MiB + 4321 bytes.
     let len = (15 * MIB + 4321) as usize;
@@ -34,7 +52,7 @@ async fn multipart_upload_round_trips_byte_for_byte() -> Result<()> {
     std::fs::write(&path, &body)?;
 
     storage::upload_file_with(
-        &clients.s3,
+        &s3,
         &path,
         &bucket,
         "big/bundle.tar.gz",
@@ -43,23 +61,17 @@ async fn multipart_upload_round_trips_byte_for_byte() -> Result<()> {
         5 * MIB,
     )
     .await?;
-    assert_eq!(clients.requests.get("S3.CreateMultipartUpload"), 1);
-    assert_eq!(clients.requests.get("S3.UploadPart"), 4);
-    assert_eq!(clients.requests.get("S3.CompleteMultipartUpload"), 1);
-    assert_eq!(clients.requests.get("S3.PutObject"), 0);
+    assert_eq!(requests.get("S3.CreateMultipartUpload"), 1);
+    assert_eq!(requests.get("S3.UploadPart"), 4);
+    assert_eq!(requests.get("S3.CompleteMultipartUpload"), 1);
+    assert_eq!(requests.get("S3.PutObject"), 0);
 
     let back = dir.path().join("back");
-    let downloaded =
-        storage::download_to_file(&clients.s3, &bucket, "big/bundle.tar.gz", &back).await?;
+    let downloaded = storage::download_to_file(&s3, &bucket, "big/bundle.tar.gz", &back).await?;
     assert_eq!(downloaded.map(|d| d.size), Some(len as u64));
     assert!(std::fs::read(&back)? == body, "downloaded bytes differ");
 
-    let pending = clients
-        .s3
-        .list_multipart_uploads()
-        .bucket(&bucket)
-        .send()
-        .await?;
+    let pending = s3.list_multipart_uploads().bucket(&bucket).send().await?;
     assert!(
         pending.uploads.unwrap_or_default().is_empty(),
         "unfinished multipart uploads left behind"
@@ -67,7 +79,7 @@ async fn multipart_upload_round_trips_byte_for_byte() -> Result<()> {
 
     // A small file still goes up in one PutObject.
     std::fs::write(&path, b"small")?;
-    storage::upload_file(&clients.s3, &path, &bucket, "small", "text/plain").await?;
-    assert_eq!(clients.requests.get("S3.PutObject"), 1);
+    storage::upload_file(&s3, &path, &bucket, "small", "text/plain").await?;
+    assert_eq!(requests.get("S3.PutObject"), 1);
     Ok(())
 }

@@ -890,20 +890,35 @@ fn overhead<'a>(
                             && job_id(l).as_deref() == Some(job.as_str())
                     })
                 };
-                let download = stage_line("download").ok_or_else(|| anyhow!("no download"))?;
                 let upload = stage_line("upload").ok_or_else(|| anyhow!("no upload"))?;
-                let start = timestamp_us(download).unwrap_or(0)
-                    - download["fields"]["elapsed_us"].as_i64().unwrap_or(0);
+                // The job starts with its first stage (the existing-result check and the
+                // download, side by side).
+                let start = ["check_result", "download"]
+                    .iter()
+                    .filter_map(|stage| stage_line(stage))
+                    .map(|l| {
+                        timestamp_us(l).unwrap_or(0)
+                            - l["fields"]["elapsed_us"].as_i64().unwrap_or(0)
+                    })
+                    .min()
+                    .ok_or_else(|| anyhow!("no first stage"))?;
                 let end = timestamp_us(upload).unwrap_or(0);
                 daemon_us.push((end - start) as f64);
                 let mut staged = 0.0;
-                for stage in ["download", "allocate", "bundle", "upload"] {
+                let mut first = 0.0f64;
+                for stage in ["check_result", "download", "allocate", "bundle", "upload"] {
                     if let Some(line) = stage_line(stage) {
                         let us = line["fields"]["elapsed_us"].as_f64().unwrap_or(0.0);
-                        staged += us;
+                        // The first two run side by side: count the longer one.
+                        if stage == "check_result" || stage == "download" {
+                            first = first.max(us);
+                        } else {
+                            staged += us;
+                        }
                         stage_us.entry(stage.to_string()).or_default().push(us);
                     }
                 }
+                staged += first;
                 stage_us
                     .entry("between stages".to_string())
                     .or_default()

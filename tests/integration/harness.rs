@@ -34,7 +34,20 @@ pub fn repo_path(relative: &str) -> PathBuf {
 
 /// SDK clients with the emulator's dummy credentials.
 pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    let shared = emulator_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(true)
+            .build(),
+    );
+    let sqs = aws_sdk_sqs::Client::new(&shared);
+    (s3, sqs)
+}
+
+/// The shared SDK configuration for the emulator: its endpoint, region and dummy
+/// credentials.
+pub async fn emulator_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint())
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_s3::config::Credentials::new(
@@ -45,14 +58,7 @@ pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
             "orchgpu-tests",
         ))
         .load()
-        .await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(true)
-            .build(),
-    );
-    let sqs = aws_sdk_sqs::Client::new(&shared);
-    (s3, sqs)
+        .await
 }
 
 /// Environment for every spawned process: the emulator and its dummy credentials.

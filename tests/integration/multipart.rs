@@ -4,7 +4,7 @@ use anyhow::Result;
 use orchgpu::metrics::RequestCounter;
 use orchgpu::storage;
 
-use crate::harness::endpoint;
+use crate::harness::emulator_config;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -12,18 +12,7 @@ const MIB: u64 = 1024 * 1024;
 async fn multipart_upload_round_trips_byte_for_byte() -> Result<()> {
     // The daemon's S3 settings (see aws.rs), with the emulator's dummy credentials.
     let requests = RequestCounter::new();
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "orchgpu-tests",
-        ))
-        .load()
-        .await;
+    let shared = emulator_config().await;
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(true)

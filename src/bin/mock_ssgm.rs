@@ -504,7 +504,7 @@ struct Allocation {
 }
 
 /// Counters reported by `-stats`, cleared by `-reset`.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, Serialize)]
 struct Counters {
     max_live: usize,
     max_gpus_in_use: usize,
@@ -518,22 +518,14 @@ struct Counters {
     faults_injected: u64,
 }
 
-/// The `-stats` line.
+/// The `-stats` line: the allocation state now, then the counters.
 #[derive(Debug, Serialize)]
 struct Stats {
     total_gpus: usize,
     free_gpus: usize,
     live: usize,
-    max_live: usize,
-    max_gpus_in_use: usize,
-    alloc_calls: u64,
-    granted: u64,
-    busy: u64,
-    request_errors: u64,
-    dealloc_calls: u64,
-    released: u64,
-    failed_releases: u64,
-    faults_injected: u64,
+    #[serde(flatten)]
+    counters: Counters,
 }
 
 /// Everything the scheduler knows.
@@ -756,22 +748,11 @@ impl State {
     }
 
     fn stats(&self) -> Stats {
-        let c = self.counters;
-        let total = self.owners.len();
         Stats {
-            total_gpus: total,
+            total_gpus: self.owners.len(),
             free_gpus: self.owners.iter().filter(|o| o.is_none()).count(),
             live: self.allocations.len(),
-            max_live: c.max_live,
-            max_gpus_in_use: c.max_gpus_in_use,
-            alloc_calls: c.alloc_calls,
-            granted: c.granted,
-            busy: c.busy,
-            request_errors: c.request_errors,
-            dealloc_calls: c.dealloc_calls,
-            released: c.released,
-            failed_releases: c.failed_releases,
-            faults_injected: c.faults_injected,
+            counters: self.counters,
         }
     }
 

@@ -710,6 +710,21 @@ fn now_us() -> i64 {
         .as_micros() as i64
 }
 
+/// Total length of the union of `(start, end)` intervals.
+fn covered_us(intervals: &mut [(i64, i64)]) -> i64 {
+    intervals.sort_unstable();
+    let mut total = 0;
+    let mut reach = i64::MIN;
+    for &(start, end) in intervals.iter() {
+        let start = start.max(reach);
+        if end > start {
+            total += end - start;
+            reach = end;
+        }
+    }
+    total
+}
+
 fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -832,6 +847,18 @@ fn overhead<'a>(
         let stack = create_stack(aws, "ovh").await?;
         let floor_bucket = format!("bfloor-{}", std::process::id());
         aws.s3.create_bucket().bucket(&floor_bucket).send().await?;
+        // The floor's PUT goes to a bucket that notifies a queue, as the intermediate
+        // bucket does: the same PUT, since on the emulator a notifying PUT costs more.
+        let floor_out = format!("bfloorout-{}", std::process::id());
+        aws.s3.create_bucket().bucket(&floor_out).send().await?;
+        let floor_events = create_queue(aws, &format!("bfloorq-{}", std::process::id())).await?;
+        notify(
+            aws,
+            &floor_out,
+            &floor_events,
+            Some(("bundles/".into(), ".tar.gz".into())),
+        )
+        .await?;
         let _function = start_function(opts, &stack, "instant.sh", "overhead")?;
         let mut daemon = start_daemon(
             opts,
@@ -857,7 +884,7 @@ fn overhead<'a>(
                 let key = format!("{label}-{i}.jpg").replace(' ', "");
                 // The floor: the same bytes, GET + gzip + PUT + one SSGM call, in a loop.
                 put_bytes(aws, &floor_bucket, &key, body.clone()).await?;
-                let steps = floor_job(opts, aws, &ssgm, &floor_bucket, &key, &stack.work).await?;
+                let steps = floor_job(opts, aws, &ssgm, &floor_bucket, &key, &floor_out).await?;
                 // orchgpu: the same bytes through the whole pipeline.
                 put_bytes(aws, &stack.input, &key, body).await?;
                 done += 1;
@@ -904,25 +931,24 @@ fn overhead<'a>(
                     .ok_or_else(|| anyhow!("no first stage"))?;
                 let end = timestamp_us(upload).unwrap_or(0);
                 daemon_us.push((end - start) as f64);
-                let mut staged = 0.0;
-                let mut first = 0.0f64;
+                // Stages overlap (the check beside the download, and for small inputs
+                // the allocation too): "between stages" is the time no stage covers.
+                let mut intervals = Vec::new();
                 for stage in ["check_result", "download", "allocate", "bundle", "upload"] {
                     if let Some(line) = stage_line(stage) {
-                        let us = line["fields"]["elapsed_us"].as_f64().unwrap_or(0.0);
-                        // The first two run side by side: count the longer one.
-                        if stage == "check_result" || stage == "download" {
-                            first = first.max(us);
-                        } else {
-                            staged += us;
-                        }
-                        stage_us.entry(stage.to_string()).or_default().push(us);
+                        let us = line["fields"]["elapsed_us"].as_i64().unwrap_or(0);
+                        let finished = timestamp_us(line).unwrap_or(0);
+                        intervals.push((finished - us, finished));
+                        stage_us
+                            .entry(stage.to_string())
+                            .or_default()
+                            .push(us as f64);
                     }
                 }
-                staged += first;
                 stage_us
                     .entry("between stages".to_string())
                     .or_default()
-                    .push((end - start) as f64 - staged);
+                    .push((end - start - covered_us(&mut intervals)) as f64);
             }
             let cpu_ticks = daemon.cpu_ticks()? - cpu_before;
             let d = median(&mut daemon_us);
@@ -998,7 +1024,7 @@ async fn floor_job(
     aws.s3
         .put_object()
         .bucket(out_bucket)
-        .key(format!("floor/{key}.gz"))
+        .key(format!("bundles/{key}.tar.gz"))
         .body(ByteStream::from_path(&gz).await?)
         .send()
         .await?;

@@ -171,3 +171,75 @@ async fn one_gpu_five_jobs_never_overlap_and_do_not_hammer_the_scheduler() -> Re
     ssgm.assert_all_released()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_small_inputs_side_by_side_each_get_their_result() -> Result<()> {
+    // Above 8 MiB an input is downloaded before GPUs are asked for, and only a few large
+    // downloads stream at once; small ones ask for GPUs while they download.
+    let ssgm = MockSsgm::start(4)?;
+    let mut stack = Stack::new("sizes", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    stack.start_daemon(&ssgm, &["--max-jobs", "6"])?;
+    let mut inputs = Vec::new();
+    for i in 0..6usize {
+        let key = format!("size-{i}.bin");
+        let mut body = body_for(&key);
+        if i % 2 == 0 {
+            // 9 MiB, distinct per key.
+            body = body.iter().copied().cycle().take(9 * 1024 * 1024).collect();
+        }
+        stack.upload(&key, &body).await?;
+        inputs.push((key, body));
+    }
+
+    stack
+        .wait_for_results(inputs.len(), Duration::from_secs(150))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    let results = stack.results_by_source_key().await?;
+    for (key, body) in &inputs {
+        let bodies = results
+            .get(key)
+            .unwrap_or_else(|| panic!("no result for {key:?}"));
+        assert_eq!(bodies.len(), 1, "{key:?} has {} results", bodies.len());
+        assert!(bodies[0] == *body, "result of {key:?} is not its input");
+    }
+    assert_eq!(ssgm.stat("granted")?, inputs.len() as u64);
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_input_gone_before_its_job_is_dropped_with_no_gpu_kept() -> Result<()> {
+    // An event that names a size lets the job ask for GPUs while it downloads: the
+    // download's 404 must then give up (or give back) the allocation.
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("gonesized", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+    let mut event: serde_json::Value =
+        serde_json::from_str(&stack.object_created_event("deleted meanwhile.jpg", "abc"))?;
+    event["Records"][0]["s3"]["object"]["size"] = 1234.into();
+    stack.send_raw(&event.to_string()).await?;
+    stack
+        .wait_for_log(
+            daemon,
+            "Dropping job that can never run.",
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    ssgm.assert_all_released()?;
+    assert!(
+        ssgm.stat("alloc_calls")? <= 1,
+        "more than one allocation for a missing input"
+    );
+
+    // The one GPU is free for the next job.
+    stack.upload("after-gone.png", b"still works").await?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    ssgm.assert_all_released()?;
+    Ok(())
+}

@@ -2,8 +2,12 @@
 //!
 //! One task per message. The loop never takes more messages than there are free job
 //! slots, and takes none while a job waits for the scheduler to free GPUs. Each message's
-//! visibility is extended while its jobs run; the heartbeat stops before the message is
-//! deleted or returned. What happens to a message is decided by `Disposition`.
+//! visibility is extended while its jobs run: a heartbeat every half visibility timeout,
+//! one at a time, which may wait a short window (a tenth of the interval, at most 1 s) so
+//! that heartbeats due about together share a `ChangeMessageVisibilityBatch`. The job's
+//! end never waits for a heartbeat; one not yet sent is withdrawn. What happens to a
+//! message then is decided by `Disposition`; deletes and returns go out at once, batched
+//! only with requests already waiting (see `batcher`), and are sent before `run` returns.
 //!
 //! Shutdown follows two tokens: `stop` (stop receiving, let running jobs finish) and
 //! `abort` (cancel running jobs: they release their GPUs and return their messages).
@@ -18,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::aws::error_chain;
+use crate::batcher::{QueueBatcher, Reply};
 use crate::cli::MAX_VISIBILITY;
 use crate::event::{Notification, parse_notification};
 use crate::job::{Disposition, JobCancel, JobContext};
@@ -34,6 +39,8 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(15 * 60);
 const VISIBILITY_MARGIN: Duration = Duration::from_secs(60);
 /// How much of a message body a drop log line quotes.
 const BODY_GIST_CHARS: usize = 160;
+/// Longest wait of a heartbeat for others to share its request.
+const MAX_HEARTBEAT_WINDOW: Duration = Duration::from_secs(1);
 
 /// Loop settings taken from the configuration.
 #[derive(Debug, Clone)]
@@ -73,13 +80,17 @@ impl Default for Shutdown {
 
 /// Runs the daemon until `shutdown.stop` fires and every job has ended.
 ///
-/// Returns once no job is running and every dropped reservation has been released.
+/// Returns once no job is running, every dropped reservation has been released and every
+/// delete and visibility change of the jobs' messages has been sent.
 pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
     queue: Queue,
     jobs: Arc<JobContext<S>>,
     settings: DaemonSettings,
     shutdown: Shutdown,
 ) {
+    let heartbeat_window =
+        (heartbeat_interval(settings.visibility_timeout) / 10).min(MAX_HEARTBEAT_WINDOW);
+    let (batcher, lanes) = QueueBatcher::start(queue.clone(), heartbeat_window);
     let slots = Arc::new(Semaphore::new(settings.max_jobs));
     let tracker = TaskTracker::new();
     let mut receive_failures: u32 = 0;
@@ -110,9 +121,7 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
         };
         if stop.is_cancelled() {
             if let Ok(messages) = received {
-                for message in &messages {
-                    return_now(&queue, message).await;
-                }
+                return_now(&batcher, &messages).await;
             }
             break;
         }
@@ -154,13 +163,13 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
             let Some(permit) = permit else {
                 // Cannot happen (we asked for no more than the free slots), but a
                 // message without a slot goes straight back rather than waiting.
-                return_now(&queue, &message).await;
+                return_now(&batcher, std::slice::from_ref(&message)).await;
                 continue;
             };
             let span = info_span!("message", message_id = %message.message_id);
             tracker.spawn(
                 handle_message(
-                    queue.clone(),
+                    batcher.clone(),
                     jobs.clone(),
                     settings.clone(),
                     message,
@@ -188,6 +197,14 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
     }
     tracker.wait().await;
     info!("All jobs ended.");
+    // The jobs held the other handles: the lanes send what is queued, then stop.
+    drop(batcher);
+    lanes.finish().await;
+}
+
+/// How often a running job's message gets its visibility extended.
+fn heartbeat_interval(visibility_timeout: Duration) -> Duration {
+    (visibility_timeout / 2).max(Duration::from_secs(1))
 }
 
 /// Sleeps, or returns `true` early when asked to stop.
@@ -203,7 +220,7 @@ async fn sleep_or_stop(duration: Duration, stop: &CancellationToken) -> bool {
 /// deletes it, returns it or leaves it according to the outcome. A panic in the job is
 /// contained here.
 async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
-    queue: Queue,
+    batcher: QueueBatcher,
     jobs: Arc<JobContext<S>>,
     settings: DaemonSettings,
     message: ReceivedMessage,
@@ -226,11 +243,17 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         )
         .in_current_span(),
     );
-    let heartbeat_every = (settings.visibility_timeout / 2).max(Duration::from_secs(1));
+    let heartbeat_every = heartbeat_interval(settings.visibility_timeout);
+    let mut next_beat = tokio::time::Instant::now() + heartbeat_every;
+    // At most one heartbeat in flight; the job's end does not wait for it.
+    let mut beat: Option<Reply> = None;
     let outcome = loop {
         tokio::select! {
             outcome = &mut work => break outcome,
-            _ = tokio::time::sleep(heartbeat_every), if !cancel.lost.is_cancelled() => {
+            _ = tokio::time::sleep_until(next_beat), if beat.is_none() && !cancel.lost.is_cancelled() => {
+                // Beats keep their phase (not "an interval after the last reply"), so the
+                // heartbeats of messages received together stay due together.
+                next_beat = (next_beat + heartbeat_every).max(tokio::time::Instant::now());
                 // SQS refuses to keep a message hidden longer than 12 hours after it was
                 // received; past that another consumer may take it, so we let it go.
                 let left = MAX_VISIBILITY.saturating_sub(received_at.elapsed() + VISIBILITY_MARGIN);
@@ -240,7 +263,11 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
                     cancel.token.cancel();
                     continue;
                 }
-                match queue.set_visibility(&message, settings.visibility_timeout.min(left)).await {
+                beat = Some(batcher.heartbeat(&message, settings.visibility_timeout.min(left)));
+            }
+            result = heartbeat_reply(&mut beat), if beat.is_some() => {
+                beat = None;
+                match result {
                     Ok(()) => {}
                     Err(QueueError::ReceiptInvalid { .. }) => {
                         warn!("Message receipt lost; abandoning the job.");
@@ -252,6 +279,8 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
             }
         }
     };
+    // A heartbeat not sent yet is withdrawn: the message is about to be deleted or returned.
+    drop(beat);
     let disposition = match outcome {
         Ok(disposition) => disposition,
         Err(join_error) => {
@@ -260,7 +289,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         }
     };
     match disposition {
-        Disposition::Delete => match queue.delete(&message).await {
+        Disposition::Delete => match batcher.delete(&message).await {
             Ok(()) => debug!("Message deleted."),
             // The message will come back; its result exists, so it is harmless.
             Err(e) => {
@@ -274,20 +303,35 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
                 receive_count = message.receive_count,
                 "Message returned for a retry."
             );
-            if let Err(e) = queue.set_visibility(&message, delay).await {
+            if let Err(e) = batcher.set_visibility(&message, delay).await {
                 warn!(error = %error_chain(&e), "Could not return the message; it reappears after its visibility timeout.");
             }
         }
-        Disposition::ReturnNow => return_now(&queue, &message).await,
+        Disposition::ReturnNow => return_now(&batcher, std::slice::from_ref(&message)).await,
         Disposition::Abandon => {}
     }
 }
 
-async fn return_now(queue: &Queue, message: &ReceivedMessage) {
-    match queue.set_visibility(message, Duration::ZERO).await {
-        Ok(()) => info!(message_id = %message.message_id, "Message returned to the queue."),
-        Err(e) => {
-            warn!(error = %error_chain(&e), "Could not return the message; it reappears after its visibility timeout.")
+/// The reply of the heartbeat in flight; never completes when there is none.
+async fn heartbeat_reply(beat: &mut Option<Reply>) -> Result<(), QueueError> {
+    match beat {
+        Some(reply) => reply.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes messages visible again at once, in as few requests as possible.
+async fn return_now(batcher: &QueueBatcher, messages: &[ReceivedMessage]) {
+    let replies: Vec<Reply> = messages
+        .iter()
+        .map(|message| batcher.set_visibility(message, Duration::ZERO))
+        .collect();
+    for (message, reply) in messages.iter().zip(replies) {
+        match reply.await {
+            Ok(()) => info!(message_id = %message.message_id, "Message returned to the queue."),
+            Err(e) => {
+                warn!(message_id = %message.message_id, error = %error_chain(&e), "Could not return the message; it reappears after its visibility timeout.")
+            }
         }
     }
 }

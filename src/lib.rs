@@ -6,13 +6,15 @@
 //! result in the output bucket, releases the GPUs and only then deletes the message.
 //!
 //! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
-//! `queue` (SQS), `storage` (S3 transfers), `event` (notification parsing), `scheduler`
-//! (SSGM), `bundle` (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop
-//! and shutdown), `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to
-//! shutdown tokens), `notify` (the systemd notify protocol), `metrics` (AWS request
-//! counts), `results` (event-driven result detection).
+//! `queue` (SQS), `batcher` (batched deletes and visibility changes on the jobs queue),
+//! `storage` (S3 transfers), `event` (notification parsing), `scheduler` (SSGM), `bundle`
+//! (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop and shutdown),
+//! `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to shutdown
+//! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
+//! `results` (event-driven result detection).
 
 pub mod aws;
+pub mod batcher;
 pub mod bundle;
 pub mod cli;
 pub mod daemon;

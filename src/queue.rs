@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use aws_sdk_sqs::error::SdkError;
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{BatchResultErrorEntry, MessageSystemAttributeName, QueueAttributeName};
 
+use crate::aws::error_chain;
 use crate::cli::QueueRef;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -183,52 +184,113 @@ impl Queue {
         Ok(())
     }
 
-    /// Deletes several messages in one request (at most ten, as SQS allows per batch;
-    /// more are sent in batches of ten).
+    /// Deletes several messages, ten per request (SQS's limit per batch).
     ///
     /// # Errors
     /// `QueueError::Delete` naming the first message SQS did not delete.
     pub async fn delete_batch(&self, messages: &[ReceivedMessage]) -> Result<(), QueueError> {
-        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
-        for chunk in messages.chunks(10) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&m.receipt.0)
-                        .build()
-                        .expect("id and receipt handle are set")
-                })
-                .collect();
-            let output = self
-                .sqs
-                .delete_message_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(entries))
-                .send()
+        for chunk in messages.chunks(MAX_BATCH_ENTRIES) {
+            if let Some(e) = self
+                .delete_entries(chunk)
                 .await
-                .map_err(|e| QueueError::Delete {
-                    message_id: chunk[0].message_id.clone(),
-                    source: e.into(),
-                })?;
-            if let Some(failed) = output.failed.first() {
-                let index: usize = failed.id.parse().unwrap_or(0);
-                return Err(QueueError::Delete {
-                    message_id: chunk
-                        .get(index)
-                        .map_or_else(String::new, |m| m.message_id.clone()),
-                    source: format!(
-                        "{}: {}",
-                        failed.code,
-                        failed.message.as_deref().unwrap_or("")
-                    )
-                    .into(),
-                });
+                .into_iter()
+                .find_map(Result::err)
+            {
+                return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// Deletes up to ten messages in one `DeleteMessageBatch` request and returns each
+    /// message's outcome, in order: `QueueError::Delete` for an entry SQS refused (its
+    /// code and message as the cause), or for every entry when the whole request failed.
+    ///
+    /// Cancel safety: dropping the future may leave some of the messages deleted.
+    pub async fn delete_entries(
+        &self,
+        messages: &[ReceivedMessage],
+    ) -> Vec<Result<(), QueueError>> {
+        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+        debug_assert!(messages.len() <= MAX_BATCH_ENTRIES);
+        let entries = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(&m.receipt.0)
+                    .build()
+                    .expect("id and receipt handle are set")
+            })
+            .collect();
+        let delete_error = |i: usize, source: String| QueueError::Delete {
+            message_id: messages[i].message_id.clone(),
+            source: source.into(),
+        };
+        match self
+            .sqs
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            Ok(output) => entry_results(
+                messages.len(),
+                output.successful.iter().map(|s| s.id.as_str()),
+                &output.failed,
+                |i, failed| delete_error(i, failed_entry_text(failed)),
+            ),
+            Err(e) => whole_request_failed(messages.len(), &e, delete_error),
+        }
+    }
+
+    /// Changes the visibility of up to ten messages in one `ChangeMessageVisibilityBatch`
+    /// request and returns each message's outcome, in order, mapped as `set_visibility`
+    /// maps the single call's: `QueueError::ReceiptInvalid` when SQS says the receipt is
+    /// invalid or the message is not in flight, `QueueError::ChangeVisibility` otherwise
+    /// (for every entry when the whole request failed).
+    ///
+    /// Cancel safety: dropping the future may leave some of the changes made.
+    pub async fn change_visibility_entries(
+        &self,
+        entries: &[(ReceivedMessage, Duration)],
+    ) -> Vec<Result<(), QueueError>> {
+        use aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry;
+        debug_assert!(entries.len() <= MAX_BATCH_ENTRIES);
+        let request_entries = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (m, delay))| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(&m.receipt.0)
+                    .visibility_timeout(visibility_seconds(*delay))
+                    .build()
+                    .expect("id and receipt handle are set")
+            })
+            .collect();
+        let change_error = |i: usize, source: String| QueueError::ChangeVisibility {
+            message_id: entries[i].0.message_id.clone(),
+            source: source.into(),
+        };
+        match self
+            .sqs
+            .change_message_visibility_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(request_entries))
+            .send()
+            .await
+        {
+            Ok(output) => entry_results(
+                entries.len(),
+                output.successful.iter().map(|s| s.id.as_str()),
+                &output.failed,
+                |i, failed| visibility_entry_error(&entries[i].0.message_id, failed),
+            ),
+            Err(e) => whole_request_failed(entries.len(), &e, change_error),
+        }
     }
 
     /// Makes a held message visible again after `delay` (zero: at once), or keeps it
@@ -247,7 +309,7 @@ impl Queue {
             .change_message_visibility()
             .queue_url(&self.url)
             .receipt_handle(&message.receipt.0)
-            .visibility_timeout(delay.as_secs().min(crate::cli::MAX_VISIBILITY.as_secs()) as i32)
+            .visibility_timeout(visibility_seconds(delay))
             .send()
             .await;
         match result {
@@ -284,5 +346,189 @@ impl Queue {
                 source: e.into(),
             })?;
         Ok(output.attributes.and_then(|mut a| a.remove(&name)))
+    }
+}
+
+/// SQS's limit of entries per batch request.
+pub const MAX_BATCH_ENTRIES: usize = 10;
+
+/// Batch-entry error codes that mean "the receipt is no longer ours", as the single call's
+/// `ReceiptHandleIsInvalid` and `MessageNotInflight` errors. (For a message deleted
+/// meanwhile SQS and LocalStack answer `InvalidParameterValue`, in both forms of the call;
+/// like the single call, that stays a plain failure.)
+const RECEIPT_LOST_CODES: [&str; 3] = [
+    "ReceiptHandleIsInvalid",
+    "AWS.SimpleQueueService.MessageNotInflight",
+    "MessageNotInflight",
+];
+
+/// A visibility timeout in SQS's unit, capped at its 12-hour limit.
+fn visibility_seconds(delay: Duration) -> i32 {
+    delay.as_secs().min(crate::cli::MAX_VISIBILITY.as_secs()) as i32
+}
+
+/// A failed batch entry's code and message, as an error cause.
+fn failed_entry_text(failed: &BatchResultErrorEntry) -> String {
+    match &failed.message {
+        Some(message) => format!("{}: {message}", failed.code),
+        None => failed.code.clone(),
+    }
+}
+
+/// A failed visibility entry's error, mapped as `Queue::set_visibility` maps the single
+/// call's.
+fn visibility_entry_error(message_id: &str, failed: &BatchResultErrorEntry) -> QueueError {
+    if RECEIPT_LOST_CODES.contains(&failed.code.as_str()) {
+        QueueError::ReceiptInvalid {
+            message_id: message_id.to_string(),
+        }
+    } else {
+        QueueError::ChangeVisibility {
+            message_id: message_id.to_string(),
+            source: failed_entry_text(failed).into(),
+        }
+    }
+}
+
+/// Maps a batch response back to its `count` entries, whose ids are their indexes. An
+/// entry SQS names in neither list (which it should never do) counts as failed.
+fn entry_results<'a>(
+    count: usize,
+    successful: impl Iterator<Item = &'a str>,
+    failed: &[BatchResultErrorEntry],
+    error: impl Fn(usize, &BatchResultErrorEntry) -> QueueError,
+) -> Vec<Result<(), QueueError>> {
+    let mut results: Vec<Option<Result<(), QueueError>>> = (0..count).map(|_| None).collect();
+    for id in successful {
+        if let Some(slot) = id.parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
+            *slot = Some(Ok(()));
+        }
+    }
+    for entry in failed {
+        if let Ok(i) = entry.id.parse::<usize>()
+            && i < count
+        {
+            results[i] = Some(Err(error(i, entry)));
+        }
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, result)| {
+            result.unwrap_or_else(|| {
+                Err(error(
+                    i,
+                    &BatchResultErrorEntry::builder()
+                        .id(i.to_string())
+                        .code("NoResult")
+                        .message("SQS returned no result for this entry")
+                        .sender_fault(false)
+                        .build()
+                        .expect("id and code are set"),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Every entry's error when the whole batch request failed: each carries the cause's text
+/// (an error cannot be shared between entries).
+fn whole_request_failed(
+    count: usize,
+    cause: &(dyn std::error::Error + 'static),
+    error: impl Fn(usize, String) -> QueueError,
+) -> Vec<Result<(), QueueError>> {
+    let text = format!("batch request failed: {}", error_chain(cause));
+    (0..count).map(|i| Err(error(i, text.clone()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(id: &str, code: &str, message: Option<&str>) -> BatchResultErrorEntry {
+        BatchResultErrorEntry::builder()
+            .id(id)
+            .code(code)
+            .set_message(message.map(str::to_string))
+            .sender_fault(false)
+            .build()
+            .expect("id and code are set")
+    }
+
+    fn outcome(result: &Result<(), QueueError>) -> String {
+        match result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => error_chain(e),
+        }
+    }
+
+    #[test]
+    fn batch_outcomes_are_mapped_back_by_entry_id() {
+        // As LocalStack answers a ChangeMessageVisibilityBatch with an entry for a deleted
+        // message (0) and one with a malformed receipt (3).
+        let failures = [
+            failed(
+                "3",
+                "ReceiptHandleIsInvalid",
+                Some("The input receipt handle \"garbage\" is not a valid receipt handle."),
+            ),
+            failed(
+                "0",
+                "InvalidParameterValueException",
+                Some(
+                    "Reason: Message does not exist or is not available for visibility timeout change.",
+                ),
+            ),
+        ];
+        let results = entry_results(5, ["2", "1", "9", "x"].into_iter(), &failures, |i, f| {
+            visibility_entry_error(&format!("m{i}"), f)
+        });
+        let outcomes: Vec<String> = results.iter().map(outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                "failed to change visibility of message m0: InvalidParameterValueException: \
+                 Reason: Message does not exist or is not available for visibility timeout change.",
+                "ok",
+                "ok",
+                "receipt of message m3 is no longer valid",
+                "failed to change visibility of message m4: NoResult: SQS returned no result for this entry",
+            ]
+        );
+    }
+
+    #[test]
+    fn not_in_flight_codes_mean_the_receipt_is_lost() {
+        for code in [
+            "AWS.SimpleQueueService.MessageNotInflight",
+            "ReceiptHandleIsInvalid",
+        ] {
+            assert!(RECEIPT_LOST_CODES.contains(&code), "{code}");
+        }
+        assert!(!RECEIPT_LOST_CODES.contains(&"InvalidParameterValue"));
+    }
+
+    #[test]
+    fn a_failed_request_fails_every_entry_with_its_cause() {
+        let cause = std::io::Error::other("connection refused");
+        let results = whole_request_failed(2, &cause, |i, source| QueueError::Delete {
+            message_id: format!("m{i}"),
+            source: source.into(),
+        });
+        let outcomes: Vec<String> = results.iter().map(outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                "failed to delete message m0: batch request failed: connection refused",
+                "failed to delete message m1: batch request failed: connection refused",
+            ]
+        );
+    }
+
+    #[test]
+    fn visibility_is_capped_at_twelve_hours() {
+        assert_eq!(visibility_seconds(Duration::from_secs(30)), 30);
+        assert_eq!(visibility_seconds(Duration::from_secs(100_000)), 43_200);
     }
 }

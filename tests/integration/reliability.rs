@@ -1,6 +1,6 @@
 //! Faults around the daemon itself: SIGKILL and restart, SIGTERM with a long and a short
-//! grace, a job that outlives its visibility timeout, duplicate notifications, two
-//! daemons on one queue, and an emulator outage.
+//! grace, a job that outlives its visibility timeout, heartbeats of jobs waiting together
+//! (batched), duplicate notifications, two daemons on one queue, and an emulator outage.
 
 use std::time::Duration;
 
@@ -209,6 +209,86 @@ async fn a_job_outliving_its_visibility_timeout_is_not_started_twice() -> Result
     assert_eq!(stack.log(daemon).matches("stage=\"download\"").count(), 1);
     assert_invoked_once_each(&stack, 1);
     ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_of_jobs_waiting_together_share_batch_requests() -> Result<()> {
+    const JOBS: usize = 8;
+    /// How long the results are held once every bundle is uploaded.
+    const HOLD_S: u64 = 6;
+    let ssgm = MockSsgm::start(JOBS as u32)?;
+    let mut stack = Stack::new("hbbatch", 5).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    for i in 0..JOBS {
+        stack
+            .upload(&format!("held-{i}.png"), format!("job {i}").as_bytes())
+            .await?;
+    }
+    // Every notification, and the emulator's s3:TestEvent, is queued before the daemon
+    // starts, so one receive takes them all and the jobs' heartbeats fall due together.
+    wait_for(
+        "all notifications queued",
+        Duration::from_secs(30),
+        || async { Ok((stack.queue_depth(&stack.jobs_url).await? > JOBS as u64).then_some(())) },
+    )
+    .await?;
+    let stats_file = stack.logs.path().join("stats.json");
+    // Visibility 2 s: a heartbeat every second per job, each allowed to wait 100 ms.
+    let daemon = stack.start_daemon(
+        &ssgm,
+        &[
+            "-v",
+            "2",
+            "--max-jobs",
+            "10",
+            "--stats-file",
+            stats_file.to_str().expect("utf-8 temp path"),
+        ],
+    )?;
+    stack
+        .wait_for_log(daemon, "stage=\"upload\"", JOBS, Duration::from_secs(60))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(HOLD_S)).await;
+    hold.release()?;
+
+    stack
+        .wait_for_results(JOBS, Duration::from_secs(60))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(
+        ssgm.stat("granted")?,
+        JOBS as u64,
+        "a job was started twice"
+    );
+    assert_invoked_once_each(&stack, JOBS);
+    ssgm.assert_all_released()?;
+    stack.process(daemon).signal(Signal::SIGTERM)?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    assert!(status.success(), "daemon exited with {status}");
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+
+    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats_file)?)?;
+    eprintln!("stats: {stats}");
+    let count = |name: &str| stats["requests"][name].as_u64().unwrap_or(0);
+    // Each job waited at least HOLD_S seconds after its upload: at least HOLD_S - 1
+    // heartbeats each, which unbatched are as many requests.
+    let heartbeats_at_least = JOBS as u64 * (HOLD_S - 1);
+    let visibility_requests =
+        count("SQS.ChangeMessageVisibility") + count("SQS.ChangeMessageVisibilityBatch");
+    assert!(
+        count("SQS.ChangeMessageVisibilityBatch") > 0,
+        "no batched heartbeat: {stats}"
+    );
+    assert!(
+        visibility_requests * 2 <= heartbeats_at_least,
+        "{visibility_requests} visibility requests for at least {heartbeats_at_least} \
+         heartbeats: {stats}"
+    );
     Ok(())
 }
 

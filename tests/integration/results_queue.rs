@@ -74,8 +74,13 @@ async fn results_queue_events_end_jobs_without_waiting_for_a_poll() -> Result<()
     assert_eq!(stats["version"], 1);
     assert_eq!(requests["S3.GetObject"], 3, "stats: {stats}");
     assert_eq!(requests["S3.PutObject"], 3, "stats: {stats}");
-    assert_eq!(
-        requests["SQS.DeleteMessage"], 4,
+    // The jobs queue's 4 messages (3 jobs + the s3:TestEvent) were all deleted (the queue
+    // is empty). A delete goes alone when none is in flight, so the test event's and the
+    // first job's did; jobs ending within one request of each other share a
+    // DeleteMessageBatch, counted below with the results queue's.
+    let single_deletes = requests["SQS.DeleteMessage"].as_u64().unwrap_or(0);
+    assert!(
+        (2..=4).contains(&single_deletes),
         "3 jobs + test event: {stats}"
     );
     // One HEAD per job, before it starts (is the result already there?); none while

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_smithy_runtime_api::box_error::BoxError;
 
 use crate::metrics::RequestCounter;
 
@@ -72,8 +75,13 @@ pub async fn build_clients(options: &AwsOptions) -> AwsClients {
                 .read_timeout(READ_TIMEOUT)
                 .build(),
         )
-        .interceptor(requests.interceptor())
-        .build();
+        .interceptor(requests.interceptor());
+    let s3_config = if custom_endpoint {
+        s3_config.interceptor(AskForKeepAlive)
+    } else {
+        s3_config
+    }
+    .build();
 
     let sqs_config = aws_sdk_sqs::config::Builder::from(&shared)
         .timeout_config(
@@ -83,13 +91,45 @@ pub async fn build_clients(options: &AwsOptions) -> AwsClients {
                 .operation_attempt_timeout(options.max_receive_wait + RECEIVE_SLACK)
                 .build(),
         )
-        .interceptor(requests.interceptor())
-        .build();
+        .interceptor(requests.interceptor());
+    let sqs_config = if custom_endpoint {
+        sqs_config.interceptor(AskForKeepAlive)
+    } else {
+        sqs_config
+    }
+    .build();
 
     AwsClients {
         s3: aws_sdk_s3::Client::from_conf(s3_config),
         sqs: aws_sdk_sqs::Client::from_conf(sqs_config),
         requests,
+    }
+}
+
+/// Adds `Connection: keep-alive` to every request to a custom endpoint. LocalStack (with
+/// its hypercorn gateway) closes the connection after each response unless the client
+/// asks for keep-alive explicitly, so each request would cost a new TCP connection on
+/// both sides (about six per job). HTTP/1.1 means the same by default, so the header
+/// changes nothing elsewhere; requests to AWS itself are left as the SDK makes them.
+#[derive(Debug)]
+struct AskForKeepAlive;
+
+impl Intercept for AskForKeepAlive {
+    fn name(&self) -> &'static str {
+        "orchgpu.AskForKeepAlive"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .insert("connection", "keep-alive");
+        Ok(())
     }
 }
 

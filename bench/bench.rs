@@ -557,7 +557,7 @@ fn start_perf(pid: u32, tag: &str) -> Result<Option<Proc>> {
         return Ok(None);
     };
     let child = Command::new("perf")
-        .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+        .args(["record", "-F", "2999", "-g", "-p", &pid.to_string(), "-o"])
         .arg(Path::new(&dir).join(format!("{tag}.data")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

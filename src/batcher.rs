@@ -117,7 +117,23 @@ impl QueueBatcher {
     /// # Errors
     /// The reply says what `Queue::delete` would.
     pub fn delete(&self, message: &ReceivedMessage) -> Reply {
-        let (request, reply) = request(message.clone(), message, Instant::now(), None, false);
+        self.delete_within(message, Duration::ZERO)
+    }
+
+    /// Queues the deletion of a message that may wait up to `within` for others to share
+    /// its request (an event already acted on, whose deletion nothing waits for). The
+    /// request is sent whether or not the reply is awaited.
+    ///
+    /// # Errors
+    /// The reply says what `Queue::delete` would.
+    pub fn delete_within(&self, message: &ReceivedMessage, within: Duration) -> Reply {
+        let (request, reply) = request(
+            message.clone(),
+            message,
+            Instant::now() + within,
+            None,
+            false,
+        );
         send(&self.deletes, request);
         reply
     }

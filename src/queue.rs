@@ -184,24 +184,6 @@ impl Queue {
         Ok(())
     }
 
-    /// Deletes several messages, ten per request (SQS's limit per batch).
-    ///
-    /// # Errors
-    /// `QueueError::Delete` naming the first message SQS did not delete.
-    pub async fn delete_batch(&self, messages: &[ReceivedMessage]) -> Result<(), QueueError> {
-        for chunk in messages.chunks(MAX_BATCH_ENTRIES) {
-            if let Some(e) = self
-                .delete_entries(chunk)
-                .await
-                .into_iter()
-                .find_map(Result::err)
-            {
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
     /// Deletes up to ten messages in one `DeleteMessageBatch` request and returns each
     /// message's outcome, in order: `QueueError::Delete` for an entry SQS refused (its
     /// code and message as the cause), or for every entry when the whole request failed.

@@ -4,10 +4,11 @@
 //! A job registers the result key it expects *before* it uploads its bundle, so an event
 //! that arrives while the upload call is still returning is not missed: the registry keeps
 //! a wake-up permit for it. `run` owns the receive loop on the results queue: it wakes the
-//! waiters of every key named in a message, then deletes the messages in one batch, ours
-//! or not (an event nobody waits for is a result of a job that is over, or of another
-//! daemon; that daemon's HEAD fallback still finds its result). HEAD polling stays in
-//! `job`, as the fallback and as the default when no results queue is given.
+//! waiters of every key named in a message, then deletes the messages, ours or not, in
+//! batches that may gather for up to a second (an event nobody waits for is a result of a
+//! job that is over, or of another daemon; that daemon's HEAD fallback still finds its
+//! result). HEAD polling stays in `job`, as the fallback and as the default when no results
+//! queue is given.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,13 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::aws::error_chain;
+use crate::batcher::QueueBatcher;
 use crate::event::{Notification, parse_notification};
 use crate::queue::Queue;
 
 /// Long-poll wait of the results queue's receive.
 const RESULTS_WAIT: Duration = Duration::from_secs(20);
-/// How long a received event stays hidden; we delete it right after routing it.
+/// How long a received event stays hidden; we delete it soon after routing it.
 const RESULTS_VISIBILITY: Duration = Duration::from_secs(30);
+/// How long a routed event's delete may wait for others to share its request.
+const RESULTS_DELETE_WINDOW: Duration = Duration::from_secs(1);
 /// Longest pause between receive attempts while SQS is failing.
 const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -128,6 +132,7 @@ impl ResultRegistry {
 /// visible again after their visibility timeout; nothing is lost (HEAD still finds them).
 pub async fn run(queue: Queue, registry: Arc<ResultRegistry>, stop: CancellationToken) {
     info!(queue = %queue.url(), "Receiving result events.");
+    let (deletes, lanes) = QueueBatcher::start(queue.clone(), Duration::ZERO);
     let mut failures: u32 = 0;
     let mut last_failure_log: Option<Instant> = None;
     loop {
@@ -160,13 +165,21 @@ pub async fn run(queue: Queue, registry: Arc<ResultRegistry>, stop: Cancellation
         }
         for message in &messages {
             route(&registry, &message.body);
-        }
-        if let Err(e) = queue.delete_batch(&messages).await {
-            // They come back after their visibility timeout and are routed (or dropped)
-            // again: harmless.
-            warn!(error = %error_chain(&e), "Could not delete result events.");
+            // Nothing waits for this delete: it may wait for others to share a request,
+            // and stays out of the way of the jobs' own releases and deletes.
+            let reply = deletes.delete_within(message, RESULTS_DELETE_WINDOW);
+            tokio::spawn(async move {
+                if let Err(e) = reply.await {
+                    // It comes back after its visibility timeout and is routed (or
+                    // dropped) again: harmless.
+                    warn!(error = %error_chain(&e), "Could not delete a result event.");
+                }
+            });
         }
     }
+    // The deletes still queued go out now.
+    drop(deletes);
+    lanes.finish().await;
     info!("Stopped receiving result events.");
 }
 

@@ -43,10 +43,7 @@ fn main() -> ExitCode {
     // bundle go to tokio's blocking pool. Measured (bench/run.sh --only throughput): 4.2
     // ms of CPU per job on one thread, 6.5 ms on the default worker per core, which
     // spends it in cross-thread wake-ups; throughput was no lower.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
             error!(error = %e, "Failed to start the async runtime.");

@@ -1,5 +1,6 @@
 //! The job path end to end: awkward keys, junk messages, GPU contention.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -27,6 +28,20 @@ fn body_for(key: &str) -> Vec<u8> {
     body
 }
 
+/// Each input key has exactly one result, a byte copy of its input (`copy-result.sh`).
+fn assert_one_result_each_equal_to_its_input(
+    results: &HashMap<String, Vec<Vec<u8>>>,
+    inputs: impl IntoIterator<Item = (String, Vec<u8>)>,
+) {
+    for (key, body) in inputs {
+        let bodies = results
+            .get(&key)
+            .unwrap_or_else(|| panic!("no result for {key:?}"));
+        assert_eq!(bodies.len(), 1, "{key:?} has {} results", bodies.len());
+        assert!(bodies[0] == body, "result of {key:?} is not its input");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn awkward_keys_each_get_exactly_one_correct_result() -> Result<()> {
     let ssgm = MockSsgm::start(2)?;
@@ -49,17 +64,12 @@ async fn awkward_keys_each_get_exactly_one_correct_result() -> Result<()> {
         "results: {:?}",
         results.keys()
     );
-    for key in AWKWARD_KEYS {
-        let bodies = results
-            .get(key)
-            .unwrap_or_else(|| panic!("no result for {key:?}"));
-        assert_eq!(bodies.len(), 1, "{key:?} has {} results", bodies.len());
-        assert_eq!(
-            bodies[0],
-            body_for(key),
-            "result of {key:?} is not its input"
-        );
-    }
+    assert_one_result_each_equal_to_its_input(
+        &results,
+        AWKWARD_KEYS
+            .iter()
+            .map(|key| (key.to_string(), body_for(key))),
+    );
     assert_eq!(
         stack.queue_depth(&stack.dlq_url).await?,
         0,
@@ -197,14 +207,9 @@ async fn large_and_small_inputs_side_by_side_each_get_their_result() -> Result<(
         .await?;
     stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
     let results = stack.results_by_source_key().await?;
-    for (key, body) in &inputs {
-        let bodies = results
-            .get(key)
-            .unwrap_or_else(|| panic!("no result for {key:?}"));
-        assert_eq!(bodies.len(), 1, "{key:?} has {} results", bodies.len());
-        assert!(bodies[0] == *body, "result of {key:?} is not its input");
-    }
-    assert_eq!(ssgm.stat("granted")?, inputs.len() as u64);
+    let jobs = inputs.len() as u64;
+    assert_one_result_each_equal_to_its_input(&results, inputs);
+    assert_eq!(ssgm.stat("granted")?, jobs);
     ssgm.assert_all_released()?;
     Ok(())
 }

@@ -145,16 +145,7 @@ impl QueueBatcher {
     /// # Errors
     /// The reply says what `Queue::set_visibility` would.
     pub fn set_visibility(&self, message: &ReceivedMessage, delay: Duration) -> Reply {
-        let receipt = Some(message.receipt.clone());
-        let (request, reply) = request(
-            (message.clone(), delay),
-            message,
-            Instant::now(),
-            receipt,
-            false,
-        );
-        send(&self.visibility, request);
-        reply
+        self.change_visibility(message, delay, Instant::now(), false)
     }
 
     /// Queues a heartbeat: the message stays hidden for `extension` more. It may wait the
@@ -164,13 +155,27 @@ impl QueueBatcher {
     /// # Errors
     /// The reply says what `Queue::set_visibility` would.
     pub fn heartbeat(&self, message: &ReceivedMessage, extension: Duration) -> Reply {
-        let receipt = Some(message.receipt.clone());
-        let (request, reply) = request(
-            (message.clone(), extension),
+        self.change_visibility(
             message,
+            extension,
             Instant::now() + self.heartbeat_window,
-            receipt,
             true,
+        )
+    }
+
+    fn change_visibility(
+        &self,
+        message: &ReceivedMessage,
+        timeout: Duration,
+        send_by: Instant,
+        needed_only_if_awaited: bool,
+    ) -> Reply {
+        let (request, reply) = request(
+            (message.clone(), timeout),
+            message,
+            send_by,
+            Some(message.receipt.clone()),
+            needed_only_if_awaited,
         );
         send(&self.visibility, request);
         reply

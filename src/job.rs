@@ -65,9 +65,15 @@ impl fmt::Display for JobId {
     }
 }
 
-/// Inputs up to this size are downloaded while GPUs are being asked for (see
-/// `JobContext::prepare`); larger ones first, so GPUs are not held while they stream in.
-const OVERLAP_INPUT_MAX: u64 = 8 * 1024 * 1024;
+/// Inputs up to this size are small: downloaded while GPUs are being asked for (see
+/// `JobContext::prepare`) and without a `LARGE_DOWNLOADS` permit. Larger ones are
+/// downloaded first, so GPUs are not held while they stream in.
+const SMALL_INPUT_MAX: u64 = 8 * 1024 * 1024;
+
+/// Whether the event says the object is small; one of unknown size counts as large.
+fn is_small_input(object: &ObjectRef) -> bool {
+    object.size.is_some_and(|size| size <= SMALL_INPUT_MAX)
+}
 
 /// Downloads of large inputs (or of unknown size) streaming at once, across the process.
 /// Each one keeps hyper's adaptive read buffer (up to about 400 KB) and a write buffer:
@@ -559,8 +565,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             "download",
             until_cancelled(cancel, self.download(object, input)),
         ));
-        let overlap = object.size.is_some_and(|size| size <= OVERLAP_INPUT_MAX);
-        if !overlap {
+        if !is_small_input(object) {
             let (exists, downloaded) = tokio::join!(check, download);
             if exists? {
                 return Ok(Prepared::AlreadyDone);
@@ -692,14 +697,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     }
 
     async fn download(&self, object: &ObjectRef, path: &Path) -> Result<u64, JobError> {
-        let _permit = match object.size {
-            Some(size) if size <= OVERLAP_INPUT_MAX => None,
-            _ => Some(
+        let _permit = if is_small_input(object) {
+            None
+        } else {
+            Some(
                 LARGE_DOWNLOADS
                     .acquire()
                     .await
                     .expect("the semaphore is never closed"),
-            ),
+            )
         };
         match storage::download_to_file(&self.s3, &object.bucket, &object.key, path).await {
             Ok(Some(downloaded)) => Ok(downloaded.size),

@@ -342,6 +342,20 @@ impl Stack {
         command
     }
 
+    /// The notification S3 would send again for an object already uploaded: an
+    /// ObjectCreated event with the object's real ETag, so it names the same job.
+    pub async fn duplicate_notification(&self, key: &str) -> Result<String> {
+        let head = self
+            .s3
+            .head_object()
+            .bucket(&self.input_bucket)
+            .key(key)
+            .send()
+            .await?;
+        let etag = head.e_tag().unwrap_or_default().trim_matches('"');
+        Ok(self.object_created_event(key, etag))
+    }
+
     /// An S3 ObjectCreated notification body for an object of the input bucket, as S3
     /// would send it (key form-encoded), to stage duplicate or stale deliveries.
     pub fn object_created_event(&self, key: &str, etag: &str) -> String {

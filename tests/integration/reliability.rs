@@ -300,19 +300,7 @@ async fn the_same_object_notified_three_times_runs_one_job() -> Result<()> {
     stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
     let daemon = stack.start_daemon(&ssgm, &[])?;
     stack.upload("twice.png", b"one job please").await?;
-    let head = stack
-        .s3
-        .head_object()
-        .bucket(&stack.input_bucket)
-        .key("twice.png")
-        .send()
-        .await?;
-    let etag = head
-        .e_tag()
-        .unwrap_or_default()
-        .trim_matches('"')
-        .to_string();
-    let duplicate = stack.object_created_event("twice.png", &etag);
+    let duplicate = stack.duplicate_notification("twice.png").await?;
     // Two more deliveries while the first job runs, and the queue's own notification.
     stack
         .wait_for_log(daemon, "stage=\"upload\"", 1, Duration::from_secs(60))

@@ -93,20 +93,8 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
         // notifications of one object at the same moment can both run it; see README.)
         let previous: Vec<String> = keys.iter().rev().take(5).cloned().collect();
         for key in &previous {
-            let head = stack
-                .s3
-                .head_object()
-                .bucket(&stack.input_bucket)
-                .key(key)
-                .send()
-                .await?;
-            let etag = head
-                .e_tag()
-                .unwrap_or_default()
-                .trim_matches('"')
-                .to_string();
             stack
-                .send_raw(&stack.object_created_event(key, &etag))
+                .send_raw(&stack.duplicate_notification(key).await?)
                 .await?;
             *faults.entry("duplicate notification").or_default() += 1;
         }

@@ -196,7 +196,6 @@ async fn main() -> Result<()> {
     let aws = build_clients(&AwsOptions {
         endpoint_url: Some(opts.endpoint.clone()),
         region: Some("us-east-1".into()),
-        max_receive_wait: Duration::from_secs(20),
     })
     .await;
     let mut report = Report::default();

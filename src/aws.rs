@@ -1,9 +1,12 @@
 //! Builds the AWS SDK configuration and the S3 and SQS clients, in one place.
 //!
 //! Endpoint (LocalStack, moto) and region come from the command line or the SDK's usual
-//! sources. Timeouts are set per client: the SQS long-poll receive needs an attempt timeout
-//! longer than its wait, while S3 transfers must not be cut by an operation timeout (a
-//! large object legitimately takes long), only by a stalled connection.
+//! sources. Timeouts are set per client: SQS requests get a short attempt timeout (a
+//! long-poll receive sets its own, from its wait: see `receive_attempt_timeout`), while
+//! S3 transfers must not be cut by an operation timeout (a large object legitimately
+//! takes long), only by a stalled connection. Retries are the SDK's standard mode with
+//! the attempts and backoff named here, so `worst_sqs_request` can say how long a
+//! request may take.
 
 use std::time::Duration;
 
@@ -21,6 +24,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Slack on top of the long-poll wait for the receive call's attempt timeout.
 const RECEIVE_SLACK: Duration = Duration::from_secs(10);
+/// Attempt timeout of every other SQS request.
+const SQS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Attempts per request (the SDK's standard retry mode).
+const MAX_ATTEMPTS: u32 = 3;
+/// Longest pause between two attempts.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The attempt timeout of a long-poll receive that waits `wait`.
+pub fn receive_attempt_timeout(wait: Duration) -> Duration {
+    wait + RECEIVE_SLACK
+}
+
+/// The longest an SQS request other than a receive may take, retries included.
+pub fn worst_sqs_request() -> Duration {
+    (SQS_ATTEMPT_TIMEOUT + CONNECT_TIMEOUT) * MAX_ATTEMPTS + MAX_RETRY_BACKOFF * (MAX_ATTEMPTS - 1)
+}
 /// Region used when neither the command line nor the environment names one.
 const FALLBACK_REGION: &str = "us-east-1";
 
@@ -40,8 +59,6 @@ pub struct AwsOptions {
     pub endpoint_url: Option<String>,
     /// Region; `None` uses the SDK's sources, then us-east-1.
     pub region: Option<String>,
-    /// The longest SQS long-poll wait the caller will ask for.
-    pub max_receive_wait: Duration,
 }
 
 /// Builds both clients from the SDK's default sources plus `options`.
@@ -53,7 +70,10 @@ pub async fn build_clients(options: &AwsOptions) -> AwsClients {
     if let Some(region) = &options.region {
         loader = loader.region(Region::new(region.clone()));
     }
-    let mut shared = loader.load().await;
+    let retry = aws_config::retry::RetryConfig::standard()
+        .with_max_attempts(MAX_ATTEMPTS)
+        .with_max_backoff(MAX_RETRY_BACKOFF);
+    let mut shared = loader.retry_config(retry).load().await;
     if shared.region().is_none() {
         shared = shared
             .into_builder()
@@ -87,8 +107,8 @@ pub async fn build_clients(options: &AwsOptions) -> AwsClients {
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
-                .read_timeout(options.max_receive_wait + RECEIVE_SLACK)
-                .operation_attempt_timeout(options.max_receive_wait + RECEIVE_SLACK)
+                .read_timeout(SQS_ATTEMPT_TIMEOUT)
+                .operation_attempt_timeout(SQS_ATTEMPT_TIMEOUT)
                 .build(),
         )
         .interceptor(requests.interceptor());

@@ -309,6 +309,32 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl Config {
+    /// The longest a graceful stop can take, from the first SIGTERM to exit, with these
+    /// flags; the unit's `TimeoutStopSec` must be at least this (a test checks it with the
+    /// env example's values). In order: a receive in flight ends within `-w`; running
+    /// jobs get `--shutdown-grace`; then each cancelled job makes one release attempt (an
+    /// allocation in flight is cut short: the releaser settles it) and returns its message
+    /// (one SQS request, retries included); then the releaser's last pass gets one SSGM
+    /// call's time.
+    pub fn stop_budget(&self) -> Duration {
+        let ssgm_call = self.ssgm_timeout + crate::scheduler::KILL_GRACE;
+        self.wait_time
+            + self.shutdown_grace
+            + ssgm_call
+            + crate::aws::worst_sqs_request()
+            + ssgm_call
+    }
+
+    /// The longest start-up can take before READY with these flags: the SQS requests made
+    /// before it (the jobs queue's URL, the results queue's), retries included. Releasing
+    /// what a previous run left happens after READY, in the background.
+    pub fn start_budget(&self) -> Duration {
+        let requests = 1 + u32::from(self.results_queue.is_some());
+        crate::aws::worst_sqs_request() * requests
+    }
+}
+
 impl ConfigError {
     fn new(flag: &'static str, value: &str, reason: impl Into<String>) -> Self {
         ConfigError {

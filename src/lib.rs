@@ -8,22 +8,24 @@
 //! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
 //! `queue` (SQS), `batcher` (batched deletes and visibility changes on the jobs queue),
 //! `storage` (S3 transfers), `event` (notification parsing), `scheduler` (SSGM), `bundle`
-//! (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop and shutdown),
-//! `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to shutdown
+//! (the `.tar.gz`), `job` (one job's stages), `reservations` (every GPU from the request
+//! to the confirmed release: gate, ledger, crash-safe journal, releaser, replay),
+//! `daemon` (the receive loop and shutdown), `signal` (SIGTERM/SIGINT to shutdown
 //! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
-//! `results` (event-driven result detection).
+//! `results` (event-driven result detection), `backoff` (the one retry policy).
 
 pub mod aws;
+pub(crate) mod backoff;
 pub mod batcher;
 pub mod bundle;
 pub mod cli;
 pub mod daemon;
 pub mod event;
 pub mod job;
-pub mod journal;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
+pub mod reservations;
 pub mod results;
 pub mod scheduler;
 pub mod signal;

@@ -5,16 +5,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::sync::{Notify, mpsc};
 use tracing::{error, info, warn};
 
 use orchgpu::aws::{AwsOptions, build_clients, error_chain};
 use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
-use orchgpu::job::{JobContext, JobSettings, release_leftovers, run_releaser};
-use orchgpu::journal::Journal;
+use orchgpu::job::{JobContext, JobSettings};
 use orchgpu::notify;
 use orchgpu::queue::Queue;
+use orchgpu::reservations::{Journal, ReservationSettings, Reservations};
 use orchgpu::results::ResultRegistry;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
 use orchgpu::signal::Signals;
@@ -38,11 +37,10 @@ fn main() -> ExitCode {
     };
     init_tracing(config.log_format);
 
-    // One thread runs all async work. A job's own async work is a few hundred µs of
-    // request building and bookkeeping between waits; file and journal I/O and the
-    // bundle go to tokio's blocking pool. Measured (bench/run.sh --only throughput): 4.2
-    // ms of CPU per job on one thread, 6.5 ms on the default worker per core, which
-    // spends it in cross-thread wake-ups; throughput was no lower.
+    // tokio's default multi-thread runtime (a worker per core): measured side by side
+    // with a one-thread runtime (bench/run.sh --only throughput), one thread used no
+    // less CPU per job and reached a lower throughput. File and journal I/O and the
+    // bundle go to the blocking pool either way.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -77,16 +75,19 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    info!(
+        stop_budget_s = config.stop_budget().as_secs(),
+        start_budget_s = config.start_budget().as_secs(),
+        "Worst-case start and stop times with these flags (TimeoutStartSec and TimeoutStopSec must cover them)."
+    );
     let clients = build_clients(&AwsOptions {
         endpoint_url: config.endpoint_url.clone(),
         region: config.region.clone(),
-        max_receive_wait: config.wait_time,
     })
     .await;
     let queue = Queue::resolve(clients.sqs.clone(), &config.queue)
         .await
         .context("cannot reach the jobs queue")?;
-    warn_without_redrive(&queue).await;
     let requests = clients.requests.clone();
     let results_stop = tokio_util::sync::CancellationToken::new();
     let (results, results_task) = match &config.results_queue {
@@ -107,69 +108,52 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (journal, leftovers) =
         Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
-    let journal = Arc::new(journal);
-    let scheduler = Arc::new(Ssgm::new(SsgmConfig {
+    info!(
+        state_dir = %config.state_dir.display(),
+        reservations = leftovers.reservation_count(),
+        calls = leftovers.call_count(),
+        "Journal read; releasing what a previous run left in the background."
+    );
+    let ssgm = SsgmConfig {
         program: config.ssgm.clone(),
         host: config.scheduler_host.clone(),
         port: config.scheduler_port,
         call_timeout: config.ssgm_timeout,
-        release_attempts: 3,
-        release_retry_delay: std::time::Duration::from_secs(1),
-    }));
-    let scheduler_address = format!("{}:{}", config.scheduler_host, config.scheduler_port);
-    let gpus_freed = Arc::new(Notify::new());
-    let (release_tx, release_rx) = mpsc::unbounded_channel();
-    let releaser = tokio::spawn(run_releaser(
-        scheduler.clone(),
-        release_rx,
-        gpus_freed.clone(),
-        journal.clone(),
-    ));
-    // Whatever a previous run still held goes back before new work starts.
-    let found = leftovers.len();
-    let (released, kept) = release_leftovers(
-        &*scheduler,
-        &journal,
+        scratch_dir: config.state_dir.clone(),
+    };
+    let worst_call = ssgm.worst_call();
+    let (reservations, releaser) = Reservations::start(
+        Arc::new(Ssgm::new(ssgm)),
+        Arc::new(journal),
         leftovers,
-        &scheduler_address,
-        &release_tx,
-    )
-    .await;
-    info!(
-        state_dir = %config.state_dir.display(),
-        found,
-        released,
-        kept,
-        "Journal replayed."
-    );
-
-    let mut jobs = JobContext::new(
-        clients.s3,
-        scheduler,
-        JobSettings {
+        ReservationSettings {
             gpus: config.gpus.get(),
+            alloc_retry_interval: config.alloc_retry_interval,
+            alloc_deadline: config.alloc_deadline,
+            scheduler_address: format!("{}:{}", config.scheduler_host, config.scheduler_port),
+        },
+        worst_call,
+    );
+    let jobs = Arc::new(JobContext::new(
+        clients.s3,
+        Arc::new(reservations),
+        JobSettings {
             intermediate: config.intermediate.clone(),
             output: config.output.clone(),
             result_suffix: config.result_suffix.clone(),
             result_poll_interval: config.result_poll_interval,
             result_deadline: config.result_deadline,
-            alloc_retry_interval: config.alloc_retry_interval,
-            alloc_deadline: config.alloc_deadline,
             work_dir: std::env::temp_dir(),
-            scheduler_address,
         },
-        gpus_freed,
-        release_tx,
-        journal,
-    );
-    jobs.results = results;
-    let jobs = Arc::new(jobs);
+        results,
+    ));
 
     let shutdown = Shutdown::new();
     let signals = Signals::install().context("cannot install the signal handlers")?;
     tokio::spawn(signals.forward(shutdown.clone()));
-    // The queue is reached, the journal replayed and signals handled: tell systemd.
+    // The queue is reached, the journal read and signals handled: tell systemd.
     notify::ready(&format!("Receiving jobs from {}.", queue.url()));
+    tokio::spawn(warn_without_redrive(queue.clone()));
 
     daemon::run(
         queue,
@@ -185,7 +169,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown,
     )
     .await;
-    // Every job has ended, so the last sender is gone: the releaser drains and stops.
+    // Every job has ended and `jobs` is gone with `daemon::run`, so the releaser's last
+    // sender is gone too: it makes its last pass and stops.
     releaser.await.context("the releaser task failed")?;
     results_stop.cancel();
     if let Some(task) = results_task {
@@ -201,7 +186,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Without a redrive policy a poison message is retried forever: say so at start-up.
-async fn warn_without_redrive(queue: &Queue) {
+async fn warn_without_redrive(queue: Queue) {
     use aws_sdk_sqs::types::QueueAttributeName;
     match queue.attribute(QueueAttributeName::RedrivePolicy).await {
         Ok(Some(_)) => {}

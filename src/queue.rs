@@ -135,6 +135,17 @@ impl Queue {
             .wait_time_seconds(wait.as_secs() as i32)
             .visibility_timeout(visibility.as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .customize()
+            // The client's attempt timeout is shorter than a long poll: derive this one
+            // from the wait, so an idle receive is never cut off as a failure.
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(
+                    aws_config::timeout::TimeoutConfig::builder()
+                        .read_timeout(crate::aws::receive_attempt_timeout(wait))
+                        .operation_attempt_timeout(crate::aws::receive_attempt_timeout(wait))
+                        .build(),
+                ),
+            )
             .send()
             .await
             .map_err(|e| QueueError::Receive {

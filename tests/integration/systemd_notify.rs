@@ -93,9 +93,9 @@ async fn ready_after_the_queue_is_reached_then_stopping_on_sigterm() -> Result<(
         ready.contains("STATUS=Receiving jobs from ") && ready.contains(&stack.jobs_queue),
         "READY without the queue in its status: {ready:?}"
     );
-    // READY means the queue was reached: the log says so before it.
+    // READY means the queue was reached and the journal read: the log says so before it.
     assert!(
-        stack.log(daemon).contains("Journal replayed."),
+        stack.log(daemon).contains("Journal read;"),
         "READY before start-up finished:\n{}",
         stack.log(daemon)
     );

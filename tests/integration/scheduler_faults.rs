@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::harness::{MockSsgm, Stack};
+use crate::harness::{MockSsgm, Stack, wait_for};
 
 /// Injects `count` faults of `kind`, runs `jobs` inputs through and checks that every job
 /// still completes, nothing is left allocated and nothing reaches the dead-letter queue.
@@ -33,6 +33,11 @@ async fn survives(
     assert_eq!(results.len(), jobs, "{:?}", results.keys());
     assert!(results.values().all(|r| r.len() == 1));
     assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    // A failed release is retried in the background, after the job ended.
+    wait_for("every grant released", Duration::from_secs(30), || async {
+        Ok((ssgm.stat("live")? == 0).then_some(()))
+    })
+    .await?;
     ssgm.assert_all_released()?;
     assert!(ssgm.stat("faults_injected")? >= u64::from(count));
     Ok((ssgm, stack, daemon))
@@ -68,8 +73,8 @@ async fn a_failed_release_is_retried() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_failing_past_its_retries_is_retried_in_the_background() -> Result<()> {
-    // Four failures outlast the client's three attempts; with one GPU the second job can
-    // only run once the background releaser has given the first job's GPU back.
+    // Four failures: the job's own attempt and three of the background releaser's; with
+    // one GPU the second job can only run once the releaser has given the GPU back.
     let (ssgm, stack, daemon) = survives("fail-release", 4, 2, 1).await?;
     assert!(
         stack

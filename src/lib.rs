@@ -16,8 +16,8 @@
 
 pub mod aws;
 pub(crate) mod backoff;
-pub mod batcher;
-pub mod bundle;
+pub(crate) mod batcher;
+pub(crate) mod bundle;
 pub mod cli;
 pub mod daemon;
 pub mod event;

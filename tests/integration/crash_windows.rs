@@ -10,31 +10,6 @@ use anyhow::Result;
 
 use crate::harness::{MockSsgm, Stack, wait_for};
 
-/// Live `mock-ssgm -alloc` clients talking to this mock (by their command line).
-fn alloc_clients(ssgm: &MockSsgm) -> Vec<u32> {
-    let port = ssgm.port.to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                !s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            });
-            alive
-                && args.iter().any(|a| *a == b"-alloc")
-                && args.contains(&port.as_bytes())
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_the_instant_of_a_grant_the_restart_releases_it_and_the_job_runs_once()
 -> Result<()> {
@@ -97,7 +72,7 @@ async fn a_client_killed_at_its_timeout_after_granting_has_its_grant_released() 
         2,
         "the stray grant and the job's own"
     );
-    assert!(alloc_clients(&ssgm).is_empty(), "a hung client survived");
+    assert!(ssgm.alloc_clients().is_empty(), "a hung client survived");
     Ok(())
 }
 
@@ -115,12 +90,12 @@ async fn an_orphaned_hung_client_is_waited_out_killed_and_its_grant_released() -
         .process(first)
         .wait_exit(Duration::from_secs(60))
         .await?;
-    let orphans = alloc_clients(&ssgm);
+    let orphans = ssgm.alloc_clients();
     assert_eq!(orphans.len(), 1, "the hung client outlives its daemon");
 
     stack.start_daemon(&ssgm, &["-v", "5", "--ssgm-timeout", "4"])?;
     wait_for("the orphan killed", Duration::from_secs(30), || async {
-        Ok(alloc_clients(&ssgm).is_empty().then_some(()))
+        Ok(ssgm.alloc_clients().is_empty().then_some(()))
     })
     .await?;
     stack.wait_for_results(1, Duration::from_secs(90)).await?;

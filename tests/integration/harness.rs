@@ -707,6 +707,31 @@ impl MockSsgm {
         Ok(())
     }
 
+    /// Live `mock-ssgm -alloc` clients talking to this server (found by their command
+    /// line): a hung client must not outlive the daemon that ran it for long.
+    pub fn alloc_clients(&self) -> Vec<u32> {
+        let port = self.port.to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                    return false;
+                };
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                // A zombie has exited; its parent has not reaped it yet.
+                let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    !s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                });
+                alive && args.contains(&&b"-alloc"[..]) && args.contains(&port.as_bytes())
+            })
+            .collect()
+    }
+
     /// Asserts the lifecycle promise: nothing left allocated and every grant released.
     pub fn assert_all_released(&self) -> Result<()> {
         let stats = self.stats()?;

@@ -448,7 +448,8 @@ fn injected_print_then_hang_prints_the_grant_and_hangs_holding_it() -> Result<()
 }
 
 /// Runs `script` under `sh -c`, with `$0` the mock client and `$1`, `$2` files in a
-/// temporary directory; returns sh's status, its stdout and the directory.
+/// temporary directory (`$2` for a background client's pid); returns sh's status, its
+/// stdout and the directory.
 fn under_sh(server: &MockServer, script: &str) -> Result<(ExitStatus, String, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let mut sh = Command::new("sh")
@@ -469,6 +470,13 @@ fn under_sh(server: &MockServer, script: &str) -> Result<(ExitStatus, String, te
         if started.elapsed() > CALL_DEADLINE {
             let _ = sh.kill();
             let _ = sh.wait();
+            // A client that hangs under sh outlives it: kill it too.
+            if let Some(pid) = std::fs::read_to_string(dir.path().join("pid"))
+                .ok()
+                .and_then(|pid| pid.trim().parse().ok())
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
             bail!("sh -c {script:?} did not finish within {CALL_DEADLINE:?}");
         }
         thread::sleep(Duration::from_millis(10));

@@ -56,22 +56,28 @@ fn assert_each_fault_retried(ssgm: &MockSsgm, count: u32, jobs: usize) -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_errors_are_retried() -> Result<()> {
-    let (ssgm, _stack, _daemon) = survives("error", 2, 2, 2).await?;
+    let (ssgm, stack, daemon) = survives("error", 2, 2, 2).await?;
     assert_each_fault_retried(&ssgm, 2, 2)?;
     assert_eq!(ssgm.stat("request_errors")?, 2);
+    // How the daemon classified it shows only in its log.
+    assert!(stack.log(daemon).contains("scheduler refused a request"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_replies_are_retried() -> Result<()> {
-    let (ssgm, _stack, _daemon) = survives("garbage", 2, 2, 2).await?;
-    assert_each_fault_retried(&ssgm, 2, 2)
+    let (ssgm, stack, daemon) = survives("garbage", 2, 2, 2).await?;
+    assert_each_fault_retried(&ssgm, 2, 2)?;
+    assert!(stack.log(daemon).contains("unreadable reply"));
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_client_is_killed_and_retried() -> Result<()> {
-    let (ssgm, _stack, _daemon) = survives("hang", 1, 2, 2).await?;
-    assert_each_fault_retried(&ssgm, 1, 2)
+    let (ssgm, stack, daemon) = survives("hang", 1, 2, 2).await?;
+    assert_each_fault_retried(&ssgm, 1, 2)?;
+    assert!(stack.log(daemon).contains("timed out"));
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

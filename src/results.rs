@@ -249,15 +249,26 @@ mod tests {
         assert_eq!(registry.deliver("out", "k"), 0);
     }
 
-    #[test]
-    fn junk_and_test_events_wake_nobody() {
+    #[tokio::test]
+    async fn junk_and_test_events_wake_nobody_and_a_real_event_still_does() {
         let registry = ResultRegistry::new();
-        let _w = registry.register("out", "results/abc.png");
+        let waiter = registry.register("bucket", "in/my photo+1.jpg");
         route(&registry, "not json");
         route(
             &registry,
-            r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"out"}"#,
+            r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"bucket"}"#,
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), waiter.arrived())
+                .await
+                .is_err(),
+            "junk or a test event woke a waiter"
         );
         assert_eq!(registry.len(), 1);
+        // Its own key's event still wakes it: the silence above is not a deaf waiter.
+        route(&registry, EVENT);
+        tokio::time::timeout(Duration::from_secs(1), waiter.arrived())
+            .await
+            .expect("woken by the real event");
     }
 }

@@ -43,23 +43,44 @@ async fn survives(
     Ok((ssgm, stack, daemon))
 }
 
+/// Asserts from the mock's books that each of `count` faulty alloc calls was followed by
+/// another try, and that each of `jobs` jobs was granted once: every alloc call was a
+/// grant or a fault (there are GPUs enough for no busy answer).
+fn assert_each_fault_retried(ssgm: &MockSsgm, count: u32, jobs: usize) -> Result<()> {
+    let stats = ssgm.stats()?;
+    assert_eq!(stats["faults_injected"], count, "{stats}");
+    assert_eq!(stats["granted"], jobs as u64, "{stats}");
+    assert_eq!(stats["busy"], 0, "{stats}");
+    assert_eq!(
+        stats["alloc_calls"],
+        jobs as u64 + u64::from(count),
+        "{stats}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_errors_are_retried() -> Result<()> {
-    let (_ssgm, stack, daemon) = survives("error", 2, 2, 2).await?;
+    let (ssgm, stack, daemon) = survives("error", 2, 2, 2).await?;
+    assert_each_fault_retried(&ssgm, 2, 2)?;
+    assert_eq!(ssgm.stat("request_errors")?, 2);
+    // How the daemon classified it shows only in its log.
     assert!(stack.log(daemon).contains("scheduler refused a request"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_replies_are_retried() -> Result<()> {
-    let (_ssgm, stack, daemon) = survives("garbage", 2, 2, 2).await?;
+    let (ssgm, stack, daemon) = survives("garbage", 2, 2, 2).await?;
+    assert_each_fault_retried(&ssgm, 2, 2)?;
     assert!(stack.log(daemon).contains("unreadable reply"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_client_is_killed_and_retried() -> Result<()> {
-    let (_ssgm, stack, daemon) = survives("hang", 1, 2, 2).await?;
+    let (ssgm, stack, daemon) = survives("hang", 1, 2, 2).await?;
+    assert_each_fault_retried(&ssgm, 1, 2)?;
     assert!(stack.log(daemon).contains("timed out"));
     Ok(())
 }

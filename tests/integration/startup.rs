@@ -60,24 +60,48 @@ fn missing_required_flag_exits_2() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--scheduler-host"));
 }
 
+/// The option names that open each option line of `--help`: `["-q", "--queue"]` for
+/// `  -q, --queue <QUEUE>`, `["--region"]` for `      --region <REGION>`.
+fn help_options(help: &str) -> Vec<Vec<&str>> {
+    help.lines()
+        .filter(|line| line.trim_start().starts_with('-'))
+        .map(|line| {
+            line.split_whitespace()
+                .map(|token| token.trim_end_matches(','))
+                .take_while(|token| token.starts_with('-'))
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
 fn help_documents_every_option_and_version_works() {
     let help = orchgpu(&["--help"]);
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    for option in [
-        "-q",
-        "-S",
-        "-P",
-        "-g",
-        "-v",
-        "-w",
-        "-s",
-        "-u",
-        "-b",
-        "-m",
-        "-i",
-        "-o",
+    let options = help_options(&text);
+    // orchGPU's letters, each paired with its long name on one line; a letter that went
+    // missing or moved to another option fails here.
+    for (short, long) in [
+        ("-q", "--queue"),
+        ("-S", "--scheduler-host"),
+        ("-P", "--scheduler-port"),
+        ("-g", "--gpus"),
+        ("-v", "--visibility-timeout"),
+        ("-w", "--wait-time"),
+        ("-s", "--alloc-retry-interval"),
+        ("-u", "--empty-pause"),
+        ("-b", "--result-poll-interval"),
+        ("-m", "--ssgm"),
+        ("-i", "--intermediate"),
+        ("-o", "--output"),
+    ] {
+        assert!(
+            options.contains(&vec![short, long]),
+            "--help has no line for {short}, {long}: {options:?}"
+        );
+    }
+    for long in [
         "--endpoint-url",
         "--region",
         "--max-jobs",
@@ -87,11 +111,17 @@ fn help_documents_every_option_and_version_works() {
         "--result-suffix",
         "--retry-backoff",
         "--shutdown-grace",
+        "--state-dir",
+        "--results-queue",
+        "--stats-file",
         "--log-format",
-        "ORCHGPU_QUEUE",
     ] {
-        assert!(text.contains(option), "--help does not mention {option}");
+        assert!(
+            options.contains(&vec![long]),
+            "--help has no line for {long}: {options:?}"
+        );
     }
+    assert!(text.contains("[env: ORCHGPU_QUEUE="), "{text}");
     let version = orchgpu(&["--version"]);
     assert!(version.status.success());
     assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));

@@ -227,6 +227,15 @@ pub struct Args {
     /// Write the counts of AWS requests made, by operation, to this file (JSON) at exit.
     #[arg(long = "stats-file", env = "ORCHGPU_STATS_FILE", value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
+
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g.
+    /// 127.0.0.1:9464 [default: off].
+    #[arg(
+        long = "http-listen",
+        env = "ORCHGPU_HTTP_LISTEN",
+        value_name = "ADDR:PORT"
+    )]
+    pub http_listen: Option<String>,
 }
 
 /// How log lines are written to stderr.
@@ -298,6 +307,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub results_queue: Option<QueueRef>,
     pub stats_file: Option<PathBuf>,
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 /// A command-line value that cannot be used; the message names the flag.
@@ -402,8 +412,24 @@ impl TryFrom<Args> for Config {
             log_format: args.log_format,
             results_queue: parse_results_queue(args.results_queue)?,
             stats_file: args.stats_file,
+            http_listen: parse_listen(args.http_listen.as_deref())?,
         })
     }
+}
+
+/// `ADDR:PORT` with a literal IP address (`127.0.0.1:9464`, `[::1]:9464`): a host name
+/// would be resolved behind the operator's back.
+fn parse_listen(raw: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(raw) = raw.map(str::trim).filter(|r| !r.is_empty()) else {
+        return Ok(None);
+    };
+    raw.parse().map(Some).map_err(|_| {
+        ConfigError::new(
+            "--http-listen",
+            raw,
+            "expected an IP address and a port, such as 127.0.0.1:9464",
+        )
+    })
 }
 
 fn parse_secs(flag: &'static str, raw: &str, min: u64, max: u64) -> Result<Duration, ConfigError> {
@@ -910,6 +936,19 @@ mod tests {
         assert_eq!(parse("b-1/a/b/").dir, "a/b");
         assert_eq!(parse("b-1/a/b").key_for("x.tar.gz"), "a/b/x.tar.gz");
         assert_eq!(parse("b-1").key_for("x.tar.gz"), "x.tar.gz");
+    }
+
+    #[test]
+    fn http_listen_is_off_by_default_and_needs_an_ip_and_port() {
+        assert_eq!(config(&[]).expect("valid").http_listen, None);
+        let c = config(&["--http-listen", "127.0.0.1:9464"]).expect("valid");
+        assert_eq!(c.http_listen, Some("127.0.0.1:9464".parse().expect("addr")));
+        let c = config(&["--http-listen", "[::1]:0"]).expect("valid");
+        assert_eq!(c.http_listen, Some("[::1]:0".parse().expect("addr")));
+        for bad in ["localhost:9464", "127.0.0.1", "9464", "127.0.0.1:99999"] {
+            let err = config(&["--http-listen", bad]).expect_err(bad);
+            assert!(err.to_string().contains("--http-listen"), "{err}");
+        }
     }
 
     #[test]

@@ -28,9 +28,10 @@ use crate::backoff::Backoff;
 use crate::batcher::{QueueBatcher, Reply};
 use crate::cli::MAX_VISIBILITY;
 use crate::event::{Notification, parse_notification};
-use crate::job::{Disposition, JobCancel, JobContext};
+use crate::job::{Disposition, JobCancel, JobContext, JobOutcome};
 use crate::queue::{Queue, QueueError, ReceivedMessage};
 use crate::scheduler::GpuScheduler;
+use crate::telemetry::{self, Outcome};
 
 /// SQS returns at most ten messages per receive.
 const MAX_BATCH: usize = 10;
@@ -42,6 +43,9 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(15 * 60);
 const VISIBILITY_MARGIN: Duration = Duration::from_secs(60);
 /// How much of a message body a drop log line quotes.
 const BODY_GIST_CHARS: usize = 160;
+/// How long the loop (or, while jobs run, the job tasks) may show no progress before the
+/// daemon counts as unhealthy for `/healthz`.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
 /// Longest wait of a heartbeat for others to share its request.
 const MAX_HEARTBEAT_WINDOW: Duration = Duration::from_secs(1);
 /// First retry of a failed heartbeat; the retries double up to the heartbeat interval.
@@ -109,17 +113,19 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
     let stop = shutdown.stop.clone();
 
     info!(queue = %queue.url(), max_jobs = settings.max_jobs, "Receiving jobs.");
+    let mut receives: u64 = 0;
     loop {
+        telemetry::get().loop_progressed();
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            permit = slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+            permit = ticking(slots.clone().acquire_owned()) => permit.expect("the slot semaphore is never closed"),
         };
         // A job waiting for GPUs holds the gate: new messages would only wait too.
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            _ = jobs.reservations().until_gate_free() => {}
+            _ = ticking(jobs.reservations().until_gate_free()) => {}
         }
         let wanted = (1 + slots.available_permits()).min(MAX_BATCH);
         // A receive in flight is not dropped on the first signal: SQS may already have
@@ -128,8 +134,10 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
         let received = tokio::select! {
             biased;
             _ = shutdown.abort.cancelled() => break,
-            received = queue.receive(wanted, settings.wait_time, settings.visibility_timeout) => received,
+            received = ticking(queue.receive(wanted, settings.wait_time, settings.visibility_timeout)) => received,
         };
+        receives += 1;
+        debug_wedge(receives).await;
         if stop.is_cancelled() {
             if let Ok(messages) = received {
                 return_now(&batcher, &messages).await;
@@ -138,6 +146,7 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
         }
         let messages = match received {
             Ok(messages) => {
+                telemetry::get().received();
                 if receive_failures > 0 {
                     info!(failures = receive_failures, "Queue reachable again.");
                 }
@@ -191,6 +200,7 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
         }
     }
 
+    telemetry::get().set_ready(false);
     tracker.close();
     info!(
         running = tracker.len(),
@@ -222,8 +232,38 @@ async fn sleep_or_stop(duration: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         biased;
         _ = stop.cancelled() => true,
-        _ = tokio::time::sleep(duration) => false,
+        _ = ticking(tokio::time::sleep(duration)) => false,
     }
+}
+
+/// Runs `wait`, a wait the receive loop is meant to make, showing progress meanwhile:
+/// a loop that waits where it should is alive; one that stops turning is not.
+async fn ticking<F: std::future::Future>(wait: F) -> F::Output {
+    tokio::pin!(wait);
+    let mut tick = tokio::time::interval(telemetry::LOOP_TICK);
+    loop {
+        tokio::select! {
+            output = &mut wait => return output,
+            _ = tick.tick() => telemetry::get().loop_progressed(),
+        }
+    }
+}
+
+/// A fault for the watchdog test, in debug builds only: with
+/// `ORCHGPU_DEBUG_WEDGE_AFTER_RECEIVES=N` the loop hangs for good after its N-th receive,
+/// showing no progress, as a wedged loop would.
+async fn debug_wedge(receives: u64) {
+    #[cfg(debug_assertions)]
+    if std::env::var("ORCHGPU_DEBUG_WEDGE_AFTER_RECEIVES")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| receives >= n)
+    {
+        warn!(receives, "Debug fault: wedging the receive loop.");
+        std::future::pending::<()>().await;
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = receives;
 }
 
 /// Processes one message in its own task, extending its visibility meanwhile, then
@@ -238,6 +278,8 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     shutdown: Shutdown,
 ) {
     let _permit = permit;
+    let _running = telemetry::get().job_running();
+    telemetry::get().jobs_progressed();
     let received_at = Instant::now();
     let cancel = JobCancel {
         token: shutdown.abort.child_token(),
@@ -262,9 +304,11 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     // At most one heartbeat in flight (with the visibility it asks for and when it left);
     // the job's end does not wait for it.
     let mut beat: Option<(Reply, Duration, tokio::time::Instant)> = None;
+    let mut progress = tokio::time::interval(telemetry::JOBS_TICK);
     let outcome = loop {
         tokio::select! {
             outcome = &mut work => break outcome,
+            _ = progress.tick() => telemetry::get().jobs_progressed(),
             _ = tokio::time::sleep_until(schedule.due()), if beat.is_none() && !cancel.lost.is_cancelled() => {
                 let now = tokio::time::Instant::now();
                 schedule.sending(now);
@@ -300,16 +344,22 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     };
     // A heartbeat not sent yet is withdrawn: the message is about to be deleted or returned.
     drop(beat);
-    let disposition = match outcome {
-        Ok(disposition) => disposition,
+    let (disposition, succeeded) = match outcome {
+        Ok(ended) => ended,
         Err(join_error) => {
             error!(error = %join_error, "Job task panicked; its message will be retried.");
-            Disposition::RetryLater
+            telemetry::get().job_ended(Outcome::Returned);
+            (Disposition::RetryLater, false)
         }
     };
     match disposition {
         Disposition::Delete => match batcher.delete(&message).await {
-            Ok(()) => debug!("Message deleted."),
+            Ok(()) => {
+                debug!("Message deleted.");
+                if succeeded {
+                    telemetry::get().job_finished(received_at.elapsed());
+                }
+            }
             // The message will come back; its result exists, so it is harmless.
             Err(e) => {
                 warn!(error = %error_chain(&e), "Delete failed; the message will be redelivered.")
@@ -408,21 +458,25 @@ async fn return_now(batcher: &QueueBatcher, messages: &[ReceivedMessage]) {
     }
 }
 
-/// Classifies the body and runs a job per object; returns what to do with the message.
+/// Classifies the body and runs a job per object, counting how each ended; returns what
+/// to do with the message, and whether a job of it ran to its result.
 async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
     jobs: Arc<JobContext<S>>,
     body: String,
     receive_count: u32,
     cancel: JobCancel,
-) -> Disposition {
+) -> (Disposition, bool) {
+    let telemetry = telemetry::get();
     let objects = match parse_notification(&body) {
         Notification::TestEvent => {
             info!("Dropping s3:TestEvent message.");
-            return Disposition::Delete;
+            telemetry.job_ended(Outcome::Dropped);
+            return (Disposition::Delete, false);
         }
         Notification::NotAnEvent(reason) => {
             warn!(reason = %reason, body = %gist(&body), "Dropping message that is not an S3 object event.");
-            return Disposition::Delete;
+            telemetry.job_ended(Outcome::Dropped);
+            return (Disposition::Delete, false);
         }
         Notification::Objects { objects, skipped } => {
             if skipped > 0 {
@@ -434,8 +488,18 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
             objects
         }
     };
+    let mut succeeded = false;
     for object in &objects {
-        if let Err(e) = jobs.run_job(object, &cancel).await {
+        let ended = jobs.run_job(object, &cancel).await;
+        match &ended {
+            Ok(JobOutcome::Completed) => {
+                succeeded = true;
+                telemetry.job_ended(Outcome::Succeeded);
+            }
+            Ok(JobOutcome::AlreadyDone) => telemetry.job_ended(Outcome::Duplicate),
+            Err(e) => telemetry.job_ended(e.outcome()),
+        }
+        if let Err(e) = ended {
             let disposition = e.disposition();
             match disposition {
                 Disposition::Delete => {
@@ -454,10 +518,10 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
                     info!(key = %object.key, reason = %e, "Job stopped.");
                 }
             }
-            return disposition;
+            return (disposition, succeeded);
         }
     }
-    Disposition::Delete
+    (Disposition::Delete, succeeded)
 }
 
 /// Backoff for a failed job's message: doubles with each receive, capped.

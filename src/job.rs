@@ -29,6 +29,7 @@ use crate::reservations::{AllocError, Reservation, Reservations};
 use crate::results::{ResultRegistry, ResultWaiter};
 use crate::scheduler::GpuScheduler;
 use crate::storage::{self, StorageError};
+use crate::telemetry::Outcome;
 
 /// A job's id: derived from the object's identity, so the same object version always
 /// maps to the same id (and the same result key), across deliveries, restarts and
@@ -202,6 +203,24 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// How this ending is counted in `orchgpu_jobs_total{outcome}`.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            JobError::InputGone { .. } => Outcome::Dropped,
+            JobError::Cancelled | JobError::NotStarted | JobError::CancelledAwaitingResult => {
+                Outcome::Stopped
+            }
+            JobError::Abandoned => Outcome::Abandoned,
+            JobError::Allocation(AllocError::Deadline(_)) | JobError::ResultDeadline { .. } => {
+                Outcome::Deadline
+            }
+            JobError::Storage(_)
+            | JobError::TempFile { .. }
+            | JobError::Bundle(_)
+            | JobError::Allocation(_) => Outcome::Returned,
+        }
+    }
+
     /// The lifecycle policy: only a job that can never work deletes its message.
     pub fn disposition(&self) -> Disposition {
         match self {
@@ -599,6 +618,7 @@ async fn stage<T>(
     let result = fut.await;
     if result.is_ok() {
         let elapsed = started.elapsed();
+        crate::telemetry::get().stage_finished(name, elapsed);
         info!(
             stage = name,
             elapsed_ms = elapsed.as_millis() as u64,

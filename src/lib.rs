@@ -12,7 +12,9 @@
 //! to the confirmed release: gate, ledger, crash-safe journal, releaser, replay),
 //! `daemon` (the receive loop and shutdown), `signal` (SIGTERM/SIGINT to shutdown
 //! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
-//! `results` (event-driven result detection), `backoff` (the one retry policy).
+//! `results` (event-driven result detection), `backoff` (the one retry policy),
+//! `telemetry` (Prometheus metrics, liveness, readiness) and `http` (the listener that
+//! serves them).
 
 pub mod aws;
 pub(crate) mod backoff;
@@ -21,6 +23,7 @@ pub(crate) mod bundle;
 pub mod cli;
 pub mod daemon;
 pub mod event;
+pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod notify;
@@ -30,3 +33,4 @@ pub mod results;
 pub mod scheduler;
 pub mod signal;
 pub mod storage;
+pub mod telemetry;

@@ -17,6 +17,7 @@ use orchgpu::reservations::{Journal, ReservationSettings, Reservations};
 use orchgpu::results::ResultRegistry;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
 use orchgpu::signal::Signals;
+use orchgpu::telemetry;
 
 /// Exit codes, in one place: 0 clean exit (graceful shutdown included), 1 a fatal error
 /// at run time, 2 a bad command line or configuration (as clap's own usage errors).
@@ -80,6 +81,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         start_budget_s = config.start_budget().as_secs(),
         "Worst-case start and stop times with these flags (TimeoutStartSec and TimeoutStopSec must cover them)."
     );
+    // Bound first: a port in use is a start-up error, before anything else is touched.
+    let http = match config.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--http-listen)"))?,
+        ),
+        None => None,
+    };
     let clients = build_clients(&AwsOptions {
         endpoint_url: config.endpoint_url.clone(),
         region: config.region.clone(),
@@ -152,8 +162,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let signals = Signals::install().context("cannot install the signal handlers")?;
     tokio::spawn(signals.forward(shutdown.clone()));
     // The queue is reached, the journal read and signals handled: tell systemd.
+    telemetry::get().set_ready(true);
     notify::ready(&format!("Receiving jobs from {}.", queue.url()));
     tokio::spawn(warn_without_redrive(queue.clone()));
+    let observers = tokio_util::sync::CancellationToken::new();
+    if let Some(listener) = http {
+        info!(address = %listener.local_addr().context("the listener has no address")?, "Serving /metrics, /healthz and /readyz.");
+        tokio::spawn(orchgpu::http::serve(
+            listener,
+            daemon::STALE_AFTER,
+            observers.clone(),
+        ));
+        tokio::spawn(orchgpu::queue::sample_depths(
+            queue.clone(),
+            QUEUE_SAMPLE_INTERVAL,
+            observers.clone(),
+        ));
+    }
+    if let Some(interval) = notify::watchdog_interval() {
+        tokio::spawn(watchdog(interval, observers.clone()));
+    }
 
     daemon::run(
         queue,
@@ -172,6 +200,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Every job has ended and `jobs` is gone with `daemon::run`, so the releaser's last
     // sender is gone too: it makes its last pass and stops.
     releaser.await.context("the releaser task failed")?;
+    observers.cancel();
     results_stop.cancel();
     if let Some(task) = results_task {
         task.await.context("the results task failed")?;
@@ -183,6 +212,36 @@ async fn run(config: Config) -> anyhow::Result<()> {
         warn!(path = %path.display(), error = %e, "Cannot write the stats file.");
     }
     Ok(())
+}
+
+/// How often the queue depths are sampled for `/metrics`.
+const QUEUE_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Pings the systemd watchdog twice per interval, but only while the receive loop (and
+/// the job tasks) show progress: a wedged daemon stops pinging and systemd restarts it.
+/// The loop counts as stalled after half the interval without progress (at least three
+/// of its ticks, at most `daemon::STALE_AFTER`), so the pings stop before systemd's
+/// deadline.
+async fn watchdog(interval: std::time::Duration, stop: tokio_util::sync::CancellationToken) {
+    let stale_after = (interval / 2).clamp(telemetry::LOOP_TICK * 3, daemon::STALE_AFTER);
+    let mut warned = false;
+    loop {
+        let health = telemetry::get().health(stale_after);
+        if health.healthy {
+            notify::watchdog();
+            warned = false;
+        } else if !warned {
+            error!(
+                loop_idle_s = health.loop_age.as_secs(),
+                "The receive loop shows no progress; not pinging the watchdog."
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval / 2) => {}
+        }
+    }
 }
 
 /// Without a redrive policy a poison message is retried forever: say so at start-up.

@@ -43,6 +43,7 @@ use releaser::{Releaser, Work};
 
 use crate::aws::error_chain;
 use crate::scheduler::{AllocReply, GpuScheduler, Grant, SchedulerError};
+use crate::telemetry::{self, SchedulerReply};
 
 /// How reservations are asked for.
 #[derive(Debug, Clone)]
@@ -247,6 +248,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
         stop: &CancellationToken,
     ) -> Result<Reservation, AllocError> {
         let deadline = Instant::now() + self.settings.alloc_deadline;
+        let _waiting = telemetry::get().waiting_for_gpus();
         let _gate = tokio::select! {
             biased;
             _ = abort.cancelled() => return Err(AllocError::Interrupted),
@@ -337,6 +339,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                 return Err(AllocError::Interrupted);
             }
         };
+        telemetry::get().scheduler_call("alloc", alloc_reply_label(&result));
         let entry_for = |scheduler_job_id: &str| JournalEntry {
             scheduler_job_id: scheduler_job_id.to_owned(),
             scheduler: call.scheduler.clone(),
@@ -424,9 +427,12 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     pub async fn release(&self, reservation: Reservation) {
         let entry = reservation.disarm();
         let started = std::time::Instant::now();
-        match self.shared.scheduler.dealloc(&entry.scheduler_job_id).await {
+        let released = self.shared.scheduler.dealloc(&entry.scheduler_job_id).await;
+        telemetry::get().scheduler_call("dealloc", dealloc_reply_label(&released));
+        match released {
             Ok(()) => {
                 forget(&self.shared, &entry.scheduler_job_id).await;
+                telemetry::get().stage_finished("release", started.elapsed());
                 info!(
                     stage = "release",
                     scheduler_job = %entry.scheduler_job_id,
@@ -442,6 +448,35 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                 );
                 let _ = self.work.send(Work::Retry(entry));
             }
+        }
+    }
+}
+
+/// The reply label of an `-alloc` call for the scheduler-calls metric.
+fn alloc_reply_label(result: &Result<AllocReply, SchedulerError>) -> SchedulerReply {
+    match result {
+        Ok(AllocReply::Granted(_)) => SchedulerReply::Granted,
+        Ok(AllocReply::Busy) => SchedulerReply::Busy,
+        Ok(AllocReply::RequestError { .. }) => SchedulerReply::Error,
+        Err(e) => error_label(e),
+    }
+}
+
+/// The reply label of a `-dealloc` call.
+fn dealloc_reply_label(result: &Result<(), SchedulerError>) -> SchedulerReply {
+    match result {
+        Ok(()) => SchedulerReply::Ok,
+        Err(e) => error_label(e),
+    }
+}
+
+fn error_label(error: &SchedulerError) -> SchedulerReply {
+    match error {
+        SchedulerError::StrayGrant { source, .. } => error_label(source),
+        SchedulerError::Timeout { .. } => SchedulerReply::Timeout,
+        SchedulerError::BadReply { .. } => SchedulerReply::Garbage,
+        SchedulerError::Spawn { .. } | SchedulerError::Failed { .. } | SchedulerError::Io(_) => {
+            SchedulerReply::Failed
         }
     }
 }

@@ -29,11 +29,14 @@ use super::{Shared, blocking, forget, unix_now_ms};
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
 use crate::scheduler::GpuScheduler;
+use crate::telemetry;
 
 /// Consecutive failed releases after which a reservation is given up (see the module doc).
 pub(crate) const GIVE_UP_AFTER_FAILURES: u32 = 20;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(5 * 60);
+/// How often the age of the oldest reservation is measured for its gauge.
+const GAUGE_REFRESH: Duration = Duration::from_secs(10);
 
 /// What the releaser is asked to do.
 pub(super) enum Work {
@@ -82,9 +85,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
 
     /// Runs until every sender is gone, then makes one last pass (see `finish`).
     pub(super) async fn run(mut self) {
+        let mut gauges = tokio::time::interval(GAUGE_REFRESH);
         loop {
             let next_due = self.pending.iter().map(|p| p.due).min();
             tokio::select! {
+                _ = gauges.tick() => self.refresh_gauges(),
                 work = self.inbox.recv() => match work {
                     Some(work) => self.accept(work).await,
                     None => break,
@@ -98,8 +103,25 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
                 _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {}
             }
             self.start_due_attempts();
+            telemetry::get().set_releases_pending(
+                self.pending.len() + self.attempts.len() + self.settles.len(),
+            );
         }
         self.finish().await;
+    }
+
+    /// The age of the oldest reservation the journal holds, for the metric.
+    fn refresh_gauges(&self) {
+        let now = unix_now_ms() / 1000;
+        let oldest = self
+            .shared
+            .journal
+            .reservations()
+            .iter()
+            .map(|e| now.saturating_sub(e.since_unix))
+            .max()
+            .unwrap_or(0);
+        telemetry::get().set_oldest_reservation(Duration::from_secs(oldest));
     }
 
     async fn accept(&mut self, work: Work) {
@@ -135,7 +157,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
         for Pending { entry, .. } in due {
             let shared = self.shared.clone();
             self.attempts.spawn(async move {
-                let released = match shared.scheduler.dealloc(&entry.scheduler_job_id).await {
+                let result = shared.scheduler.dealloc(&entry.scheduler_job_id).await;
+                telemetry::get().scheduler_call("dealloc", super::dealloc_reply_label(&result));
+                let released = match result {
                     Ok(()) => true,
                     Err(e) => {
                         warn!(
@@ -158,6 +182,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
             forget(&self.shared, &entry.scheduler_job_id).await;
             return;
         }
+        telemetry::get().release_failed();
         let job = entry.scheduler_job_id.clone();
         let failures = blocking(&self.shared.journal, move |j| j.note_release_failure(&job))
             .await
@@ -197,6 +222,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
             "Giving up releasing GPUs: the scheduler may still hold them. Release them by hand \
              (ssgm -dealloc -j ID) and check the scheduler; the journal keeps the entry under given_up."
         );
+        telemetry::get().release_given_up();
         let job = entry.scheduler_job_id.clone();
         if let Err(e) = blocking(&self.shared.journal, move |j| j.give_up(&job, now)).await {
             warn!(error = %error_chain(&e), "Failed to update the journal.");

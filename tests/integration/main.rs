@@ -8,6 +8,7 @@ mod harness;
 mod inference;
 mod mock_ssgm;
 mod multipart;
+mod observe;
 mod pipeline;
 mod reliability;
 mod results_queue;

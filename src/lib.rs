@@ -12,7 +12,8 @@
 //! to the confirmed release: gate, ledger, crash-safe journal, releaser, replay),
 //! `daemon` (the receive loop and shutdown), `signal` (SIGTERM/SIGINT to shutdown
 //! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
-//! `results` (event-driven result detection), `backoff` (the one retry policy).
+//! `results` (event-driven result detection), `backoff` (the one retry policy), `history`
+//! (the SQLite job timeline), `jobs_cmd` (`orchgpu jobs`: the history as a table or JSON).
 
 pub mod aws;
 pub(crate) mod backoff;
@@ -21,7 +22,9 @@ pub(crate) mod bundle;
 pub mod cli;
 pub mod daemon;
 pub mod event;
+pub mod history;
 pub mod job;
+pub mod jobs_cmd;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

@@ -13,8 +13,9 @@
 //! `daemon` (the receive loop and shutdown), `signal` (SIGTERM/SIGINT to shutdown
 //! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
 //! `results` (event-driven result detection), `backoff` (the one retry policy),
-//! `telemetry` (Prometheus metrics, liveness, readiness) and `http` (the listener that
-//! serves them).
+//! `telemetry` (Prometheus metrics, liveness, readiness), `http` (the listener that
+//! serves them), `history` (the SQLite job timeline) and `jobs_cmd` (`orchgpu jobs`: the
+//! history as a table or JSON).
 
 pub mod aws;
 pub(crate) mod backoff;
@@ -23,8 +24,10 @@ pub(crate) mod bundle;
 pub mod cli;
 pub mod daemon;
 pub mod event;
+pub mod history;
 pub mod http;
 pub mod job;
+pub mod jobs_cmd;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

@@ -28,6 +28,9 @@ mod exit_codes {
 }
 
 fn main() -> ExitCode {
+    if let Some(argv) = orchgpu::cli::jobs_argv(std::env::args_os()) {
+        return jobs(argv);
+    }
     let args = Args::parse();
     let config = match Config::try_from(args) {
         Ok(config) => config,
@@ -56,6 +59,24 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             error!(error = format!("{e:#}"), "Fatal error.");
+            ExitCode::from(exit_codes::FATAL)
+        }
+    }
+}
+
+/// `orchgpu jobs ...`: read the job history; 1 when it cannot be read, 2 for bad usage.
+fn jobs(argv: Vec<std::ffi::OsString>) -> ExitCode {
+    let config = match orchgpu::cli::parse_jobs(argv) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("orchgpu jobs: error: {e}");
+            return ExitCode::from(exit_codes::BAD_CONFIG);
+        }
+    };
+    match orchgpu::jobs_cmd::run(&config, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::from(exit_codes::OK),
+        Err(e) => {
+            eprintln!("orchgpu jobs: {}", error_chain(&e));
             ExitCode::from(exit_codes::FATAL)
         }
     }

@@ -5,6 +5,7 @@ mod crash_windows;
 mod deadlines;
 mod deploy_files;
 mod harness;
+mod history_cmd;
 mod inference;
 mod mock_ssgm;
 mod multipart;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::{error, info, warn};
 
-use orchgpu::aws::{AwsOptions, build_clients, error_chain};
+use orchgpu::aws::{AwsOptions, build_clients, credentials_problem, error_chain};
 use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
 use orchgpu::job::{JobContext, JobSettings};
@@ -83,8 +83,10 @@ fn jobs(argv: Vec<std::ffi::OsString>) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
+    // The SDK's own warnings (each failed credentials or region source, with its
+    // internals) only repeat, at length, what the one fatal error line says.
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHGPU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -116,16 +118,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         region: config.region.clone(),
     })
     .await;
+    let custom_endpoint = clients.custom_endpoint;
     let queue = Queue::resolve(clients.sqs.clone(), &config.queue)
         .await
-        .context("cannot reach the jobs queue")?;
+        .map_err(|e| startup_error(e, "cannot reach the jobs queue", custom_endpoint))?;
     let requests = clients.requests.clone();
     let results_stop = tokio_util::sync::CancellationToken::new();
     let (results, results_task) = match &config.results_queue {
         Some(queue_ref) => {
             let results_queue = Queue::resolve(clients.sqs.clone(), queue_ref)
                 .await
-                .context("cannot reach the results queue")?;
+                .map_err(|e| startup_error(e, "cannot reach the results queue", custom_endpoint))?;
             let registry = ResultRegistry::new();
             let task = tokio::spawn(orchgpu::results::run(
                 results_queue,
@@ -262,6 +265,20 @@ async fn watchdog(interval: std::time::Duration, stop: tokio_util::sync::Cancell
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval / 2) => {}
         }
+    }
+}
+
+/// A first request that failed: missing credentials say only what to set (the SDK's
+/// chain of causes is long and names every source it tried); anything else keeps its
+/// context and causes.
+fn startup_error(
+    error: impl std::error::Error + Send + Sync + 'static,
+    context: &'static str,
+    custom_endpoint: bool,
+) -> anyhow::Error {
+    match credentials_problem(&error, custom_endpoint) {
+        Some(problem) => anyhow::anyhow!(problem),
+        None => anyhow::Error::new(error).context(context),
     }
 }
 

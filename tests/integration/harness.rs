@@ -894,3 +894,118 @@ pub async fn http_address(stack: &mut Stack, daemon: usize) -> Result<String> {
         .map(str::to_owned)
         .ok_or_else(|| anyhow!("no address in the log"))
 }
+
+/// A real Prometheus (Debian's `prometheus` package, or `ORCHGPU_PROMETHEUS`) on a free
+/// loopback port with its own temporary storage, scraping one target every second as job
+/// `orchgpu`. Killed on drop; its log is printed then.
+pub struct Prometheus {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `target` (`host:port`, path `/metrics`) and waits until
+    /// it reports ready.
+    pub fn start(target: &str) -> Result<Prometheus> {
+        let program = std::env::var("ORCHGPU_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: orchgpu\n    static_configs:\n      \
+                 - targets: [\"{target}\"]\n"
+            ),
+        )?;
+        // A free port: bound, read and released; Prometheus binds it just after.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = File::create(dir.path().join("prometheus.log"))?;
+        let child = Command::new(&program)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot run {program}: install Debian's prometheus package \
+                     (dev/test.sh does) or set ORCHGPU_PROMETHEUS"
+                )
+            })?;
+        let mut prometheus = Prometheus { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http_get(&format!("127.0.0.1:{port}"), "/-/ready") {
+                return Ok(prometheus);
+            }
+            if let Some(status) = prometheus.child.try_wait()? {
+                bail!(
+                    "prometheus exited ({status}) before it was ready:\n{}",
+                    prometheus.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!("prometheus not ready within 30 s:\n{}", prometheus.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query through the HTTP API: the whole JSON answer
+    /// (`{"status": "success", "data": {"resultType": ..., "result": [...]}}`). An answer
+    /// whose status is not success is an error carrying Prometheus's message.
+    pub fn query(&self, promql: &str) -> Result<Value> {
+        let encoded =
+            percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+        let (status, body) = http_get(
+            &format!("127.0.0.1:{}", self.port),
+            &format!("/api/v1/query?query={encoded}"),
+        )?;
+        let answer: Value = serde_json::from_str(&body)
+            .with_context(|| format!("query {promql:?}: HTTP {status}, not JSON"))?;
+        if status != 200 || answer["status"] != "success" {
+            bail!("query {promql:?}: HTTP {status}: {answer}");
+        }
+        Ok(answer)
+    }
+
+    /// Polls `promql` until its result vector is not empty; returns that vector.
+    pub fn wait_for_series(&self, promql: &str, timeout: Duration) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let answer = self.query(promql)?;
+            if let Some(result) = answer["data"]["result"].as_array()
+                && !result.is_empty()
+            {
+                return Ok(result.clone());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no series for {promql:?} within {timeout:?}; last answer {answer}\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

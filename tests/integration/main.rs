@@ -1,6 +1,7 @@
 //! Integration tests: the real binaries against a real S3/SQS emulator.
 //! One test binary (see Cargo.toml), one module per area.
 
+mod alert_rules;
 mod crash_windows;
 mod deadlines;
 mod deploy_files;

@@ -355,8 +355,9 @@ impl Telemetry {
         self.loop_progressed();
     }
 
-    pub fn history_write_failed(&self) {
-        self.history_write_failures.inc();
+    /// `lost` history events were not written (jobs are never failed for it).
+    pub fn history_writes_failed(&self, lost: u64) {
+        self.history_write_failures.inc_by(lost);
     }
 
     /// The receive loop is alive: it completed a step or is waiting where it should.

@@ -838,16 +838,14 @@ impl Stack {
     }
 }
 
-/// A plain HTTP GET on loopback: the status code and the body.
+/// A plain HTTP/1.0 GET on loopback (no chunked answer to decode): the status code and
+/// the body.
 pub fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address)
         .with_context(|| format!("cannot connect to {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response

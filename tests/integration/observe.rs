@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use nix::sys::signal::Signal;
 
-use crate::harness::{MockSsgm, Stack, http_address, http_get, metric_sum, wait_for};
+use crate::harness::{MockSsgm, Prometheus, Stack, http_address, http_get, metric_sum, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_agree_with_the_emulator_and_the_scheduler() -> Result<()> {
@@ -173,5 +173,31 @@ async fn a_port_in_use_is_a_one_line_start_up_error() -> Result<()> {
         errors[0].contains(&format!("cannot listen on {address}")),
         "{log}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_daemon() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("observe-prom", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let daemon = stack.start_daemon(&ssgm, &["--http-listen", "127.0.0.1:0"])?;
+    let address = http_address(&mut stack, daemon).await?;
+    stack.upload("scraped.png", b"counted").await?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    let prometheus = Prometheus::start(&address)?;
+    let series = prometheus.wait_for_series(
+        "orchgpu_jobs_total{outcome=\"succeeded\"} >= 1",
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(series.len(), 1, "{series:?}");
+    assert_eq!(
+        series[0]["metric"]["instance"],
+        address.as_str(),
+        "{series:?}"
+    );
+    assert_eq!(series[0]["value"][1], "1", "{series:?}");
+    let up = prometheus.query("up")?;
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
     Ok(())
 }

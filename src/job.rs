@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, instrument, warn};
 
 use crate::aws::error_chain;
 use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
+use crate::claim::{Acquired, ClaimError, ClaimGuard, Claims};
 use crate::cli::BucketDir;
 use crate::event::ObjectRef;
 use crate::journal::{Journal, JournalEntry};
@@ -125,6 +126,8 @@ pub struct JobContext<S> {
     pub results: Option<Arc<ResultRegistry>>,
     /// The reservations we hold, and how many we held when the scheduler last said busy.
     pub ledger: Arc<GrantLedger>,
+    /// Cross-daemon claims of job ids (`None`: this daemon is alone on its queue).
+    pub claims: Option<Claims>,
 }
 
 /// What our own reservations tell us about the scheduler's room. If it answered busy
@@ -206,6 +209,7 @@ impl<S> JobContext<S> {
             job_ended: Notify::new(),
             results: None,
             ledger: Arc::default(),
+            claims: None,
         }
     }
 }
@@ -237,6 +241,9 @@ pub enum Disposition {
     ReturnNow,
     /// Someone else holds the message now: leave it alone.
     Abandon,
+    /// Another daemon runs this job: make the message visible again after this long,
+    /// when the result exists or the other daemon's claim has run out.
+    ReturnAfter(Duration),
 }
 
 /// Why a job failed.
@@ -244,6 +251,16 @@ pub enum Disposition {
 pub enum JobError {
     #[error("input s3://{bucket}/{key} no longer exists")]
     InputGone { bucket: String, key: String },
+    /// The object changed (or went) after the event: the event is superseded, and the new
+    /// version has its own event and job id.
+    #[error("input s3://{bucket}/{key} changed since its event (superseded)")]
+    InputSuperseded { bucket: String, key: String },
+    #[error("job is held by another daemon ({owner}) for {remaining:?} more")]
+    HeldElsewhere { owner: String, remaining: Duration },
+    #[error("job's claim was taken over by another daemon")]
+    ClaimLost { lease: Duration },
+    #[error("failed to claim the job")]
+    Claim(#[source] ClaimError),
     #[error("failed to transfer job data")]
     Storage(#[source] StorageError),
     #[error("failed to create a temporary file in {dir}")]
@@ -284,10 +301,18 @@ impl JobError {
     /// The lifecycle policy: only a job that can never work deletes its message.
     pub fn disposition(&self) -> Disposition {
         match self {
-            JobError::InputGone { .. } => Disposition::Delete,
+            JobError::InputGone { .. } | JobError::InputSuperseded { .. } => Disposition::Delete,
+            // A second early; and the lease can be no longer than SQS lets a message hide.
+            JobError::HeldElsewhere { remaining, .. } => Disposition::ReturnAfter(
+                (*remaining + Duration::from_secs(1)).min(crate::cli::MAX_VISIBILITY / 2),
+            ),
+            JobError::ClaimLost { lease } => {
+                Disposition::ReturnAfter((*lease).min(crate::cli::MAX_VISIBILITY / 2))
+            }
             JobError::Cancelled | JobError::NotStarted => Disposition::ReturnNow,
             JobError::Abandoned => Disposition::Abandon,
             JobError::Storage(_)
+            | JobError::Claim(_)
             | JobError::TempFile { .. }
             | JobError::Bundle(_)
             | JobError::Journal(_)
@@ -522,6 +547,48 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let id = JobId::derive(object);
         let started = Instant::now();
         let _claim = self.claim(&id, cancel).await?;
+        let Some(claims) = &self.claims else {
+            return self.run_stages(&id, object, started, cancel).await;
+        };
+        // The cross-daemon claim comes before the result check: of two daemons, the one
+        // that loses either finds the result later or takes over an expired claim.
+        let mut guard = stage("claim", acquire_claim(claims, &id)).await?;
+        let claim_lost = cancel.token.child_token();
+        let stages_cancel = JobCancel {
+            token: claim_lost.clone(),
+            ..cancel.clone()
+        };
+        let (result, lost) = guard
+            .keep_while(
+                &claim_lost,
+                self.run_stages(&id, object, started, &stages_cancel),
+            )
+            .await;
+        let result = match result {
+            Err(_) if lost => Err(JobError::ClaimLost {
+                lease: claims.lease(),
+            }),
+            other => other,
+        };
+        match &result {
+            Ok(_) => guard.finish().await,
+            // The function may still write the result: let the lease run out rather than
+            // have a retry start it again at once.
+            Err(JobError::CancelledAwaitingResult) => guard.leave(),
+            Err(_) => guard.give_up().await,
+        }
+        result
+    }
+
+    /// The job's stages, from the result check to the release.
+    async fn run_stages(
+        &self,
+        id: &JobId,
+        object: &ObjectRef,
+        started: Instant,
+        cancel: &JobCancel,
+    ) -> Result<JobOutcome, JobError> {
+        let id = id.clone();
         let input = self.temp_file(&id, "input")?;
         let (reservation, size) = match self.prepare(&id, object, input.path(), cancel).await? {
             Prepared::AlreadyDone => {
@@ -707,9 +774,21 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     .expect("the semaphore is never closed"),
             )
         };
-        match storage::download_to_file(&self.s3, &object.bucket, &object.key, path).await {
-            Ok(Some(downloaded)) => Ok(downloaded.size),
-            Ok(None) => Err(JobError::InputGone {
+        // Exactly the version the event names (the job id derives from it): a later
+        // overwrite has its own event and job.
+        let pin = match (&object.version_id, &object.etag) {
+            (Some(version), _) => storage::Pin::Version(version),
+            (None, Some(etag)) => storage::Pin::ETag(etag),
+            (None, None) => storage::Pin::Latest,
+        };
+        let fetched = storage::download_pinned(&self.s3, &object.bucket, &object.key, pin, path);
+        match fetched.await {
+            Ok(storage::Fetched::Object(downloaded)) => Ok(downloaded.size),
+            Ok(storage::Fetched::Missing) => Err(JobError::InputGone {
+                bucket: object.bucket.clone(),
+                key: object.key.clone(),
+            }),
+            Ok(storage::Fetched::Changed) => Err(JobError::InputSuperseded {
                 bucket: object.bucket.clone(),
                 key: object.key.clone(),
             }),
@@ -967,6 +1046,16 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 dir: self.settings.work_dir.display().to_string(),
                 source,
             })
+    }
+}
+
+/// Claims the job across daemons; a claim held by another daemon is `HeldElsewhere`.
+async fn acquire_claim(claims: &Claims, id: &JobId) -> Result<ClaimGuard, JobError> {
+    match claims.acquire(id.as_str()).await.map_err(JobError::Claim)? {
+        Acquired::Claimed(guard) => Ok(guard),
+        Acquired::HeldElsewhere { owner, remaining } => {
+            Err(JobError::HeldElsewhere { owner, remaining })
+        }
     }
 }
 

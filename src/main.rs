@@ -9,6 +9,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{error, info, warn};
 
 use orchgpu::aws::{AwsOptions, build_clients, error_chain};
+use orchgpu::claim::{Claims, S3Store};
 use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
 use orchgpu::job::{JobContext, JobSettings, release_leftovers, run_releaser};
@@ -18,6 +19,7 @@ use orchgpu::queue::Queue;
 use orchgpu::results::ResultRegistry;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
 use orchgpu::signal::Signals;
+use orchgpu::workdir::WorkDir;
 
 /// Exit codes, in one place: 0 clean exit (graceful shutdown included), 1 a fatal error
 /// at run time, 2 a bad command line or configuration (as clap's own usage errors).
@@ -105,6 +107,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => (None, None),
     };
 
+    // Inputs and bundles go to disk; what a killed run left there goes first.
+    let (work_dir, removed) =
+        WorkDir::open(&config.work_dir).context("cannot prepare the work dir")?;
+    info!(work_dir = %work_dir.path().display(), removed, "Work dir ready.");
+
     let (journal, leftovers) =
         Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
     let journal = Arc::new(journal);
@@ -155,7 +162,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             result_deadline: config.result_deadline,
             alloc_retry_interval: config.alloc_retry_interval,
             alloc_deadline: config.alloc_deadline,
-            work_dir: std::env::temp_dir(),
+            work_dir: work_dir.path().to_path_buf(),
             scheduler_address,
         },
         gpus_freed,
@@ -163,6 +170,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         journal,
     );
     jobs.results = results;
+    jobs.claims = config.claims.as_ref().map(|place| {
+        let store = S3Store::new(jobs.s3.clone(), place.bucket.clone());
+        Claims::new(Box::new(store), &place.dir, config.claim_lease)
+    });
     let jobs = Arc::new(jobs);
 
     let shutdown = Shutdown::new();

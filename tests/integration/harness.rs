@@ -812,3 +812,48 @@ impl Stack {
         self.spawn(&name, command)
     }
 }
+
+// Helpers for the claim, pinning and large-input tests.
+impl Stack {
+    /// Every key under `prefix` in `bucket`.
+    pub async fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for object in page?.contents.unwrap_or_default() {
+                keys.extend(object.key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Uploads to the input bucket; returns the object's ETag (unquoted).
+    pub async fn upload_etag(&self, key: &str, body: Vec<u8>) -> Result<String> {
+        let output = self
+            .s3
+            .put_object()
+            .bucket(&self.input_bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .with_context(|| format!("upload {key}"))?;
+        Ok(output
+            .e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string())
+    }
+}
+
+/// Whether the tests run against moto (its events carry no ETag, for one).
+pub fn is_moto() -> bool {
+    std::env::var("ORCHGPU_TEST_EMULATOR").is_ok_and(|e| e == "moto")
+}

@@ -1,10 +1,12 @@
 //! Integration tests: the real binaries against a real S3/SQS emulator.
 //! One test binary (see Cargo.toml), one module per area.
 
+mod claims;
 mod deadlines;
 mod deploy_files;
 mod harness;
 mod inference;
+mod large_input;
 mod mock_ssgm;
 mod multipart;
 mod pipeline;

@@ -852,8 +852,3 @@ impl Stack {
             .to_string())
     }
 }
-
-/// Whether the tests run against moto (its events carry no ETag, for one).
-pub fn is_moto() -> bool {
-    std::env::var("ORCHGPU_TEST_EMULATOR").is_ok_and(|e| e == "moto")
-}

@@ -206,6 +206,10 @@ pub struct Owner {
     pub pid: u32,
     /// When that process started (unix seconds): a pid alone is reused.
     pub started_unix: u64,
+    /// The kernel boot and pid namespace the pid belongs to (empty when unknown): only a
+    /// process that shares both can tell whether the owner is still alive.
+    #[serde(default)]
+    pub pid_space: String,
 }
 
 impl Owner {
@@ -217,11 +221,34 @@ impl Owner {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unknown".to_string());
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+        let namespace = std::fs::read_link("/proc/self/ns/pid").ok();
+        let pid_space = match (boot, namespace) {
+            (Some(boot), Some(ns)) => format!("{}/{}", boot.trim(), ns.display()),
+            _ => String::new(),
+        };
         Owner {
             host,
             pid: std::process::id(),
             started_unix: system_unix_ms() / 1000,
+            pid_space,
         }
+    }
+
+    /// Whether `other` is a process of our own pid space that no longer exists: a daemon
+    /// on this machine that was killed or crashed. Its claims need not wait for their
+    /// lease. A reused pid only makes us wait for the lease, which is safe.
+    fn is_dead_neighbour(&self, other: &Owner) -> bool {
+        if self.pid_space.is_empty() || self.pid_space != other.pid_space || *self == *other {
+            return false;
+        }
+        let Ok(pid) = i32::try_from(other.pid) else {
+            return false;
+        };
+        matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
     }
 }
 
@@ -351,6 +378,7 @@ impl Claims {
             let current = parse_body(&current);
             if let Some(body) = &current
                 && body.expires_unix_ms > now
+                && !shared.owner.is_dead_neighbour(&body.owner)
             {
                 return Ok(Acquired::HeldElsewhere {
                     owner: body.owner.to_string(),
@@ -663,6 +691,7 @@ mod tests {
             host: "h".into(),
             pid,
             started_unix: 1,
+            pid_space: String::new(),
         };
         Claims::with_clock(
             Box::new(store.clone()),
@@ -838,8 +867,49 @@ mod tests {
             host: "h".into(),
             pid: 1,
             started_unix: 1,
+            pid_space: String::new(),
         };
         let body = parse_body(&encode(&owner, "j", 42)).expect("our own body");
         assert_eq!((body.owner, body.expires_unix_ms), (owner, 42));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_claim_of_a_dead_process_of_this_machine_is_taken_over_at_once() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let me = Owner::this_process();
+        assert!(!me.pid_space.is_empty(), "no /proc here?");
+        // A process that has exited (and was reaped): its pid is free.
+        let mut child = std::process::Command::new("true").spawn().expect("spawns");
+        let dead_pid = child.id();
+        child.wait().expect("exits");
+        let dead = Owner {
+            pid: dead_pid,
+            ..me.clone()
+        };
+        let claims_of = |owner: Owner| {
+            Claims::with_clock(Box::new(store.clone()), "c", LEASE, owner, clock.clone())
+        };
+        claimed(claims_of(dead).acquire("j").await.expect("ok")).leave();
+        // Another machine (or pid namespace) cannot tell: it waits for the lease.
+        let elsewhere = Owner {
+            pid_space: "other-boot/pid:[1]".into(),
+            ..me.clone()
+        };
+        assert!(matches!(
+            claims_of(elsewhere).acquire("j").await.expect("ok"),
+            Acquired::HeldElsewhere { .. }
+        ));
+        // This machine can: the owner is gone, its claim is taken over before its lease.
+        claimed(claims_of(me.clone()).acquire("j").await.expect("ok")).leave();
+        // A live owner's claim (ours, as seen by another daemon of this machine) holds.
+        let neighbour = Owner {
+            pid: 1,
+            ..me.clone()
+        };
+        assert!(matches!(
+            claims_of(neighbour).acquire("j").await.expect("ok"),
+            Acquired::HeldElsewhere { .. }
+        ));
     }
 }

@@ -267,3 +267,88 @@ async fn an_event_of_an_unknown_version_reaches_the_dead_letter_queue() -> Resul
     assert_eq!(body, future, "the dead-letter queue holds something else");
     Ok(())
 }
+
+/// One run of `JOBS` jobs through one daemon; returns (AWS requests by operation, claim
+/// stage latencies in µs, job latencies in ms).
+async fn measure(claims: bool) -> Result<(Value, Vec<u64>, Vec<u64>)> {
+    const JOBS: usize = 40;
+    let ssgm = MockSsgm::start(4)?;
+    let mut stack = Stack::new(if claims { "coston" } else { "costoff" }, 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let stats = stack.logs.path().join("stats.json").display().to_string();
+    let mut extra = vec!["--stats-file", &stats, "-b", "1"];
+    if !claims {
+        extra.extend(["--claims", "off"]);
+    }
+    let daemon = stack.start_daemon(&ssgm, &extra)?;
+    for i in 0..JOBS {
+        stack
+            .upload(&format!("cost-{i:02}.png"), format!("job {i}").as_bytes())
+            .await?;
+    }
+    stack
+        .wait_for_results(JOBS, Duration::from_secs(180))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    stack
+        .process(daemon)
+        .signal(nix::sys::signal::Signal::SIGTERM)?;
+    stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    let log = stack.log(daemon);
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    let claim_us = log
+        .lines()
+        .filter(|l| l.contains("stage=\"claim\""))
+        .filter_map(|l| field(l, "elapsed_us="))
+        .collect();
+    let job_ms = log
+        .lines()
+        .filter(|l| l.contains("Job completed."))
+        .filter_map(|l| field(l, "elapsed_ms="))
+        .collect();
+    let requests: Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+    Ok((requests, claim_us, job_ms))
+}
+
+fn percentile(values: &mut [u64], p: usize) -> u64 {
+    values.sort_unstable();
+    values
+        .get((values.len().saturating_sub(1)) * p / 100)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// What the claim costs per job, side by side with `--claims off` (BENCHMARKS.md): run
+/// with `cargo nextest run --run-ignored only --no-capture claim_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; see BENCHMARKS.md"]
+async fn claim_cost() -> Result<()> {
+    for round in 1..=2 {
+        for claims in [false, true] {
+            let (requests, mut claim_us, mut job_ms) = measure(claims).await?;
+            let jobs = job_ms.len() as f64;
+            let per_job = |op: &str| requests["requests"][op].as_u64().unwrap_or(0) as f64 / jobs;
+            println!(
+                "CLAIMCOST round={round} claims={} jobs={} requests_per_job={:.2} s3_put_per_job={:.2} s3_get_per_job={:.2} s3_delete_per_job={:.2} claim_p50_ms={:.1} claim_p95_ms={:.1} job_p50_ms={} job_p95_ms={}",
+                if claims { "on" } else { "off" },
+                job_ms.len(),
+                requests["total"].as_u64().unwrap_or(0) as f64 / jobs,
+                per_job("S3.PutObject"),
+                per_job("S3.GetObject"),
+                per_job("S3.DeleteObject"),
+                percentile(&mut claim_us, 50) as f64 / 1000.0,
+                percentile(&mut claim_us, 95) as f64 / 1000.0,
+                percentile(&mut job_ms, 50),
+                percentile(&mut job_ms, 95),
+            );
+        }
+    }
+    Ok(())
+}

@@ -1226,5 +1226,26 @@ mod tests {
         assert_eq!(deadline.disposition(), RetryLater);
         let bundle = JobError::Bundle(BundleError::InvalidJobId("x/y".into()));
         assert_eq!(bundle.disposition(), RetryLater);
+        let superseded = JobError::InputSuperseded {
+            bucket: "b".into(),
+            key: "k".into(),
+        };
+        assert_eq!(superseded.disposition(), Delete);
+        let held = JobError::HeldElsewhere {
+            owner: "h:1".into(),
+            remaining: Duration::from_secs(20),
+        };
+        assert_eq!(held.disposition(), ReturnAfter(Duration::from_secs(21)));
+        let lost = JobError::ClaimLost {
+            lease: Duration::from_secs(60),
+        };
+        assert_eq!(lost.disposition(), ReturnAfter(Duration::from_secs(60)));
+        let claim = JobError::Claim(crate::claim::ClaimError::Store {
+            op: "write",
+            bucket: "b".into(),
+            key: "k".into(),
+            source: "unreachable".into(),
+        });
+        assert_eq!(claim.disposition(), RetryLater);
     }
 }

@@ -83,3 +83,54 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemons_inputs_are_removed_by_the_next_start() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("workdir", 5).await?;
+    stack.start_function("never-answers.sh")?;
+    let work = tempfile::tempdir()?;
+    let work_dir = work.path().display().to_string();
+    let first = stack.start_daemon(&ssgm, &["--work-dir", &work_dir])?;
+    stack.upload("left behind.bin", &vec![7u8; 3 * MIB]).await?;
+    // Killed while it waits for the result: its input is still on disk.
+    stack
+        .wait_for_log(first, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    stack
+        .process(first)
+        .signal(nix::sys::signal::Signal::SIGKILL)?;
+    stack
+        .process(first)
+        .wait_exit(Duration::from_secs(10))
+        .await?;
+    let left = walk(work.path());
+    assert!(
+        left.iter().any(|p| !p.ends_with("lock")),
+        "the killed daemon left nothing to clean: {left:?}"
+    );
+
+    let second = stack.start_daemon(
+        &ssgm,
+        &[
+            "--work-dir",
+            &work_dir,
+            "--state-dir",
+            &stack.state_dir("second"),
+        ],
+    )?;
+    stack
+        .wait_for_log(second, "Work dir ready.", 1, Duration::from_secs(30))
+        .await?;
+    assert!(
+        stack.log(second).contains("removed=1"),
+        "{}",
+        stack.log(second)
+    );
+    let left = walk(work.path());
+    assert!(
+        left.iter().all(|p| p.ends_with("lock")),
+        "the killed daemon's files are still there: {left:?}"
+    );
+    Ok(())
+}

@@ -440,7 +440,8 @@ ensure_lifecycle() { # BUCKET RULES WHAT
         return 0
     fi
     aws_or_die "setting the lifecycle rules of s3://$bucket" \
-        s3api put-bucket-lifecycle-configuration --bucket "$bucket" --lifecycle-configuration "$config"
+        s3api put-bucket-lifecycle-configuration --bucket "$bucket" \
+        --lifecycle-configuration "$config" >/dev/null
     say "lifecycle s3://$bucket: $what: set"
 }
 
@@ -505,13 +506,15 @@ else
     fi
 fi
 
+claims_desc=off
+[[ -z $claims_bucket ]] || claims_desc="s3://$claims_bucket/$(prefix_of "$claims_dir") (lifecycle: expire after 1 day)"
 cat <<EOF
 
 Summary
   input bucket      s3://$input_bucket/  (ObjectCreated -> $jobs_queue)
   intermediate      s3://$intermediate_bucket/$(prefix_of "$intermediate_dir")
   output            s3://$output_bucket/$(prefix_of "$output_dir")
-  claims            ${claims_bucket:+s3://$claims_bucket/$(prefix_of "$claims_dir")}${claims_bucket:-off}
+  claims            $claims_desc
   jobs queue        $jobs_url
                     $jobs_arn
                     visibility ${visibility_timeout} s, to $dlq after $max_receive_count receives

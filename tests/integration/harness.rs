@@ -117,8 +117,15 @@ impl Stack {
     /// notifications input → jobs and intermediate → function.
     pub async fn new(name: &str, max_receive_count: u32) -> Result<Stack> {
         let (s3, sqs) = clients().await;
+        // The pid and a counter are unique within a run; the clock tells apart runs on a
+        // long-lived emulator where a pid comes round again (nextest runs each test in a
+        // process of its own), whose buckets would still hold the old run's objects.
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64 % 0x100_0000)
+            .unwrap_or(0);
         let unique = format!(
-            "{name}-{}-{}",
+            "{name}-{}-{}-{clock:06x}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );

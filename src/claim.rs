@@ -460,10 +460,11 @@ impl ClaimGuard {
         &self.key
     }
 
-    /// Runs `work` while renewing the claim every third of the lease. If the claim is lost
-    /// (another daemon took it over after a renewal failed to arrive in time), `lost` is
-    /// cancelled and `work` is still awaited, so it can stop cleanly. Returns the work's
-    /// output and whether the claim was lost.
+    /// Runs `work` while renewing the claim every third of the lease; a renewal runs
+    /// beside the work, never pausing it. If the claim is lost (another daemon took it
+    /// over after a renewal failed to arrive in time), `lost` is cancelled and `work` is
+    /// still awaited, so it can stop cleanly. Returns the work's output and whether the
+    /// claim was lost.
     ///
     /// Cancel safety: dropping the future drops `work`; the claim stays held.
     pub async fn keep_while<T>(
@@ -474,11 +475,23 @@ impl ClaimGuard {
         tokio::pin!(work);
         let renew_every = self.claims.shared.lease / 3;
         let mut next = tokio::time::Instant::now() + renew_every;
+        let mut renewal: Option<BoxFuture<'static, RenewalReply>> = None;
         loop {
             tokio::select! {
-                output = &mut work => return (output, self.etag.is_none()),
-                _ = tokio::time::sleep_until(next), if self.etag.is_some() => {
-                    next = match self.renew().await {
+                output = &mut work => {
+                    // A renewal in flight may already have changed the ETag: learn it, so
+                    // that `finish` or `give_up` acts on the claim as it is.
+                    if let Some(in_flight) = renewal.take() {
+                        self.apply_renewal(in_flight.await);
+                    }
+                    return (output, self.etag.is_none());
+                }
+                _ = tokio::time::sleep_until(next), if self.etag.is_some() && renewal.is_none() => {
+                    renewal = self.start_renewal();
+                }
+                reply = reply_of(&mut renewal), if renewal.is_some() => {
+                    renewal = None;
+                    next = match self.apply_renewal(reply) {
                         Renewal::Renewed => tokio::time::Instant::now() + renew_every,
                         Renewal::Failed => tokio::time::Instant::now() + RENEW_RETRY.min(renew_every),
                         Renewal::Lost => {
@@ -491,19 +504,31 @@ impl ClaimGuard {
         }
     }
 
-    /// Extends the claim by a lease, if it is still ours.
-    async fn renew(&mut self) -> Renewal {
-        let Some(etag) = self.etag.clone() else {
-            return Renewal::Lost;
-        };
-        let shared = &self.claims.shared;
-        let now = (shared.clock)();
-        let expires = now.saturating_add(duration_ms(shared.lease));
-        let body = encode(&shared.owner, &self.job_id, expires);
-        match shared.store.replace(&self.key, &etag, body).await {
+    /// A renewal request that owns what it needs, so it can run beside the work.
+    fn start_renewal(&self) -> Option<BoxFuture<'static, RenewalReply>> {
+        let etag = self.etag.clone()?;
+        let claims = self.claims.clone();
+        let (key, job_id) = (self.key.clone(), self.job_id.clone());
+        Some(Box::pin(async move {
+            let shared = &claims.shared;
+            let now = (shared.clock)();
+            let expires = now.saturating_add(duration_ms(shared.lease));
+            let body = encode(&shared.owner, &job_id, expires);
+            let result = shared.store.replace(&key, &etag, body).await;
+            RenewalReply {
+                result,
+                sent_unix_ms: now,
+                expires_unix_ms: expires,
+            }
+        }))
+    }
+
+    /// Takes in a renewal's reply: the new ETag and expiry, or the claim lost.
+    fn apply_renewal(&mut self, reply: RenewalReply) -> Renewal {
+        match reply.result {
             Ok(Put::Written(etag)) => {
                 self.etag = Some(etag);
-                self.expires_unix_ms = expires;
+                self.expires_unix_ms = reply.expires_unix_ms;
                 debug!(claim = %self.key, "Claim renewed.");
                 Renewal::Renewed
             }
@@ -512,7 +537,7 @@ impl ClaimGuard {
                 self.etag = None;
                 Renewal::Lost
             }
-            Err(e) if now >= self.expires_unix_ms => {
+            Err(e) if reply.sent_unix_ms >= self.expires_unix_ms => {
                 // Another daemon may have taken it over by now: stop rather than run twice.
                 warn!(claim = %self.key, error = %crate::aws::error_chain(&e), "Claim expired before it could be renewed; stopping the job.");
                 self.etag = None;
@@ -585,6 +610,21 @@ enum Renewal {
     Lost,
 }
 
+/// What a renewal request came back with.
+struct RenewalReply {
+    result: Result<Put, ClaimError>,
+    sent_unix_ms: u64,
+    expires_unix_ms: u64,
+}
+
+/// The reply of the renewal in flight; never completes when there is none.
+async fn reply_of(renewal: &mut Option<BoxFuture<'static, RenewalReply>>) -> RenewalReply {
+    match renewal {
+        Some(in_flight) => in_flight.await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,6 +640,8 @@ mod tests {
         /// The next this many writes fail as if S3 were unreachable.
         failing_writes: AtomicU32,
         writes: AtomicU32,
+        /// How long each `replace` takes to answer (a slow S3).
+        replace_delay_ms: AtomicU64,
     }
 
     impl MemStore {
@@ -663,7 +705,14 @@ mod tests {
             etag: &'a str,
             body: Vec<u8>,
         ) -> BoxFuture<'a, Result<Put, ClaimError>> {
-            Box::pin(async move { self.write(key, Some(Some(etag)), body) })
+            Box::pin(async move {
+                // The write lands at once; its reply is slow (as a request that S3 has
+                // carried out while the answer is still on its way).
+                let written = self.write(key, Some(Some(etag)), body);
+                let delay = self.replace_delay_ms.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                written
+            })
         }
         fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, ClaimError>> {
             Box::pin(
@@ -911,5 +960,27 @@ mod tests {
             claims_of(neighbour).acquire("j").await.expect("ok"),
             Acquired::HeldElsewhere { .. }
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_renewal_does_not_hold_up_the_work() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let mut guard = claimed(daemon(&store, 1, &clock).acquire("j").await.expect("ok"));
+        store.replace_delay_ms.store(5_000, Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let work = async {
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            started.elapsed()
+        };
+        let lost = CancellationToken::new();
+        // The renewal starts at 10 s and takes until 15 s; the work ends at 12 s.
+        let (work_took, was_lost) = guard.keep_while(&lost, work).await;
+        assert_eq!(work_took, Duration::from_secs(12));
+        assert!(!was_lost);
+        // The renewal in flight was waited for, so the guard knows the claim's new ETag:
+        // its release (If-Match) goes through.
+        guard.give_up().await;
+        assert_eq!(store.expiry("claims/j.claim"), Some(0));
     }
 }

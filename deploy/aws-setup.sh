@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the AWS side of orchgpu, or brings it to the desired state: the input,
 # intermediate and output buckets, the SQS jobs queue with its dead-letter queue, the queue
-# policies that let S3 send to the queues, and the S3 -> SQS event notifications.
+# policies that let S3 send to the queues, the S3 -> SQS event notifications, and the
+# lifecycle rules that expire stale job claims and abort incomplete multipart uploads.
 # Idempotent: a second run changes nothing and exits 0. Works against real AWS or an
 # emulator (LocalStack, moto) given --endpoint-url or AWS_ENDPOINT_URL.
 #
@@ -37,6 +38,10 @@ Optional:
                              (on AWS, SCAR wires its function itself)  [ORCHGPU_FUNCTION_QUEUE]
   --results-queue NAME       queue for the output bucket's ObjectCreated events under DIR/
                                                                      [ORCHGPU_RESULTS_QUEUE]
+  --claims BUCKET/DIR        where daemons claim job ids (orchgpu --claims; default
+                             <output bucket>/orchgpu-claims; 'off' for none). Gets a
+                             lifecycle rule expiring claims after 1 day; must not be under
+                             the intermediate DIR (the function fires there) [ORCHGPU_CLAIMS]
   --region REGION            [ORCHGPU_REGION, else AWS_REGION, else AWS_DEFAULT_REGION,
                              else us-east-1]
   --endpoint-url URL         AWS-compatible endpoint, e.g. http://127.0.0.1:4566
@@ -70,6 +75,7 @@ max_receive_count=${ORCHGPU_MAX_RECEIVE_COUNT:-5}
 visibility_timeout=${ORCHGPU_JOBS_VISIBILITY_TIMEOUT:-300}
 function_queue=${ORCHGPU_FUNCTION_QUEUE:-}
 results_queue=${ORCHGPU_RESULTS_QUEUE:-}
+claims=${ORCHGPU_CLAIMS:-}
 region=${ORCHGPU_REGION:-${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}}
 endpoint=${ORCHGPU_ENDPOINT_URL:-${AWS_ENDPOINT_URL:-}}
 
@@ -102,6 +108,7 @@ while (($#)); do
         --visibility-timeout) visibility_timeout=$value ;;
         --function-queue) function_queue=$value ;;
         --results-queue) results_queue=$value ;;
+        --claims) claims=$value ;;
         --region) region=$value ;;
         --endpoint-url) endpoint=$value ;;
         *) die "unknown option '$opt' (see --help)" ;;
@@ -138,6 +145,19 @@ split_location --intermediate "$intermediate"
 intermediate_bucket=$loc_bucket intermediate_dir=$loc_dir
 split_location --output "$output"
 output_bucket=$loc_bucket output_dir=$loc_dir
+claims_bucket='' claims_dir=''
+if [[ $claims != off ]]; then
+    split_location --claims "${claims:-$output_bucket/orchgpu-claims}"
+    claims_bucket=$loc_bucket claims_dir=$loc_dir
+    # As orchgpu itself refuses: every object created under the intermediate dir invokes
+    # the function, and a claim is no bundle.
+    if [[ $claims_bucket == "$intermediate_bucket" ]] &&
+        [[ -z $intermediate_dir || $claims_dir == "$intermediate_dir" || $claims_dir == "$intermediate_dir"/* ]]; then
+        die "--claims must not be under the intermediate dir s3://$intermediate_bucket/$(prefix_of "$intermediate_dir") (the function fires there)"
+    fi
+    [[ $claims_bucket != "$input_bucket" ]] ||
+        die "--claims must not be in the input bucket ('$input_bucket'): every claim would become a new job"
+fi
 check_queue_name --jobs-queue "$jobs_queue"
 check_queue_name --dlq "$dlq"
 [[ -z $function_queue ]] || check_queue_name --function-queue "$function_queue"
@@ -244,6 +264,15 @@ elif mode == "policy":             # QUEUE_ARN BUCKET_ARN ACCOUNT SID CURRENT ->
         sys.exit(0)
     policy["Statement"] = [s for s in statements if s.get("Sid") != sid] + [ours]
     print(json.dumps(policy))
+
+elif mode == "lifecycle":          # CURRENT RULES -> configuration, or nothing
+    current, rules = loads(args[0]), json.loads(args[1])
+    have = current.get("Rules", [])
+    ids = {r["ID"] for r in rules}
+    mine = {r.get("ID"): r for r in have if r.get("ID") in ids}
+    if len(mine) == len(rules) and all(canon(mine[r["ID"]]) == canon(r) for r in rules):
+        sys.exit(0)
+    print(json.dumps({"Rules": [r for r in have if r.get("ID") not in ids] + rules}))
 
 elif mode == "notification":       # CURRENT ID QUEUE_ARN PREFIX SUFFIX -> configuration, or nothing
     current, cid, queue_arn, prefix, suffix = args
@@ -394,12 +423,39 @@ ensure_notification() { # BUCKET ID QUEUE_ARN PREFIX SUFFIX
     die "setting the notification of s3://$bucket failed: $(tr -s '\n' ' ' <"$err_file")"
 }
 
+# --- lifecycle rules -------------------------------------------------------------------
+
+# Adds (or updates) orchgpu's lifecycle rules of BUCKET, keeping the rules of other tools
+# (a put replaces the whole configuration). RULES is a JSON list of rules with IDs.
+ensure_lifecycle() { # BUCKET RULES WHAT
+    local bucket=$1 rules=$2 what=$3 current config
+    if ! current=$(awsq s3api get-bucket-lifecycle-configuration --bucket "$bucket" --output json); then
+        grep -q NoSuchLifecycleConfiguration "$err_file" ||
+            die "reading the lifecycle rules of s3://$bucket failed: $(tr -s '\n' ' ' <"$err_file")"
+        current='{}'
+    fi
+    config=$(json_tool lifecycle "$current" "$rules")
+    if [[ -z $config ]]; then
+        say "lifecycle s3://$bucket: $what: already set"
+        return 0
+    fi
+    aws_or_die "setting the lifecycle rules of s3://$bucket" \
+        s3api put-bucket-lifecycle-configuration --bucket "$bucket" \
+        --lifecycle-configuration "$config" >/dev/null
+    say "lifecycle s3://$bucket: $what: set"
+}
+
+# One rule: ID, key prefix, and the action's JSON.
+lifecycle_rule() { # ID PREFIX ACTION_JSON
+    printf '{"ID": "%s", "Status": "Enabled", "Filter": {"Prefix": "%s"}, %s}' "$1" "$2" "$3"
+}
+
 # --- main ------------------------------------------------------------------------------
 
 say "orchgpu AWS setup: region $region${endpoint:+, endpoint $endpoint}"
 
 declare -A seen=()
-for bucket in "$input_bucket" "$intermediate_bucket" "$output_bucket"; do
+for bucket in "$input_bucket" "$intermediate_bucket" "$output_bucket" ${claims_bucket:+"$claims_bucket"}; do
     [[ -n ${seen[$bucket]:-} ]] && continue
     seen[$bucket]=1
     ensure_bucket "$bucket"
@@ -433,12 +489,32 @@ if [[ -n $results_queue ]]; then
         "$(prefix_of "$output_dir")" ""
 fi
 
+# Claims of finished jobs are deleted by orchgpu; one given up by a job that then
+# reached the dead-letter queue, or of a daemon that died, is removed after a day.
+# Parts of a multipart upload a killed daemon could not abort are removed after a day.
+abort_rule=$(lifecycle_rule orchgpu-abort-incomplete-uploads "$(prefix_of "$intermediate_dir")" \
+    '"AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}')
+if [[ -n $claims_bucket && $claims_bucket == "$intermediate_bucket" ]]; then
+    claims_rule=$(lifecycle_rule orchgpu-expire-claims "$(prefix_of "$claims_dir")" '"Expiration": {"Days": 1}')
+    ensure_lifecycle "$intermediate_bucket" "[$abort_rule, $claims_rule]" \
+        "abort incomplete uploads, expire claims"
+else
+    ensure_lifecycle "$intermediate_bucket" "[$abort_rule]" "abort incomplete uploads after 1 day"
+    if [[ -n $claims_bucket ]]; then
+        claims_rule=$(lifecycle_rule orchgpu-expire-claims "$(prefix_of "$claims_dir")" '"Expiration": {"Days": 1}')
+        ensure_lifecycle "$claims_bucket" "[$claims_rule]" "expire claims after 1 day"
+    fi
+fi
+
+claims_desc=off
+[[ -z $claims_bucket ]] || claims_desc="s3://$claims_bucket/$(prefix_of "$claims_dir") (lifecycle: expire after 1 day)"
 cat <<EOF
 
 Summary
   input bucket      s3://$input_bucket/  (ObjectCreated -> $jobs_queue)
   intermediate      s3://$intermediate_bucket/$(prefix_of "$intermediate_dir")
   output            s3://$output_bucket/$(prefix_of "$output_dir")
+  claims            $claims_desc
   jobs queue        $jobs_url
                     $jobs_arn
                     visibility ${visibility_timeout} s, to $dlq after $max_receive_count receives
@@ -458,5 +534,5 @@ fi
 cat <<EOF
 
 Run the daemon with, for example:
-  orchgpu -q $jobs_queue -i $intermediate_bucket${intermediate_dir:+/$intermediate_dir} -o $output_bucket${output_dir:+/$output_dir} -S <scheduler host> -P <scheduler port>${endpoint:+ --endpoint-url $endpoint}
+  orchgpu -q $jobs_queue -i $intermediate_bucket${intermediate_dir:+/$intermediate_dir} -o $output_bucket${output_dir:+/$output_dir}${claims:+ --claims $claims} -S <scheduler host> -P <scheduler port>${endpoint:+ --endpoint-url $endpoint}
 EOF

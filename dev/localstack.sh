@@ -20,7 +20,10 @@
 #   ORCHGPU_LS_PORT    LocalStack port (default 4566)
 #   ORCHGPU_LS_GATEWAY_SERVER  hypercorn (default: listens on 127.0.0.1 only) or twisted
 #                      (LocalStack's own default; listens on all interfaces)
-#   ORCHGPU_MOTO_VENV  moto venv (default ~/.cache/orchgpu/moto-venv)
+#   ORCHGPU_MOTO_VERSION  moto version (default 5.2.5; CI also runs 5.2.1, whose
+#                      CompleteMultipartUpload answer the SDK cannot parse)
+#   ORCHGPU_MOTO_VENV  moto venv (default ~/.cache/orchgpu/moto-venv, or
+#                      moto-VERSION-venv for another ORCHGPU_MOTO_VERSION)
 #   ORCHGPU_MOTO_PORT  moto port (default 5000)
 #   ORCHGPU_PYTHON     interpreter that creates the venvs (default python3; LocalStack's
 #                      pinned requirements are for Python 3.11)
@@ -54,10 +57,17 @@ case $emulator in
         ;;
     moto)
         display_name=moto
-        venv=${ORCHGPU_MOTO_VENV:-$HOME/.cache/orchgpu/moto-venv}
+        moto_version=${ORCHGPU_MOTO_VERSION:-5.2.5}
+        [[ $moto_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] ||
+            die "ORCHGPU_MOTO_VERSION must look like 5.2.5, not '$moto_version'"
+        if [[ $moto_version == 5.2.5 ]]; then
+            venv=${ORCHGPU_MOTO_VENV:-$HOME/.cache/orchgpu/moto-venv}
+        else
+            venv=${ORCHGPU_MOTO_VENV:-$HOME/.cache/orchgpu/moto-$moto_version-venv}
+        fi
         port=${ORCHGPU_MOTO_PORT:-5000}
         default_port=5000
-        moto_spec='moto[server]==5.2.5'
+        moto_spec="moto[server]==$moto_version"
         ;;
     *) die "ORCHGPU_EMULATOR must be 'localstack' or 'moto', not '$emulator'" ;;
 esac

@@ -261,6 +261,32 @@ pub struct Args {
     /// Keep no job history (no `history.sqlite3` is written).
     #[arg(long = "no-history", env = "ORCHGPU_NO_HISTORY")]
     pub no_history: bool,
+
+    /// Where the cross-daemon claims of job ids live, `bucket[/dir]` (never under the
+    /// intermediate dir: the function fires there), or `off` for a daemon alone on its
+    /// queue [default: <output bucket>/orchgpu-claims].
+    #[arg(
+        long = "claims",
+        env = "ORCHGPU_CLAIMS",
+        value_name = "BUCKET[/DIR]|off"
+    )]
+    pub claims: Option<String>,
+
+    /// How long a job's claim holds without renewal; renewed every third of it. A crashed
+    /// daemon's jobs wait this long before another daemon takes them over.
+    #[arg(
+        long = "claim-lease",
+        env = "ORCHGPU_CLAIM_LEASE",
+        default_value = "60",
+        value_name = "SECS"
+    )]
+    pub claim_lease: String,
+
+    /// Directory for downloaded inputs and bundles (on disk: a large input never sits in
+    /// memory) [default: $CACHE_DIRECTORY set by systemd, else the temp dir]. What a
+    /// previous run left there is removed at start-up.
+    #[arg(long = "work-dir", env = "ORCHGPU_WORK_DIR", value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
 }
 
 /// How log lines are written to stderr.
@@ -335,6 +361,10 @@ pub struct Config {
     pub http_listen: Option<std::net::SocketAddr>,
     /// The job history's retention, or `None` with `--no-history`.
     pub history: Option<Retention>,
+    /// `None`: no cross-daemon claims (`--claims off`).
+    pub claims: Option<BucketDir>,
+    pub claim_lease: Duration,
+    pub work_dir: PathBuf,
 }
 
 /// A command-line value that cannot be used; the message names the flag.
@@ -393,6 +423,9 @@ impl TryFrom<Args> for Config {
             MAX_VISIBILITY.as_secs(),
         )?;
         let wait_time = parse_secs("-w/--wait-time", &args.wait_time, 0, 20)?;
+        let intermediate = parse_bucket_dir("-i/--intermediate", &args.intermediate)?;
+        let output = parse_bucket_dir("-o/--output", &args.output)?;
+        let claims = parse_claims(args.claims.as_deref(), &intermediate, &output)?;
         Ok(Config {
             queue: parse_queue(&args.queue)?,
             scheduler_host: parse_host(&args.scheduler_host)?,
@@ -414,8 +447,8 @@ impl TryFrom<Args> for Config {
                 3600,
             )?,
             ssgm: resolve_program("-m/--ssgm", &args.ssgm, std::env::var_os("PATH"))?,
-            intermediate: parse_bucket_dir("-i/--intermediate", &args.intermediate)?,
-            output: parse_bucket_dir("-o/--output", &args.output)?,
+            intermediate,
+            output,
             endpoint_url: parse_endpoint(args.endpoint_url)?,
             region: parse_region(args.region)?,
             max_jobs: parse_max_jobs(&args.max_jobs)?,
@@ -445,6 +478,9 @@ impl TryFrom<Args> for Config {
                 &args.history_max_age,
                 &args.history_max_jobs,
             )?,
+            claims,
+            claim_lease: parse_secs("--claim-lease", &args.claim_lease, 3, 6 * 60 * 60)?,
+            work_dir: resolve_work_dir(args.work_dir, |name| std::env::var_os(name))?,
         })
     }
 }
@@ -760,6 +796,83 @@ fn parse_history(
         max_age: Duration::from_secs(days * 86_400),
         max_rows,
     }))
+}
+
+/// The claims' dir when `--claims` is not given, in the output bucket.
+pub const DEFAULT_CLAIMS_DIR: &str = "orchgpu-claims";
+
+/// Where claims live: the flag, else `<output bucket>/orchgpu-claims`; `off` for none.
+/// Refuses a place under the intermediate dir (every object created there invokes the
+/// function) or the output dir itself (where results are looked for).
+fn parse_claims(
+    raw: Option<&str>,
+    intermediate: &BucketDir,
+    output: &BucketDir,
+) -> Result<Option<BucketDir>, ConfigError> {
+    let flag = "--claims";
+    let (claims, shown) = match raw.map(str::trim) {
+        Some("off") => return Ok(None),
+        Some(value) if !value.is_empty() => (parse_bucket_dir(flag, value)?, value.to_string()),
+        _ => {
+            let default = BucketDir {
+                bucket: output.bucket.clone(),
+                dir: DEFAULT_CLAIMS_DIR.to_string(),
+            };
+            let shown = format!("{}/{}", default.bucket, default.dir);
+            (default, shown)
+        }
+    };
+    let under = |place: &BucketDir| {
+        place.bucket == claims.bucket
+            && (place.dir.is_empty()
+                || claims.dir == place.dir
+                || claims.dir.starts_with(&format!("{}/", place.dir)))
+    };
+    if under(intermediate) {
+        return Err(ConfigError::new(
+            flag,
+            &shown,
+            format!(
+                "claims must not be under the intermediate dir {intermediate} (the function \
+                 fires on every object created there); give another bucket[/dir]"
+            ),
+        ));
+    }
+    if claims.bucket == output.bucket && claims.dir == output.dir {
+        return Err(ConfigError::new(
+            flag,
+            &shown,
+            "claims must not share the output dir; give another bucket[/dir]",
+        ));
+    }
+    Ok(Some(claims))
+}
+
+/// The work dir: the flag, else systemd's `CacheDirectory=`, else the temp dir.
+fn resolve_work_dir(
+    flag: Option<PathBuf>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<PathBuf, ConfigError> {
+    let chosen = flag
+        .or_else(|| {
+            // systemd may list several directories separated by ':'; the first is ours.
+            env("CACHE_DIRECTORY").and_then(|v| {
+                v.to_string_lossy()
+                    .split(':')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
+        })
+        .unwrap_or_else(|| env("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from));
+    if !chosen.is_absolute() {
+        return Err(ConfigError::new(
+            "--work-dir",
+            &chosen.display().to_string(),
+            "expected an absolute path",
+        ));
+    }
+    Ok(chosen)
 }
 
 fn parse_suffix(raw: &str) -> Result<String, ConfigError> {
@@ -1357,5 +1470,83 @@ mod tests {
         ] {
             assert!(since(bad).expect_err(bad).contains("--since"), "{bad}");
         }
+    }
+
+    #[test]
+    fn claims_default_to_the_output_bucket_and_can_be_moved_or_turned_off() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(
+            c.claims,
+            Some(BucketDir {
+                bucket: "out".into(),
+                dir: DEFAULT_CLAIMS_DIR.into()
+            })
+        );
+        assert_eq!(c.claim_lease, Duration::from_secs(60));
+        let c = config(&["--claims", "work/claims", "--claim-lease", "5"]).expect("valid");
+        assert_eq!(
+            c.claims,
+            Some(BucketDir {
+                bucket: "work".into(),
+                dir: "claims".into()
+            })
+        );
+        assert_eq!(c.claim_lease, Duration::from_secs(5));
+        assert_eq!(config(&["--claims", "off"]).expect("valid").claims, None);
+        assert!(error_for(&["--claim-lease", "2"]).contains("--claim-lease"));
+    }
+
+    #[test]
+    fn claims_are_refused_under_the_intermediate_dir_or_in_the_output_dir() {
+        // -i is work/bundles in these tests.
+        for place in ["work/bundles", "work/bundles/claims", "work/bundles/a/b"] {
+            let e = error_for(&["--claims", place]);
+            assert!(e.contains("--claims") && e.contains("intermediate"), "{e}");
+        }
+        // A bucket's root as the intermediate dir: nothing in that bucket is safe.
+        let e = error_for(&["-i", "work", "--claims", "work/claims"]);
+        assert!(e.contains("intermediate"), "{e}");
+        // The default follows the output bucket: refused when that is the intermediate
+        // bucket's root too.
+        let e = error_for(&["-i", "out", "-o", "out/results"]);
+        assert!(e.contains("intermediate"), "{e}");
+        assert!(error_for(&["-o", "out/res", "--claims", "out/res"]).contains("output dir"));
+        // Beside the intermediate dir, in the same bucket, is fine.
+        assert!(config(&["--claims", "work/bundles-claims"]).is_ok());
+        assert!(config(&["--claims", "work/claims"]).is_ok());
+    }
+
+    #[test]
+    fn work_dir_comes_from_flag_then_systemd_then_the_temp_dir() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        let all: &'static [(&str, &str)] = &[
+            ("CACHE_DIRECTORY", "/var/cache/orchgpu:/var/cache/other"),
+            ("TMPDIR", "/scratch"),
+        ];
+        assert_eq!(
+            resolve_work_dir(Some("/flag".into()), env(all)).expect("ok"),
+            PathBuf::from("/flag")
+        );
+        assert_eq!(
+            resolve_work_dir(None, env(all)).expect("ok"),
+            PathBuf::from("/var/cache/orchgpu")
+        );
+        assert_eq!(
+            resolve_work_dir(None, env(&all[1..])).expect("ok"),
+            PathBuf::from("/scratch")
+        );
+        assert_eq!(
+            resolve_work_dir(None, env(&[])).expect("ok"),
+            PathBuf::from("/tmp")
+        );
+        assert!(resolve_work_dir(Some("rel".into()), env(all)).is_err());
+        let args = Args::try_parse_from(with(&["--work-dir", "/w"])).expect("parses");
+        assert_eq!(args.work_dir, Some(PathBuf::from("/w")));
     }
 }

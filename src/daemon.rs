@@ -377,6 +377,13 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
             }
         }
         Disposition::ReturnNow => return_now(&batcher, std::slice::from_ref(&message)).await,
+        Disposition::ReturnAfter(delay) => {
+            // Not a failure: the message comes back when the other daemon's claim ends.
+            let left = MAX_VISIBILITY.saturating_sub(received_at.elapsed() + VISIBILITY_MARGIN);
+            if let Err(e) = batcher.set_visibility(&message, delay.min(left)).await {
+                warn!(error = %error_chain(&e), "Could not return the message; it reappears after its visibility timeout.");
+            }
+        }
         Disposition::Abandon => {}
     }
 }
@@ -478,6 +485,12 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
             telemetry.job_ended(Outcome::Dropped);
             return (Disposition::Delete, false);
         }
+        // It may name a job: retried, then dead-lettered by the queue's redrive policy.
+        Notification::Unprocessable(reason) => {
+            warn!(reason = %reason, receive_count, body = %gist(&body), "Cannot process this S3 event; it goes back to the queue, then to the dead-letter queue.");
+            telemetry.job_ended(Outcome::Returned);
+            return (Disposition::RetryLater, false);
+        }
         Notification::Objects { objects, skipped } => {
             if skipped > 0 {
                 info!(
@@ -516,6 +529,9 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
                 }
                 Disposition::ReturnNow | Disposition::Abandon => {
                     info!(key = %object.key, reason = %e, "Job stopped.");
+                }
+                Disposition::ReturnAfter(delay) => {
+                    info!(key = %object.key, delay_s = delay.as_secs(), reason = %e, "Job held elsewhere; message returns later.");
                 }
             }
             return (disposition, succeeded);

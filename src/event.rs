@@ -2,8 +2,10 @@
 //!
 //! This module owns turning one message body into a [`Notification`]: the
 //! `ObjectCreated` records as [`ObjectRef`]s with fully decoded keys, the
-//! `s3:TestEvent` S3 sends when a notification is configured, or a short reason
-//! why the body can never become a job. It unwraps SNS envelopes, checks the
+//! `s3:TestEvent` S3 sends when a notification is configured, a short reason
+//! why the body can never become a job, or why an S3 event that may name a job
+//! cannot be processed by this version (an unknown `eventVersion`, a record with a
+//! missing or malformed field): such a message must not be dropped silently. It unwraps SNS envelopes, checks the
 //! `eventVersion` major and accepts the key encodings of AWS, LocalStack and moto.
 //!
 //! It is pure: no tokio, no AWS SDK types, no I/O. Deciding what to do with a
@@ -52,8 +54,12 @@ pub enum Notification {
     /// The `s3:TestEvent` S3 sends when a notification is configured.
     TestEvent,
     /// Anything that can never become a job; the String is a short human reason,
-    /// e.g. `no Records` or `record 0: missing s3.bucket.name`.
+    /// e.g. `no Records` or `not JSON`.
     NotAnEvent(String),
+    /// An S3 event that may name a job but that this version cannot process, e.g.
+    /// `unsupported eventVersion 3.0` or `record 0: missing s3.bucket.name`. Not to be
+    /// dropped: it may be a job after an upgrade, or an operator may replay it.
+    Unprocessable(String),
 }
 
 /// Classify an SQS message body. Never panics, never errors: every input maps to a variant.
@@ -61,6 +67,7 @@ pub enum Notification {
 pub fn parse_notification(body: &str) -> Notification {
     match classify_body(body) {
         Ok(notification) => notification,
+        Err(Reject::Unprocessable(inner)) => Notification::Unprocessable(inner.to_string()),
         Err(reject) => Notification::NotAnEvent(reject.to_string()),
     }
 }
@@ -111,6 +118,9 @@ enum Reject {
     Version(String),
     #[error("no ObjectCreated record ({count} skipped: {names})")]
     NoneCreated { count: usize, names: String },
+    /// A record of an S3 event that cannot be processed (see `Notification::Unprocessable`).
+    #[error("{0}")]
+    Unprocessable(Box<Reject>),
 }
 
 /// Top-level S3 event notification.
@@ -222,24 +232,38 @@ fn classify_records(records: Vec<Value>) -> Result<Notification, Reject> {
     let mut objects = Vec::new();
     let mut skipped_names: Vec<String> = Vec::new();
     for (index, raw) in records.into_iter().enumerate() {
-        let mut record: S3EventRecord =
-            serde_json::from_value(raw).map_err(|e| Reject::BadRecord {
+        // What is wrong with a record that looks like S3's may be a job we cannot read:
+        // such a message must reach the dead-letter queue, not be deleted.
+        let s3_like = looks_like_s3_record(&raw);
+        let unprocessable = |reject: Reject| {
+            if s3_like {
+                Reject::Unprocessable(Box::new(reject))
+            } else {
+                reject
+            }
+        };
+        let mut record: S3EventRecord = serde_json::from_value(raw).map_err(|e| {
+            unprocessable(Reject::BadRecord {
                 index,
                 detail: excerpt(&e.to_string()),
-            })?;
+            })
+        })?;
         // A different major version may move or rename fields, so no record of
         // the message is trusted; a missing version is accepted.
         if let Some(version) = &record.event_version {
             if version.split('.').next() != Some("2") {
-                return Err(Reject::Version(excerpt(version)));
+                return Err(unprocessable(Reject::Version(excerpt(version))));
             }
         }
-        let name = record.event_name.take().ok_or(Reject::Missing {
-            index,
-            field: "eventName",
-        })?;
+        let name = record
+            .event_name
+            .take()
+            .ok_or(unprocessable(Reject::Missing {
+                index,
+                field: "eventName",
+            }))?;
         if is_object_created(&name) {
-            objects.push(object_ref(index, name, record)?);
+            objects.push(object_ref(index, name, record).map_err(unprocessable)?);
         } else {
             skipped_names.push(name);
         }
@@ -252,6 +276,18 @@ fn classify_records(records: Vec<Value>) -> Result<Notification, Reject> {
         });
     }
     Ok(Notification::Objects { objects, skipped })
+}
+
+/// Whether a record is S3's: its `eventSource`, an `s3` part or an S3 event name.
+fn looks_like_s3_record(raw: &Value) -> bool {
+    let source = raw.get("eventSource").and_then(Value::as_str);
+    let name = raw.get("eventName").and_then(Value::as_str);
+    source == Some("aws:s3")
+        || raw.get("s3").is_some_and(Value::is_object)
+        || name.is_some_and(|n| {
+            let n = n.strip_prefix("s3:").unwrap_or(n);
+            n.starts_with("ObjectCreated:") || n.starts_with("ObjectRemoved:")
+        })
 }
 
 /// AWS and LocalStack send `ObjectCreated:Put`; some S3-compatible stores keep
@@ -285,7 +321,10 @@ fn object_ref(
         bucket,
         key,
         size: object.size,
-        etag: object.etag.map(|tag| tag.trim_matches('"').to_owned()),
+        etag: object
+            .etag
+            .map(|tag| tag.trim_matches('"').to_owned())
+            .filter(|tag| !tag.is_empty()),
         version_id: object.version_id.filter(|id| !id.is_empty()),
         event_name,
         event_time: record.event_time,
@@ -357,6 +396,14 @@ mod tests {
         match parse_notification(body) {
             Notification::NotAnEvent(reason) => reason,
             other => panic!("expected NotAnEvent, got {other:?}"),
+        }
+    }
+
+    /// Returns the reason of a body that must classify as `Unprocessable`.
+    fn unprocessable(body: &str) -> String {
+        match parse_notification(body) {
+            Notification::Unprocessable(reason) => reason,
+            other => panic!("expected Unprocessable, got {other:?}"),
         }
     }
 
@@ -541,7 +588,7 @@ mod tests {
     #[test]
     fn created_record_without_s3_field() {
         let body = r#"{"Records":[{"eventVersion":"2.1","eventName":"ObjectCreated:Put"}]}"#;
-        assert_eq!(reason(body), "record 0: missing s3");
+        assert_eq!(unprocessable(body), "record 0: missing s3");
     }
 
     #[test]
@@ -551,14 +598,14 @@ mod tests {
             {"eventName": "ObjectCreated:Put", "s3": {"bucket": {}, "object": {"key": "k"}}}
         ]});
         assert_eq!(
-            reason(&no_bucket.to_string()),
+            unprocessable(&no_bucket.to_string()),
             "record 1: missing s3.bucket.name"
         );
         let no_key = serde_json::json!({"Records": [
             {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"size": 3}}}
         ]});
         assert_eq!(
-            reason(&no_key.to_string()),
+            unprocessable(&no_key.to_string()),
             "record 0: missing s3.object.key"
         );
     }
@@ -567,7 +614,7 @@ mod tests {
     fn malformed_record_reports_index() {
         let body =
             r#"{"Records":[{"eventName":"ObjectCreated:Put","s3":{"object":{"size":"big"}}}]}"#;
-        let why = reason(body);
+        let why = unprocessable(body);
         assert!(why.starts_with("record 0: invalid type: string"), "{why}");
         assert_eq!(
             reason(r#"{"Records":[7]}"#),
@@ -578,7 +625,10 @@ mod tests {
     #[test]
     fn event_version_major_must_be_2() {
         let body = with_key("k").replace("\"2.1\"", "\"3.0\"");
-        assert_eq!(reason(&body), "unsupported eventVersion 3.0");
+        assert_eq!(unprocessable(&body), "unsupported eventVersion 3.0");
+        // Records of another service are not S3's: never a job.
+        let other = r#"{"Records":[{"eventVersion":"3.0","eventSource":"aws:ses","ses":{}}]}"#;
+        assert_eq!(reason(other), "unsupported eventVersion 3.0");
         for version in ["2.0", "2.2", "2.3", "2"] {
             let body = with_key("k").replace("\"2.1\"", &format!("\"{version}\""));
             assert_eq!(objects(&body).0.len(), 1, "eventVersion {version}");
@@ -610,7 +660,11 @@ mod tests {
     #[test]
     fn record_without_event_name() {
         let body = r#"{"Records":[{"eventVersion":"2.1","s3":{}}]}"#;
-        assert_eq!(reason(body), "record 0: missing eventName");
+        assert_eq!(unprocessable(body), "record 0: missing eventName");
+        assert_eq!(
+            reason(r#"{"Records":[{"eventVersion":"2.1"}]}"#),
+            "record 0: missing eventName"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
 use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
+use crate::claim::{Acquired, ClaimError, ClaimGuard, Claims};
 use crate::cli::BucketDir;
 use crate::event::ObjectRef;
 use crate::reservations::{AllocError, Reservation, Reservations};
@@ -113,6 +114,8 @@ pub struct JobContext<S> {
     job_ended: Notify,
     /// Result events from the results queue, when one is configured (see `results`).
     results: Option<Arc<ResultRegistry>>,
+    /// Cross-daemon claims of job ids (`None`: this daemon is alone on its queue).
+    claims: Option<Claims>,
 }
 
 impl<S> JobContext<S> {
@@ -121,6 +124,7 @@ impl<S> JobContext<S> {
         reservations: Arc<Reservations<S>>,
         settings: JobSettings,
         results: Option<Arc<ResultRegistry>>,
+        claims: Option<Claims>,
     ) -> JobContext<S> {
         JobContext {
             s3,
@@ -129,6 +133,7 @@ impl<S> JobContext<S> {
             active: std::sync::Mutex::new(HashSet::new()),
             job_ended: Notify::new(),
             results,
+            claims,
         }
     }
 
@@ -165,6 +170,9 @@ pub enum Disposition {
     ReturnNow,
     /// Someone else holds the message now: leave it alone.
     Abandon,
+    /// Another daemon runs this job: make the message visible again after this long,
+    /// when the result exists or the other daemon's claim has run out.
+    ReturnAfter(Duration),
 }
 
 /// Why a job failed.
@@ -172,6 +180,16 @@ pub enum Disposition {
 pub enum JobError {
     #[error("input s3://{bucket}/{key} no longer exists")]
     InputGone { bucket: String, key: String },
+    /// The object changed (or went) after the event: the event is superseded, and the new
+    /// version has its own event and job id.
+    #[error("input s3://{bucket}/{key} changed since its event (superseded)")]
+    InputSuperseded { bucket: String, key: String },
+    #[error("job is held by another daemon ({owner}) for {remaining:?} more")]
+    HeldElsewhere { owner: String, remaining: Duration },
+    #[error("job's claim was taken over by another daemon")]
+    ClaimLost { lease: Duration },
+    #[error("failed to claim the job")]
+    Claim(#[source] ClaimError),
     #[error("failed to transfer job data")]
     Storage(#[source] StorageError),
     #[error("failed to create a temporary file in {dir}")]
@@ -207,6 +225,8 @@ impl JobError {
     pub fn outcome(&self) -> Outcome {
         match self {
             JobError::InputGone { .. } => Outcome::Dropped,
+            JobError::InputSuperseded { .. } => Outcome::Superseded,
+            JobError::HeldElsewhere { .. } | JobError::ClaimLost { .. } => Outcome::Deferred,
             JobError::Cancelled | JobError::NotStarted | JobError::CancelledAwaitingResult => {
                 Outcome::Stopped
             }
@@ -215,6 +235,7 @@ impl JobError {
                 Outcome::Deadline
             }
             JobError::Storage(_)
+            | JobError::Claim(_)
             | JobError::TempFile { .. }
             | JobError::Bundle(_)
             | JobError::Allocation(_) => Outcome::Returned,
@@ -224,10 +245,18 @@ impl JobError {
     /// The lifecycle policy: only a job that can never work deletes its message.
     pub fn disposition(&self) -> Disposition {
         match self {
-            JobError::InputGone { .. } => Disposition::Delete,
+            JobError::InputGone { .. } | JobError::InputSuperseded { .. } => Disposition::Delete,
+            // A second early; and the lease can be no longer than SQS lets a message hide.
+            JobError::HeldElsewhere { remaining, .. } => Disposition::ReturnAfter(
+                (*remaining + Duration::from_secs(1)).min(crate::cli::MAX_VISIBILITY / 2),
+            ),
+            JobError::ClaimLost { lease } => {
+                Disposition::ReturnAfter((*lease).min(crate::cli::MAX_VISIBILITY / 2))
+            }
             JobError::Cancelled | JobError::NotStarted => Disposition::ReturnNow,
             JobError::Abandoned => Disposition::Abandon,
             JobError::Storage(_)
+            | JobError::Claim(_)
             | JobError::TempFile { .. }
             | JobError::Bundle(_)
             | JobError::Allocation(_)
@@ -300,6 +329,48 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let id = JobId::derive(object);
         let started = Instant::now();
         let _claim = self.claim(&id, cancel).await?;
+        let Some(claims) = &self.claims else {
+            return self.run_stages(&id, object, started, cancel).await;
+        };
+        // The cross-daemon claim comes before the result check: of two daemons, the one
+        // that loses either finds the result later or takes over an expired claim.
+        let mut guard = stage("claim", acquire_claim(claims, &id)).await?;
+        let claim_lost = cancel.token.child_token();
+        let stages_cancel = JobCancel {
+            token: claim_lost.clone(),
+            ..cancel.clone()
+        };
+        let (result, lost) = guard
+            .keep_while(
+                &claim_lost,
+                self.run_stages(&id, object, started, &stages_cancel),
+            )
+            .await;
+        let result = match result {
+            Err(_) if lost => Err(JobError::ClaimLost {
+                lease: claims.lease(),
+            }),
+            other => other,
+        };
+        match &result {
+            Ok(_) => guard.finish().await,
+            // The function may still write the result: let the lease run out rather than
+            // have a retry start it again at once.
+            Err(JobError::CancelledAwaitingResult) => guard.leave(),
+            Err(_) => guard.give_up().await,
+        }
+        result
+    }
+
+    /// The job's stages, from the result check to the release.
+    async fn run_stages(
+        &self,
+        id: &JobId,
+        object: &ObjectRef,
+        started: Instant,
+        cancel: &JobCancel,
+    ) -> Result<JobOutcome, JobError> {
+        let id = id.clone();
         let input = self.temp_file(&id, "input")?;
         let (reservation, size) = match self.prepare(&id, object, input.path(), cancel).await? {
             Prepared::AlreadyDone => {
@@ -491,9 +562,21 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     .expect("the semaphore is never closed"),
             )
         };
-        match storage::download_to_file(&self.s3, &object.bucket, &object.key, path).await {
-            Ok(Some(downloaded)) => Ok(downloaded.size),
-            Ok(None) => Err(JobError::InputGone {
+        // Exactly the version the event names (the job id derives from it): a later
+        // overwrite has its own event and job.
+        let pin = match (&object.version_id, &object.etag) {
+            (Some(version), _) => storage::Pin::Version(version),
+            (None, Some(etag)) => storage::Pin::ETag(etag),
+            (None, None) => storage::Pin::Latest,
+        };
+        let fetched = storage::download_pinned(&self.s3, &object.bucket, &object.key, pin, path);
+        match fetched.await {
+            Ok(storage::Fetched::Object(downloaded)) => Ok(downloaded.size),
+            Ok(storage::Fetched::Missing) => Err(JobError::InputGone {
+                bucket: object.bucket.clone(),
+                key: object.key.clone(),
+            }),
+            Ok(storage::Fetched::Changed) => Err(JobError::InputSuperseded {
                 bucket: object.bucket.clone(),
                 key: object.key.clone(),
             }),
@@ -606,6 +689,16 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 dir: self.settings.work_dir.display().to_string(),
                 source,
             })
+    }
+}
+
+/// Claims the job across daemons; a claim held by another daemon is `HeldElsewhere`.
+async fn acquire_claim(claims: &Claims, id: &JobId) -> Result<ClaimGuard, JobError> {
+    match claims.acquire(id.as_str()).await.map_err(JobError::Claim)? {
+        Acquired::Claimed(guard) => Ok(guard),
+        Acquired::HeldElsewhere { owner, remaining } => {
+            Err(JobError::HeldElsewhere { owner, remaining })
+        }
     }
 }
 
@@ -748,5 +841,26 @@ mod tests {
         assert_eq!(deadline.disposition(), RetryLater);
         let bundle = JobError::Bundle(BundleError::InvalidJobId("x/y".into()));
         assert_eq!(bundle.disposition(), RetryLater);
+        let superseded = JobError::InputSuperseded {
+            bucket: "b".into(),
+            key: "k".into(),
+        };
+        assert_eq!(superseded.disposition(), Delete);
+        let held = JobError::HeldElsewhere {
+            owner: "h:1".into(),
+            remaining: Duration::from_secs(20),
+        };
+        assert_eq!(held.disposition(), ReturnAfter(Duration::from_secs(21)));
+        let lost = JobError::ClaimLost {
+            lease: Duration::from_secs(60),
+        };
+        assert_eq!(lost.disposition(), ReturnAfter(Duration::from_secs(60)));
+        let claim = JobError::Claim(crate::claim::ClaimError::Store {
+            op: "write",
+            bucket: "b".into(),
+            key: "k".into(),
+            source: "unreachable".into(),
+        });
+        assert_eq!(claim.disposition(), RetryLater);
     }
 }

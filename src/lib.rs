@@ -6,7 +6,7 @@
 //! result in the output bucket, releases the GPUs and only then deletes the message.
 //!
 //! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
-//! `queue` (SQS), `batcher` (batched deletes and visibility changes on the jobs queue),
+//! `claim` (the cross-daemon claim of a job id in S3), `queue` (SQS), `batcher` (batched deletes and visibility changes on the jobs queue),
 //! `storage` (S3 transfers), `event` (notification parsing), `scheduler` (SSGM), `bundle`
 //! (the `.tar.gz`), `job` (one job's stages), `reservations` (every GPU from the request
 //! to the confirmed release: gate, ledger, crash-safe journal, releaser, replay),
@@ -14,13 +14,15 @@
 //! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
 //! `results` (event-driven result detection), `backoff` (the one retry policy),
 //! `telemetry` (Prometheus metrics, liveness, readiness), `http` (the listener that
-//! serves them), `history` (the SQLite job timeline) and `jobs_cmd` (`orchgpu jobs`: the
-//! history as a table or JSON).
+//! serves them), `history` (the SQLite job timeline), `jobs_cmd` (`orchgpu jobs`: the
+//! history as a table or JSON), `claim` (the cross-daemon claim of a job id in S3) and
+//! `workdir` (this run's files on disk).
 
 pub mod aws;
 pub(crate) mod backoff;
 pub(crate) mod batcher;
 pub(crate) mod bundle;
+pub mod claim;
 pub mod cli;
 pub mod daemon;
 pub mod event;
@@ -37,3 +39,4 @@ pub mod scheduler;
 pub mod signal;
 pub mod storage;
 pub mod telemetry;
+pub mod workdir;

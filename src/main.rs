@@ -8,6 +8,7 @@ use clap::Parser;
 use tracing::{error, info, warn};
 
 use orchgpu::aws::{AwsOptions, build_clients, credentials_problem, error_chain};
+use orchgpu::claim::{Claims, S3Store};
 use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
 use orchgpu::job::{JobContext, JobSettings};
@@ -18,6 +19,7 @@ use orchgpu::results::ResultRegistry;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
 use orchgpu::signal::Signals;
 use orchgpu::telemetry;
+use orchgpu::workdir::WorkDir;
 
 /// Exit codes, in one place: 0 clean exit (graceful shutdown included), 1 a fatal error
 /// at run time, 2 a bad command line or configuration (as clap's own usage errors).
@@ -140,6 +142,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => (None, None),
     };
 
+    // Inputs and bundles go to disk; what a killed run left there goes first.
+    let (work_dir, removed) =
+        WorkDir::open(&config.work_dir).context("cannot prepare the work dir")?;
+    info!(work_dir = %work_dir.path().display(), removed, "Work dir ready.");
+
     let (journal, leftovers) =
         Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
     info!(
@@ -168,6 +175,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         worst_call,
     );
+    let claims = config.claims.as_ref().map(|place| {
+        let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
+        Claims::new(Box::new(store), &place.dir, config.claim_lease)
+    });
     let jobs = Arc::new(JobContext::new(
         clients.s3,
         Arc::new(reservations),
@@ -177,9 +188,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             result_suffix: config.result_suffix.clone(),
             result_poll_interval: config.result_poll_interval,
             result_deadline: config.result_deadline,
-            work_dir: std::env::temp_dir(),
+            work_dir: work_dir.path().to_path_buf(),
         },
         results,
+        claims,
     ));
 
     let shutdown = Shutdown::new();

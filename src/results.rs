@@ -196,7 +196,7 @@ fn route(registry: &ResultRegistry, body: &str) {
             }
         }
         Notification::TestEvent => debug!("Dropping s3:TestEvent on the results queue."),
-        Notification::NotAnEvent(reason) => {
+        Notification::NotAnEvent(reason) | Notification::Unprocessable(reason) => {
             warn!(reason = %reason, "Dropping a results-queue message that is not an S3 event.");
         }
     }

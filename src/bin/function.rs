@@ -151,7 +151,9 @@ impl Function {
     async fn handle(&self, message: ReceivedMessage) {
         let objects = match parse_notification(&message.body) {
             Notification::Objects { objects, .. } => objects,
-            Notification::TestEvent | Notification::NotAnEvent(_) => Vec::new(),
+            Notification::TestEvent
+            | Notification::NotAnEvent(_)
+            | Notification::Unprocessable(_) => Vec::new(),
         };
         let mut failed = false;
         for object in &objects {

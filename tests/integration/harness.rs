@@ -117,8 +117,15 @@ impl Stack {
     /// notifications input → jobs and intermediate → function.
     pub async fn new(name: &str, max_receive_count: u32) -> Result<Stack> {
         let (s3, sqs) = clients().await;
+        // The pid and a counter are unique within a run; the clock tells apart runs on a
+        // long-lived emulator where a pid comes round again (nextest runs each test in a
+        // process of its own), whose buckets would still hold the old run's objects.
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64 % 0x100_0000)
+            .unwrap_or(0);
         let unique = format!(
-            "{name}-{}-{}",
+            "{name}-{}-{}-{clock:06x}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
@@ -1005,5 +1012,45 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// Helpers for the claim, pinning and large-input tests.
+impl Stack {
+    /// Every key under `prefix` in `bucket`.
+    pub async fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for object in page?.contents.unwrap_or_default() {
+                keys.extend(object.key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Uploads to the input bucket; returns the object's ETag (unquoted).
+    pub async fn upload_etag(&self, key: &str, body: Vec<u8>) -> Result<String> {
+        let output = self
+            .s3
+            .put_object()
+            .bucket(&self.input_bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .with_context(|| format!("upload {key}"))?;
+        Ok(output
+            .e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string())
     }
 }

@@ -73,7 +73,9 @@ async fn results_queue_events_end_jobs_without_waiting_for_a_poll() -> Result<()
     let requests = &stats["requests"];
     assert_eq!(stats["version"], 1);
     assert_eq!(requests["S3.GetObject"], 3, "stats: {stats}");
-    assert_eq!(requests["S3.PutObject"], 3, "stats: {stats}");
+    // Per job: the bundle and its claim (created, then deleted once the result is there).
+    assert_eq!(requests["S3.PutObject"], 6, "stats: {stats}");
+    assert_eq!(requests["S3.DeleteObject"], 3, "stats: {stats}");
     // The jobs queue's 4 messages (3 jobs + the s3:TestEvent) were all deleted (the queue
     // is empty). A delete goes alone when none is in flight, so the test event's and the
     // first job's did; jobs ending within one request of each other share a

@@ -1,0 +1,354 @@
+//! Each object version runs once across daemons (the claim in S3), a download gets exactly
+//! the version its event names, and an S3 event orchgpu cannot process is dead-lettered,
+//! not dropped.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Result, anyhow};
+use aws_sdk_s3::primitives::ByteStream;
+use orchgpu::event::{Notification, parse_notification};
+use orchgpu::job::JobId;
+use serde_json::Value;
+
+use crate::harness::{MockSsgm, Stack};
+
+/// The notification S3 sent for an object, sent again (LocalStack 4.13 and moto 5.2 both
+/// send the object's ETag, so both name the same job).
+async fn same_notification(stack: &Stack, key: &str) -> Result<String> {
+    stack.duplicate_notification(key).await
+}
+
+fn job_id_of(body: &str) -> Result<JobId> {
+    match parse_notification(body) {
+        Notification::Objects { objects, .. } => Ok(JobId::derive(&objects[0])),
+        other => Err(anyhow!("not an object event: {other:?}")),
+    }
+}
+
+fn count_in_logs(stack: &Stack, daemons: &[usize], needle: &str) -> usize {
+    daemons
+        .iter()
+        .map(|&d| stack.log(d).matches(needle).count())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() -> Result<()> {
+    const OBJECTS: usize = 10;
+    let ssgm = MockSsgm::start(4)?;
+    let mut stack = Stack::new("claims2x", 5).await?;
+    // Claims beside the bundles, in the intermediate bucket: the function's notification
+    // filter (prefix bundles/v1/, suffix .tar.gz) must keep them away from it.
+    let claims = format!("{}/claims", stack.work_bucket);
+    stack.start_function("copy-result.sh")?;
+    for i in 0..OBJECTS {
+        stack
+            .upload(
+                &format!("twice-{i:02}.png"),
+                format!("object {i}").as_bytes(),
+            )
+            .await?;
+    }
+    for i in 0..OBJECTS {
+        let again = same_notification(&stack, &format!("twice-{i:02}.png")).await?;
+        stack.send_raw(&again).await?;
+    }
+    // Both daemons start on a queue that already holds both notifications of each object.
+    let extra = ["--claims", &claims, "--claim-lease", "6", "-s", "2"];
+    let a_state = stack.state_dir("a");
+    let b_state = stack.state_dir("b");
+    let a = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &a_state]].concat())?;
+    let b = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &b_state]].concat())?;
+
+    stack
+        .wait_for_results(OBJECTS, Duration::from_secs(120))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    let results = stack.results_by_source_key().await?;
+    assert_eq!(results.len(), OBJECTS, "{:?}", results.keys());
+    for (key, bodies) in &results {
+        assert_eq!(bodies.len(), 1, "{key} has {} results", bodies.len());
+    }
+    let invocations: HashMap<String, usize> = stack.invocations();
+    assert_eq!(invocations.len(), OBJECTS, "{invocations:?}");
+    for (bundle, count) in &invocations {
+        assert_eq!(*count, 1, "{bundle} ran {count} times");
+        assert!(
+            bundle.starts_with(&format!("{}/", stack.work_dir)),
+            "the function was invoked on {bundle}, which is not a bundle"
+        );
+    }
+    assert_eq!(ssgm.stat("granted")?, OBJECTS as u64, "GPU jobs run");
+    assert!(
+        count_in_logs(&stack, &[a, b], "Job held elsewhere") > 0,
+        "no notification met another daemon's claim: the test did not exercise it"
+    );
+    // Finished jobs leave no claim.
+    let left = stack.keys(&stack.work_bucket, "claims/").await?;
+    assert!(left.is_empty(), "claims left behind: {left:?}");
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_daemons_claim_is_taken_over_by_exactly_one_daemon_when_it_expires() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("takeover", 10).await?;
+    stack.start_function("copy-result.sh")?;
+    stack
+        .upload("ghost.png", b"claimed by a dead daemon")
+        .await?;
+    let again = same_notification(&stack, "ghost.png").await?;
+    let id = job_id_of(&again)?;
+    // A claim of a daemon that died: it holds for 3 s more, and nobody renews it.
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    let body = serde_json::json!({
+        "version": 1,
+        "job_id": id.to_string(),
+        "owner": {"host": "ghost", "pid": 1, "started_unix": 1},
+        "expires_unix_ms": now_ms + 3_000,
+    });
+    let claim_key = format!("orchgpu-claims/{id}.claim");
+    stack
+        .s3
+        .put_object()
+        .bucket(&stack.output_bucket)
+        .key(&claim_key)
+        .body(ByteStream::from(body.to_string().into_bytes()))
+        .send()
+        .await?;
+    for _ in 0..3 {
+        stack.send_raw(&again).await?;
+    }
+    // One message each at a time, so both daemons meet the claim and, when it expires,
+    // both try to take it over.
+    let extra = ["--claim-lease", "6", "--max-jobs", "1"];
+    let a_state = stack.state_dir("a");
+    let b_state = stack.state_dir("b");
+    let started = Instant::now();
+    let a = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &a_state]].concat())?;
+    let b = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &b_state]].concat())?;
+
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the job ran while the dead daemon's claim still held"
+    );
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    assert_eq!(ssgm.stat("granted")?, 1, "more than one daemon ran the job");
+    let invocations = stack.invocations();
+    assert_eq!(invocations.values().sum::<usize>(), 1, "{invocations:?}");
+    assert!(
+        count_in_logs(&stack, &[a, b], "ghost:1") > 0,
+        "no daemon reported the dead daemon's claim"
+    );
+    assert_eq!(
+        count_in_logs(&stack, &[a, b], "Took over an expired claim."),
+        1,
+        "the expired claim must be taken over exactly once"
+    );
+    let left = stack.keys(&stack.output_bucket, "orchgpu-claims/").await?;
+    assert!(left.is_empty(), "claims left behind: {left:?}");
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_gives_up_its_claim_so_the_retry_runs_at_once() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("claimfail", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    // A long lease: a retry that had to wait for it would come a minute late.
+    let daemon = stack.start_daemon(&ssgm, &["--claim-lease", "60"])?;
+    ssgm.inject("error", 1)?;
+    let started = Instant::now();
+    stack.upload("retry.png", b"fails once").await?;
+    stack.wait_for_results(1, Duration::from_secs(40)).await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the retry waited for the lease"
+    );
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert!(
+        stack.log(daemon).contains("Job failed."),
+        "the fault did not apply"
+    );
+    assert!(!stack.log(daemon).contains("Job held elsewhere"));
+    let left = stack.keys(&stack.output_bucket, "orchgpu-claims/").await?;
+    assert!(left.is_empty(), "claims left behind: {left:?}");
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_overwritten_before_its_download_runs_only_as_its_new_version() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("overwrite", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    // Both versions are notified before any daemon runs: the first event's download
+    // would otherwise get the second version's bytes.
+    let first = stack
+        .upload_etag("photo.png", b"version one".to_vec())
+        .await?;
+    let second = stack
+        .upload_etag("photo.png", b"version two, longer".to_vec())
+        .await?;
+    assert_ne!(first, second);
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    let results = stack.results_by_source_key().await?;
+    let bodies = results
+        .get("photo.png")
+        .ok_or_else(|| anyhow!("no result for photo.png"))?;
+    assert_eq!(bodies.len(), 1, "the object ran {} times", bodies.len());
+    assert_eq!(bodies[0], b"version two, longer");
+    // The one result is the second version's job, under its own id.
+    let mut manifests: Vec<Value> = Vec::new();
+    for key in stack.output_keys().await? {
+        if key.ends_with(".json") {
+            manifests.push(serde_json::from_slice(
+                &stack.get(&stack.output_bucket, &key).await?,
+            )?);
+        }
+    }
+    assert_eq!(manifests.len(), 1);
+    assert_eq!(manifests[0]["source"]["etag"], Value::from(second.clone()));
+    assert!(
+        stack.log(daemon).contains("superseded"),
+        "the first event was not reported as superseded"
+    );
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_an_unknown_version_reaches_the_dead_letter_queue() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("evversion", 2).await?;
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+    let future = stack
+        .object_created_event("from-the-future.png", "abc")
+        .replace("\"2.1\"", "\"3.0\"");
+    assert!(future.contains("\"3.0\""));
+    stack.send_raw(&future).await?;
+    // Junk that can never be a job is still deleted at once.
+    stack.send_raw("not json at all").await?;
+
+    crate::harness::wait_for(
+        "the event in the dead-letter queue",
+        Duration::from_secs(60),
+        || async { Ok((stack.queue_depth(&stack.dlq_url).await? == 1).then_some(())) },
+    )
+    .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    let log = stack.log(daemon);
+    assert!(
+        log.contains("Cannot process this S3 event")
+            && log.contains("unsupported eventVersion 3.0"),
+        "no log line names what was wrong"
+    );
+    assert!(log.contains("Dropping message that is not an S3 object event."));
+    let moved = stack
+        .sqs
+        .receive_message()
+        .queue_url(&stack.dlq_url)
+        .send()
+        .await?;
+    let body = moved
+        .messages
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .and_then(|m| m.body)
+        .unwrap_or_default();
+    assert_eq!(body, future, "the dead-letter queue holds something else");
+    Ok(())
+}
+
+/// One run of `JOBS` jobs through one daemon; returns (AWS requests by operation, claim
+/// stage latencies in µs, job latencies in ms).
+async fn measure(claims: bool) -> Result<(Value, Vec<u64>, Vec<u64>)> {
+    const JOBS: usize = 40;
+    let ssgm = MockSsgm::start(4)?;
+    let mut stack = Stack::new(if claims { "coston" } else { "costoff" }, 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let stats = stack.logs.path().join("stats.json").display().to_string();
+    let mut extra = vec!["--stats-file", &stats, "-b", "1"];
+    if !claims {
+        extra.extend(["--claims", "off"]);
+    }
+    let daemon = stack.start_daemon(&ssgm, &extra)?;
+    for i in 0..JOBS {
+        stack
+            .upload(&format!("cost-{i:02}.png"), format!("job {i}").as_bytes())
+            .await?;
+    }
+    stack
+        .wait_for_results(JOBS, Duration::from_secs(180))
+        .await?;
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    stack
+        .process(daemon)
+        .signal(nix::sys::signal::Signal::SIGTERM)?;
+    stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    let log = stack.log(daemon);
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    let claim_us = log
+        .lines()
+        .filter(|l| l.contains("stage=\"claim\""))
+        .filter_map(|l| field(l, "elapsed_us="))
+        .collect();
+    let job_ms = log
+        .lines()
+        .filter(|l| l.contains("Job completed."))
+        .filter_map(|l| field(l, "elapsed_ms="))
+        .collect();
+    let requests: Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+    Ok((requests, claim_us, job_ms))
+}
+
+fn percentile(values: &mut [u64], p: usize) -> u64 {
+    values.sort_unstable();
+    values
+        .get((values.len().saturating_sub(1)) * p / 100)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// What the claim costs per job, side by side with `--claims off` (BENCHMARKS.md): run
+/// with `cargo nextest run --run-ignored only --no-capture claim_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; see BENCHMARKS.md"]
+async fn claim_cost() -> Result<()> {
+    for round in 1..=2 {
+        for claims in [false, true] {
+            let (requests, mut claim_us, mut job_ms) = measure(claims).await?;
+            let jobs = job_ms.len() as f64;
+            let per_job = |op: &str| requests["requests"][op].as_u64().unwrap_or(0) as f64 / jobs;
+            println!(
+                "CLAIMCOST round={round} claims={} jobs={} requests_per_job={:.2} s3_put_per_job={:.2} s3_get_per_job={:.2} s3_delete_per_job={:.2} claim_p50_ms={:.1} claim_p95_ms={:.1} job_p50_ms={} job_p95_ms={}",
+                if claims { "on" } else { "off" },
+                job_ms.len(),
+                requests["total"].as_u64().unwrap_or(0) as f64 / jobs,
+                per_job("S3.PutObject"),
+                per_job("S3.GetObject"),
+                per_job("S3.DeleteObject"),
+                percentile(&mut claim_us, 50) as f64 / 1000.0,
+                percentile(&mut claim_us, 95) as f64 / 1000.0,
+                percentile(&mut job_ms, 50),
+                percentile(&mut job_ms, 95),
+            );
+        }
+    }
+    Ok(())
+}

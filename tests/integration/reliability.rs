@@ -425,8 +425,10 @@ async fn two_daemons_share_one_queue_without_running_a_job_twice() -> Result<()>
         uploads(&stop_for_stats(&mut stack, first, &stats_a).await?),
         uploads(&stop_for_stats(&mut stack, second, &stats_b).await?),
     );
-    assert_eq!(a + b, JOBS as u64, "bundles uploaded: {a} + {b}");
-    assert!(a > 0 && b > 0, "one daemon did all the work: {a} + {b}");
+    // Each job PUTs its claim and its bundle (a renewal would add one more): the function
+    // saw each bundle once, and both daemons did some of the work.
+    assert_invoked_once_each(&stack, JOBS);
+    assert!(a >= 2 && b >= 2, "one daemon did all the work: {a} + {b}");
     Ok(())
 }
 

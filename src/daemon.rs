@@ -28,7 +28,8 @@ use crate::backoff::Backoff;
 use crate::batcher::{QueueBatcher, Reply};
 use crate::cli::MAX_VISIBILITY;
 use crate::event::{Notification, parse_notification};
-use crate::job::{Disposition, JobCancel, JobContext, JobOutcome};
+use crate::history::{self, EventKind};
+use crate::job::{Disposition, JobCancel, JobContext, JobError, JobOutcome};
 use crate::queue::{Queue, QueueError, ReceivedMessage};
 use crate::scheduler::GpuScheduler;
 use crate::telemetry::{self, Outcome};
@@ -289,6 +290,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     let mut work = tokio::spawn(
         process_message(
             jobs,
+            message.message_id.clone(),
             message.body.clone(),
             message.receive_count,
             cancel.clone(),
@@ -469,6 +471,7 @@ async fn return_now(batcher: &QueueBatcher, messages: &[ReceivedMessage]) {
 /// to do with the message, and whether a job of it ran to its result.
 async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
     jobs: Arc<JobContext<S>>,
+    message_id: String,
     body: String,
     receive_count: u32,
     cancel: JobCancel,
@@ -503,6 +506,11 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
     };
     let mut succeeded = false;
     for object in &objects {
+        jobs.record(
+            object,
+            Some(&message_id),
+            EventKind::Received { receive_count },
+        );
         let ended = jobs.run_job(object, &cancel).await;
         match &ended {
             Ok(JobOutcome::Completed) => {
@@ -512,6 +520,7 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
             Ok(JobOutcome::AlreadyDone) => telemetry.job_ended(Outcome::Duplicate),
             Err(e) => telemetry.job_ended(e.outcome()),
         }
+        jobs.record(object, Some(&message_id), history_ending(&ended));
         if let Err(e) = ended {
             let disposition = e.disposition();
             match disposition {
@@ -538,6 +547,32 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
         }
     }
     (Disposition::Delete, succeeded)
+}
+
+/// How a job's attempt ended, for its timeline: the message deleted (with the outcome),
+/// returned (with the reason), or no longer ours.
+fn history_ending(ended: &Result<JobOutcome, JobError>) -> EventKind {
+    match ended {
+        Ok(JobOutcome::Completed) => EventKind::Deleted {
+            outcome: history::SUCCEEDED.to_owned(),
+        },
+        Ok(JobOutcome::AlreadyDone) => EventKind::Deleted {
+            outcome: "duplicate".to_owned(),
+        },
+        Err(e) => match e.disposition() {
+            Disposition::Delete => EventKind::Deleted {
+                outcome: format!("dropped: {}", error_chain(e)),
+            },
+            Disposition::RetryLater | Disposition::ReturnNow | Disposition::ReturnAfter(_) => {
+                EventKind::Returned {
+                    reason: error_chain(e),
+                }
+            }
+            Disposition::Abandon => EventKind::Failed {
+                reason: error_chain(e),
+            },
+        },
+    }
 }
 
 /// Backoff for a failed job's message: doubles with each receive, capped.

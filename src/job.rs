@@ -26,6 +26,7 @@ use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationFiel
 use crate::claim::{Acquired, ClaimError, ClaimGuard, Claims};
 use crate::cli::BucketDir;
 use crate::event::ObjectRef;
+use crate::history::{EventKind, History, HistoryEvent};
 use crate::reservations::{AllocError, Reservation, Reservations};
 use crate::results::{ResultRegistry, ResultWaiter};
 use crate::scheduler::GpuScheduler;
@@ -116,6 +117,8 @@ pub struct JobContext<S> {
     results: Option<Arc<ResultRegistry>>,
     /// Cross-daemon claims of job ids (`None`: this daemon is alone on its queue).
     claims: Option<Claims>,
+    /// Each job's timeline (`orchgpu jobs`); never fails a job.
+    history: History,
 }
 
 impl<S> JobContext<S> {
@@ -125,6 +128,7 @@ impl<S> JobContext<S> {
         settings: JobSettings,
         results: Option<Arc<ResultRegistry>>,
         claims: Option<Claims>,
+        history: History,
     ) -> JobContext<S> {
         JobContext {
             s3,
@@ -134,7 +138,19 @@ impl<S> JobContext<S> {
             job_ended: Notify::new(),
             results,
             claims,
+            history,
         }
+    }
+
+    /// Adds an event to job `object`'s timeline in the history.
+    pub fn record(&self, object: &ObjectRef, message_id: Option<&str>, kind: EventKind) {
+        self.history.record(HistoryEvent::now(
+            JobId::derive(object).as_str(),
+            object.bucket.as_str(),
+            object.key.as_str(),
+            message_id.map(str::to_owned),
+            kind,
+        ));
     }
 
     /// The GPU reservations the jobs draw on.
@@ -335,6 +351,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         // The cross-daemon claim comes before the result check: of two daemons, the one
         // that loses either finds the result later or takes over an expired claim.
         let mut guard = stage("claim", acquire_claim(claims, &id)).await?;
+        self.record(object, None, EventKind::Claimed);
         let claim_lost = cancel.token.child_token();
         let stages_cancel = JobCancel {
             token: claim_lost.clone(),
@@ -383,7 +400,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel)
             .await;
         // The GPUs go back before anything else happens to the message.
+        let scheduler_job = reservation.grant().scheduler_job_id.clone();
         self.reservations.release(reservation).await;
+        self.record(object, None, EventKind::Released { scheduler_job });
         drop(input);
         if result.is_ok() {
             info!(
@@ -468,13 +487,24 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         if cancel.stop.is_cancelled() {
             return Err(JobError::NotStarted);
         }
+        self.record(object, None, EventKind::WaitingForGpus);
         let allocate = async {
             self.reservations
                 .allocate(id.as_str(), &object.key, &cancel.token, &cancel.stop)
                 .await
                 .map_err(|e| cancel.allocation_error(e))
         };
-        stage("allocate", allocate).await
+        let reservation = stage("allocate", allocate).await?;
+        let grant = reservation.grant();
+        self.record(
+            object,
+            None,
+            EventKind::Granted {
+                scheduler_job: grant.scheduler_job_id.clone(),
+                devices: grant.devices().into_iter().map(str::to_owned).collect(),
+            },
+        );
+        Ok(reservation)
     }
 
     async fn run_with_gpus(
@@ -519,6 +549,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             ),
         )
         .await?;
+        let bytes = std::fs::metadata(bundle_file.path()).map_or(0, |m| m.len());
+        self.record(object, None, EventKind::Bundled { bytes });
 
         let bundle_key = bundle::bundle_key(&self.settings.intermediate.dir, id.as_str());
         // Registered before the upload, so a result event cannot come before we listen.
@@ -543,12 +575,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         )
         .await?;
         drop(bundle_file);
+        self.record(object, None, EventKind::Uploaded);
 
-        stage(
+        let seen = stage(
             "await_result",
             self.await_result(result_key, waiter.as_ref(), cancel),
         )
-        .await
+        .await?;
+        self.record(object, None, EventKind::ResultSeen);
+        Ok(seen)
     }
 
     async fn download(&self, object: &ObjectRef, path: &Path) -> Result<u64, JobError> {

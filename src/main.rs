@@ -11,6 +11,7 @@ use orchgpu::aws::{AwsOptions, build_clients, credentials_problem, error_chain};
 use orchgpu::claim::{Claims, S3Store};
 use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
+use orchgpu::history::History;
 use orchgpu::job::{JobContext, JobSettings};
 use orchgpu::notify;
 use orchgpu::queue::Queue;
@@ -175,6 +176,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         worst_call,
     );
+    // A history that cannot be opened never stops the daemon: jobs run without it.
+    let history = match config.history {
+        Some(retention) => History::open(&config.state_dir, retention).unwrap_or_else(|e| {
+            error!(error = %error_chain(&e), "Cannot open the job history; running without it.");
+            History::disabled()
+        }),
+        None => History::disabled(),
+    };
     let claims = config.claims.as_ref().map(|place| {
         let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
         Claims::new(Box::new(store), &place.dir, config.claim_lease)
@@ -192,6 +201,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         results,
         claims,
+        history.clone(),
     ));
 
     let shutdown = Shutdown::new();
@@ -237,6 +247,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // sender is gone too: it makes its last pass and stops.
     releaser.await.context("the releaser task failed")?;
     observers.cancel();
+    // The last events of the jobs reach the history before the process ends.
+    let flushed = tokio::task::spawn_blocking(move || history.flush(HISTORY_FLUSH)).await;
+    if !matches!(flushed, Ok(true)) {
+        warn!("The job history's last events may be missing: its writer did not finish in time.");
+    }
     results_stop.cancel();
     if let Some(task) = results_task {
         task.await.context("the results task failed")?;
@@ -249,6 +264,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How long the job history's writer gets at exit for its last events.
+const HISTORY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often the queue depths are sampled for `/metrics`.
 const QUEUE_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);

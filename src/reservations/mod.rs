@@ -373,7 +373,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                 info!(
                     scheduler_job = %grant.scheduler_job_id,
                     gpus = self.settings.gpus,
-                    devices = %device_list(&grant),
+                    devices = %grant.devices().join(","),
                     "GPUs granted."
                 );
                 Ok(Asked::Granted(Reservation {
@@ -511,20 +511,6 @@ async fn blocking<T: Send + 'static>(
                 source: std::io::Error::other(e),
             })
         })
-}
-
-/// The devices a grant names (`RCUDA_DEVICE_<i>` values), for the log.
-fn device_list(grant: &Grant) -> String {
-    let devices: Vec<&str> = grant
-        .settings
-        .iter()
-        .filter(|(name, _)| {
-            name.strip_prefix("RCUDA_DEVICE_")
-                .is_some_and(|i| i.chars().all(|c| c.is_ascii_digit()))
-        })
-        .map(|(_, value)| value.as_str())
-        .collect();
-    devices.join(",")
 }
 
 fn unix_now_ms() -> u64 {

@@ -201,3 +201,90 @@ async fn a_real_prometheus_scrapes_the_daemon() -> Result<()> {
     assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
     Ok(())
 }
+
+/// `orchgpu jobs` against the state directory a daemon wrote: its JSON output.
+fn jobs_json(args: &[&str]) -> Result<serde_json::Value> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orchgpu"))
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "orchgpu {args:?}: {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_shows_a_failed_attempt_and_the_successful_retry_across_a_restart() -> Result<()>
+{
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("history-e2e", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    // The first attempt's allocation is refused; the retry succeeds.
+    ssgm.inject("error", 1)?;
+    let daemon = stack.start_daemon(&ssgm, &[])?;
+    stack.upload("twice tried.png", b"failed once").await?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    stack.process(daemon).signal(Signal::SIGTERM)?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    assert_eq!(status.code(), Some(0), "{status}");
+
+    // A restart on the same state directory keeps the history.
+    let again = stack.start_daemon(&ssgm, &[])?;
+    stack
+        .wait_for_log(again, "Receiving jobs.", 1, Duration::from_secs(30))
+        .await?;
+    let state_dir = stack.state_dir("default");
+    let detail = jobs_json(&[
+        "jobs",
+        "show",
+        "twice tried.png",
+        "--state-dir",
+        &state_dir,
+        "--json",
+    ])?;
+    assert_eq!(detail["state"], "done", "{detail:#}");
+    assert_eq!(detail["key"], "twice tried.png", "{detail:#}");
+    let attempts = detail["attempt_outcomes"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{detail:#}");
+    assert_eq!(attempts[0]["state"], "returned", "{detail:#}");
+    let reason = attempts[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("scheduler refused a request"), "{detail:#}");
+    assert_eq!(attempts[1]["state"], "done", "{detail:#}");
+    let kinds: Vec<&str> = detail["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .filter(|e| e["attempt"] == 2)
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    for kind in [
+        "received",
+        "claimed",
+        "waiting_for_gpus",
+        "granted",
+        "bundled",
+        "uploaded",
+        "result_seen",
+        "released",
+        "deleted",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in attempt 2: {kinds:?}");
+    }
+    let list = jobs_json(&[
+        "jobs",
+        "--state-dir",
+        &state_dir,
+        "--state",
+        "done",
+        "--json",
+    ])?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list:#}");
+    Ok(())
+}

@@ -404,6 +404,23 @@ impl Claims {
         })
     }
 
+    /// What the store says about `job_id`'s claim, changing nothing: `None` when there is
+    /// no claim object (or one that is not ours to read).
+    ///
+    /// # Errors
+    /// `ClaimError` when the store cannot be reached.
+    pub async fn peek(&self, job_id: &str) -> Result<Option<ClaimSeen>, ClaimError> {
+        let shared = &self.shared;
+        let Some((_, body)) = shared.store.read(&self.key(job_id)).await? else {
+            return Ok(None);
+        };
+        let now = (shared.clock)();
+        Ok(parse_body(&body).map(|body| ClaimSeen {
+            live: body.expires_unix_ms > now,
+            owner: body.owner.to_string(),
+        }))
+    }
+
     fn body(&self, job_id: &str) -> (Vec<u8>, u64) {
         let expires = (self.shared.clock)().saturating_add(duration_ms(self.shared.lease));
         (encode(&self.shared.owner, job_id, expires), expires)
@@ -441,6 +458,15 @@ fn parse_body(bytes: &[u8]) -> Option<ClaimBody> {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A claim as read by `Claims::peek`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimSeen {
+    /// Held (not expired, not released) right now.
+    pub live: bool,
+    /// Which daemon wrote it.
+    pub owner: String,
 }
 
 /// A claim this process holds. End it with `finish` (the job's result exists) or
@@ -779,6 +805,21 @@ mod tests {
             "finished claim left behind"
         );
         claimed(b.acquire("j1").await.expect("store works"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peek_tells_a_live_claim_from_an_expired_or_released_one() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let (a, web) = (daemon(&store, 1, &clock), daemon(&store, 2, &clock));
+        assert_eq!(web.peek("j").await.expect("store works"), None);
+        let guard = claimed(a.acquire("j").await.expect("store works"));
+        let seen = web.peek("j").await.expect("store works").expect("a claim");
+        assert!(seen.live && seen.owner.starts_with("h:1 "), "{seen:?}");
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        assert!(!web.peek("j").await.expect("ok").expect("a claim").live);
+        guard.give_up().await;
+        assert!(!web.peek("j").await.expect("ok").expect("a claim").live);
     }
 
     #[tokio::test(start_paused = true)]

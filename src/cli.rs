@@ -240,6 +240,34 @@ pub struct Args {
     )]
     pub http_listen: Option<String>,
 
+    /// Let the web page at / on the listener upload images to this input
+    /// `bucket[/prefix]` [default: the page shows jobs only].
+    #[arg(
+        long = "upload-to",
+        env = "ORCHGPU_UPLOAD_TO",
+        value_name = "BUCKET[/PREFIX]"
+    )]
+    pub upload_to: Option<String>,
+
+    /// Largest upload the web page accepts, in bytes.
+    #[arg(
+        long = "upload-max-bytes",
+        env = "ORCHGPU_UPLOAD_MAX_BYTES",
+        default_value = "52428800",
+        value_name = "BYTES"
+    )]
+    pub upload_max_bytes: String,
+
+    /// File whose first line is the token the web page's API asks for (header
+    /// X-Orchgpu-Token or the cookie the page sets); read at start-up. Set it whenever the
+    /// listener is not on loopback [default: no token].
+    #[arg(
+        long = "http-token-file",
+        env = "ORCHGPU_HTTP_TOKEN_FILE",
+        value_name = "PATH"
+    )]
+    pub http_token_file: Option<PathBuf>,
+
     /// Keep the job history (`orchgpu jobs`) for this many days after a job's last event.
     #[arg(
         long = "history-max-age",
@@ -359,6 +387,12 @@ pub struct Config {
     pub results_queue: Option<QueueRef>,
     pub stats_file: Option<PathBuf>,
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Where the web page uploads to; `None`: the page shows jobs only.
+    pub upload_to: Option<BucketDir>,
+    /// The largest upload the web page accepts.
+    pub upload_max_bytes: u64,
+    /// The token the web API asks for, read from `--http-token-file`.
+    pub http_token: Option<String>,
     /// The job history's retention, or `None` with `--no-history`.
     pub history: Option<Retention>,
     /// `None`: no cross-daemon claims (`--claims off`).
@@ -473,6 +507,19 @@ impl TryFrom<Args> for Config {
             results_queue: parse_results_queue(args.results_queue)?,
             stats_file: args.stats_file,
             http_listen: parse_listen(args.http_listen.as_deref())?,
+            upload_to: args
+                .upload_to
+                .as_deref()
+                .map(str::trim)
+                .filter(|raw| !raw.is_empty())
+                .map(|raw| parse_bucket_dir("--upload-to", raw))
+                .transpose()?,
+            upload_max_bytes: parse_upload_max(&args.upload_max_bytes)?,
+            http_token: args
+                .http_token_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?,
             history: parse_history(
                 args.no_history,
                 &args.history_max_age,
@@ -483,6 +530,36 @@ impl TryFrom<Args> for Config {
             work_dir: resolve_work_dir(args.work_dir, |name| std::env::var_os(name))?,
         })
     }
+}
+
+/// The web page's upload limit: 1 byte to 5 TB (S3's largest object).
+fn parse_upload_max(raw: &str) -> Result<u64, ConfigError> {
+    match raw.trim().parse::<u64>() {
+        Ok(n) if (1..=5_000_000_000_000).contains(&n) => Ok(n),
+        _ => Err(ConfigError::new(
+            "--upload-max-bytes",
+            raw,
+            "expected a whole number of bytes from 1 to 5000000000000",
+        )),
+    }
+}
+
+/// The first line of the token file, trimmed; refuses a missing file or an empty or
+/// short token (a guessable one protects nothing).
+fn read_token(path: &std::path::Path) -> Result<String, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("--http-token-file", &shown, format!("cannot read it: {e}"))
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.len() < 16 || token.chars().any(|c| c.is_control()) {
+        return Err(ConfigError::new(
+            "--http-token-file",
+            &shown,
+            "its first line must be a token of at least 16 printable characters",
+        ));
+    }
+    Ok(token)
 }
 
 /// `ADDR:PORT` with a literal IP address (`127.0.0.1:9464`, `[::1]:9464`): a host name
@@ -1299,6 +1376,52 @@ mod tests {
             let err = config(&["--http-listen", bad]).expect_err(bad);
             assert!(err.to_string().contains("--http-listen"), "{err}");
         }
+    }
+
+    #[test]
+    fn web_upload_flags() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(c.upload_to, None);
+        assert_eq!(c.upload_max_bytes, 52_428_800);
+        assert_eq!(c.http_token, None);
+        let c = config(&[
+            "--upload-to",
+            "in-bucket/web/",
+            "--upload-max-bytes",
+            "1000",
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.upload_to,
+            Some(BucketDir {
+                bucket: "in-bucket".into(),
+                dir: "web".into()
+            })
+        );
+        assert_eq!(c.upload_max_bytes, 1000);
+        for (flag, bad) in [
+            ("--upload-to", "/web"),
+            ("--upload-to", "Bad_Bucket"),
+            ("--upload-max-bytes", "0"),
+            ("--upload-max-bytes", "50MB"),
+            ("--http-token-file", "/nonexistent/token"),
+        ] {
+            let err = config(&[flag, bad]).expect_err(bad);
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn http_token_file_is_read_and_must_hold_a_long_token() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  0123456789abcdef-token \nignored\n").expect("write");
+        let c = config(&["--http-token-file", path.to_str().expect("utf-8")]).expect("valid");
+        assert_eq!(c.http_token.as_deref(), Some("0123456789abcdef-token"));
+        std::fs::write(&path, "short\n").expect("write");
+        let err =
+            config(&["--http-token-file", path.to_str().expect("utf-8")]).expect_err("short token");
+        assert!(err.to_string().contains("at least 16"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The HTTP listener (`--http-listen`): `/metrics` in the Prometheus text format, and
-//! `/healthz` and `/readyz` with small JSON bodies for load balancers and probes.
+//! `/healthz` and `/readyz` with small JSON bodies for load balancers and probes, and the
+//! routes of `web` (the page at `/`), merged in here.
 //!
 //! It serves what `telemetry` holds and changes nothing. It is off unless asked for; the
 //! examples bind it to loopback.
@@ -17,19 +18,21 @@ use crate::telemetry;
 /// Serves until `stop` fires.
 ///
 /// `stale_after` is how long the receive loop (and the job tasks, while jobs run) may
-/// show no progress before `/healthz` answers 503.
+/// show no progress before `/healthz` answers 503. `web` is `web::router`'s routes.
 ///
 /// # Errors
 /// The server's I/O error.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     stale_after: Duration,
+    web: Router,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(move || healthz(stale_after)))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .merge(web);
     axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

@@ -14,7 +14,7 @@
 //! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
 //! `results` (event-driven result detection), `backoff` (the one retry policy),
 //! `telemetry` (Prometheus metrics, liveness, readiness), `http` (the listener that
-//! serves them), `history` (the SQLite job timeline), `jobs_cmd` (`orchgpu jobs`: the
+//! serves them), `web` (the page for uploaders and its API, on that listener), `history` (the SQLite job timeline), `jobs_cmd` (`orchgpu jobs`: the
 //! history as a table or JSON), `claim` (the cross-daemon claim of a job id in S3) and
 //! `workdir` (this run's files on disk).
 
@@ -39,4 +39,5 @@ pub mod scheduler;
 pub mod signal;
 pub mod storage;
 pub mod telemetry;
+pub mod web;
 pub mod workdir;

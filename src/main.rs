@@ -188,6 +188,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
         Claims::new(Box::new(store), &place.dir, config.claim_lease)
     });
+    let web = orchgpu::web::WebSettings {
+        s3: clients.s3.clone(),
+        upload_to: config.upload_to.clone(),
+        upload_max_bytes: config.upload_max_bytes,
+        token: config.http_token.clone(),
+        output: config.output.clone(),
+        result_suffix: config.result_suffix.clone(),
+        claims: claims.clone(),
+        state_dir: config.state_dir.clone(),
+        work_dir: work_dir.path().to_path_buf(),
+    };
     let jobs = Arc::new(JobContext::new(
         clients.s3,
         Arc::new(reservations),
@@ -213,10 +224,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(warn_without_redrive(queue.clone()));
     let observers = tokio_util::sync::CancellationToken::new();
     if let Some(listener) = http {
-        info!(address = %listener.local_addr().context("the listener has no address")?, "Serving /metrics, /healthz and /readyz.");
+        info!(address = %listener.local_addr().context("the listener has no address")?, "Serving /metrics, /healthz, /readyz and the web page at /.");
         tokio::spawn(orchgpu::http::serve(
             listener,
             daemon::STALE_AFTER,
+            orchgpu::web::router(web),
             observers.clone(),
         ));
         tokio::spawn(orchgpu::queue::sample_depths(

@@ -1,0 +1,290 @@
+//! A job's state for the page, from what the history and S3 say. Pure: the caller reads
+//! the history, the claim and the result, this decides what the user sees.
+
+use serde::Serialize;
+
+use crate::claim::ClaimSeen;
+use crate::history::{JobDetail, JobSummary, Timestamp};
+
+use super::names::Detection;
+
+/// What the page shows of one job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct JobView {
+    pub job_id: String,
+    /// The input's key, when the history knows it.
+    pub key: Option<String>,
+    /// `queued`, `received`, `waiting_for_gpus`, `running`, `running_elsewhere`, `done`,
+    /// `failed`, `retrying` or `dropped`.
+    pub state: &'static str,
+    /// The state in words.
+    pub summary: String,
+    /// Why it failed, was returned or dropped.
+    pub reason: Option<String>,
+    /// The scheduler's job id while (or since) it ran on GPUs.
+    pub scheduler_job: Option<String>,
+    /// Seconds in the current state (running: since the GPUs were granted; done: from
+    /// first receive to done).
+    pub seconds: Option<f64>,
+    pub attempts: u32,
+    /// Whether the result is in the output bucket.
+    pub result: bool,
+    /// The function's detections, when it wrote a text file beside the result.
+    pub detections: Option<Vec<Detection>>,
+}
+
+/// What S3 says about a job.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct S3View {
+    pub result: bool,
+    pub claim: Option<ClaimSeen>,
+    pub detections: Option<Vec<Detection>>,
+}
+
+/// One job's view from its history (if any) and S3's.
+pub(crate) fn job_view(
+    job_id: &str,
+    history: Option<&JobDetail>,
+    s3: S3View,
+    now: Timestamp,
+) -> JobView {
+    let mut view = JobView {
+        job_id: job_id.to_string(),
+        key: history.map(|h| h.job.key.clone()),
+        state: "queued",
+        summary: "Uploaded; waiting in the queue for a daemon.".to_string(),
+        reason: None,
+        scheduler_job: None,
+        seconds: None,
+        attempts: history.map_or(0, |h| h.job.attempts),
+        result: s3.result,
+        detections: s3.detections,
+    };
+    // The latest grant of the latest attempt: which scheduler job, since when.
+    let granted = history.and_then(|h| {
+        h.timeline
+            .iter()
+            .rev()
+            .take_while(|e| e.attempt == h.job.attempts)
+            .find(|e| e.kind == "granted")
+    });
+    view.scheduler_job =
+        granted.and_then(|e| e.detail.get("scheduler_job")?.as_str().map(str::to_owned));
+    let live_claim = s3.claim.as_ref().filter(|c| c.live);
+    let state = history.map(|h| h.job.state.as_str());
+    if s3.result {
+        view.state = "done";
+        view.summary = "Done.".to_string();
+        view.seconds = history.map(|h| secs(h.job.first_seen, h.job.last_update));
+        return view;
+    }
+    match (state, live_claim) {
+        (Some("running"), _) => {
+            view.state = "running";
+            view.seconds = granted.map(|e| secs(e.at, now));
+            view.summary = match &view.scheduler_job {
+                Some(job) => format!("Running on a GPU (scheduler job {job})."),
+                None => "Running on a GPU.".to_string(),
+            };
+        }
+        (Some("waiting_for_gpus"), _) => {
+            view.state = "waiting_for_gpus";
+            view.summary = "Waiting for GPUs: the scheduler is busy.".to_string();
+            view.scheduler_job = None;
+        }
+        (Some("received"), _) => {
+            view.state = "received";
+            view.summary = "Picked up; asking the scheduler for GPUs.".to_string();
+            view.scheduler_job = None;
+        }
+        (Some("done"), _) => {
+            // The history says done but the result is gone (removed since).
+            view.state = "done";
+            view.summary = "Done (the result is no longer in the output bucket).".to_string();
+        }
+        (None | Some("returned" | "failed"), Some(claim)) => {
+            view.state = "running_elsewhere";
+            view.summary = format!("Running on another daemon ({}).", claim.owner);
+            view.scheduler_job = None;
+        }
+        (Some("returned"), None) => {
+            view.state = "retrying";
+            view.reason = history.and_then(|h| h.job.last_reason.clone());
+            view.summary = "Failed; it will be retried.".to_string();
+        }
+        (Some("failed"), None) => {
+            view.state = "failed";
+            view.reason = history.and_then(|h| h.job.last_reason.clone());
+            view.summary = "Failed.".to_string();
+        }
+        (Some("dropped"), _) => {
+            view.state = "dropped";
+            view.reason = history.and_then(|h| h.job.last_reason.clone());
+            view.summary = "Dropped: it can never become a job.".to_string();
+        }
+        (None, None) | (Some(_), _) => {}
+    }
+    view
+}
+
+/// A recent job as listed (history only: no S3 request per row).
+pub(crate) fn summary_view(job: &JobSummary) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": job.job_id,
+        "key": job.key,
+        "state": job.state,
+        "attempts": job.attempts,
+        "first_seen": job.first_seen,
+        "last_update": job.last_update,
+        "reason": job.last_reason,
+    })
+}
+
+fn secs(from: Timestamp, to: Timestamp) -> f64 {
+    (to.0.saturating_sub(from.0)).max(0) as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::EventRecord;
+
+    fn detail(state: &str, events: &[(&str, serde_json::Value)]) -> JobDetail {
+        JobDetail {
+            job: JobSummary {
+                job_id: "0123456789abcdef0123".into(),
+                bucket: "in".into(),
+                key: "web/dog.jpg".into(),
+                state: state.into(),
+                attempts: 1,
+                first_seen: Timestamp(1_000),
+                last_update: Timestamp(8_500),
+                last_reason: Some("the function wrote no result within 90 s".into()),
+            },
+            message_id: None,
+            attempt_outcomes: Vec::new(),
+            timeline: events
+                .iter()
+                .enumerate()
+                .map(|(i, (kind, detail))| EventRecord {
+                    attempt: 1,
+                    at: Timestamp(1_000 + 1_000 * i as i64),
+                    kind: (*kind).into(),
+                    message_id: None,
+                    detail: detail.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn view(history: Option<&JobDetail>, s3: S3View) -> JobView {
+        job_view("0123456789abcdef0123", history, s3, Timestamp(10_000))
+    }
+
+    fn claim(live: bool) -> Option<ClaimSeen> {
+        Some(ClaimSeen {
+            live,
+            owner: "other:42 (started 1)".into(),
+        })
+    }
+
+    #[test]
+    fn unknown_to_history_and_s3_is_queued() {
+        assert_eq!(view(None, S3View::default()).state, "queued");
+        assert_eq!(
+            view(
+                None,
+                S3View {
+                    claim: claim(false),
+                    ..S3View::default()
+                }
+            )
+            .state,
+            "queued"
+        );
+    }
+
+    #[test]
+    fn a_live_claim_of_another_daemon_is_running_elsewhere() {
+        let v = view(
+            None,
+            S3View {
+                claim: claim(true),
+                ..S3View::default()
+            },
+        );
+        assert_eq!(v.state, "running_elsewhere");
+        assert!(v.summary.contains("other:42"), "{}", v.summary);
+        let returned = detail("returned", &[("received", serde_json::json!({}))]);
+        let v = view(
+            Some(&returned),
+            S3View {
+                claim: claim(true),
+                ..S3View::default()
+            },
+        );
+        assert_eq!(v.state, "running_elsewhere");
+    }
+
+    #[test]
+    fn running_names_the_scheduler_job_and_how_long() {
+        let running = detail(
+            "running",
+            &[
+                ("received", serde_json::json!({"receive_count": 1})),
+                (
+                    "granted",
+                    serde_json::json!({"scheduler_job": "77", "devices": []}),
+                ),
+            ],
+        );
+        let v = view(Some(&running), S3View::default());
+        assert_eq!(v.state, "running");
+        assert_eq!(v.scheduler_job.as_deref(), Some("77"));
+        assert_eq!(v.seconds, Some(8.0));
+        assert!(v.summary.contains("scheduler job 77"), "{}", v.summary);
+    }
+
+    #[test]
+    fn a_result_in_s3_is_done_whatever_the_history_says() {
+        let running = detail("running", &[]);
+        let v = view(
+            Some(&running),
+            S3View {
+                result: true,
+                ..S3View::default()
+            },
+        );
+        assert_eq!(v.state, "done");
+        assert_eq!(v.seconds, Some(7.5));
+        assert_eq!(
+            view(
+                None,
+                S3View {
+                    result: true,
+                    ..S3View::default()
+                }
+            )
+            .state,
+            "done"
+        );
+    }
+
+    #[test]
+    fn failures_say_why() {
+        for (state, shown) in [
+            ("failed", "failed"),
+            ("returned", "retrying"),
+            ("dropped", "dropped"),
+        ] {
+            let v = view(Some(&detail(state, &[])), S3View::default());
+            assert_eq!(v.state, shown);
+            assert_eq!(
+                v.reason.as_deref(),
+                Some("the function wrote no result within 90 s")
+            );
+        }
+        let waiting = view(Some(&detail("waiting_for_gpus", &[])), S3View::default());
+        assert_eq!(waiting.state, "waiting_for_gpus");
+    }
+}

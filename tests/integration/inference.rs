@@ -10,10 +10,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::harness::{MockSsgm, Stack, repo_path, wait_for};
 
-const DARKNET_HOME: &str = "/usr/share/darknet";
+pub const DARKNET_HOME: &str = "/usr/share/darknet";
 
 /// The weights dev/fetch-weights.sh leaves, after checking that darknet is installed.
-fn weights() -> Result<PathBuf> {
+pub fn weights() -> Result<PathBuf> {
     let hint = "run dev/install-darknet.sh (apt-get install darknet netpbm, then the weights)";
     let darknet = std::env::var_os("PATH")
         .iter()

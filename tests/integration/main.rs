@@ -21,3 +21,4 @@ mod soak;
 mod ssgm_client;
 mod startup;
 mod systemd_notify;
+mod web;

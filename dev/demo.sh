@@ -13,6 +13,7 @@
 #   ORCHGPU_PROFILE=release       build and run release binaries (default: debug)
 #   ORCHGPU_DEMO_OUT=DIR          where results are downloaded (default ./demo-out)
 #   ORCHGPU_DEMO_TIMEOUT=S        how long to wait for the results (default 120)
+#   ORCHGPU_DEMO_HTTP_PORT=PORT   the web page's port on 127.0.0.1 (default 8642)
 #   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log (default ~/.cache/orchgpu)
 #   ORCHGPU_EMULATOR=moto         use moto instead of LocalStack (see dev/localstack.sh)
 #   ORCHGPU_DEMO_SCRIPT=PATH      the function's script, from the repository root (default
@@ -28,6 +29,7 @@ out_dir=${ORCHGPU_DEMO_OUT:-./demo-out}
 [[ $out_dir == /* ]] || out_dir=$PWD/$out_dir
 profile=${ORCHGPU_PROFILE:-debug}
 result_timeout=${ORCHGPU_DEMO_TIMEOUT:-120}
+http_port=${ORCHGPU_DEMO_HTTP_PORT:-8642}
 stop_timeout=30
 function_script=${ORCHGPU_DEMO_SCRIPT:-scar/detect.sh}
 [[ $function_script == /* ]] || function_script=$repo_root/$function_script
@@ -68,6 +70,7 @@ case $profile in
     *) die "ORCHGPU_PROFILE must be debug or release, not '$profile'" ;;
 esac
 [[ $result_timeout =~ ^[0-9]+$ ]] || die "ORCHGPU_DEMO_TIMEOUT must be whole seconds"
+[[ $http_port =~ ^[0-9]+$ ]] || die "ORCHGPU_DEMO_HTTP_PORT must be a port number"
 [[ -x $function_script ]] || die "the function script $function_script is not executable"
 cd -- "$repo_root"
 
@@ -259,9 +262,12 @@ start_child function "$bin_dir/orchgpu-function" --queue "$function_queue" \
 start_child orchgpu "$bin_dir/orchgpu" -q "$jobs_queue" -S 127.0.0.1 -P "$port" \
     -m "$bin_dir/mock-ssgm" -i "$work_bucket/$work_dir" -o "$output_bucket/$output_dir" \
     -b 1 -u 1 -w 2 --endpoint-url "$endpoint" --region "$AWS_REGION" --max-jobs 2 \
-    --state-dir "$demo_dir/state"
+    --state-dir "$demo_dir/state" --http-listen "127.0.0.1:$http_port" \
+    --upload-to "$input_bucket/web"
 sleep 1
 check_children
+page_url=http://127.0.0.1:$http_port/
+say "the web page: $page_url"
 
 # Sample images: darknet's when installed, else small PNGs made with python3's stdlib.
 samples_dir=$(mktemp -d)
@@ -331,9 +337,27 @@ mkdir -p -- "$out_dir"
 awsl s3 cp "s3://$output_bucket/$output_dir/" "$out_dir" --recursive --only-show-errors ||
     die "download of s3://$output_bucket/$output_dir/ failed"
 say "results (downloaded to $out_dir, with the function's .txt notes):"
-for key in "${results[@]}"; do
-    printf '  s3://%s/%s  ->  %s\n' "$output_bucket" "$key" "$out_dir/${key##*/}"
-done
+# Which upload gave which result: the job history maps each key to its job id.
+"$bin_dir/orchgpu" jobs --state-dir "$demo_dir/state" --json --limit 0 >"$demo_dir/jobs.json" ||
+    die "orchgpu jobs could not read the history"
+python3 - "$demo_dir/jobs.json" "$out_dir" <<'EOF' || die "could not list the results"
+import json, os, sys
+
+jobs, out = json.load(open(sys.argv[1])), sys.argv[2]
+for job in sorted(jobs, key=lambda j: j["key"]):
+    png = os.path.join(out, job["job_id"] + ".png")
+    if not os.path.exists(png):
+        continue
+    found = []
+    try:
+        for line in open(os.path.join(out, job["job_id"] + ".txt"), encoding="utf-8"):
+            label, _, rest = line.strip().partition(": ")
+            if not line.startswith("#") and rest.endswith("%"):
+                found.append(f"{label} {rest}")
+    except FileNotFoundError:
+        found = ["(no detections file)"]
+    print(f"  {job['key']} \u2192 {png}: {', '.join(found) or 'nothing detected'}")
+EOF
 
 printf '\nmock-ssgm -top:\n'
 "$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -top || say "mock-ssgm -top failed"
@@ -346,7 +370,8 @@ if ((once)); then
     exit 0
 fi
 say "everything keeps running (endpoint $endpoint, scheduler 127.0.0.1:$port);"
-say "upload more with: $AWS_CLI --endpoint-url $endpoint s3 cp FILE s3://$input_bucket/"
+say "try it in a browser: $page_url (upload images, watch them run, see what was found)"
+say "or upload with: $AWS_CLI --endpoint-url $endpoint s3 cp FILE s3://$input_bucket/"
 say "logs: $demo_dir/*.log. Press Ctrl-C to stop everything this script started."
 while :; do
     check_children

@@ -28,12 +28,19 @@ if ((${#missing[@]})); then
         command -v sudo >/dev/null || die "need root (or sudo) to apt-get install ${missing[*]}"
         sudo=(sudo)
     fi
-    note "installing ${missing[*]} with apt-get"
+    # apt-get's (and dpkg's) output goes to a log file, shown only when it fails: -qq does
+    # not silence dpkg's hundreds of unpacking and setting-up lines.
+    log=$(mktemp -t orchgpu-apt-darknet.XXXXXX.log)
+    note "installing ${missing[*]} with apt-get (log: $log)"
     export DEBIAN_FRONTEND=noninteractive
     # The package lists may be absent or stale on a fresh machine.
-    "${sudo[@]}" apt-get update -qq >&2 || die "apt-get update failed"
-    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
-        die "apt-get install ${missing[*]} failed"
+    if ! "${sudo[@]}" apt-get update -qq >"$log" 2>&1 ||
+        ! "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+            >>"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "apt-get install ${missing[*]} failed (full log: $log)"
+    fi
+    rm -f -- "$log"
 else
     note "darknet and netpbm are installed"
 fi

@@ -6,7 +6,7 @@
 #   install  create the emulator's venv if it is missing or incomplete
 #   start    install if needed, start in the background and wait until ready; reuses an
 #            emulator that already answers on the port; prints the endpoint URL
-#   stop     stop the emulator this script started (SIGTERM, then SIGKILL after 10 s)
+#   stop     stop the emulator this script started (SIGTERM, then SIGKILL after 4 s)
 #   status   say whether it runs and is ready (exit 0 when ready, 1 otherwise)
 #   url      print the endpoint URL
 #   pid      print the pid of the emulator this script started (exit 1 if none runs)
@@ -37,7 +37,10 @@ state_dir=${ORCHGPU_STATE:-$HOME/.cache/orchgpu}
 emulator=${ORCHGPU_EMULATOR:-localstack}
 python=${ORCHGPU_PYTHON:-python3}
 start_timeout=${ORCHGPU_EMULATOR_START_TIMEOUT:-90}
-stop_timeout=10
+# An idle LocalStack exits about 2.7 s after SIGTERM; one that served clients which then
+# vanished (killed daemons mid long-poll) logs "received signal 15" and never exits, so
+# waiting longer only delays the SIGKILL that ends it anyway.
+stop_timeout=4
 
 die() {
     printf '%s: error: %s\n' "$prog" "$*" >&2

@@ -170,10 +170,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         journal,
     );
     jobs.results = results;
-    jobs.claims = config.claims.as_ref().map(|place| {
+    if let Some(place) = &config.claims {
         let store = S3Store::new(jobs.s3.clone(), place.bucket.clone());
-        Claims::new(Box::new(store), &place.dir, config.claim_lease)
-    });
+        let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
+        let context = || format!("cannot reach the claims location {place} (--claims)");
+        claims.check().await.with_context(context)?;
+        jobs.claims = Some(claims);
+    }
     let jobs = Arc::new(jobs);
 
     let shutdown = Shutdown::new();

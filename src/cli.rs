@@ -1074,6 +1074,17 @@ fn parse_since(raw: &str, now: SystemTime) -> Result<SystemTime, ConfigError> {
 mod tests {
     use super::*;
 
+    /// A fake environment for the `resolve_*_dir` functions.
+    fn env(
+        vars: &'static [(&'static str, &'static str)],
+    ) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        }
+    }
+
     const REQUIRED: [(&str, &str); 6] = [
         ("-q", "jobs"),
         ("-S", "sched.local"),
@@ -1252,13 +1263,6 @@ mod tests {
 
     #[test]
     fn state_dir_comes_from_flag_then_systemd_then_xdg_then_home() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                vars.iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            }
-        };
         let all: &'static [(&str, &str)] = &[
             ("STATE_DIRECTORY", "/var/lib/orchgpu:/var/lib/other"),
             ("XDG_STATE_HOME", "/xdg"),
@@ -1524,13 +1528,6 @@ mod tests {
 
     #[test]
     fn work_dir_comes_from_flag_then_systemd_then_the_temp_dir() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                vars.iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            }
-        };
         let all: &'static [(&str, &str)] = &[
             ("CACHE_DIRECTORY", "/var/cache/orchgpu:/var/cache/other"),
             ("TMPDIR", "/scratch"),

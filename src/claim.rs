@@ -344,6 +344,17 @@ impl Claims {
         }
     }
 
+    /// Reads a key that does not exist under the claims dir: a start-up check that the
+    /// bucket exists and may be read, so a wrong `--claims` fails at once rather than
+    /// sending every job to the dead-letter queue.
+    ///
+    /// # Errors
+    /// `ClaimError` when the store cannot be read.
+    pub async fn check(&self) -> Result<(), ClaimError> {
+        let probe = format!("{}orchgpu-start-up-check", self.shared.prefix);
+        self.shared.store.read(&probe).await.map(|_| ())
+    }
+
     /// The lease: how long a claim holds without renewal.
     pub fn lease(&self) -> Duration {
         self.shared.lease

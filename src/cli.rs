@@ -428,11 +428,17 @@ impl Config {
     }
 
     /// The longest start-up can take before READY with these flags: the SQS requests made
-    /// before it (the jobs queue's URL, the results queue's), retries included. Releasing
-    /// what a previous run left happens after READY, in the background.
+    /// before it (the jobs queue's URL, the results queue's) and the S3 check of the
+    /// claims location, retries included. Releasing what a previous run left happens
+    /// after READY, in the background.
     pub fn start_budget(&self) -> Duration {
         let requests = 1 + u32::from(self.results_queue.is_some());
-        crate::aws::worst_sqs_request() * requests
+        let claims_check = if self.claims.is_some() {
+            crate::aws::worst_s3_request()
+        } else {
+            Duration::ZERO
+        };
+        crate::aws::worst_sqs_request() * requests + claims_check
     }
 }
 
@@ -1145,6 +1151,17 @@ fn parse_since(raw: &str, now: SystemTime) -> Result<SystemTime, ConfigError> {
 mod tests {
     use super::*;
 
+    /// A fake environment for the `resolve_*_dir` functions.
+    fn env(
+        vars: &'static [(&'static str, &'static str)],
+    ) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        }
+    }
+
     const REQUIRED: [(&str, &str); 6] = [
         ("-q", "jobs"),
         ("-S", "sched.local"),
@@ -1323,13 +1340,6 @@ mod tests {
 
     #[test]
     fn state_dir_comes_from_flag_then_systemd_then_xdg_then_home() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                vars.iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            }
-        };
         let all: &'static [(&str, &str)] = &[
             ("STATE_DIRECTORY", "/var/lib/orchgpu:/var/lib/other"),
             ("XDG_STATE_HOME", "/xdg"),
@@ -1641,13 +1651,6 @@ mod tests {
 
     #[test]
     fn work_dir_comes_from_flag_then_systemd_then_the_temp_dir() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                vars.iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            }
-        };
         let all: &'static [(&str, &str)] = &[
             ("CACHE_DIRECTORY", "/var/cache/orchgpu:/var/cache/other"),
             ("TMPDIR", "/scratch"),

@@ -107,7 +107,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         start_budget_s = config.start_budget().as_secs(),
         "Worst-case start and stop times with these flags (TimeoutStartSec and TimeoutStopSec must cover them)."
     );
-    // Bound first: a port in use is a start-up error, before anything else is touched.
+    // Installed first, so a SIGTERM during start-up is a clean stop, not a kill.
+    let shutdown = Shutdown::new();
+    let signals = Signals::install().context("cannot install the signal handlers")?;
+    tokio::spawn(signals.forward(shutdown.clone()));
+    // Bound next: a port in use is a start-up error, before anything else is touched.
     let http = match config.http_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -184,10 +188,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }),
         None => History::disabled(),
     };
-    let claims = config.claims.as_ref().map(|place| {
-        let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
-        Claims::new(Box::new(store), &place.dir, config.claim_lease)
-    });
+    let claims = match &config.claims {
+        Some(place) => {
+            let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
+            let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
+            let context = || format!("cannot reach the claims location {place} (--claims)");
+            claims.check().await.with_context(context)?;
+            Some(claims)
+        }
+        None => None,
+    };
     let web = orchgpu::web::WebSettings {
         s3: clients.s3.clone(),
         upload_to: config.upload_to.clone(),
@@ -215,10 +225,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         history.clone(),
     ));
 
-    let shutdown = Shutdown::new();
-    let signals = Signals::install().context("cannot install the signal handlers")?;
-    tokio::spawn(signals.forward(shutdown.clone()));
-    // The queue is reached, the journal read and signals handled: tell systemd.
+    // The queue is reached and the journal read: tell systemd.
     telemetry::get().set_ready(true);
     notify::ready(&format!("Receiving jobs from {}.", queue.url()));
     tokio::spawn(warn_without_redrive(queue.clone()));

@@ -327,18 +327,29 @@ impl Queue {
     /// # Errors
     /// `QueueError::Attributes`.
     pub async fn attribute(&self, name: QueueAttributeName) -> Result<Option<String>, QueueError> {
+        Ok(self
+            .attributes(std::slice::from_ref(&name))
+            .await?
+            .remove(&name))
+    }
+
+    /// The values of `names` that the queue has.
+    async fn attributes(
+        &self,
+        names: &[QueueAttributeName],
+    ) -> Result<std::collections::HashMap<QueueAttributeName, String>, QueueError> {
         let output = self
             .sqs
             .get_queue_attributes()
             .queue_url(&self.url)
-            .attribute_names(name.clone())
+            .set_attribute_names(Some(names.to_vec()))
             .send()
             .await
             .map_err(|e| QueueError::Attributes {
                 url: self.url.clone(),
                 source: e.into(),
             })?;
-        Ok(output.attributes.and_then(|mut a| a.remove(&name)))
+        Ok(output.attributes.unwrap_or_default())
     }
 }
 
@@ -353,20 +364,13 @@ impl Queue {
             ApproximateNumberOfMessages, ApproximateNumberOfMessagesDelayed,
             ApproximateNumberOfMessagesNotVisible,
         };
-        let output = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(ApproximateNumberOfMessages)
-            .attribute_names(ApproximateNumberOfMessagesNotVisible)
-            .attribute_names(ApproximateNumberOfMessagesDelayed)
-            .send()
-            .await
-            .map_err(|e| QueueError::Attributes {
-                url: self.url.clone(),
-                source: e.into(),
-            })?;
-        let attributes = output.attributes.unwrap_or_default();
+        let attributes = self
+            .attributes(&[
+                ApproximateNumberOfMessages,
+                ApproximateNumberOfMessagesNotVisible,
+                ApproximateNumberOfMessagesDelayed,
+            ])
+            .await?;
         let count = |name: &QueueAttributeName| {
             attributes
                 .get(name)

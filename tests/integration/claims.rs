@@ -352,3 +352,22 @@ async fn claim_cost() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_location_that_cannot_be_read_is_fatal_at_start_up() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("noclaims", 5).await?;
+    let missing = format!("{}-missing/claims", stack.output_bucket);
+    let daemon = stack.start_daemon(&ssgm, &["--claims", &missing])?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(60))
+        .await?;
+    assert_eq!(status.code(), Some(1), "{status}");
+    let log = stack.log(daemon);
+    assert!(
+        log.contains("cannot reach the claims location") && log.contains(&missing),
+        "{log}"
+    );
+    Ok(())
+}

@@ -39,11 +39,7 @@ async fn killed_at_the_instant_of_a_grant_the_restart_releases_it_and_the_job_ru
     stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
     assert_eq!(stack.invocations().len(), 1);
     assert!(stack.invocations().values().all(|&n| n == 1));
-    wait_for("every grant released", Duration::from_secs(30), || async {
-        Ok((ssgm.stat("live")? == 0).then_some(()))
-    })
-    .await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(30)).await?;
     assert_eq!(
         ssgm.stat("granted")?,
         2,
@@ -62,11 +58,7 @@ async fn a_client_killed_at_its_timeout_after_granting_has_its_grant_released() 
     stack.upload("hung.png", b"granted then hung").await?;
     stack.wait_for_results(1, Duration::from_secs(90)).await?;
     stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
-    wait_for("every grant released", Duration::from_secs(30), || async {
-        Ok((ssgm.stat("live")? == 0).then_some(()))
-    })
-    .await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(30)).await?;
     assert_eq!(
         ssgm.stat("granted")?,
         2,
@@ -100,10 +92,6 @@ async fn an_orphaned_hung_client_is_waited_out_killed_and_its_grant_released() -
     .await?;
     stack.wait_for_results(1, Duration::from_secs(90)).await?;
     stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
-    wait_for("every grant released", Duration::from_secs(30), || async {
-        Ok((ssgm.stat("live")? == 0).then_some(()))
-    })
-    .await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(30)).await?;
     Ok(())
 }

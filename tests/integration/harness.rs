@@ -739,6 +739,16 @@ impl MockSsgm {
             .collect()
     }
 
+    /// Waits (releases may be confirmed in the background, after the job ended) until
+    /// nothing is allocated, then asserts the lifecycle promise (`assert_all_released`).
+    pub async fn wait_all_released(&self, timeout: Duration) -> Result<()> {
+        wait_for("every grant released", timeout, || async {
+            Ok((self.stat("live")? == 0).then_some(()))
+        })
+        .await?;
+        self.assert_all_released()
+    }
+
     /// Asserts the lifecycle promise: nothing left allocated and every grant released.
     pub fn assert_all_released(&self) -> Result<()> {
         let stats = self.stats()?;

@@ -126,6 +126,11 @@ async fn metrics_agree_with_the_emulator_and_the_scheduler() -> Result<()> {
         ) >= results
     );
     assert!(sum("orchgpu_last_receive_timestamp_seconds", &[]) > 1.7e9);
+    // Sampled at start-up (then every 30 s) for the jobs queue and its dead-letter queue.
+    for queue in ["jobs", "dead_letter"] {
+        let series = format!("orchgpu_queue_messages{{queue=\"{queue}\",state=\"visible\"}}");
+        assert!(text.contains(&series), "no {series}:\n{text}");
+    }
     assert_eq!(
         sum(
             "orchgpu_build_info",

@@ -72,7 +72,8 @@ async fn results_queue_events_end_jobs_without_waiting_for_a_poll() -> Result<()
     let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_file)?)?;
     let requests = &stats["requests"];
     assert_eq!(stats["version"], 1);
-    assert_eq!(requests["S3.GetObject"], 3, "stats: {stats}");
+    // The 3 inputs, and the start-up check of the claims location.
+    assert_eq!(requests["S3.GetObject"], 4, "stats: {stats}");
     // Per job: the bundle and its claim (created, then deleted once the result is there).
     assert_eq!(requests["S3.PutObject"], 6, "stats: {stats}");
     assert_eq!(requests["S3.DeleteObject"], 3, "stats: {stats}");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::harness::{MockSsgm, Stack, wait_for};
+use crate::harness::{MockSsgm, Stack};
 
 /// Injects `count` faults of `kind`, runs `jobs` inputs through and checks that every job
 /// still completes, nothing is left allocated and nothing reaches the dead-letter queue.
@@ -34,11 +34,7 @@ async fn survives(
     assert!(results.values().all(|r| r.len() == 1));
     assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
     // A failed release is retried in the background, after the job ended.
-    wait_for("every grant released", Duration::from_secs(30), || async {
-        Ok((ssgm.stat("live")? == 0).then_some(()))
-    })
-    .await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(30)).await?;
     assert!(ssgm.stat("faults_injected")? >= u64::from(count));
     Ok((ssgm, stack, daemon))
 }

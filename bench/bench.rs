@@ -196,7 +196,6 @@ async fn main() -> Result<()> {
     let aws = build_clients(&AwsOptions {
         endpoint_url: Some(opts.endpoint.clone()),
         region: Some("us-east-1".into()),
-        max_receive_wait: Duration::from_secs(20),
     })
     .await;
     let mut report = Report::default();
@@ -506,6 +505,13 @@ fn start_daemon(
         .arg("--stats-file")
         .arg(&stats_file)
         .args(extra)
+        // Extra flags for every daemon of the run, to compare configurations side by
+        // side (e.g. `--no-history` against `--http-listen 127.0.0.1:0`).
+        .args(
+            std::env::var("ORCHGPU_BENCH_DAEMON_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env(
             "ORCHGPU_LOG",
             "info,orchgpu::daemon=debug,orchgpu::job=debug,aws_config=warn,aws_smithy_runtime=warn",

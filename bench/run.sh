@@ -9,6 +9,7 @@
 #   ORCHGPU_BENCH_PORT=N        port of the LocalStack started here (default 4580)
 #   ORCHGPU_LS_VENV=DIR         LocalStack venv (default ~/.cache/orchgpu/localstack-venv;
 #                               dev/localstack.sh install creates it)
+#   ORCHGPU_BENCH_DAEMON_ARGS="FLAGS"  extra flags for every daemon (compare settings)
 set -euo pipefail
 
 repo_root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)

@@ -71,6 +71,9 @@ entry /usr/share/doc/orchgpu/examples/orchgpu.env.example -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/scar/orchgpu-yolo.yaml -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/scar/detect.sh -rwxr-xr-x
 entry /usr/share/doc/orchgpu/examples/docker/Dockerfile -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/prometheus/orchgpu-alerts.yml -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/prometheus/prometheus.example.yml -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/grafana/orchgpu-dashboard.json -rw-r--r--
 
 dpkg-deb -e "$deb" "$work/control"
 grep -qx '/etc/orchgpu/orchgpu.env' "$work/control/conffiles" ||

@@ -66,9 +66,11 @@ step() { # NAME COMMAND...
 }
 
 # Prerequisites beyond Rust and Python, installed when missing (apt-get needs root or
-# sudo): darknet, netpbm and the YOLOv3-tiny weights for the real-inference test, and
-# the shellcheck tool for the scripts.
+# sudo): darknet, netpbm and the YOLOv3-tiny weights for the real-inference test,
+# promtool and prometheus (Debian's prometheus package) for the alert-rule and scrape
+# tests, and the shellcheck tool for the scripts.
 step prerequisites dev/install-darknet.sh
+step prometheus dev/install-prometheus.sh
 if ! command -v shellcheck >/dev/null 2>&1 && ((EUID == 0)); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null 2>&1 ||
         note "shellcheck did not install"

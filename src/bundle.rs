@@ -852,12 +852,30 @@ mod tests {
         assert_eq!(kept.kind(), io::ErrorKind::UnexpectedEof);
     }
 
-    /// Counts what it is given and keeps nothing.
-    struct CountingWriter(u64);
+    /// Keeps the bundle and its largest single write. Once it holds more than
+    /// `tamper_after` bytes (well past the gzip header and the `.txt` member), it
+    /// overwrites the input file's last bytes with `tail`, in place: the bundle holds the
+    /// new tail only if the input was still being read when output reached the writer.
+    struct TamperingWriter {
+        bundle: Vec<u8>,
+        largest_write: usize,
+        input: File,
+        tail_at: u64,
+        tail: Vec<u8>,
+        tamper_after: usize,
+        tampered_at: Option<usize>,
+    }
 
-    impl Write for CountingWriter {
+    impl Write for TamperingWriter {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0 += buf.len() as u64;
+            use std::os::unix::fs::FileExt;
+
+            self.bundle.extend_from_slice(buf);
+            self.largest_write = self.largest_write.max(buf.len());
+            if self.tampered_at.is_none() && self.bundle.len() > self.tamper_after {
+                self.input.write_all_at(&self.tail, self.tail_at)?;
+                self.tampered_at = Some(self.bundle.len());
+            }
             Ok(buf.len())
         }
 
@@ -879,9 +897,49 @@ mod tests {
         }
         file.as_file().set_len(SIZE).expect("extend input");
 
-        let mut out = CountingWriter(0);
+        // The last MiB is a hole now; it becomes noise once 16 KiB of bundle are out.
+        let tail = noise(CHUNK as usize);
+        let mut out = TamperingWriter {
+            bundle: Vec::new(),
+            largest_write: 0,
+            input: file.reopen().expect("reopen input"),
+            tail_at: SIZE - CHUNK,
+            tail: tail.clone(),
+            tamper_after: 16 * 1024,
+            tampered_at: None,
+        };
         write_bundle(file.path(), Some("bin"), &one_gpu(), &mut out).expect("write bundle");
-        assert!(out.0 > 0 && out.0 < SIZE, "wrote {} bytes", out.0);
+        let written = out.bundle.len() as u64;
+        assert!(written > 0 && written < SIZE, "wrote {written} bytes");
+        assert!(out.tampered_at.is_some(), "wrote only {written} bytes");
+        // Output came in pieces, never the input (or the bundle) in one go.
+        assert!(
+            out.largest_write <= 256 * 1024,
+            "a write of {}",
+            out.largest_write
+        );
+
+        let mut archive = tar::Archive::new(GzDecoder::new(&out.bundle[..]));
+        let mut entry = archive
+            .entries()
+            .expect("read entries")
+            .map(|entry| entry.expect("read entry"))
+            .find(|entry| {
+                entry
+                    .path()
+                    .expect("path")
+                    .ends_with(format!("{JOB_ID}.bin"))
+            })
+            .expect("input member");
+        let mut member = Vec::new();
+        entry.read_to_end(&mut member).expect("read input member");
+        assert_eq!(member.len() as u64, SIZE);
+        assert!(member[..CHUNK as usize] == chunk, "the first MiB differs");
+        assert!(
+            member[(SIZE - CHUNK) as usize..] == tail,
+            "the input was read in full before {:?} bundle bytes reached the writer",
+            out.tampered_at
+        );
     }
 
     #[test]

@@ -7,9 +7,11 @@
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::history::{JobState, ListFilter, Retention};
 
 /// SQS caps a message's visibility timeout at 12 hours.
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
@@ -25,7 +27,8 @@ pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
     long_about = "Receives S3 ObjectCreated notifications from an SQS queue, asks the rCUDA \
 scheduler for GPUs through its SSGM client, uploads a bundle (input + reservation) to the \
 intermediate bucket for a SCAR function, waits for the function's result in the output bucket, \
-releases the GPUs and only then deletes the message.\n\nDurations are whole seconds."
+releases the GPUs and only then deletes the message.\n\nDurations are whole seconds.",
+    after_help = "The job history: orchgpu jobs --help"
 )]
 pub struct Args {
     /// SQS jobs queue: a queue name or a full queue URL.
@@ -228,6 +231,37 @@ pub struct Args {
     #[arg(long = "stats-file", env = "ORCHGPU_STATS_FILE", value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
 
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g.
+    /// 127.0.0.1:9464 [default: off].
+    #[arg(
+        long = "http-listen",
+        env = "ORCHGPU_HTTP_LISTEN",
+        value_name = "ADDR:PORT"
+    )]
+    pub http_listen: Option<String>,
+
+    /// Keep the job history (`orchgpu jobs`) for this many days after a job's last event.
+    #[arg(
+        long = "history-max-age",
+        env = "ORCHGPU_HISTORY_MAX_AGE",
+        default_value = "30",
+        value_name = "DAYS"
+    )]
+    pub history_max_age: String,
+
+    /// Keep at most this many jobs in the history (the most recently updated).
+    #[arg(
+        long = "history-max-jobs",
+        env = "ORCHGPU_HISTORY_MAX_JOBS",
+        default_value = "100000",
+        value_name = "N"
+    )]
+    pub history_max_jobs: String,
+
+    /// Keep no job history (no `history.sqlite3` is written).
+    #[arg(long = "no-history", env = "ORCHGPU_NO_HISTORY")]
+    pub no_history: bool,
+
     /// Where the cross-daemon claims of job ids live, `bucket[/dir]` (never under the
     /// intermediate dir: the function fires there), or `off` for a daemon alone on its
     /// queue [default: <output bucket>/orchgpu-claims].
@@ -324,6 +358,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub results_queue: Option<QueueRef>,
     pub stats_file: Option<PathBuf>,
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// The job history's retention, or `None` with `--no-history`.
+    pub history: Option<Retention>,
     /// `None`: no cross-daemon claims (`--claims off`).
     pub claims: Option<BucketDir>,
     pub claim_lease: Duration,
@@ -337,6 +374,32 @@ pub struct ConfigError {
     pub flag: &'static str,
     pub value: String,
     pub reason: String,
+}
+
+impl Config {
+    /// The longest a graceful stop can take, from the first SIGTERM to exit, with these
+    /// flags; the unit's `TimeoutStopSec` must be at least this (a test checks it with the
+    /// env example's values). In order: a receive in flight ends within `-w`; running
+    /// jobs get `--shutdown-grace`; then each cancelled job makes one release attempt (an
+    /// allocation in flight is cut short: the releaser settles it) and returns its message
+    /// (one SQS request, retries included); then the releaser's last pass gets one SSGM
+    /// call's time.
+    pub fn stop_budget(&self) -> Duration {
+        let ssgm_call = self.ssgm_timeout + crate::scheduler::KILL_GRACE;
+        self.wait_time
+            + self.shutdown_grace
+            + ssgm_call
+            + crate::aws::worst_sqs_request()
+            + ssgm_call
+    }
+
+    /// The longest start-up can take before READY with these flags: the SQS requests made
+    /// before it (the jobs queue's URL, the results queue's), retries included. Releasing
+    /// what a previous run left happens after READY, in the background.
+    pub fn start_budget(&self) -> Duration {
+        let requests = 1 + u32::from(self.results_queue.is_some());
+        crate::aws::worst_sqs_request() * requests
+    }
 }
 
 impl ConfigError {
@@ -409,11 +472,32 @@ impl TryFrom<Args> for Config {
             log_format: args.log_format,
             results_queue: parse_results_queue(args.results_queue)?,
             stats_file: args.stats_file,
+            http_listen: parse_listen(args.http_listen.as_deref())?,
+            history: parse_history(
+                args.no_history,
+                &args.history_max_age,
+                &args.history_max_jobs,
+            )?,
             claims,
             claim_lease: parse_secs("--claim-lease", &args.claim_lease, 3, 6 * 60 * 60)?,
             work_dir: resolve_work_dir(args.work_dir, |name| std::env::var_os(name))?,
         })
     }
+}
+
+/// `ADDR:PORT` with a literal IP address (`127.0.0.1:9464`, `[::1]:9464`): a host name
+/// would be resolved behind the operator's back.
+fn parse_listen(raw: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(raw) = raw.map(str::trim).filter(|r| !r.is_empty()) else {
+        return Ok(None);
+    };
+    raw.parse().map(Some).map_err(|_| {
+        ConfigError::new(
+            "--http-listen",
+            raw,
+            "expected an IP address and a port, such as 127.0.0.1:9464",
+        )
+    })
 }
 
 fn parse_secs(flag: &'static str, raw: &str, min: u64, max: u64) -> Result<Duration, ConfigError> {
@@ -681,6 +765,39 @@ fn resolve_state_dir(
     }
 }
 
+/// The history's retention; `None` when it is off (the other two flags are still checked).
+fn parse_history(
+    off: bool,
+    max_age: &str,
+    max_jobs: &str,
+) -> Result<Option<Retention>, ConfigError> {
+    const MAX_DAYS: u64 = 36_500;
+    let days = match max_age.trim().parse::<u64>() {
+        Ok(days @ 1..=MAX_DAYS) => days,
+        _ => {
+            return Err(ConfigError::new(
+                "--history-max-age",
+                max_age,
+                format!("expected a whole number of days between 1 and {MAX_DAYS}"),
+            ));
+        }
+    };
+    let max_rows = match max_jobs.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => n,
+        _ => {
+            return Err(ConfigError::new(
+                "--history-max-jobs",
+                max_jobs,
+                "expected a whole number of jobs, at least 1",
+            ));
+        }
+    };
+    Ok((!off).then_some(Retention {
+        max_age: Duration::from_secs(days * 86_400),
+        max_rows,
+    }))
+}
+
 /// The claims' dir when `--claims` is not given, in the output bucket.
 pub const DEFAULT_CLAIMS_DIR: &str = "orchgpu-claims";
 
@@ -773,6 +890,178 @@ fn parse_suffix(raw: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(raw.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// `orchgpu jobs`: a separate parser, so the daemon's flat orchGPU-style flags stay as
+// they are. `main` sends `orchgpu jobs ...` here (`jobs_argv`), everything else to `Args`.
+
+/// The first argument that selects `orchgpu jobs`; the daemon takes no positional
+/// argument, so it cannot mean anything else.
+pub const JOBS_COMMAND: &str = "jobs";
+
+/// The arguments of `orchgpu jobs` (from `jobs` on) when `argv` asks for it.
+pub fn jobs_argv(
+    argv: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Option<Vec<std::ffi::OsString>> {
+    let mut argv = argv.into_iter();
+    let _program = argv.next()?;
+    let first = argv.next()?;
+    (first == JOBS_COMMAND).then(|| std::iter::once(first).chain(argv).collect())
+}
+
+/// Raw values of `orchgpu jobs`; see `JobsConfig` for their validated form.
+#[derive(Debug, Parser)]
+#[command(
+    name = "jobs",
+    bin_name = "orchgpu jobs",
+    version,
+    args_conflicts_with_subcommands = true,
+    about = "Lists recent jobs from the job history (read-only; works while the daemon runs).",
+    long_about = "Lists recent jobs from the job history, most recently updated first \
+(read-only; works while the daemon runs). `orchgpu jobs show ID|KEY` prints one job's \
+timeline. Times are UTC. The history is found as the daemon finds it: --state-dir, \
+ORCHGPU_STATE_DIR, $STATE_DIRECTORY, $XDG_STATE_HOME/orchgpu, ~/.local/state/orchgpu."
+)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    pub command: Option<JobsSubcommand>,
+
+    /// Only jobs in this state: received, waiting_for_gpus, running, done, failed,
+    /// returned or dropped.
+    #[arg(long = "state", value_name = "STATE")]
+    pub state: Option<String>,
+
+    /// Only jobs whose object key contains this text.
+    #[arg(long = "key", value_name = "SUBSTR")]
+    pub key: Option<String>,
+
+    /// Only jobs updated since then: an age such as 30m, 2h or 7d, or an RFC 3339 time.
+    #[arg(long = "since", value_name = "AGE|TIME")]
+    pub since: Option<String>,
+
+    /// At most this many jobs (0 for all).
+    #[arg(long = "limit", default_value = "50", value_name = "N")]
+    pub limit: String,
+
+    /// The daemon's state directory, where `history.sqlite3` is.
+    #[arg(
+        long = "state-dir",
+        env = "ORCHGPU_STATE_DIR",
+        value_name = "DIR",
+        global = true
+    )]
+    pub state_dir: Option<PathBuf>,
+
+    /// Print JSON instead of a table.
+    #[arg(long = "json", global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsSubcommand {
+    /// One job's timeline: by job id, else the most recent job whose key is KEY.
+    Show {
+        #[arg(value_name = "ID|KEY")]
+        id_or_key: String,
+    },
+}
+
+/// The validated `orchgpu jobs` command line.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    pub state_dir: PathBuf,
+    pub json: bool,
+    pub command: JobsCommand,
+}
+
+#[derive(Debug, Clone)]
+pub enum JobsCommand {
+    List(ListFilter),
+    Show(String),
+}
+
+/// Parses `orchgpu jobs ...` (from `jobs` on). clap prints its own usage errors and
+/// `--help` and exits (2 and 0); a value that parses but cannot be used is an `Err`.
+///
+/// # Errors
+///
+/// A bad `--state`, `--since`, `--limit` or state directory.
+pub fn parse_jobs(argv: Vec<std::ffi::OsString>) -> Result<JobsConfig, ConfigError> {
+    JobsConfig::from_args(JobsArgs::parse_from(argv), SystemTime::now(), |name| {
+        std::env::var_os(name)
+    })
+}
+
+impl JobsConfig {
+    fn from_args(
+        args: JobsArgs,
+        now: SystemTime,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<JobsConfig, ConfigError> {
+        let command = match args.command {
+            Some(JobsSubcommand::Show { id_or_key }) => JobsCommand::Show(id_or_key),
+            None => JobsCommand::List(ListFilter {
+                state: args.state.as_deref().map(parse_state).transpose()?,
+                key_contains: args.key,
+                since: args
+                    .since
+                    .as_deref()
+                    .map(|raw| parse_since(raw, now))
+                    .transpose()?,
+                limit: args.limit.trim().parse().map_err(|_| {
+                    ConfigError::new("--limit", &args.limit, "expected a whole number")
+                })?,
+            }),
+        };
+        Ok(JobsConfig {
+            state_dir: resolve_state_dir(args.state_dir, env)?,
+            json: args.json,
+            command,
+        })
+    }
+}
+
+fn parse_state(raw: &str) -> Result<JobState, ConfigError> {
+    JobState::parse(raw.trim()).ok_or_else(|| {
+        let names: Vec<_> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+        ConfigError::new(
+            "--state",
+            raw,
+            format!("expected one of {}", names.join(", ")),
+        )
+    })
+}
+
+/// `30m`, `2h`, `7d` (also `s`, `w`) before `now`, or an RFC 3339 time.
+fn parse_since(raw: &str, now: SystemTime) -> Result<SystemTime, ConfigError> {
+    let error = || {
+        ConfigError::new(
+            "--since",
+            raw,
+            "expected an age such as 30m, 2h or 7d, or an RFC 3339 time such as 2026-05-01T12:00:00Z",
+        )
+    };
+    let text = raw.trim();
+    let unit = match text.chars().last() {
+        Some('s') => Some(1),
+        Some('m') => Some(60),
+        Some('h') => Some(3600),
+        Some('d') => Some(86_400),
+        Some('w') => Some(7 * 86_400),
+        _ => None,
+    };
+    if let Some(unit) = unit
+        && let Ok(count) = text[..text.len() - 1].parse::<u64>()
+    {
+        return count
+            .checked_mul(unit)
+            .and_then(|secs| now.checked_sub(Duration::from_secs(secs)))
+            .ok_or_else(error);
+    }
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|_| error())
 }
 
 #[cfg(test)]
@@ -1000,6 +1289,19 @@ mod tests {
     }
 
     #[test]
+    fn http_listen_is_off_by_default_and_needs_an_ip_and_port() {
+        assert_eq!(config(&[]).expect("valid").http_listen, None);
+        let c = config(&["--http-listen", "127.0.0.1:9464"]).expect("valid");
+        assert_eq!(c.http_listen, Some("127.0.0.1:9464".parse().expect("addr")));
+        let c = config(&["--http-listen", "[::1]:0"]).expect("valid");
+        assert_eq!(c.http_listen, Some("[::1]:0".parse().expect("addr")));
+        for bad in ["localhost:9464", "127.0.0.1", "9464", "127.0.0.1:99999"] {
+            let err = config(&["--http-listen", bad]).expect_err(bad);
+            assert!(err.to_string().contains("--http-listen"), "{err}");
+        }
+    }
+
+    #[test]
     fn results_queue_and_stats_file() {
         let c = config(&[]).expect("valid");
         assert_eq!(c.results_queue, None);
@@ -1013,6 +1315,161 @@ mod tests {
             Some(QueueRef::Url("http://h:1/000/res".into()))
         );
         assert!(error_for(&["--results-queue", "bad name"]).contains("--results-queue"));
+    }
+
+    #[test]
+    fn history_flags() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(c.history, Some(Retention::default()));
+        assert_eq!(
+            Retention::default().max_age,
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(Retention::default().max_rows, 100_000);
+        let c = config(&["--history-max-age", "7", "--history-max-jobs", "500"]).expect("valid");
+        assert_eq!(
+            c.history,
+            Some(Retention {
+                max_age: Duration::from_secs(7 * 86_400),
+                max_rows: 500
+            })
+        );
+        assert_eq!(config(&["--no-history"]).expect("valid").history, None);
+        for bad in [
+            &["--history-max-age", "0"][..],
+            &["--history-max-age", "x"],
+            &["--history-max-age", "36501"],
+        ] {
+            assert!(error_for(bad).contains("--history-max-age"), "{bad:?}");
+        }
+        for bad in [
+            &["--history-max-jobs", "0"][..],
+            &["--history-max-jobs", "1.5"],
+        ] {
+            assert!(error_for(bad).contains("--history-max-jobs"), "{bad:?}");
+        }
+    }
+
+    fn jobs(argv: &[&str]) -> Result<JobsConfig, ConfigError> {
+        let args = JobsArgs::try_parse_from(argv).expect("jobs args parse");
+        let env = |name: &str| (name == "HOME").then(|| std::ffi::OsString::from("/home/u"));
+        JobsConfig::from_args(args, UNIX_EPOCH + Duration::from_secs(1_000_000), env)
+    }
+
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn jobs_is_its_own_command_line() {
+        let os = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            jobs_argv(os(&["orchgpu", "jobs", "show", "x"])),
+            Some(os(&["jobs", "show", "x"]))
+        );
+        assert_eq!(jobs_argv(os(&["orchgpu", "-q", "jobs"])), None);
+        assert_eq!(jobs_argv(os(&["orchgpu"])), None);
+
+        let c = jobs(&["jobs"]).expect("valid");
+        assert_eq!(c.state_dir, PathBuf::from("/home/u/.local/state/orchgpu"));
+        assert!(!c.json);
+        let JobsCommand::List(filter) = c.command else {
+            panic!("expected a list")
+        };
+        assert_eq!(filter.limit, 50);
+        assert_eq!(filter.state, None);
+
+        let c = jobs(&[
+            "jobs",
+            "--state",
+            "done",
+            "--key",
+            "cat",
+            "--since",
+            "2h",
+            "--limit",
+            "5",
+            "--state-dir",
+            "/s",
+            "--json",
+        ])
+        .expect("valid");
+        assert_eq!(c.state_dir, PathBuf::from("/s"));
+        assert!(c.json);
+        let JobsCommand::List(filter) = c.command else {
+            panic!("expected a list")
+        };
+        assert_eq!(filter.state, Some(JobState::Done));
+        assert_eq!(filter.key_contains.as_deref(), Some("cat"));
+        assert_eq!(
+            filter.since,
+            Some(UNIX_EPOCH + Duration::from_secs(1_000_000 - 7200))
+        );
+        assert_eq!(filter.limit, 5);
+
+        // Global flags go after `show` too.
+        let c = jobs(&[
+            "jobs",
+            "show",
+            "images/a.jpg",
+            "--json",
+            "--state-dir",
+            "/s",
+        ])
+        .expect("valid");
+        assert!(c.json);
+        assert!(matches!(c.command, JobsCommand::Show(ref k) if k == "images/a.jpg"));
+
+        // Filters belong to the list, not to `show`; `show` needs its argument.
+        for bad in [
+            &["jobs", "--state", "done", "show", "x"][..],
+            &["jobs", "show"],
+        ] {
+            let err = JobsArgs::try_parse_from(bad).expect_err("refused");
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+        assert!(
+            jobs(&["jobs", "--state", "nope"])
+                .expect_err("bad")
+                .to_string()
+                .contains("--state")
+        );
+        assert!(
+            jobs(&["jobs", "--limit", "x"])
+                .expect_err("bad")
+                .to_string()
+                .contains("--limit")
+        );
+        assert!(jobs(&["jobs", "--state-dir", "rel"]).is_err());
+    }
+
+    #[test]
+    fn since_takes_an_age_or_an_rfc3339_time() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000_000);
+        let ago = |secs| Ok(now - Duration::from_secs(secs));
+        let since = |raw| parse_since(raw, now).map_err(|e| e.to_string());
+        assert_eq!(since("30m"), ago(1800));
+        assert_eq!(since("2h"), ago(7200));
+        assert_eq!(since("7d"), ago(7 * 86_400));
+        assert_eq!(since("1w"), ago(7 * 86_400));
+        assert_eq!(since("45s"), ago(45));
+        assert_eq!(
+            since("2026-05-01T12:00:00Z"),
+            Ok(UNIX_EPOCH + Duration::from_secs(1_777_636_800))
+        );
+        assert_eq!(
+            since("2026-05-01T14:00:00+02:00"),
+            Ok(UNIX_EPOCH + Duration::from_secs(1_777_636_800))
+        );
+        for bad in [
+            "",
+            "h",
+            "2x",
+            "-2h",
+            "yesterday",
+            "2026-05-01",
+            "99999999999999999d",
+        ] {
+            assert!(since(bad).expect_err(bad).contains("--since"), "{bad}");
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! slots, and takes none while a job waits for the scheduler to free GPUs. Each message's
 //! visibility is extended while its jobs run: a heartbeat every half visibility timeout,
 //! one at a time, which may wait a short window (a tenth of the interval, at most 1 s) so
-//! that heartbeats due about together share a `ChangeMessageVisibilityBatch`. The job's
+//! that heartbeats due about together share a `ChangeMessageVisibilityBatch`. A failed
+//! heartbeat is retried within seconds, with backoff, and always before the visibility
+//! it had runs out (`HeartbeatSchedule`). The job's
 //! end never waits for a heartbeat; one not yet sent is withdrawn. What happens to a
 //! message then is decided by `Disposition`; deletes and returns go out at once, batched
 //! only with requests already waiting (see `batcher`), and are sent before `run` returns.
@@ -22,12 +24,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::aws::error_chain;
+use crate::backoff::Backoff;
 use crate::batcher::{QueueBatcher, Reply};
 use crate::cli::MAX_VISIBILITY;
 use crate::event::{Notification, parse_notification};
-use crate::job::{Disposition, JobCancel, JobContext};
+use crate::history::{self, EventKind};
+use crate::job::{Disposition, JobCancel, JobContext, JobError, JobOutcome};
 use crate::queue::{Queue, QueueError, ReceivedMessage};
 use crate::scheduler::GpuScheduler;
+use crate::telemetry::{self, Outcome};
 
 /// SQS returns at most ten messages per receive.
 const MAX_BATCH: usize = 10;
@@ -39,8 +44,17 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(15 * 60);
 const VISIBILITY_MARGIN: Duration = Duration::from_secs(60);
 /// How much of a message body a drop log line quotes.
 const BODY_GIST_CHARS: usize = 160;
+/// How long the loop (or, while jobs run, the job tasks) may show no progress before the
+/// daemon counts as unhealthy for `/healthz`.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
 /// Longest wait of a heartbeat for others to share its request.
 const MAX_HEARTBEAT_WINDOW: Duration = Duration::from_secs(1);
+/// First retry of a failed heartbeat; the retries double up to the heartbeat interval.
+const HEARTBEAT_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Never retry a failed heartbeat sooner than this.
+const HEARTBEAT_RETRY_MIN: Duration = Duration::from_millis(250);
+/// First pause after a failed receive; doubles up to `MAX_RECEIVE_BACKOFF`.
+const RECEIVE_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 
 /// Loop settings taken from the configuration.
 #[derive(Debug, Clone)]
@@ -94,21 +108,25 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
     let slots = Arc::new(Semaphore::new(settings.max_jobs));
     let tracker = TaskTracker::new();
     let mut receive_failures: u32 = 0;
+    let mut receive_backoff =
+        Backoff::new(RECEIVE_BACKOFF_FIRST, MAX_RECEIVE_BACKOFF).with_jitter();
     let mut last_failure_log: Option<Instant> = None;
     let stop = shutdown.stop.clone();
 
     info!(queue = %queue.url(), max_jobs = settings.max_jobs, "Receiving jobs.");
+    let mut receives: u64 = 0;
     loop {
+        telemetry::get().loop_progressed();
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            permit = slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+            permit = ticking(slots.clone().acquire_owned()) => permit.expect("the slot semaphore is never closed"),
         };
         // A job waiting for GPUs holds the gate: new messages would only wait too.
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            _ = jobs.gpu_gate.lock() => {}
+            _ = ticking(jobs.reservations().until_gate_free()) => {}
         }
         let wanted = (1 + slots.available_permits()).min(MAX_BATCH);
         // A receive in flight is not dropped on the first signal: SQS may already have
@@ -117,8 +135,10 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
         let received = tokio::select! {
             biased;
             _ = shutdown.abort.cancelled() => break,
-            received = queue.receive(wanted, settings.wait_time, settings.visibility_timeout) => received,
+            received = ticking(queue.receive(wanted, settings.wait_time, settings.visibility_timeout)) => received,
         };
+        receives += 1;
+        debug_wedge(receives).await;
         if stop.is_cancelled() {
             if let Ok(messages) = received {
                 return_now(&batcher, &messages).await;
@@ -127,10 +147,12 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
         }
         let messages = match received {
             Ok(messages) => {
+                telemetry::get().received();
                 if receive_failures > 0 {
                     info!(failures = receive_failures, "Queue reachable again.");
                 }
                 receive_failures = 0;
+                receive_backoff.reset();
                 messages
             }
             Err(e) => {
@@ -140,9 +162,7 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
                     warn!(failures = receive_failures, error = %error_chain(&e), "Receive failed; retrying.");
                     last_failure_log = Some(Instant::now());
                 }
-                let backoff =
-                    Duration::from_secs(1 << receive_failures.min(5)).min(MAX_RECEIVE_BACKOFF);
-                if sleep_or_stop(backoff, &stop).await {
+                if sleep_or_stop(receive_backoff.next_delay(), &stop).await {
                     break;
                 }
                 continue;
@@ -181,6 +201,7 @@ pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
         }
     }
 
+    telemetry::get().set_ready(false);
     tracker.close();
     info!(
         running = tracker.len(),
@@ -212,8 +233,38 @@ async fn sleep_or_stop(duration: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         biased;
         _ = stop.cancelled() => true,
-        _ = tokio::time::sleep(duration) => false,
+        _ = ticking(tokio::time::sleep(duration)) => false,
     }
+}
+
+/// Runs `wait`, a wait the receive loop is meant to make, showing progress meanwhile:
+/// a loop that waits where it should is alive; one that stops turning is not.
+async fn ticking<F: std::future::Future>(wait: F) -> F::Output {
+    tokio::pin!(wait);
+    let mut tick = tokio::time::interval(telemetry::LOOP_TICK);
+    loop {
+        tokio::select! {
+            output = &mut wait => return output,
+            _ = tick.tick() => telemetry::get().loop_progressed(),
+        }
+    }
+}
+
+/// A fault for the watchdog test, in debug builds only: with
+/// `ORCHGPU_DEBUG_WEDGE_AFTER_RECEIVES=N` the loop hangs for good after its N-th receive,
+/// showing no progress, as a wedged loop would.
+async fn debug_wedge(receives: u64) {
+    #[cfg(debug_assertions)]
+    if std::env::var("ORCHGPU_DEBUG_WEDGE_AFTER_RECEIVES")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| receives >= n)
+    {
+        warn!(receives, "Debug fault: wedging the receive loop.");
+        std::future::pending::<()>().await;
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = receives;
 }
 
 /// Processes one message in its own task, extending its visibility meanwhile, then
@@ -228,6 +279,8 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     shutdown: Shutdown,
 ) {
     let _permit = permit;
+    let _running = telemetry::get().job_running();
+    telemetry::get().jobs_progressed();
     let received_at = Instant::now();
     let cancel = JobCancel {
         token: shutdown.abort.child_token(),
@@ -237,6 +290,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     let mut work = tokio::spawn(
         process_message(
             jobs,
+            message.message_id.clone(),
             message.body.clone(),
             message.receive_count,
             cancel.clone(),
@@ -244,16 +298,22 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         .in_current_span(),
     );
     let heartbeat_every = heartbeat_interval(settings.visibility_timeout);
-    let mut next_beat = tokio::time::Instant::now() + heartbeat_every;
-    // At most one heartbeat in flight; the job's end does not wait for it.
-    let mut beat: Option<Reply> = None;
+    let mut schedule = HeartbeatSchedule::new(
+        tokio::time::Instant::now(),
+        heartbeat_every,
+        settings.visibility_timeout,
+    );
+    // At most one heartbeat in flight (with the visibility it asks for and when it left);
+    // the job's end does not wait for it.
+    let mut beat: Option<(Reply, Duration, tokio::time::Instant)> = None;
+    let mut progress = tokio::time::interval(telemetry::JOBS_TICK);
     let outcome = loop {
         tokio::select! {
             outcome = &mut work => break outcome,
-            _ = tokio::time::sleep_until(next_beat), if beat.is_none() && !cancel.lost.is_cancelled() => {
-                // Beats keep their phase (not "an interval after the last reply"), so the
-                // heartbeats of messages received together stay due together.
-                next_beat = (next_beat + heartbeat_every).max(tokio::time::Instant::now());
+            _ = progress.tick() => telemetry::get().jobs_progressed(),
+            _ = tokio::time::sleep_until(schedule.due()), if beat.is_none() && !cancel.lost.is_cancelled() => {
+                let now = tokio::time::Instant::now();
+                schedule.sending(now);
                 // SQS refuses to keep a message hidden longer than 12 hours after it was
                 // received; past that another consumer may take it, so we let it go.
                 let left = MAX_VISIBILITY.saturating_sub(received_at.elapsed() + VISIBILITY_MARGIN);
@@ -263,34 +323,45 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
                     cancel.token.cancel();
                     continue;
                 }
-                beat = Some(batcher.heartbeat(&message, settings.visibility_timeout.min(left)));
+                let visibility = settings.visibility_timeout.min(left);
+                beat = Some((batcher.heartbeat(&message, visibility), visibility, now));
             }
             result = heartbeat_reply(&mut beat), if beat.is_some() => {
-                beat = None;
+                let Some((_, visibility, sent_at)) = beat.take() else { continue };
                 match result {
-                    Ok(()) => {}
+                    Ok(()) => schedule.succeeded(sent_at, visibility),
                     Err(QueueError::ReceiptInvalid { .. }) => {
                         warn!("Message receipt lost; abandoning the job.");
                         cancel.lost.cancel();
                         cancel.token.cancel();
                     }
-                    Err(e) => warn!(error = %error_chain(&e), "Visibility extension failed; will retry."),
+                    Err(e) => {
+                        let retry_in = schedule.failed(tokio::time::Instant::now());
+                        warn!(error = %error_chain(&e), retry_ms = retry_in.as_millis() as u64,
+                            "Visibility extension failed; will retry.");
+                    }
                 }
             }
         }
     };
     // A heartbeat not sent yet is withdrawn: the message is about to be deleted or returned.
     drop(beat);
-    let disposition = match outcome {
-        Ok(disposition) => disposition,
+    let (disposition, succeeded) = match outcome {
+        Ok(ended) => ended,
         Err(join_error) => {
             error!(error = %join_error, "Job task panicked; its message will be retried.");
-            Disposition::RetryLater
+            telemetry::get().job_ended(Outcome::Returned);
+            (Disposition::RetryLater, false)
         }
     };
     match disposition {
         Disposition::Delete => match batcher.delete(&message).await {
-            Ok(()) => debug!("Message deleted."),
+            Ok(()) => {
+                debug!("Message deleted.");
+                if succeeded {
+                    telemetry::get().job_finished(received_at.elapsed());
+                }
+            }
             // The message will come back; its result exists, so it is harmless.
             Err(e) => {
                 warn!(error = %error_chain(&e), "Delete failed; the message will be redelivered.")
@@ -320,10 +391,63 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
 }
 
 /// The reply of the heartbeat in flight; never completes when there is none.
-async fn heartbeat_reply(beat: &mut Option<Reply>) -> Result<(), QueueError> {
+async fn heartbeat_reply(
+    beat: &mut Option<(Reply, Duration, tokio::time::Instant)>,
+) -> Result<(), QueueError> {
     match beat {
-        Some(reply) => reply.await,
+        Some((reply, _, _)) => reply.await,
         None => std::future::pending().await,
+    }
+}
+
+/// When a message's next heartbeat is due. Beats keep their phase (not "an interval
+/// after the last reply"), so the heartbeats of messages received together stay due
+/// together. After a failure the next try comes within seconds, backing off, and always
+/// before the visibility the last successful beat (or the receive) gave runs out.
+#[derive(Debug)]
+struct HeartbeatSchedule {
+    every: Duration,
+    next: tokio::time::Instant,
+    /// Until when the message is surely ours.
+    visible_until: tokio::time::Instant,
+    retries: Backoff,
+}
+
+impl HeartbeatSchedule {
+    fn new(received: tokio::time::Instant, every: Duration, visibility: Duration) -> Self {
+        HeartbeatSchedule {
+            every,
+            next: received + every,
+            visible_until: received + visibility,
+            retries: Backoff::new(HEARTBEAT_RETRY_FIRST, every).with_jitter(),
+        }
+    }
+
+    fn due(&self) -> tokio::time::Instant {
+        self.next
+    }
+
+    /// A heartbeat goes out at `now`: the next one is due an interval after this one was.
+    fn sending(&mut self, now: tokio::time::Instant) {
+        self.next = (self.next + self.every).max(now);
+    }
+
+    /// The heartbeat sent at `sent_at` kept the message hidden for `visibility` more.
+    fn succeeded(&mut self, sent_at: tokio::time::Instant, visibility: Duration) {
+        self.visible_until = sent_at + visibility;
+        self.retries.reset();
+    }
+
+    /// The heartbeat failed at `now`; returns how soon it is retried.
+    fn failed(&mut self, now: tokio::time::Instant) -> Duration {
+        let left = self.visible_until.saturating_duration_since(now);
+        let wait = self
+            .retries
+            .next_delay()
+            .min(left / 2)
+            .max(HEARTBEAT_RETRY_MIN);
+        self.next = now + wait;
+        wait
     }
 }
 
@@ -343,26 +467,32 @@ async fn return_now(batcher: &QueueBatcher, messages: &[ReceivedMessage]) {
     }
 }
 
-/// Classifies the body and runs a job per object; returns what to do with the message.
+/// Classifies the body and runs a job per object, counting how each ended; returns what
+/// to do with the message, and whether a job of it ran to its result.
 async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
     jobs: Arc<JobContext<S>>,
+    message_id: String,
     body: String,
     receive_count: u32,
     cancel: JobCancel,
-) -> Disposition {
+) -> (Disposition, bool) {
+    let telemetry = telemetry::get();
     let objects = match parse_notification(&body) {
         Notification::TestEvent => {
             info!("Dropping s3:TestEvent message.");
-            return Disposition::Delete;
+            telemetry.job_ended(Outcome::Dropped);
+            return (Disposition::Delete, false);
         }
         Notification::NotAnEvent(reason) => {
             warn!(reason = %reason, body = %gist(&body), "Dropping message that is not an S3 object event.");
-            return Disposition::Delete;
+            telemetry.job_ended(Outcome::Dropped);
+            return (Disposition::Delete, false);
         }
         // It may name a job: retried, then dead-lettered by the queue's redrive policy.
         Notification::Unprocessable(reason) => {
             warn!(reason = %reason, receive_count, body = %gist(&body), "Cannot process this S3 event; it goes back to the queue, then to the dead-letter queue.");
-            return Disposition::RetryLater;
+            telemetry.job_ended(Outcome::Returned);
+            return (Disposition::RetryLater, false);
         }
         Notification::Objects { objects, skipped } => {
             if skipped > 0 {
@@ -374,8 +504,24 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
             objects
         }
     };
+    let mut succeeded = false;
     for object in &objects {
-        if let Err(e) = jobs.run_job(object, &cancel).await {
+        jobs.record(
+            object,
+            Some(&message_id),
+            EventKind::Received { receive_count },
+        );
+        let ended = jobs.run_job(object, &cancel).await;
+        match &ended {
+            Ok(JobOutcome::Completed) => {
+                succeeded = true;
+                telemetry.job_ended(Outcome::Succeeded);
+            }
+            Ok(JobOutcome::AlreadyDone) => telemetry.job_ended(Outcome::Duplicate),
+            Err(e) => telemetry.job_ended(e.outcome()),
+        }
+        jobs.record(object, Some(&message_id), history_ending(&ended));
+        if let Err(e) = ended {
             let disposition = e.disposition();
             match disposition {
                 Disposition::Delete => {
@@ -397,10 +543,36 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
                     info!(key = %object.key, delay_s = delay.as_secs(), reason = %e, "Job held elsewhere; message returns later.");
                 }
             }
-            return disposition;
+            return (disposition, succeeded);
         }
     }
-    Disposition::Delete
+    (Disposition::Delete, succeeded)
+}
+
+/// How a job's attempt ended, for its timeline: the message deleted (with the outcome),
+/// returned (with the reason), or no longer ours.
+fn history_ending(ended: &Result<JobOutcome, JobError>) -> EventKind {
+    match ended {
+        Ok(JobOutcome::Completed) => EventKind::Deleted {
+            outcome: history::SUCCEEDED.to_owned(),
+        },
+        Ok(JobOutcome::AlreadyDone) => EventKind::Deleted {
+            outcome: "duplicate".to_owned(),
+        },
+        Err(e) => match e.disposition() {
+            Disposition::Delete => EventKind::Deleted {
+                outcome: format!("dropped: {}", error_chain(e)),
+            },
+            Disposition::RetryLater | Disposition::ReturnNow | Disposition::ReturnAfter(_) => {
+                EventKind::Returned {
+                    reason: error_chain(e),
+                }
+            }
+            Disposition::Abandon => EventKind::Failed {
+                reason: error_chain(e),
+            },
+        },
+    }
 }
 
 /// Backoff for a failed job's message: doubles with each receive, capped.
@@ -446,6 +618,48 @@ mod tests {
         let g = gist(&long);
         assert_eq!(g.chars().count(), BODY_GIST_CHARS + 1);
         assert!(g.ends_with('…'));
+    }
+
+    /// Drives a schedule the way `handle_message` does, on tokio's paused clock, with a
+    /// fake extension whose outcomes are given; returns when each beat was sent.
+    async fn beats(outcomes: &[bool], every: Duration, visibility: Duration) -> Vec<Duration> {
+        let start = tokio::time::Instant::now();
+        let mut schedule = HeartbeatSchedule::new(start, every, visibility);
+        let mut sent = Vec::new();
+        for &ok in outcomes {
+            tokio::time::sleep_until(schedule.due()).await;
+            let now = tokio::time::Instant::now();
+            schedule.sending(now);
+            sent.push(now - start);
+            if ok {
+                schedule.succeeded(now, visibility);
+            } else {
+                schedule.failed(now);
+            }
+        }
+        sent
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_heartbeat_is_retried_within_seconds_and_before_visibility_runs_out() {
+        let s = Duration::from_secs;
+        // -v 30: beats every 15 s. The beat at 15 s fails, and so do the next three.
+        let sent = beats(&[false, false, false, false, true, true], s(15), s(30)).await;
+        assert_eq!(sent[0], s(15));
+        // Retries come within seconds (jittered backoff from 1 s), not a whole interval later.
+        assert!(sent[1] > s(15) && sent[1] <= s(16), "{sent:?}");
+        // Every retry lands before the visibility the receive gave (30 s) runs out.
+        assert!(sent[1..5].iter().all(|t| *t < s(30)), "{sent:?}");
+        assert!(sent[1..5].windows(2).all(|w| w[0] < w[1]), "{sent:?}");
+        // After a success the phase resumes one interval on, from the retry's slot.
+        assert!(sent[5] - sent[4] <= s(15), "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn healthy_heartbeats_keep_their_phase() {
+        let s = Duration::from_secs;
+        let sent = beats(&[true, true, true], s(15), s(30)).await;
+        assert_eq!(sent, [s(15), s(30), s(45)]);
     }
 
     #[test]

@@ -250,10 +250,10 @@ fn classify_records(records: Vec<Value>) -> Result<Notification, Reject> {
         })?;
         // A different major version may move or rename fields, so no record of
         // the message is trusted; a missing version is accepted.
-        if let Some(version) = &record.event_version {
-            if version.split('.').next() != Some("2") {
-                return Err(unprocessable(Reject::Version(excerpt(version))));
-            }
+        if let Some(version) = &record.event_version
+            && version.split('.').next() != Some("2")
+        {
+            return Err(unprocessable(Reject::Version(excerpt(version))));
         }
         let name = record
             .event_name

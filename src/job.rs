@@ -1,11 +1,12 @@
 //! One job's pipeline: one input object in, one result object out, as named stages.
 //!
 //! check for a result beside the download → allocate (for a small input, already while
-//! it downloads) → bundle → upload → await result → release. The job owns its GPU
-//! reservation and always gives it back: on success, on error, on cancellation (shutdown,
-//! lost receipt) and, through `Reservation`'s drop guard, when its task is dropped or
-//! panics. Temporary files are `tempfile` values, removed on every path. What happens to
-//! the SQS message afterwards is decided by `JobError::disposition`, not here.
+//! it downloads) → bundle → upload → await result → release. The job holds its GPU
+//! reservation for the GPU stages and hands it back to `reservations` on every path it
+//! controls (success, error, cancellation); the reservation's own drop guard covers a
+//! dropped or panicking task. Temporary files are `tempfile` values, removed on every
+//! path. What happens to the SQS message afterwards is decided by
+//! `JobError::disposition`, not here.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -15,19 +16,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::aws::error_chain;
+use crate::backoff::Backoff;
 use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
 use crate::claim::{Acquired, ClaimError, ClaimGuard, Claims};
 use crate::cli::BucketDir;
 use crate::event::ObjectRef;
-use crate::journal::{Journal, JournalEntry};
+use crate::history::{EventKind, History, HistoryEvent};
+use crate::reservations::{AllocError, Reservation, Reservations};
 use crate::results::{ResultRegistry, ResultWaiter};
-use crate::scheduler::{AllocReply, GpuScheduler, Grant, SchedulerError};
+use crate::scheduler::GpuScheduler;
 use crate::storage::{self, StorageError};
+use crate::telemetry::Outcome;
 
 /// A job's id: derived from the object's identity, so the same object version always
 /// maps to the same id (and the same result key), across deliveries, restarts and
@@ -89,128 +93,69 @@ const FIRST_RESULT_CHECK: Duration = Duration::from_millis(250);
 /// Job settings taken from the configuration.
 #[derive(Debug, Clone)]
 pub struct JobSettings {
-    pub gpus: u32,
     pub intermediate: BucketDir,
     pub output: BucketDir,
     pub result_suffix: String,
     pub result_poll_interval: Duration,
     pub result_deadline: Duration,
-    pub alloc_retry_interval: Duration,
-    pub alloc_deadline: Duration,
     /// Where temporary input and bundle files go.
     pub work_dir: PathBuf,
-    /// `host:port` of the scheduler, recorded in the journal with each reservation.
-    pub scheduler_address: String,
 }
 
-/// What every job shares: clients, the scheduler and the GPU bookkeeping.
+/// What every job shares: the S3 client, the GPU reservations and the bookkeeping of
+/// the jobs running in this daemon.
 pub struct JobContext<S> {
-    pub s3: aws_sdk_s3::Client,
-    pub scheduler: Arc<S>,
-    pub settings: JobSettings,
-    /// Held by the one job that is asking for GPUs. While the scheduler is busy, the
-    /// others (and the receive loop) wait behind it instead of asking too.
-    pub gpu_gate: Mutex<()>,
-    /// Signalled each time one of our reservations is released: GPUs may be free now.
-    pub gpus_freed: Arc<Notify>,
-    /// Fallback release path for reservations dropped without `release` (panic, abort).
-    pub release_tx: mpsc::UnboundedSender<String>,
-    /// Crash-safe record of the reservations held.
-    pub journal: Arc<Journal>,
+    s3: aws_sdk_s3::Client,
+    reservations: Arc<Reservations<S>>,
+    settings: JobSettings,
     /// Ids of the jobs running in this daemon: a second delivery of the same object
     /// waits for the first instead of running beside it.
-    pub active: std::sync::Mutex<HashSet<JobId>>,
+    active: std::sync::Mutex<HashSet<JobId>>,
     /// Signalled when a job leaves `active`.
-    pub job_ended: Notify,
+    job_ended: Notify,
     /// Result events from the results queue, when one is configured (see `results`).
-    pub results: Option<Arc<ResultRegistry>>,
-    /// The reservations we hold, and how many we held when the scheduler last said busy.
-    pub ledger: Arc<GrantLedger>,
+    results: Option<Arc<ResultRegistry>>,
     /// Cross-daemon claims of job ids (`None`: this daemon is alone on its queue).
-    pub claims: Option<Claims>,
-}
-
-/// What our own reservations tell us about the scheduler's room. If it answered busy
-/// while we held `n` reservations and we still hold `n` or more, asking again can only
-/// succeed if somebody else released GPUs: so we wait for one of our releases or for the
-/// retry interval, instead of asking right after another of our jobs took the GPU that
-/// the previous release freed (which would cost a busy answer per job).
-#[derive(Debug, Default)]
-pub struct GrantLedger {
-    held: std::sync::atomic::AtomicU32,
-    /// Reservations held at the last busy answer, and when it came.
-    busy: std::sync::Mutex<Option<(u32, Instant)>>,
-}
-
-impl GrantLedger {
-    fn held(&self) -> u32 {
-        self.held.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn busy_mark(&self) -> std::sync::MutexGuard<'_, Option<(u32, Instant)>> {
-        self.busy.lock().expect("never held across a panic")
-    }
-
-    fn on_grant(&self) {
-        let held = self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        let mut busy = self.busy_mark();
-        // Granted while holding more than at the last busy answer: there is more room
-        // than that answer showed, so it says nothing any more.
-        if busy.is_some_and(|(mark, _)| held > mark) {
-            *busy = None;
-        }
-    }
-
-    fn on_release(&self) {
-        let _ = self.held.fetch_update(
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-            |n| n.checked_sub(1),
-        );
-    }
-
-    fn on_busy(&self) {
-        *self.busy_mark() = Some((self.held(), Instant::now()));
-    }
-
-    /// How long to wait before asking, or `None` to ask now: asking is pointless while we
-    /// hold as many reservations as when the scheduler last said busy, until the retry
-    /// interval since that answer has passed.
-    fn wait_before_asking(&self, retry_interval: Duration) -> Option<Duration> {
-        let (mark, at) = (*self.busy_mark())?;
-        if self.held() < mark {
-            return None;
-        }
-        (at + retry_interval)
-            .checked_duration_since(Instant::now())
-            .filter(|wait| !wait.is_zero())
-    }
+    claims: Option<Claims>,
+    /// Each job's timeline (`orchgpu jobs`); never fails a job.
+    history: History,
 }
 
 impl<S> JobContext<S> {
-    /// Builds the context; `release_tx` feeds `run_releaser`.
     pub fn new(
         s3: aws_sdk_s3::Client,
-        scheduler: Arc<S>,
+        reservations: Arc<Reservations<S>>,
         settings: JobSettings,
-        gpus_freed: Arc<Notify>,
-        release_tx: mpsc::UnboundedSender<String>,
-        journal: Arc<Journal>,
+        results: Option<Arc<ResultRegistry>>,
+        claims: Option<Claims>,
+        history: History,
     ) -> JobContext<S> {
         JobContext {
             s3,
-            scheduler,
+            reservations,
             settings,
-            gpu_gate: Mutex::new(()),
-            gpus_freed,
-            release_tx,
-            journal,
             active: std::sync::Mutex::new(HashSet::new()),
             job_ended: Notify::new(),
-            results: None,
-            ledger: Arc::default(),
-            claims: None,
+            results,
+            claims,
+            history,
         }
+    }
+
+    /// Adds an event to job `object`'s timeline in the history.
+    pub fn record(&self, object: &ObjectRef, message_id: Option<&str>, kind: EventKind) {
+        self.history.record(HistoryEvent::now(
+            JobId::derive(object).as_str(),
+            object.bucket.as_str(),
+            object.key.as_str(),
+            message_id.map(str::to_owned),
+            kind,
+        ));
+    }
+
+    /// The GPU reservations the jobs draw on.
+    pub fn reservations(&self) -> &Reservations<S> {
+        &self.reservations
     }
 }
 
@@ -271,20 +216,14 @@ pub enum JobError {
     },
     #[error("failed to build the bundle")]
     Bundle(#[source] BundleError),
-    #[error("scheduler refused a request for {gpus} GPUs: {detail}")]
-    SchedulerRejected { gpus: u32, detail: String },
-    #[error("scheduler call failed")]
-    Scheduler(#[source] SchedulerError),
-    #[error("no GPUs granted within {0:?}")]
-    AllocDeadline(Duration),
+    #[error("failed to get GPUs")]
+    Allocation(#[source] AllocError),
     #[error("no result at s3://{bucket}/{key} within {deadline:?}")]
     ResultDeadline {
         bucket: String,
         key: String,
         deadline: Duration,
     },
-    #[error("failed to record the reservation in the journal")]
-    Journal(#[source] crate::journal::JournalError),
     #[error("job not started: shutting down")]
     NotStarted,
     #[error("job cancelled by shutdown")]
@@ -298,6 +237,27 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// How this ending is counted in `orchgpu_jobs_total{outcome}`.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            JobError::InputGone { .. } => Outcome::Dropped,
+            JobError::InputSuperseded { .. } => Outcome::Superseded,
+            JobError::HeldElsewhere { .. } | JobError::ClaimLost { .. } => Outcome::Deferred,
+            JobError::Cancelled | JobError::NotStarted | JobError::CancelledAwaitingResult => {
+                Outcome::Stopped
+            }
+            JobError::Abandoned => Outcome::Abandoned,
+            JobError::Allocation(AllocError::Deadline(_)) | JobError::ResultDeadline { .. } => {
+                Outcome::Deadline
+            }
+            JobError::Storage(_)
+            | JobError::Claim(_)
+            | JobError::TempFile { .. }
+            | JobError::Bundle(_)
+            | JobError::Allocation(_) => Outcome::Returned,
+        }
+    }
+
     /// The lifecycle policy: only a job that can never work deletes its message.
     pub fn disposition(&self) -> Disposition {
         match self {
@@ -315,10 +275,7 @@ impl JobError {
             | JobError::Claim(_)
             | JobError::TempFile { .. }
             | JobError::Bundle(_)
-            | JobError::Journal(_)
-            | JobError::SchedulerRejected { .. }
-            | JobError::Scheduler(_)
-            | JobError::AllocDeadline(_)
+            | JobError::Allocation(_)
             | JobError::CancelledAwaitingResult
             | JobError::ResultDeadline { .. } => Disposition::RetryLater,
         }
@@ -345,161 +302,15 @@ impl JobCancel {
             JobError::Cancelled
         }
     }
-}
 
-/// GPUs granted by the scheduler. Give them back with `JobContext::release`; if the value
-/// is dropped instead (panic, aborted task), its drop guard hands the scheduler job id to
-/// the background releaser.
-pub struct Reservation {
-    grant: Grant,
-    allocated_unix: u64,
-    fallback: Option<mpsc::UnboundedSender<String>>,
-    /// Counted in the ledger until released (or dropped).
-    ledger: Option<Arc<GrantLedger>>,
-}
-
-impl Reservation {
-    pub fn scheduler_job_id(&self) -> &str {
-        &self.grant.scheduler_job_id
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(ledger) = self.ledger.take() {
-            ledger.on_release();
-        }
-        if let Some(tx) = self.fallback.take() {
-            warn!(
-                scheduler_job = %self.grant.scheduler_job_id,
-                "Reservation dropped without release; releasing in the background."
-            );
-            // The releaser lives until the daemon has finished every job, so a send only
-            // fails during a crash, when the journal must take over.
-            let _ = tx.send(self.grant.scheduler_job_id.clone());
+    /// The job's error for an allocation that failed or was cut short.
+    fn allocation_error(&self, error: AllocError) -> JobError {
+        match error {
+            AllocError::Interrupted => self.error(),
+            AllocError::Stopping => JobError::NotStarted,
+            other => JobError::Allocation(other),
         }
     }
-}
-
-/// First and longest wait between background release attempts.
-const RELEASE_RETRY_FIRST: Duration = Duration::from_secs(5);
-const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// A reservation the background releaser still has to give back.
-struct PendingRelease {
-    job: String,
-    due: Instant,
-    delay: Duration,
-}
-
-/// Background task that releases what the jobs could not: reservations dropped without
-/// `release` (panic, aborted task) and releases that failed. It retries with a capped
-/// backoff until the scheduler confirms, so a scheduler that refused releases for a while
-/// does not keep our GPUs (and block every later job) until a restart. Whatever is still
-/// held when the daemon stops stays in the journal for the next start.
-pub async fn run_releaser<S: GpuScheduler>(
-    scheduler: Arc<S>,
-    mut rx: mpsc::UnboundedReceiver<String>,
-    gpus_freed: Arc<Notify>,
-    journal: Arc<Journal>,
-) {
-    let mut pending: Vec<PendingRelease> = Vec::new();
-    loop {
-        let next_due = pending.iter().map(|p| p.due).min();
-        tokio::select! {
-            received = rx.recv() => match received {
-                Some(job) => pending.push(PendingRelease {
-                    job,
-                    due: Instant::now(),
-                    delay: RELEASE_RETRY_FIRST,
-                }),
-                None => break,
-            },
-            _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now).into()), if next_due.is_some() => {}
-        }
-        let now = Instant::now();
-        let mut waiting = Vec::with_capacity(pending.len());
-        for item in pending.drain(..) {
-            if item.due > now {
-                waiting.push(item);
-                continue;
-            }
-            match scheduler.dealloc(&item.job).await {
-                Ok(()) => {
-                    info!(scheduler_job = %item.job, "Released reservation in the background.");
-                    forget_in_journal(&journal, &item.job).await;
-                    gpus_freed.notify_waiters();
-                }
-                Err(e) => {
-                    warn!(
-                        scheduler_job = %item.job,
-                        retry_s = item.delay.as_secs(),
-                        error = %error_chain(&e),
-                        "Release failed again; will retry."
-                    );
-                    waiting.push(PendingRelease {
-                        job: item.job,
-                        due: Instant::now() + item.delay,
-                        delay: (item.delay * 2).min(RELEASE_RETRY_MAX),
-                    });
-                }
-            }
-        }
-        pending = waiting;
-    }
-    if !pending.is_empty() {
-        tracing::error!(
-            count = pending.len(),
-            "Reservations still unreleased at exit; the journal keeps them for the next start."
-        );
-    }
-}
-
-/// Releases the reservations a previous run left in the journal (crash, SIGKILL, failed
-/// release) before any new work starts. Entries from another scheduler address are kept
-/// and reported. Returns (released, kept).
-pub async fn release_leftovers<S: GpuScheduler>(
-    scheduler: &S,
-    journal: &Arc<Journal>,
-    leftovers: Vec<JournalEntry>,
-    scheduler_address: &str,
-    background: &mpsc::UnboundedSender<String>,
-) -> (usize, usize) {
-    let mut released = 0;
-    let mut kept = 0;
-    for entry in leftovers {
-        if entry.scheduler != scheduler_address {
-            warn!(
-                scheduler_job = %entry.scheduler_job_id,
-                scheduler = %entry.scheduler,
-                "Journal entry is for another scheduler; keeping it."
-            );
-            kept += 1;
-            continue;
-        }
-        match scheduler.dealloc(&entry.scheduler_job_id).await {
-            Ok(()) => {
-                info!(
-                    scheduler_job = %entry.scheduler_job_id,
-                    job_id = %entry.job_id,
-                    key = %entry.key,
-                    "Released reservation left by a previous run."
-                );
-                forget_in_journal(journal, &entry.scheduler_job_id).await;
-                released += 1;
-            }
-            Err(e) => {
-                tracing::error!(
-                    scheduler_job = %entry.scheduler_job_id,
-                    error = %error_chain(&e),
-                    "Cannot release reservation left by a previous run; retrying in the background."
-                );
-                let _ = background.send(entry.scheduler_job_id);
-                kept += 1;
-            }
-        }
-    }
-    (released, kept)
 }
 
 /// Removes a job from `active` when it ends, on every path.
@@ -516,19 +327,6 @@ impl<S> Drop for ActiveClaim<'_, S> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
         self.context.job_ended.notify_waiters();
-    }
-}
-
-/// Forgets a released reservation; a failed write only means a harmless extra release
-/// attempt at the next start.
-async fn forget_in_journal(journal: &Arc<Journal>, scheduler_job_id: &str) {
-    let journal = journal.clone();
-    let job = scheduler_job_id.to_string();
-    let result = tokio::task::spawn_blocking(move || journal.forget(&job)).await;
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %error_chain(&e), "Failed to update the journal."),
-        Err(e) => warn!(error = %e, "Failed to update the journal."),
     }
 }
 
@@ -553,6 +351,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         // The cross-daemon claim comes before the result check: of two daemons, the one
         // that loses either finds the result later or takes over an expired claim.
         let mut guard = stage("claim", acquire_claim(claims, &id)).await?;
+        self.record(object, None, EventKind::Claimed);
         let claim_lost = cancel.token.child_token();
         let stages_cancel = JobCancel {
             token: claim_lost.clone(),
@@ -601,7 +400,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel)
             .await;
         // The GPUs go back before anything else happens to the message.
-        self.release(reservation).await;
+        let scheduler_job = reservation.grant().scheduler_job_id.clone();
+        self.reservations.release(reservation).await;
+        self.record(object, None, EventKind::Released { scheduler_job });
         drop(input);
         if result.is_ok() {
             info!(
@@ -666,7 +467,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             (Ok(None), _) => Ok(Prepared::AlreadyDone),
             (Ok(Some(reservation)), Ok(size)) => Ok(Prepared::Ready { reservation, size }),
             (Ok(Some(reservation)), Err(e)) => {
-                self.release(reservation).await;
+                self.reservations.release(reservation).await;
                 Err(e)
             }
             // When both failed, the download's error says more: an input that is gone
@@ -686,7 +487,24 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         if cancel.stop.is_cancelled() {
             return Err(JobError::NotStarted);
         }
-        stage("allocate", self.allocate(id, object, cancel)).await
+        self.record(object, None, EventKind::WaitingForGpus);
+        let allocate = async {
+            self.reservations
+                .allocate(id.as_str(), &object.key, &cancel.token, &cancel.stop)
+                .await
+                .map_err(|e| cancel.allocation_error(e))
+        };
+        let reservation = stage("allocate", allocate).await?;
+        let grant = reservation.grant();
+        self.record(
+            object,
+            None,
+            EventKind::Granted {
+                scheduler_job: grant.scheduler_job_id.clone(),
+                devices: grant.devices().into_iter().map(str::to_owned).collect(),
+            },
+        );
+        Ok(reservation)
     }
 
     async fn run_with_gpus(
@@ -702,7 +520,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let manifest = Manifest {
             version: 1,
             job_id: id.to_string(),
-            scheduler_job_id: reservation.grant.scheduler_job_id.clone(),
+            scheduler_job_id: reservation.grant().scheduler_job_id.clone(),
             source: ManifestSource {
                 bucket: object.bucket.clone(),
                 key: object.key.clone(),
@@ -711,7 +529,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 version_id: object.version_id.clone(),
             },
             reservation: reservation
-                .grant
+                .grant()
                 .settings
                 .iter()
                 .map(|(name, value)| ReservationField {
@@ -720,7 +538,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 })
                 .collect(),
             created_unix: unix_now(),
-            allocated_unix: reservation.allocated_unix,
+            allocated_unix: reservation.allocated_unix(),
         };
         let ext = bundle::sanitize_extension(&object.key);
         stage(
@@ -731,6 +549,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             ),
         )
         .await?;
+        let bytes = std::fs::metadata(bundle_file.path()).map_or(0, |m| m.len());
+        self.record(object, None, EventKind::Bundled { bytes });
 
         let bundle_key = bundle::bundle_key(&self.settings.intermediate.dir, id.as_str());
         // Registered before the upload, so a result event cannot come before we listen.
@@ -755,12 +575,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         )
         .await?;
         drop(bundle_file);
+        self.record(object, None, EventKind::Uploaded);
 
-        stage(
+        let seen = stage(
             "await_result",
             self.await_result(result_key, waiter.as_ref(), cancel),
         )
-        .await
+        .await?;
+        self.record(object, None, EventKind::ResultSeen);
+        Ok(seen)
     }
 
     async fn download(&self, object: &ObjectRef, path: &Path) -> Result<u64, JobError> {
@@ -796,112 +619,6 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         }
     }
 
-    /// Asks for GPUs until granted, refused, past the deadline or cancelled. While the
-    /// scheduler answers busy, waits for the retry interval or for one of our own
-    /// releases, whichever comes first.
-    async fn allocate(
-        &self,
-        id: &JobId,
-        object: &ObjectRef,
-        cancel: &JobCancel,
-    ) -> Result<Reservation, JobError> {
-        let deadline = Instant::now() + self.settings.alloc_deadline;
-        let _gate = tokio::select! {
-            biased;
-            _ = cancel.token.cancelled() => return Err(cancel.error()),
-            _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
-            gate = self.gpu_gate.lock() => gate,
-        };
-        loop {
-            // Registered before asking, so a release during the call is not missed.
-            let freed = self.gpus_freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-
-            if let Some(wait) = self
-                .ledger
-                .wait_before_asking(self.settings.alloc_retry_interval)
-            {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(JobError::AllocDeadline(self.settings.alloc_deadline));
-                }
-                let wait = wait.min(deadline - now);
-                debug!(
-                    wait_ms = wait.as_millis() as u64,
-                    "Scheduler was busy at our current holdings; waiting for a release."
-                );
-                tokio::select! {
-                    biased;
-                    _ = cancel.token.cancelled() => return Err(cancel.error()),
-                    _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
-                    _ = &mut freed => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                continue;
-            }
-
-            // An alloc call is never cut short: a grant we did not read would leak GPUs.
-            // It is bounded by the SSGM call timeout instead.
-            let reply = self
-                .scheduler
-                .alloc(self.settings.gpus)
-                .await
-                .map_err(JobError::Scheduler)?;
-            match reply {
-                AllocReply::Granted(grant) => {
-                    info!(
-                        scheduler_job = %grant.scheduler_job_id,
-                        devices = grant.settings.len(),
-                        "GPUs granted."
-                    );
-                    self.ledger.on_grant();
-                    let reservation = Reservation {
-                        grant,
-                        allocated_unix: unix_now(),
-                        fallback: Some(self.release_tx.clone()),
-                        ledger: Some(self.ledger.clone()),
-                    };
-                    let entry = JournalEntry {
-                        scheduler_job_id: reservation.grant.scheduler_job_id.clone(),
-                        scheduler: self.settings.scheduler_address.clone(),
-                        job_id: id.to_string(),
-                        key: object.key.clone(),
-                        since_unix: reservation.allocated_unix,
-                    };
-                    let journal = self.journal.clone();
-                    let recorded = tokio::task::spawn_blocking(move || journal.record(entry))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(crate::journal::JournalError::Io {
-                                path: PathBuf::new(),
-                                source: std::io::Error::other(e),
-                            })
-                        });
-                    if let Err(e) = recorded {
-                        // Without a record a crash would leak these GPUs: do not use them.
-                        self.release(reservation).await;
-                        return Err(JobError::Journal(e));
-                    }
-                    return Ok(reservation);
-                }
-                AllocReply::RequestError { detail } => {
-                    return Err(JobError::SchedulerRejected {
-                        gpus: self.settings.gpus,
-                        detail,
-                    });
-                }
-                AllocReply::Busy => {
-                    self.ledger.on_busy();
-                    if Instant::now() >= deadline {
-                        return Err(JobError::AllocDeadline(self.settings.alloc_deadline));
-                    }
-                    // The next turn waits for a release of ours or the retry interval.
-                }
-            }
-        }
-    }
-
     /// Waits for the result object until it exists or the deadline. With a results queue,
     /// its event ends the wait and HEAD checks run only every `-b` as a fallback; without
     /// one, HEAD checks start soon after the upload and back off, doubling, up to `-b`.
@@ -914,11 +631,12 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let output = &self.settings.output;
         let deadline = Instant::now() + self.settings.result_deadline;
         let max_interval = self.settings.result_poll_interval;
-        let mut interval = if waiter.is_some() {
+        let first = if waiter.is_some() {
             max_interval
         } else {
-            FIRST_RESULT_CHECK.min(max_interval)
+            FIRST_RESULT_CHECK
         };
+        let mut checks = Backoff::new(first, max_interval);
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -928,8 +646,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     deadline: self.settings.result_deadline,
                 });
             }
-            let wait = interval.min(deadline - now);
-            interval = (interval * 2).min(max_interval);
+            let wait = checks.next_delay().min(deadline - now);
             let arrived = async {
                 match waiter {
                     Some(waiter) => waiter.arrived().await,
@@ -955,45 +672,6 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 Err(e) => warn!(error = %error_chain(&e), "Result check failed; will retry."),
             }
         }
-    }
-
-    /// Gives the GPUs back (the SSGM client retries a few times) and wakes a job waiting
-    /// for GPUs. A failed release is logged, never fatal.
-    async fn release(&self, mut reservation: Reservation) {
-        reservation.fallback = None;
-        // Uncounted only after the dealloc, just before waking the waiting job.
-        let ledger = reservation.ledger.take();
-        let job = reservation.grant.scheduler_job_id.clone();
-        let started = Instant::now();
-        let result = self
-            .scheduler
-            .dealloc(&job)
-            .instrument(tracing::Span::current())
-            .await;
-        match result {
-            Ok(()) => {
-                forget_in_journal(&self.journal, &job).await;
-                info!(
-                    stage = "release",
-                    scheduler_job = %job,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "Stage finished."
-                );
-            }
-            // The journal keeps it and the background releaser retries it.
-            Err(e) => {
-                tracing::error!(
-                    scheduler_job = %job,
-                    error = %error_chain(&e),
-                    "Failed to release GPUs; retrying in the background."
-                );
-                let _ = self.release_tx.send(job);
-            }
-        }
-        if let Some(ledger) = ledger {
-            ledger.on_release();
-        }
-        self.gpus_freed.notify_waiters();
     }
 
     /// Marks the job as running in this daemon, waiting while another delivery of the
@@ -1068,6 +746,7 @@ async fn stage<T>(
     let result = fut.await;
     if result.is_ok() {
         let elapsed = started.elapsed();
+        crate::telemetry::get().stage_finished(name, elapsed);
         info!(
             stage = name,
             elapsed_ms = elapsed.as_millis() as u64,
@@ -1166,35 +845,6 @@ mod tests {
     }
 
     #[test]
-    fn ledger_waits_while_we_hold_what_we_held_at_busy() {
-        let ledger = GrantLedger::default();
-        let retry = Duration::from_secs(30);
-        assert_eq!(ledger.wait_before_asking(retry), None, "never busy: ask");
-        ledger.on_grant();
-        ledger.on_busy();
-        assert!(ledger.wait_before_asking(retry).is_some(), "still hold 1");
-        ledger.on_release();
-        assert_eq!(ledger.wait_before_asking(retry), None, "a release: ask");
-        ledger.on_grant();
-        assert!(
-            ledger.wait_before_asking(retry).is_some(),
-            "the freed GPU went to our next job: do not ask"
-        );
-        ledger.on_grant();
-        assert_eq!(
-            ledger.wait_before_asking(retry),
-            None,
-            "granted beyond the mark: the busy answer is stale"
-        );
-        ledger.on_busy();
-        assert_eq!(
-            ledger.wait_before_asking(Duration::ZERO),
-            None,
-            "the retry interval has passed: ask"
-        );
-    }
-
-    #[test]
     fn disposition_per_error() {
         use Disposition::*;
         let gone = JobError::InputGone {
@@ -1207,14 +857,14 @@ mod tests {
         assert_eq!(JobError::CancelledAwaitingResult.disposition(), RetryLater);
         assert_eq!(JobError::Abandoned.disposition(), Abandon);
         assert_eq!(
-            JobError::AllocDeadline(Duration::from_secs(1)).disposition(),
+            JobError::Allocation(AllocError::Deadline(Duration::from_secs(1))).disposition(),
             RetryLater
         );
         assert_eq!(
-            JobError::SchedulerRejected {
+            JobError::Allocation(AllocError::Rejected {
                 gpus: 9,
                 detail: "x".into()
-            }
+            })
             .disposition(),
             RetryLater
         );

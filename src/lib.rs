@@ -8,25 +8,35 @@
 //! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
 //! `claim` (the cross-daemon claim of a job id in S3), `queue` (SQS), `batcher` (batched deletes and visibility changes on the jobs queue),
 //! `storage` (S3 transfers), `event` (notification parsing), `scheduler` (SSGM), `bundle`
-//! (the `.tar.gz`), `job` (one job's stages), `daemon` (the receive loop and shutdown),
-//! `journal` (crash-safe record of reservations), `signal` (SIGTERM/SIGINT to shutdown
+//! (the `.tar.gz`), `job` (one job's stages), `reservations` (every GPU from the request
+//! to the confirmed release: gate, ledger, crash-safe journal, releaser, replay),
+//! `daemon` (the receive loop and shutdown), `signal` (SIGTERM/SIGINT to shutdown
 //! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
-//! `results` (event-driven result detection), `workdir` (this run's files on disk).
+//! `results` (event-driven result detection), `backoff` (the one retry policy),
+//! `telemetry` (Prometheus metrics, liveness, readiness), `http` (the listener that
+//! serves them), `history` (the SQLite job timeline), `jobs_cmd` (`orchgpu jobs`: the
+//! history as a table or JSON), `claim` (the cross-daemon claim of a job id in S3) and
+//! `workdir` (this run's files on disk).
 
 pub mod aws;
-pub mod batcher;
-pub mod bundle;
+pub(crate) mod backoff;
+pub(crate) mod batcher;
+pub(crate) mod bundle;
 pub mod claim;
 pub mod cli;
 pub mod daemon;
 pub mod event;
+pub mod history;
+pub mod http;
 pub mod job;
-pub mod journal;
+pub mod jobs_cmd;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
+pub mod reservations;
 pub mod results;
 pub mod scheduler;
 pub mod signal;
 pub mod storage;
+pub mod telemetry;
 pub mod workdir;

@@ -5,20 +5,21 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::sync::{Notify, mpsc};
 use tracing::{error, info, warn};
 
-use orchgpu::aws::{AwsOptions, build_clients, error_chain};
+use orchgpu::aws::{AwsOptions, build_clients, credentials_problem, error_chain};
 use orchgpu::claim::{Claims, S3Store};
 use orchgpu::cli::{Args, Config, LogFormat};
 use orchgpu::daemon::{self, DaemonSettings, Shutdown};
-use orchgpu::job::{JobContext, JobSettings, release_leftovers, run_releaser};
-use orchgpu::journal::Journal;
+use orchgpu::history::History;
+use orchgpu::job::{JobContext, JobSettings};
 use orchgpu::notify;
 use orchgpu::queue::Queue;
+use orchgpu::reservations::{Journal, ReservationSettings, Reservations};
 use orchgpu::results::ResultRegistry;
 use orchgpu::scheduler::{Ssgm, SsgmConfig};
 use orchgpu::signal::Signals;
+use orchgpu::telemetry;
 use orchgpu::workdir::WorkDir;
 
 /// Exit codes, in one place: 0 clean exit (graceful shutdown included), 1 a fatal error
@@ -30,6 +31,9 @@ mod exit_codes {
 }
 
 fn main() -> ExitCode {
+    if let Some(argv) = orchgpu::cli::jobs_argv(std::env::args_os()) {
+        return jobs(argv);
+    }
     let args = Args::parse();
     let config = match Config::try_from(args) {
         Ok(config) => config,
@@ -40,11 +44,10 @@ fn main() -> ExitCode {
     };
     init_tracing(config.log_format);
 
-    // One thread runs all async work. A job's own async work is a few hundred µs of
-    // request building and bookkeeping between waits; file and journal I/O and the
-    // bundle go to tokio's blocking pool. Measured (bench/run.sh --only throughput): 4.2
-    // ms of CPU per job on one thread, 6.5 ms on the default worker per core, which
-    // spends it in cross-thread wake-ups; throughput was no lower.
+    // tokio's default multi-thread runtime (a worker per core): measured side by side
+    // with a one-thread runtime (bench/run.sh --only throughput), one thread used no
+    // less CPU per job and reached a lower throughput. File and journal I/O and the
+    // bundle go to the blocking pool either way.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -64,9 +67,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// `orchgpu jobs ...`: read the job history; 1 when it cannot be read, 2 for bad usage.
+fn jobs(argv: Vec<std::ffi::OsString>) -> ExitCode {
+    let config = match orchgpu::cli::parse_jobs(argv) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("orchgpu jobs: error: {e}");
+            return ExitCode::from(exit_codes::BAD_CONFIG);
+        }
+    };
+    match orchgpu::jobs_cmd::run(&config, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::from(exit_codes::OK),
+        Err(e) => {
+            eprintln!("orchgpu jobs: {}", error_chain(&e));
+            ExitCode::from(exit_codes::FATAL)
+        }
+    }
+}
+
 fn init_tracing(format: LogFormat) {
+    // The SDK's own warnings (each failed credentials or region source, with its
+    // internals) only repeat, at length, what the one fatal error line says.
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORCHGPU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -79,23 +102,36 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    info!(
+        stop_budget_s = config.stop_budget().as_secs(),
+        start_budget_s = config.start_budget().as_secs(),
+        "Worst-case start and stop times with these flags (TimeoutStartSec and TimeoutStopSec must cover them)."
+    );
+    // Bound first: a port in use is a start-up error, before anything else is touched.
+    let http = match config.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--http-listen)"))?,
+        ),
+        None => None,
+    };
     let clients = build_clients(&AwsOptions {
         endpoint_url: config.endpoint_url.clone(),
         region: config.region.clone(),
-        max_receive_wait: config.wait_time,
     })
     .await;
+    let custom_endpoint = clients.custom_endpoint;
     let queue = Queue::resolve(clients.sqs.clone(), &config.queue)
         .await
-        .context("cannot reach the jobs queue")?;
-    warn_without_redrive(&queue).await;
+        .map_err(|e| startup_error(e, "cannot reach the jobs queue", custom_endpoint))?;
     let requests = clients.requests.clone();
     let results_stop = tokio_util::sync::CancellationToken::new();
     let (results, results_task) = match &config.results_queue {
         Some(queue_ref) => {
             let results_queue = Queue::resolve(clients.sqs.clone(), queue_ref)
                 .await
-                .context("cannot reach the results queue")?;
+                .map_err(|e| startup_error(e, "cannot reach the results queue", custom_endpoint))?;
             let registry = ResultRegistry::new();
             let task = tokio::spawn(orchgpu::results::run(
                 results_queue,
@@ -112,78 +148,94 @@ async fn run(config: Config) -> anyhow::Result<()> {
         WorkDir::open(&config.work_dir).context("cannot prepare the work dir")?;
     info!(work_dir = %work_dir.path().display(), removed, "Work dir ready.");
 
+    // Checked before the journal is touched: a wrong --claims stops here.
+    let claims = match &config.claims {
+        Some(place) => {
+            let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
+            let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
+            let context = || format!("cannot reach the claims location {place} (--claims)");
+            claims.check().await.with_context(context)?;
+            Some(claims)
+        }
+        None => None,
+    };
+
     let (journal, leftovers) =
         Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
-    let journal = Arc::new(journal);
-    let scheduler = Arc::new(Ssgm::new(SsgmConfig {
+    info!(
+        state_dir = %config.state_dir.display(),
+        reservations = leftovers.reservation_count(),
+        calls = leftovers.call_count(),
+        "Journal read; releasing what a previous run left in the background."
+    );
+    let ssgm = SsgmConfig {
         program: config.ssgm.clone(),
         host: config.scheduler_host.clone(),
         port: config.scheduler_port,
         call_timeout: config.ssgm_timeout,
-        release_attempts: 3,
-        release_retry_delay: std::time::Duration::from_secs(1),
-    }));
-    let scheduler_address = format!("{}:{}", config.scheduler_host, config.scheduler_port);
-    let gpus_freed = Arc::new(Notify::new());
-    let (release_tx, release_rx) = mpsc::unbounded_channel();
-    let releaser = tokio::spawn(run_releaser(
-        scheduler.clone(),
-        release_rx,
-        gpus_freed.clone(),
-        journal.clone(),
-    ));
-    // Whatever a previous run still held goes back before new work starts.
-    let found = leftovers.len();
-    let (released, kept) = release_leftovers(
-        &*scheduler,
-        &journal,
+        scratch_dir: config.state_dir.clone(),
+    };
+    let worst_call = ssgm.worst_call();
+    let (reservations, releaser) = Reservations::start(
+        Arc::new(Ssgm::new(ssgm)),
+        Arc::new(journal),
         leftovers,
-        &scheduler_address,
-        &release_tx,
-    )
-    .await;
-    info!(
-        state_dir = %config.state_dir.display(),
-        found,
-        released,
-        kept,
-        "Journal replayed."
-    );
-
-    let mut jobs = JobContext::new(
-        clients.s3,
-        scheduler,
-        JobSettings {
+        ReservationSettings {
             gpus: config.gpus.get(),
+            alloc_retry_interval: config.alloc_retry_interval,
+            alloc_deadline: config.alloc_deadline,
+            scheduler_address: format!("{}:{}", config.scheduler_host, config.scheduler_port),
+        },
+        worst_call,
+    );
+    // A history that cannot be opened never stops the daemon: jobs run without it.
+    let history = match config.history {
+        Some(retention) => History::open(&config.state_dir, retention).unwrap_or_else(|e| {
+            error!(error = %error_chain(&e), "Cannot open the job history; running without it.");
+            History::disabled()
+        }),
+        None => History::disabled(),
+    };
+    let jobs = Arc::new(JobContext::new(
+        clients.s3,
+        Arc::new(reservations),
+        JobSettings {
             intermediate: config.intermediate.clone(),
             output: config.output.clone(),
             result_suffix: config.result_suffix.clone(),
             result_poll_interval: config.result_poll_interval,
             result_deadline: config.result_deadline,
-            alloc_retry_interval: config.alloc_retry_interval,
-            alloc_deadline: config.alloc_deadline,
             work_dir: work_dir.path().to_path_buf(),
-            scheduler_address,
         },
-        gpus_freed,
-        release_tx,
-        journal,
-    );
-    jobs.results = results;
-    if let Some(place) = &config.claims {
-        let store = S3Store::new(jobs.s3.clone(), place.bucket.clone());
-        let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
-        let context = || format!("cannot reach the claims location {place} (--claims)");
-        claims.check().await.with_context(context)?;
-        jobs.claims = Some(claims);
-    }
-    let jobs = Arc::new(jobs);
+        results,
+        claims,
+        history.clone(),
+    ));
 
     let shutdown = Shutdown::new();
     let signals = Signals::install().context("cannot install the signal handlers")?;
     tokio::spawn(signals.forward(shutdown.clone()));
-    // The queue is reached, the journal replayed and signals handled: tell systemd.
+    // The queue is reached, the journal read and signals handled: tell systemd.
+    telemetry::get().set_ready(true);
     notify::ready(&format!("Receiving jobs from {}.", queue.url()));
+    tokio::spawn(warn_without_redrive(queue.clone()));
+    let observers = tokio_util::sync::CancellationToken::new();
+    if let Some(listener) = http {
+        info!(address = %listener.local_addr().context("the listener has no address")?, "Serving /metrics, /healthz and /readyz.");
+        tokio::spawn(orchgpu::http::serve(
+            listener,
+            daemon::STALE_AFTER,
+            observers.clone(),
+        ));
+        tokio::spawn(orchgpu::queue::sample_depths(
+            queue.clone(),
+            QUEUE_SAMPLE_INTERVAL,
+            observers.clone(),
+        ));
+    }
+    if let Some(interval) = notify::watchdog_interval() {
+        tokio::spawn(watchdog(interval, observers.clone()));
+    }
 
     daemon::run(
         queue,
@@ -199,8 +251,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown,
     )
     .await;
-    // Every job has ended, so the last sender is gone: the releaser drains and stops.
+    // Every job has ended and `jobs` is gone with `daemon::run`, so the releaser's last
+    // sender is gone too: it makes its last pass and stops.
     releaser.await.context("the releaser task failed")?;
+    observers.cancel();
+    // The last events of the jobs reach the history before the process ends.
+    let flushed = tokio::task::spawn_blocking(move || history.flush(HISTORY_FLUSH)).await;
+    if !matches!(flushed, Ok(true)) {
+        warn!("The job history's last events may be missing: its writer did not finish in time.");
+    }
     results_stop.cancel();
     if let Some(task) = results_task {
         task.await.context("the results task failed")?;
@@ -214,8 +273,55 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long the job history's writer gets at exit for its last events.
+const HISTORY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often the queue depths are sampled for `/metrics`.
+const QUEUE_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Pings the systemd watchdog twice per interval, but only while the receive loop (and
+/// the job tasks) show progress: a wedged daemon stops pinging and systemd restarts it.
+/// The loop counts as stalled after half the interval without progress (at least three
+/// of its ticks, at most `daemon::STALE_AFTER`), so the pings stop before systemd's
+/// deadline.
+async fn watchdog(interval: std::time::Duration, stop: tokio_util::sync::CancellationToken) {
+    let stale_after = (interval / 2).clamp(telemetry::LOOP_TICK * 3, daemon::STALE_AFTER);
+    let mut warned = false;
+    loop {
+        let health = telemetry::get().health(stale_after);
+        if health.healthy {
+            notify::watchdog();
+            warned = false;
+        } else if !warned {
+            error!(
+                loop_idle_s = health.loop_age.as_secs(),
+                "The receive loop shows no progress; not pinging the watchdog."
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval / 2) => {}
+        }
+    }
+}
+
+/// A first request that failed: missing credentials say only what to set (the SDK's
+/// chain of causes is long and names every source it tried); anything else keeps its
+/// context and causes.
+fn startup_error(
+    error: impl std::error::Error + Send + Sync + 'static,
+    context: &'static str,
+    custom_endpoint: bool,
+) -> anyhow::Error {
+    match credentials_problem(&error, custom_endpoint) {
+        Some(problem) => anyhow::anyhow!(problem),
+        None => anyhow::Error::new(error).context(context),
+    }
+}
+
 /// Without a redrive policy a poison message is retried forever: say so at start-up.
-async fn warn_without_redrive(queue: &Queue) {
+async fn warn_without_redrive(queue: Queue) {
     use aws_sdk_sqs::types::QueueAttributeName;
     match queue.attribute(QueueAttributeName::RedrivePolicy).await {
         Ok(Some(_)) => {}

@@ -29,6 +29,7 @@ impl RequestCounter {
 
     /// Counts one attempt of `service`'s `operation`.
     pub fn record(&self, service: &str, operation: &str) {
+        crate::telemetry::get().aws_request(service, operation);
         let name = format!("{service}.{operation}");
         let mut counts = self
             .counts

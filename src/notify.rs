@@ -1,8 +1,8 @@
 //! The systemd notify protocol (`Type=notify`): tells the service manager that orchgpu is
-//! ready, what it is doing, and that it is stopping.
+//! ready, what it is doing, that it is stopping, and (with `WatchdogSec=`) that it is alive.
 //!
-//! This module owns only the messages; `main` decides when orchgpu is ready and `signal`
-//! when it starts stopping. Outside systemd (`NOTIFY_SOCKET` unset) every call does nothing.
+//! This module owns only the messages; `main` decides when orchgpu is ready, `signal`
+//! when it starts stopping, and `main`'s watchdog task when it is alive. Outside systemd (`NOTIFY_SOCKET` unset) every call does nothing.
 //! A failed send is logged and otherwise ignored: a missing status line must never stop
 //! the daemon.
 
@@ -20,6 +20,16 @@ pub fn stopping(status: &str) {
         NotifyState::Stopping,
         NotifyState::Status(&one_line(status)),
     ]);
+}
+
+/// The watchdog interval systemd asks for (`WatchdogSec=`), if any.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+/// Sends `WATCHDOG=1`: the daemon is alive and making progress.
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
 }
 
 /// Sends a `STATUS=` line, shown by `systemctl status`.

@@ -135,6 +135,17 @@ impl Queue {
             .wait_time_seconds(wait.as_secs() as i32)
             .visibility_timeout(visibility.as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .customize()
+            // The client's attempt timeout is shorter than a long poll: derive this one
+            // from the wait, so an idle receive is never cut off as a failure.
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(
+                    aws_config::timeout::TimeoutConfig::builder()
+                        .read_timeout(crate::aws::receive_attempt_timeout(wait))
+                        .operation_attempt_timeout(crate::aws::receive_attempt_timeout(wait))
+                        .build(),
+                ),
+            )
             .send()
             .await
             .map_err(|e| QueueError::Receive {
@@ -328,6 +339,101 @@ impl Queue {
                 source: e.into(),
             })?;
         Ok(output.attributes.and_then(|mut a| a.remove(&name)))
+    }
+}
+
+impl Queue {
+    /// The approximate message counts: visible, in flight (received, not deleted),
+    /// delayed.
+    ///
+    /// # Errors
+    /// `Attributes` when SQS cannot be asked.
+    pub async fn depths(&self) -> Result<(u64, u64, u64), QueueError> {
+        use QueueAttributeName::{
+            ApproximateNumberOfMessages, ApproximateNumberOfMessagesDelayed,
+            ApproximateNumberOfMessagesNotVisible,
+        };
+        let output = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(ApproximateNumberOfMessages)
+            .attribute_names(ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| QueueError::Attributes {
+                url: self.url.clone(),
+                source: e.into(),
+            })?;
+        let attributes = output.attributes.unwrap_or_default();
+        let count = |name: &QueueAttributeName| {
+            attributes
+                .get(name)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((
+            count(&ApproximateNumberOfMessages),
+            count(&ApproximateNumberOfMessagesNotVisible),
+            count(&ApproximateNumberOfMessagesDelayed),
+        ))
+    }
+
+    /// The dead-letter queue named by this queue's redrive policy, if it has one.
+    ///
+    /// # Errors
+    /// `Attributes` or `Resolve` when SQS cannot be asked.
+    pub async fn dead_letter_queue(&self) -> Result<Option<Queue>, QueueError> {
+        let Some(policy) = self.attribute(QueueAttributeName::RedrivePolicy).await? else {
+            return Ok(None);
+        };
+        let name = serde_json::from_str::<serde_json::Value>(&policy)
+            .ok()
+            .and_then(|v| v.get("deadLetterTargetArn")?.as_str().map(str::to_owned))
+            .and_then(|arn| arn.rsplit(':').next().map(str::to_owned));
+        match name {
+            Some(name) => Queue::resolve(self.sqs.clone(), &QueueRef::Name(name))
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Samples the depths of the jobs queue and its dead-letter queue into the telemetry
+/// every `every`, until `stop` fires. A failed sample is logged at debug level and
+/// skipped: the gauges keep their last values.
+pub async fn sample_depths(
+    jobs: Queue,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let dead_letter = match jobs.dead_letter_queue().await {
+        Ok(queue) => queue,
+        Err(e) => {
+            tracing::debug!(error = %error_chain(&e), "Cannot find the dead-letter queue.");
+            None
+        }
+    };
+    let queues = [("jobs", Some(jobs)), ("dead_letter", dead_letter)];
+    loop {
+        for (label, queue) in &queues {
+            let Some(queue) = queue else { continue };
+            match queue.depths().await {
+                Ok((visible, in_flight, delayed)) => {
+                    let t = crate::telemetry::get();
+                    t.set_queue_messages(label, "visible", visible);
+                    t.set_queue_messages(label, "in_flight", in_flight);
+                    t.set_queue_messages(label, "delayed", delayed);
+                }
+                Err(e) => tracing::debug!(error = %error_chain(&e), "Cannot sample queue depths."),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::aws::error_chain;
+use crate::backoff::Backoff;
 use crate::batcher::QueueBatcher;
 use crate::event::{Notification, parse_notification};
 use crate::queue::Queue;
@@ -30,7 +31,8 @@ const RESULTS_WAIT: Duration = Duration::from_secs(20);
 const RESULTS_VISIBILITY: Duration = Duration::from_secs(30);
 /// How long a routed event's delete may wait for others to share its request.
 const RESULTS_DELETE_WINDOW: Duration = Duration::from_secs(1);
-/// Longest pause between receive attempts while SQS is failing.
+/// First and longest pause between receive attempts while SQS is failing.
+const RECEIVE_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Waiters by `bucket/key`: each with its registration id and its wake-up.
@@ -134,6 +136,7 @@ pub async fn run(queue: Queue, registry: Arc<ResultRegistry>, stop: Cancellation
     info!(queue = %queue.url(), "Receiving result events.");
     let (deletes, lanes) = QueueBatcher::start(queue.clone(), Duration::ZERO);
     let mut failures: u32 = 0;
+    let mut backoff = Backoff::new(RECEIVE_BACKOFF_FIRST, MAX_RECEIVE_BACKOFF).with_jitter();
     let mut last_failure_log: Option<Instant> = None;
     loop {
         let received = tokio::select! {
@@ -144,6 +147,7 @@ pub async fn run(queue: Queue, registry: Arc<ResultRegistry>, stop: Cancellation
         let messages = match received {
             Ok(messages) => {
                 failures = 0;
+                backoff.reset();
                 messages
             }
             Err(e) => {
@@ -152,11 +156,10 @@ pub async fn run(queue: Queue, registry: Arc<ResultRegistry>, stop: Cancellation
                     warn!(failures, error = %error_chain(&e), "Results receive failed; retrying (HEAD checks continue).");
                     last_failure_log = Some(Instant::now());
                 }
-                let backoff = Duration::from_secs(1 << failures.min(5)).min(MAX_RECEIVE_BACKOFF);
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => continue,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
                 }
             }
         };
@@ -246,15 +249,26 @@ mod tests {
         assert_eq!(registry.deliver("out", "k"), 0);
     }
 
-    #[test]
-    fn junk_and_test_events_wake_nobody() {
+    #[tokio::test]
+    async fn junk_and_test_events_wake_nobody_and_a_real_event_still_does() {
         let registry = ResultRegistry::new();
-        let _w = registry.register("out", "results/abc.png");
+        let waiter = registry.register("bucket", "in/my photo+1.jpg");
         route(&registry, "not json");
         route(
             &registry,
-            r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"out"}"#,
+            r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"bucket"}"#,
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), waiter.arrived())
+                .await
+                .is_err(),
+            "junk or a test event woke a waiter"
         );
         assert_eq!(registry.len(), 1);
+        // Its own key's event still wakes it: the silence above is not a deaf waiter.
+        route(&registry, EVENT);
+        tokio::time::timeout(Duration::from_secs(1), waiter.arrived())
+            .await
+            .expect("woken by the real event");
     }
 }

@@ -34,6 +34,7 @@ impl Signals {
             signal = first,
             "Shutting down: finishing running jobs (send again to stop at once)."
         );
+        crate::telemetry::get().set_ready(false);
         notify::stopping("Stopping: finishing running jobs.");
         shutdown.stop.cancel();
 

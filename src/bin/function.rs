@@ -80,7 +80,6 @@ async fn main() -> anyhow::Result<()> {
     let clients = build_clients(&AwsOptions {
         endpoint_url: args.endpoint_url.clone(),
         region: args.region.clone(),
-        max_receive_wait: Duration::from_secs(args.wait_time),
     })
     .await;
     let queue_ref = if args.queue.starts_with("http") {

@@ -59,6 +59,13 @@ Client (SSGM's command line; options in any order):
         exit             allocs print a granted-looking reply, exit 1, allocate nothing
         hang             allocs hang without printing, allocate nothing
         grant-then-hang  allocs allocate (if they can), then hang without printing
+        print-then-hang  allocs allocate (if they can), print the reply, then hang
+        kill-parent-after-grant
+                         allocs allocate (if they can), print the reply, send
+                         SIGKILL to the client's parent process, then exit 0
+        kill-parent-then-hang
+                         like kill-parent-after-grant, then hang instead of
+                         exiting (an orphaned client holding a grant)
         fail-release     deallocs exit 1 and release nothing
         clear            removes every pending fault
   mock-ssgm -S HOST -P PORT -reset
@@ -70,6 +77,11 @@ replies of that kind (injected or not), `alloc_calls` and `dealloc_calls`
 count every request seen, `released` counts releases made, `failed_releases`
 counts deallocs that exited 1, and `faults_injected` counts calls a fault was
 applied to.
+
+The three faults that print apply to whatever the scheduler answers (a grant
+when enough GPUs are free, busy otherwise); they flush stdout before hanging or
+signalling. The parent is the one the client started under; if it has already
+gone (the client was re-parented), no signal is sent.
 
 Exit codes: 0 done, 1 scheduler unreachable or request refused, 2 usage error.
 ";
@@ -146,6 +158,9 @@ enum Fault {
     Exit,
     Hang,
     GrantThenHang,
+    PrintThenHang,
+    KillParentAfterGrant,
+    KillParentThenHang,
     FailRelease,
 }
 
@@ -159,6 +174,9 @@ impl Fault {
             "exit" => Self::Exit,
             "hang" => Self::Hang,
             "grant-then-hang" => Self::GrantThenHang,
+            "print-then-hang" => Self::PrintThenHang,
+            "kill-parent-after-grant" => Self::KillParentAfterGrant,
+            "kill-parent-then-hang" => Self::KillParentThenHang,
             "fail-release" => Self::FailRelease,
             _ => return None,
         })
@@ -173,18 +191,24 @@ impl Fault {
             Self::Exit => "exit",
             Self::Hang => "hang",
             Self::GrantThenHang => "grant-then-hang",
+            Self::PrintThenHang => "print-then-hang",
+            Self::KillParentAfterGrant => "kill-parent-after-grant",
+            Self::KillParentThenHang => "kill-parent-then-hang",
             Self::FailRelease => "fail-release",
         }
     }
 }
 
-/// What the client must do: print, exit with a code, or hang.
+/// What the client must do: print, then maybe SIGKILL its parent, then exit with a
+/// code or hang.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Reply {
     stdout: String,
     stderr: String,
     exit: u8,
     hang: bool,
+    #[serde(default)]
+    kill_parent: bool,
 }
 
 impl Reply {
@@ -303,6 +327,9 @@ impl ClientArgs {
 }
 
 fn client(args: ClientArgs) -> ExitCode {
+    // Taken before any network wait, so a parent that dies meanwhile is not confused
+    // with whoever adopts this process.
+    let parent = nix::unistd::getppid();
     let reply = match exchange(&args) {
         Ok(reply) => reply,
         Err(e) => {
@@ -317,6 +344,9 @@ fn client(args: ClientArgs) -> ExitCode {
     let _ = std::io::stdout().write_all(reply.stdout.as_bytes());
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().write_all(reply.stderr.as_bytes());
+    if reply.kill_parent {
+        kill_parent(parent);
+    }
     if reply.hang {
         // Hang like a stuck SSGM would: only a signal ends this process.
         loop {
@@ -324,6 +354,21 @@ fn client(args: ClientArgs) -> ExitCode {
         }
     }
     ExitCode::from(reply.exit)
+}
+
+/// Sends SIGKILL to `parent`, the process this client started under, unless it is gone
+/// already: then `getppid()` names an adopter (init or a subreaper), which must live.
+fn kill_parent(parent: nix::unistd::Pid) {
+    use nix::sys::signal::{Signal, kill};
+
+    if parent.as_raw() <= 1 || nix::unistd::getppid() != parent {
+        eprintln!("mock-ssgm: parent {parent} is gone; not signalling anyone");
+        return;
+    }
+    eprintln!("mock-ssgm: injected SIGKILL of parent {parent}");
+    if let Err(e) = kill(parent, Signal::SIGKILL) {
+        eprintln!("mock-ssgm: cannot kill parent {parent}: {e}");
+    }
 }
 
 /// Sends the request and reads the reply.
@@ -632,6 +677,7 @@ impl State {
                     stderr: "mock-ssgm: injected failure after printing\n".to_owned(),
                     exit: 1,
                     hang: false,
+                    kill_parent: false,
                 }
             }
             Fault::Hang => Reply {
@@ -646,6 +692,19 @@ impl State {
                     ..Reply::default()
                 }
             }
+            Fault::PrintThenHang => Reply {
+                hang: true,
+                ..self.alloc_for_real(wanted, raw_gpus)
+            },
+            Fault::KillParentAfterGrant => Reply {
+                kill_parent: true,
+                ..self.alloc_for_real(wanted, raw_gpus)
+            },
+            Fault::KillParentThenHang => Reply {
+                kill_parent: true,
+                hang: true,
+                ..self.alloc_for_real(wanted, raw_gpus)
+            },
             Fault::FailRelease => unreachable!("release faults are not queued with alloc faults"),
         }
     }
@@ -799,6 +858,75 @@ mod tests {
         ));
         let a = ClientArgs::parse(&args("-S h -P 1 -inject clear")).expect("valid");
         assert!(matches!(a.request, Request::ClearFaults));
+    }
+
+    #[test]
+    fn every_fault_parses_from_its_own_name() {
+        for fault in [
+            Fault::Busy,
+            Fault::Error,
+            Fault::Garbage,
+            Fault::Empty,
+            Fault::Exit,
+            Fault::Hang,
+            Fault::GrantThenHang,
+            Fault::PrintThenHang,
+            Fault::KillParentAfterGrant,
+            Fault::KillParentThenHang,
+            Fault::FailRelease,
+        ] {
+            assert_eq!(Fault::parse(fault.name()), Some(fault), "{}", fault.name());
+            // The wire name is the command-line name.
+            let wire = serde_json::to_string(&fault).expect("a unit variant serialises");
+            assert_eq!(wire, format!("\"{}\"", fault.name()));
+        }
+        for (name, fault) in [
+            ("print-then-hang", Fault::PrintThenHang),
+            ("kill-parent-after-grant", Fault::KillParentAfterGrant),
+            ("kill-parent-then-hang", Fault::KillParentThenHang),
+        ] {
+            let a =
+                ClientArgs::parse(&args(&format!("-S h -P 1 -inject {name} -n 2"))).expect("valid");
+            assert!(
+                matches!(a.request, Request::Inject { fault: f, count: 2 } if f == fault),
+                "{name}: {:?}",
+                a.request
+            );
+        }
+    }
+
+    #[test]
+    fn printing_faults_print_the_real_answer_and_count_as_faults() {
+        let mut s = State::new(2, vec!["h".to_owned()]);
+        for fault in [
+            Fault::PrintThenHang,
+            Fault::KillParentAfterGrant,
+            Fault::KillParentThenHang,
+        ] {
+            s.apply(Request::Inject { fault, count: 1 });
+        }
+        let grant = "SSGM_ERROR=0;SSGM_JOB=1;RCUDA_DEVICE_COUNT=1;RCUDA_DEVICE_0=h:0;\n";
+        let r = s.alloc("1");
+        assert_eq!(
+            (r.stdout.as_str(), r.hang, r.kill_parent),
+            (grant, true, false)
+        );
+        let r = s.alloc("1");
+        assert!(r.stdout.starts_with("SSGM_ERROR=0;SSGM_JOB=2;"), "{r:?}");
+        assert_eq!((r.exit, r.hang, r.kill_parent), (0, false, true));
+        // No GPU is left: the fault still applies, to a busy answer.
+        let r = s.alloc("1");
+        assert_eq!(
+            (r.stdout.as_str(), r.hang, r.kill_parent),
+            ("SSGM_ERROR=2;\n", true, true)
+        );
+        let c = s.counters;
+        assert_eq!((c.faults_injected, c.granted, c.busy), (3, 2, 1));
+        assert_eq!(s.allocations.len(), 2);
+        // Used up: the next call is an ordinary one.
+        let r = s.alloc("1");
+        assert_eq!((r.hang, r.kill_parent), (false, false));
+        assert_eq!(s.counters.faults_injected, 3);
     }
 
     #[test]

@@ -3,11 +3,11 @@
 //! client ([`Ssgm`]), and the parser of SSGM's `-alloc` reply.
 //!
 //! Running SSGM lives in `ssgm`, reading its reply (pure) in `reply`. What a
-//! busy or refused allocation means for a job, and remembering which
-//! reservations are held, are left to the job pipeline and the journal.
+//! busy or refused allocation means for a job, retries, and remembering which
+//! reservations are held are left to `reservations`.
 
 mod reply;
 mod ssgm;
 
 pub use reply::{AllocReply, Grant, ReplyError, parse_alloc_reply};
-pub use ssgm::{GpuScheduler, SchedulerError, Ssgm, SsgmConfig};
+pub use ssgm::{CallFiles, GpuScheduler, KILL_GRACE, SchedulerError, Ssgm, SsgmConfig};

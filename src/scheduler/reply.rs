@@ -51,6 +51,19 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// The devices granted: the values of the `RCUDA_DEVICE_<i>` settings, in order.
+    #[must_use]
+    pub fn devices(&self) -> Vec<&str> {
+        self.settings
+            .iter()
+            .filter(|(name, _)| {
+                name.strip_prefix("RCUDA_DEVICE_")
+                    .is_some_and(|i| !i.is_empty() && i.chars().all(|c| c.is_ascii_digit()))
+            })
+            .map(|(_, value)| value.as_str())
+            .collect()
+    }
+
     /// The value of the first setting named `name`, if any.
     #[must_use]
     pub fn setting(&self, name: &str) -> Option<&str> {

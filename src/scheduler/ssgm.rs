@@ -3,27 +3,34 @@
 //!
 //! This module owns how SSGM is called: the exact argv (never a shell), the
 //! per-call timeout and the killing of a hung client and its process group,
-//! the capture of its output, the reading of the `-alloc` reply (through
-//! [`super::reply`]) and the retries of `-dealloc`. It does not decide what a
-//! busy or refused allocation means for a job, nor remember what is held: the
-//! job pipeline and the journal do.
+//! the capture of its output into files, the reading of the `-alloc` reply
+//! (through [`super::reply`]), and the settling of a client that a previous
+//! run of orchgpu left behind. It makes one attempt per call: retries, what a
+//! busy or refused allocation means for a job, and remembering what is held
+//! belong to `reservations`.
+//!
+//! An `-alloc` client writes its stdout and stderr into the files the caller
+//! names ([`CallFiles`], in the state directory), not into a pipe, and runs in
+//! its own process group: if orchgpu dies while the client runs, the client
+//! finishes (or hangs) on its own and its reply stays on disk, where the next
+//! start reads it ([`GpuScheduler::settle_orphan`]).
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
 use super::reply::{
     AllocReply, ReplyError, find_granted_job_id, parse_alloc_reply, truncate_chars,
 };
 
-/// The most bytes kept of each of a call's stdout and stderr; the rest is read and dropped.
-pub const OUTPUT_CAP: usize = 64 * 1024;
+/// The most bytes read of each of a call's stdout and stderr; the rest is ignored.
+pub(crate) const OUTPUT_CAP: usize = 64 * 1024;
 
 /// How long a timed-out call gets between SIGTERM and SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -31,23 +38,69 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How many characters of SSGM's output an error keeps.
 const ERROR_OUTPUT_MAX_CHARS: usize = 300;
 
+/// How often a client left by a previous run is checked for having exited.
+const ORPHAN_POLL: Duration = Duration::from_millis(200);
+
+/// Where one `-alloc` call writes its output. The files outlive orchgpu: they are how
+/// a reply printed while orchgpu was being killed is found again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFiles {
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl CallFiles {
+    /// The two files of call `id` in `dir`.
+    pub fn in_dir(dir: &Path, id: &str) -> CallFiles {
+        CallFiles {
+            stdout: dir.join(format!("{id}.out")),
+            stderr: dir.join(format!("{id}.err")),
+        }
+    }
+
+    /// Removes both files; ones already gone are fine.
+    pub fn remove(&self) {
+        for path in [&self.stdout, &self.stderr] {
+            if let Err(e) = std::fs::remove_file(path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "Cannot remove an SSGM output file.");
+            }
+        }
+    }
+}
+
 /// What the daemon needs from a GPU scheduler.
 ///
 /// The daemon is generic over it (`S: GpuScheduler + Send + Sync + 'static`),
 /// so tests can put a fake in place of [`Ssgm`].
 pub trait GpuScheduler {
-    /// Asks for `gpus` GPUs for one job.
+    /// Asks for `gpus` GPUs for one job, once; the client's output goes to `call`.
     ///
     /// `Ok` carries the scheduler's answer, which may be a refusal
     /// ([`AllocReply::Busy`], [`AllocReply::RequestError`]); `Err` means no
-    /// answer could be had.
-    fn alloc(&self, gpus: u32) -> impl Future<Output = Result<AllocReply, SchedulerError>> + Send;
+    /// answer could be had. [`SchedulerError::StrayGrant`] means the call failed
+    /// although the scheduler printed a grant: that job must be released.
+    fn alloc(
+        &self,
+        gpus: u32,
+        call: &CallFiles,
+    ) -> impl Future<Output = Result<AllocReply, SchedulerError>> + Send;
 
-    /// Gives back the GPUs held for `scheduler_job_id`.
+    /// Gives back the GPUs held for `scheduler_job_id`, once.
     fn dealloc(
         &self,
         scheduler_job_id: &str,
     ) -> impl Future<Output = Result<(), SchedulerError>> + Send;
+
+    /// Settles an `-alloc` call that a previous run started at `started` and never
+    /// finished reading: waits until the call's timeout has passed if its client still
+    /// runs, kills it, and returns the scheduler job id its output shows granted.
+    fn settle_orphan(
+        &self,
+        call: &CallFiles,
+        started: SystemTime,
+    ) -> impl Future<Output = Option<String>> + Send;
 }
 
 /// How to reach the scheduler through SSGM, and how patient to be with it.
@@ -61,30 +114,28 @@ pub struct SsgmConfig {
     pub port: u16,
     /// How long one SSGM run may take before it is killed.
     pub call_timeout: Duration,
-    /// How many times `-dealloc` is tried before giving up (at least once).
-    pub release_attempts: u32,
-    /// Pause before the second `-dealloc` attempt; it doubles after each failure.
-    pub release_retry_delay: Duration,
+    /// Where the output of `-dealloc` runs goes (temporary files).
+    pub scratch_dir: PathBuf,
 }
 
 impl SsgmConfig {
     /// Default for [`SsgmConfig::call_timeout`].
     pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-    /// Default for [`SsgmConfig::release_attempts`].
-    pub const DEFAULT_RELEASE_ATTEMPTS: u32 = 3;
-    /// Default for [`SsgmConfig::release_retry_delay`].
-    pub const DEFAULT_RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
-    /// A configuration with the default timeout and release retries.
+    /// A configuration with the default timeout and the temp dir as scratch.
     pub fn new(program: impl Into<PathBuf>, host: impl Into<String>, port: u16) -> Self {
         Self {
             program: program.into(),
             host: host.into(),
             port,
             call_timeout: Self::DEFAULT_CALL_TIMEOUT,
-            release_attempts: Self::DEFAULT_RELEASE_ATTEMPTS,
-            release_retry_delay: Self::DEFAULT_RELEASE_RETRY_DELAY,
+            scratch_dir: std::env::temp_dir(),
         }
+    }
+
+    /// The longest one call can take: its timeout, then the kill grace.
+    pub fn worst_call(&self) -> Duration {
+        self.call_timeout + KILL_GRACE
     }
 }
 
@@ -128,30 +179,28 @@ pub enum SchedulerError {
         /// The stdout, trimmed and cut to about 300 characters.
         stdout: String,
     },
-    /// Every `-dealloc` attempt failed.
-    #[error("failed to release scheduler job {job} after {attempts} attempts")]
-    ReleaseFailed {
-        /// The scheduler job id that may still hold GPUs.
+    /// `-alloc` failed (for the reason in `source`) after its output showed a grant:
+    /// the scheduler may hold GPUs for `job`, which must be released.
+    #[error("ssgm -alloc failed after granting scheduler job {job}")]
+    StrayGrant {
+        /// The scheduler job id the output named.
         job: String,
-        /// How many attempts were made.
-        attempts: u32,
-        /// The error of the last attempt.
+        /// Why the call is not a grant.
         #[source]
-        last: Box<SchedulerError>,
+        source: Box<SchedulerError>,
     },
-    /// Reading SSGM's output or waiting for it failed.
-    #[error("failed to wait for ssgm")]
-    Wait(#[source] std::io::Error),
+    /// Creating, writing or reading SSGM's output files, or waiting for it, failed.
+    #[error("failed to run ssgm")]
+    Io(#[source] std::io::Error),
 }
 
 impl SchedulerError {
-    /// Whether SSGM was killed for taking too long (for a failed release,
-    /// whether its last attempt was).
+    /// Whether SSGM was killed for taking too long.
     #[must_use]
     pub fn is_timeout(&self) -> bool {
         match self {
             Self::Timeout { .. } => true,
-            Self::ReleaseFailed { last, .. } => last.is_timeout(),
+            Self::StrayGrant { source, .. } => source.is_timeout(),
             _ => false,
         }
     }
@@ -170,38 +219,29 @@ impl Ssgm {
         Self { config }
     }
 
-    /// The configuration this client runs with.
-    #[must_use]
-    pub fn config(&self) -> &SsgmConfig {
-        &self.config
-    }
-
-    /// Runs `<program> -S <host> -P <port> -alloc -g <gpus>` once.
+    /// Runs `<program> -S <host> -P <port> -alloc -g <gpus>` once, its output going
+    /// to `call`.
     ///
     /// A non-zero exit is never taken as a grant, even when stdout holds a
-    /// well-formed reply: it is returned as [`SchedulerError::Failed`]. The
-    /// scheduler may still hold GPUs for a job whose grant was printed, so
-    /// whenever the call does not return a grant but its stdout shows one (a
-    /// non-zero exit, a call killed at the timeout after printing, a reply
-    /// broken after its job id), that job is released before returning, best
-    /// effort and logged.
+    /// well-formed reply. Whenever the call does not return a grant but its
+    /// stdout shows one (a non-zero exit, a call killed at the timeout after
+    /// printing, a reply broken after its job id), the error is
+    /// [`SchedulerError::StrayGrant`], naming the job to release.
     ///
     /// # Errors
     ///
     /// [`SchedulerError::Spawn`], [`SchedulerError::Timeout`],
-    /// [`SchedulerError::Failed`], [`SchedulerError::BadReply`] or
-    /// [`SchedulerError::Wait`].
+    /// [`SchedulerError::Failed`], [`SchedulerError::BadReply`],
+    /// [`SchedulerError::StrayGrant`] or [`SchedulerError::Io`].
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future kills SSGM's process group. If the scheduler had
-    /// already granted GPUs, their job id is never learnt and they stay held
-    /// until the scheduler reclaims them, so do not race this future against
-    /// anything but shutdown.
-    pub async fn alloc(&self, gpus: u32) -> Result<AllocReply, SchedulerError> {
+    /// Dropping the future kills SSGM's process group; whatever it printed
+    /// stays in `call`'s files.
+    pub async fn alloc(&self, gpus: u32, call: &CallFiles) -> Result<AllocReply, SchedulerError> {
         const ACTION: &str = "-alloc";
         let gpus = gpus.to_string();
-        let (stdout, error) = match self.run(ACTION, &[ACTION, "-g", &gpus]).await? {
+        let (stdout, error) = match self.run(ACTION, &[ACTION, "-g", &gpus], call).await? {
             Outcome::TimedOut { stdout } => {
                 let error = SchedulerError::Timeout {
                     action: ACTION,
@@ -224,62 +264,44 @@ impl Ssgm {
                 }
             },
         };
-        if let Some(job) = find_granted_job_id(&stdout) {
-            tracing::warn!(
-                scheduler_job = %job,
-                error = %error,
-                "Allocation failed after printing a grant, releasing it."
-            );
-            self.release_stray(job).await;
-        }
-        Err(error)
+        Err(match find_granted_job_id(&stdout) {
+            Some(job) => SchedulerError::StrayGrant {
+                job: job.to_owned(),
+                source: Box::new(error),
+            },
+            None => error,
+        })
     }
 
-    /// Runs `<program> -S <host> -P <port> -dealloc -j <id>` until it exits 0,
-    /// at most [`SsgmConfig::release_attempts`] times, pausing
-    /// [`SsgmConfig::release_retry_delay`] (doubled after each failure) between
-    /// attempts.
+    /// Runs `<program> -S <host> -P <port> -dealloc -j <id>` once; success is exit
+    /// status 0.
     ///
     /// # Errors
     ///
-    /// [`SchedulerError::ReleaseFailed`] with the last attempt's error.
+    /// [`SchedulerError::Spawn`], [`SchedulerError::Timeout`],
+    /// [`SchedulerError::Failed`] or [`SchedulerError::Io`].
     ///
     /// # Cancel safety
     ///
     /// Dropping the future kills a running attempt; the job may or may not
     /// have been released, and releasing it again is the way to find out.
     pub async fn dealloc(&self, scheduler_job_id: &str) -> Result<(), SchedulerError> {
-        let attempts = self.config.release_attempts.max(1);
-        let mut delay = self.config.release_retry_delay;
-        let mut attempt = 1;
-        loop {
-            let error = match self.dealloc_once(scheduler_job_id).await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            tracing::warn!(
-                scheduler_job = %scheduler_job_id,
-                attempt,
-                error = %error,
-                "Release attempt failed."
-            );
-            if attempt >= attempts {
-                return Err(SchedulerError::ReleaseFailed {
-                    job: scheduler_job_id.to_owned(),
-                    attempts,
-                    last: Box::new(error),
-                });
-            }
-            tokio::time::sleep(delay).await;
-            delay = delay.saturating_mul(2);
-            attempt += 1;
-        }
-    }
-
-    /// One `-dealloc` run; success is exit status 0.
-    async fn dealloc_once(&self, scheduler_job_id: &str) -> Result<(), SchedulerError> {
         const ACTION: &str = "-dealloc";
-        match self.run(ACTION, &[ACTION, "-j", scheduler_job_id]).await? {
+        let scratch = |what| {
+            tempfile::Builder::new()
+                .prefix(&format!("ssgm-dealloc-{what}-"))
+                .tempfile_in(&self.config.scratch_dir)
+                .map_err(SchedulerError::Io)
+        };
+        let (stdout, stderr) = (scratch("out")?, scratch("err")?);
+        let files = CallFiles {
+            stdout: stdout.path().to_path_buf(),
+            stderr: stderr.path().to_path_buf(),
+        };
+        match self
+            .run(ACTION, &[ACTION, "-j", scheduler_job_id], &files)
+            .await?
+        {
             Outcome::Exited(out) if out.status.success() => Ok(()),
             Outcome::Exited(out) => Err(out.into_failed(ACTION)),
             Outcome::TimedOut { .. } => Err(SchedulerError::Timeout {
@@ -289,23 +311,54 @@ impl Ssgm {
         }
     }
 
-    /// Releases a job nobody else knows about; failures are only logged.
-    async fn release_stray(&self, scheduler_job_id: &str) {
-        match self.dealloc(scheduler_job_id).await {
-            Ok(()) => tracing::info!(scheduler_job = %scheduler_job_id, "Released stray grant."),
-            Err(e) => tracing::error!(
-                scheduler_job = %scheduler_job_id,
-                error = %e,
-                "Failed to release stray grant, the scheduler may still hold its GPUs."
-            ),
+    /// See [`GpuScheduler::settle_orphan`]. The client is recognised by the file its
+    /// stdout is open on, which no other process has open: a reused pid cannot fool it.
+    pub async fn settle_orphan(&self, call: &CallFiles, started: SystemTime) -> Option<String> {
+        let clients = processes_writing_to(&call.stdout);
+        if !clients.is_empty() {
+            let deadline = started + self.config.call_timeout;
+            let left = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tracing::warn!(
+                pids = ?clients.iter().map(|p| p.as_raw()).collect::<Vec<_>>(),
+                stdout = %call.stdout.display(),
+                wait_ms = left.as_millis() as u64,
+                "An SSGM client left by a previous run still runs; waiting out its timeout."
+            );
+            let until = tokio::time::Instant::now() + left;
+            while tokio::time::Instant::now() < until && clients.iter().any(|p| is_running(*p)) {
+                tokio::time::sleep(ORPHAN_POLL.min(until - tokio::time::Instant::now())).await;
+            }
+            for pid in clients.iter().filter(|p| is_running(**p)) {
+                let group = GroupGuard { pgid: Some(*pid) };
+                group.signal(Signal::SIGTERM);
+                let until = tokio::time::Instant::now() + KILL_GRACE;
+                while is_running(*pid) && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(ORPHAN_POLL).await;
+                }
+                group.signal(Signal::SIGKILL);
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    "Killed an SSGM client left by a previous run."
+                );
+            }
         }
+        let stdout = read_capped(&call.stdout).unwrap_or_default();
+        find_granted_job_id(&stdout).map(str::to_owned)
     }
 
-    /// Runs SSGM with `-S <host> -P <port>` and then `args`, capturing its
-    /// output, killing its process group if it outlives the call timeout.
-    async fn run(&self, action: &'static str, args: &[&str]) -> Result<Outcome, SchedulerError> {
+    /// Runs SSGM with `-S <host> -P <port>` and then `args`, its output going to
+    /// `files`, killing its process group if it outlives the call timeout.
+    async fn run(
+        &self,
+        action: &'static str,
+        args: &[&str],
+        files: &CallFiles,
+    ) -> Result<Outcome, SchedulerError> {
         let config = &self.config;
         let started = Instant::now();
+        let create = |path: &Path| std::fs::File::create(path).map_err(SchedulerError::Io);
         let mut command = Command::new(&config.program);
         command
             .arg("-S")
@@ -314,8 +367,8 @@ impl Ssgm {
             .arg(config.port.to_string())
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(create(&files.stdout)?)
+            .stderr(create(&files.stderr)?)
             // Its own process group, so a timeout can signal whatever SSGM
             // forks, and a terminal's Ctrl-C (sent to orchgpu's foreground group)
             // does not kill an in-flight release. Under systemd this needs
@@ -327,34 +380,18 @@ impl Ssgm {
             source,
         })?;
         let group = GroupGuard::new(&child);
-        let stdout = child.stdout.take().expect("stdout was set to piped");
-        let stderr = child.stderr.take().expect("stderr was set to piped");
-
-        let mut out_buf = Vec::new();
-        let mut err_buf = Vec::new();
-        // Output is read while waiting, so a chatty SSGM never blocks on a full
-        // pipe. Reading runs to end-of-file, so a forked helper that keeps the
-        // pipes open counts as hung and is killed with the group.
-        let finished = tokio::time::timeout(config.call_timeout, async {
-            let (status, out, err) = tokio::join!(
-                child.wait(),
-                read_capped(stdout, &mut out_buf),
-                read_capped(stderr, &mut err_buf),
-            );
-            out.and(err).and(status)
-        })
-        .await;
-
+        let finished = tokio::time::timeout(config.call_timeout, child.wait()).await;
+        let read = |path: &Path| read_capped(path).map_err(SchedulerError::Io);
         let outcome = match finished {
             Ok(Ok(status)) => Outcome::Exited(Output {
                 status,
-                stdout: String::from_utf8_lossy(&out_buf).into_owned(),
-                stderr: String::from_utf8_lossy(&err_buf).into_owned(),
+                stdout: read(&files.stdout)?,
+                stderr: read(&files.stderr)?,
             }),
             Ok(Err(e)) => {
                 group.kill(&mut child).await;
                 group.disarm();
-                return Err(SchedulerError::Wait(e));
+                return Err(SchedulerError::Io(e));
             }
             Err(_elapsed) => {
                 tracing::warn!(
@@ -364,7 +401,7 @@ impl Ssgm {
                 );
                 group.terminate(&mut child).await;
                 Outcome::TimedOut {
-                    stdout: String::from_utf8_lossy(&out_buf).into_owned(),
+                    stdout: read(&files.stdout)?,
                 }
             }
         };
@@ -384,12 +421,16 @@ impl Ssgm {
 }
 
 impl GpuScheduler for Ssgm {
-    async fn alloc(&self, gpus: u32) -> Result<AllocReply, SchedulerError> {
-        Ssgm::alloc(self, gpus).await
+    async fn alloc(&self, gpus: u32, call: &CallFiles) -> Result<AllocReply, SchedulerError> {
+        Ssgm::alloc(self, gpus, call).await
     }
 
     async fn dealloc(&self, scheduler_job_id: &str) -> Result<(), SchedulerError> {
         Ssgm::dealloc(self, scheduler_job_id).await
+    }
+
+    async fn settle_orphan(&self, call: &CallFiles, started: SystemTime) -> Option<String> {
+        Ssgm::settle_orphan(self, call, started).await
     }
 }
 
@@ -428,17 +469,42 @@ impl Output {
     }
 }
 
-/// Reads `reader` to end-of-file, keeping the first [`OUTPUT_CAP`] bytes in `buf`.
-async fn read_capped(mut reader: impl AsyncRead + Unpin, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    // On the heap, so the futures that embed this one stay small.
-    let mut chunk = vec![0u8; 8192];
-    loop {
-        let n = reader.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
+/// The first [`OUTPUT_CAP`] bytes of a file, as text; a missing file reads as empty.
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    match std::fs::File::open(path) {
+        Ok(file) => {
+            file.take(OUTPUT_CAP as u64).read_to_end(&mut buf)?;
         }
-        let room = OUTPUT_CAP.saturating_sub(buf.len());
-        buf.extend_from_slice(&chunk[..n.min(room)]);
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The processes whose stdout is `path`.
+fn processes_writing_to(path: &Path) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|target| target == path)
+        })
+        .map(Pid::from_raw)
+        .collect()
+}
+
+/// Whether `pid` is a live process (a zombie counts as dead).
+fn is_running(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
     }
 }
 
@@ -674,10 +740,14 @@ esac
             host: state.path().to_str().expect("utf-8 temp path").to_owned(),
             port: 7000,
             call_timeout,
-            release_attempts: 3,
-            release_retry_delay: Duration::from_millis(20),
+            scratch_dir: state.path().to_path_buf(),
         };
         (Ssgm::new(config), state)
+    }
+
+    /// The output files of one `-alloc` call in `state`.
+    fn call(state: &tempfile::TempDir) -> CallFiles {
+        CallFiles::in_dir(state.path(), "call-1")
     }
 
     fn read(path: impl AsRef<Path>) -> String {
@@ -716,7 +786,7 @@ esac
     #[tokio::test]
     async fn alloc_passes_exact_argv_and_parses_grant() {
         let (ssgm, state) = fake("grant", Duration::from_secs(10));
-        let reply = ssgm.alloc(2).await.expect("granted");
+        let reply = ssgm.alloc(2, &call(&state)).await.expect("granted");
         assert_eq!(
             reply,
             AllocReply::Granted(Grant {
@@ -749,18 +819,23 @@ esac
     #[tokio::test]
     async fn works_through_the_trait() {
         async fn via<S: GpuScheduler + Send + Sync + 'static>(s: S) -> AllocReply {
-            let fut = tokio::spawn(async move { s.alloc(1).await });
+            let files = CallFiles::in_dir(&std::env::temp_dir(), "orchgpu-trait-test");
+            let fut = tokio::spawn(async move { s.alloc(1, &files).await });
             fut.await.expect("task").expect("reply")
         }
-        let (ssgm, _state) = fake("busy", Duration::from_secs(10));
+        let (ssgm, state) = fake("busy", Duration::from_secs(10));
         assert_eq!(via(ssgm).await, AllocReply::Busy);
+        drop(state);
     }
 
     #[tokio::test]
     async fn hung_alloc_is_killed_at_the_timeout() {
         let (ssgm, state) = fake("sleep", Duration::from_millis(500));
         let started = Instant::now();
-        let err = ssgm.alloc(1).await.expect_err("must time out");
+        let err = ssgm
+            .alloc(1, &call(&state))
+            .await
+            .expect_err("must time out");
         let elapsed = started.elapsed();
         assert!(err.is_timeout(), "{err:?}");
         assert_eq!(
@@ -778,7 +853,8 @@ esac
     #[tokio::test]
     async fn dropping_the_call_kills_the_process_group() {
         let (ssgm, state) = fake("sleep", Duration::from_secs(30));
-        let cancelled = tokio::time::timeout(Duration::from_millis(500), ssgm.alloc(1)).await;
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(500), ssgm.alloc(1, &call(&state))).await;
         assert!(cancelled.is_err(), "{cancelled:?}");
         assert_dies(state.path(), &["pid", "child"]).await;
     }
@@ -787,7 +863,10 @@ esac
     async fn term_ignoring_alloc_is_killed_after_the_grace() {
         let (ssgm, state) = fake("ignore-term", Duration::from_millis(300));
         let started = Instant::now();
-        let err = ssgm.alloc(1).await.expect_err("must time out");
+        let err = ssgm
+            .alloc(1, &call(&state))
+            .await
+            .expect_err("must time out");
         let elapsed = started.elapsed();
         assert!(err.is_timeout(), "{err:?}");
         assert!(
@@ -803,8 +882,8 @@ esac
 
     #[tokio::test]
     async fn failing_alloc_reports_status_and_stderr() {
-        let (ssgm, _state) = fake("boom", Duration::from_secs(10));
-        let err = ssgm.alloc(1).await.expect_err("must fail");
+        let (ssgm, state) = fake("boom", Duration::from_secs(10));
+        let err = ssgm.alloc(1, &call(&state)).await.expect_err("must fail");
         let SchedulerError::Failed {
             action,
             status,
@@ -825,8 +904,8 @@ esac
 
     #[tokio::test]
     async fn silent_failure_says_no_output() {
-        let (ssgm, _state) = fake("exit-1-silent", Duration::from_secs(10));
-        let err = ssgm.alloc(1).await.expect_err("must fail");
+        let (ssgm, state) = fake("exit-1-silent", Duration::from_secs(10));
+        let err = ssgm.alloc(1, &call(&state)).await.expect_err("must fail");
         assert!(
             matches!(&err, SchedulerError::Failed { stderr, .. } if stderr == "no output"),
             "{err:?}"
@@ -834,37 +913,51 @@ esac
     }
 
     #[tokio::test]
-    async fn failed_alloc_that_printed_a_grant_is_released() {
+    async fn failed_alloc_that_printed_a_grant_names_it() {
         let (ssgm, state) = fake("grant-exit-1", Duration::from_secs(10));
         let err = ssgm
-            .alloc(1)
+            .alloc(1, &call(&state))
             .await
             .expect_err("non-zero exit is never a grant");
+        let SchedulerError::StrayGrant { job, source } = &err else {
+            panic!("expected StrayGrant, got {err:?}");
+        };
+        assert_eq!(job, "77");
         assert!(
-            matches!(&err, SchedulerError::Failed { stderr, .. }
+            matches!(&**source, SchedulerError::Failed { stderr, .. }
                 if stderr.starts_with("stdout: SSGM_ERROR=0;SSGM_JOB=77;")),
             "{err:?}"
         );
-        let dealloc = read(state.path().join("dealloc"));
-        assert!(dealloc.ends_with("-dealloc\n-j\n77\n"), "{dealloc}");
     }
 
     #[tokio::test]
-    async fn timed_out_alloc_that_printed_a_grant_is_released() {
+    async fn timed_out_alloc_that_printed_a_grant_names_it() {
         let (ssgm, state) = fake("grant-then-hang", Duration::from_millis(500));
-        let err = ssgm.alloc(1).await.expect_err("must time out");
+        let err = ssgm
+            .alloc(1, &call(&state))
+            .await
+            .expect_err("must time out");
         assert!(err.is_timeout(), "{err:?}");
-        let dealloc = read(state.path().join("dealloc"));
-        assert!(dealloc.ends_with("-dealloc\n-j\n78\n"), "{dealloc}");
+        assert!(
+            matches!(&err, SchedulerError::StrayGrant { job, .. } if job == "78"),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
-    async fn broken_reply_with_a_job_id_is_released() {
+    async fn broken_reply_with_a_job_id_names_it() {
         let (ssgm, state) = fake("grant-broken", Duration::from_secs(10));
-        let err = ssgm.alloc(1).await.expect_err("broken reply");
+        let err = ssgm
+            .alloc(1, &call(&state))
+            .await
+            .expect_err("broken reply");
+        let SchedulerError::StrayGrant { job, source } = &err else {
+            panic!("expected StrayGrant, got {err:?}");
+        };
+        assert_eq!(job, "79");
         assert!(
             matches!(
-                &err,
+                &**source,
                 SchedulerError::BadReply {
                     source: ReplyError::NoEquals { index: 2, .. },
                     ..
@@ -872,14 +965,12 @@ esac
             ),
             "{err:?}"
         );
-        let dealloc = read(state.path().join("dealloc"));
-        assert!(dealloc.ends_with("-dealloc\n-j\n79\n"), "{dealloc}");
     }
 
     #[tokio::test]
     async fn unreadable_reply_is_bad_reply() {
-        let (ssgm, _state) = fake("garbage", Duration::from_secs(10));
-        let err = ssgm.alloc(1).await.expect_err("garbage");
+        let (ssgm, state) = fake("garbage", Duration::from_secs(10));
+        let err = ssgm.alloc(1, &call(&state)).await.expect_err("garbage");
         let SchedulerError::BadReply { source, stdout } = &err else {
             panic!("expected BadReply, got {err:?}");
         };
@@ -888,57 +979,126 @@ esac
     }
 
     #[tokio::test]
-    async fn dealloc_is_retried_until_it_succeeds() {
-        let (ssgm, state) = fake("fail-twice", Duration::from_secs(10));
-        ssgm.dealloc("9").await.expect("third attempt succeeds");
-        assert_eq!(read(state.path().join("count")).trim(), "3");
-    }
-
-    #[tokio::test]
-    async fn dealloc_gives_up_after_the_attempts() {
+    async fn dealloc_is_one_attempt_with_its_stderr() {
         let (ssgm, state) = fake("always-fail", Duration::from_secs(10));
-        let started = Instant::now();
-        let err = ssgm.dealloc("9").await.expect_err("never succeeds");
-        assert_eq!(read(state.path().join("count")).trim(), "3");
-        // Delays are 20 ms then 40 ms.
-        assert!(started.elapsed() >= Duration::from_millis(60));
-        let SchedulerError::ReleaseFailed {
-            job,
-            attempts,
-            last,
-        } = &err
-        else {
-            panic!("expected ReleaseFailed, got {err:?}");
-        };
-        assert_eq!(job, "9");
-        assert_eq!(*attempts, 3);
+        let err = ssgm.dealloc("9").await.expect_err("fails");
+        assert_eq!(read(state.path().join("count")).trim(), "1");
         assert!(
-            matches!(&**last, SchedulerError::Failed { stderr, .. } if stderr == "no such job"),
-            "{last:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "failed to release scheduler job 9 after 3 attempts"
+            matches!(&err, SchedulerError::Failed { action: "-dealloc", stderr, .. } if stderr == "no such job"),
+            "{err:?}"
         );
         assert!(!err.is_timeout());
     }
 
     #[tokio::test]
     async fn dealloc_timeouts_are_reported_as_such() {
-        let (mut ssgm, _state) = fake("sleep", Duration::from_millis(200));
-        ssgm.config.release_attempts = 1;
+        let (ssgm, _state) = fake("sleep", Duration::from_millis(200));
         let err = ssgm.dealloc("9").await.expect_err("hangs");
         assert!(
-            matches!(&err, SchedulerError::ReleaseFailed { attempts: 1, .. }),
+            matches!(
+                &err,
+                SchedulerError::Timeout {
+                    action: "-dealloc",
+                    ..
+                }
+            ),
             "{err:?}"
         );
         assert!(err.is_timeout());
     }
 
     #[tokio::test]
+    async fn dealloc_leaves_no_scratch_files() {
+        let (ssgm, state) = fake("grant", Duration::from_secs(10));
+        ssgm.dealloc("1").await.expect("released");
+        let left: Vec<_> = std::fs::read_dir(state.path())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ssgm-dealloc"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// Starts `script` the way a killed orchgpu would have left it: in its own process
+    /// group, its output going to `files`, not our child to wait for.
+    fn start_orphan(
+        script: &str,
+        state: &tempfile::TempDir,
+        files: &CallFiles,
+    ) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(scripts().join(script))
+            .args([
+                "-S",
+                state.path().to_str().expect("utf-8"),
+                "-P",
+                "1",
+                "-alloc",
+                "-g",
+                "1",
+            ])
+            .stdout(std::fs::File::create(&files.stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&files.stderr).expect("stderr file"))
+            .process_group(0)
+            .spawn()
+            .expect("spawn orphan")
+    }
+
+    #[tokio::test]
+    async fn a_finished_orphan_call_gives_its_grant() {
+        let (ssgm, state) = fake("grant", Duration::from_secs(10));
+        let files = call(&state);
+        let mut child = start_orphan("grant", &state, &files);
+        child.wait().expect("wait");
+        let started = SystemTime::now();
+        let job = ssgm.settle_orphan(&files, started).await;
+        assert_eq!(job.as_deref(), Some("42"));
+    }
+
+    #[tokio::test]
+    async fn a_hung_orphan_is_waited_out_then_killed_and_its_grant_read() {
+        let (ssgm, state) = fake("grant-then-hang", Duration::from_millis(800));
+        let files = call(&state);
+        let started = SystemTime::now();
+        let mut child = start_orphan("grant-then-hang", &state, &files);
+        // Give it time to print before it is looked at.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let timer = Instant::now();
+        let job = ssgm.settle_orphan(&files, started).await;
+        assert_eq!(job.as_deref(), Some("78"));
+        let elapsed = timer.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(500),
+            "not waited out: {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_millis(800) + KILL_GRACE,
+            "{elapsed:?}"
+        );
+        // Killed: reaping it returns at once with a signal.
+        let status = child.wait().expect("wait");
+        assert!(status.code().is_none(), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn an_orphan_call_without_output_gives_nothing() {
+        let (ssgm, state) = fake("busy", Duration::from_secs(1));
+        let files = call(&state);
+        assert_eq!(ssgm.settle_orphan(&files, SystemTime::now()).await, None);
+        let mut child = start_orphan("busy", &state, &files);
+        child.wait().expect("wait");
+        assert_eq!(ssgm.settle_orphan(&files, SystemTime::now()).await, None);
+    }
+
+    #[tokio::test]
     async fn missing_program_is_spawn_error() {
+        let state = tempfile::tempdir().expect("state dir");
         let config = SsgmConfig::new("/nonexistent/ssgm", "localhost", 1);
-        let err = Ssgm::new(config).alloc(1).await.expect_err("cannot start");
+        let err = Ssgm::new(config)
+            .alloc(1, &call(&state))
+            .await
+            .expect_err("cannot start");
         assert!(
             matches!(&err, SchedulerError::Spawn { program, source }
                 if program == Path::new("/nonexistent/ssgm")
@@ -950,16 +1110,16 @@ esac
 
     #[tokio::test]
     async fn megabytes_of_output_do_not_hang() {
-        let (ssgm, _state) = fake("chatty", Duration::from_secs(20));
-        let err = ssgm.alloc(1).await.expect_err("not a reply");
+        let (ssgm, state) = fake("chatty", Duration::from_secs(20));
+        let err = ssgm.alloc(1, &call(&state)).await.expect_err("not a reply");
         let SchedulerError::BadReply { stdout, .. } = &err else {
             panic!("expected BadReply, got {err:?}");
         };
         assert!(stdout.starts_with("xxx") && stdout.ends_with('…'));
         assert_eq!(stdout.chars().count(), ERROR_OUTPUT_MAX_CHARS + 1);
 
-        let (ssgm, _state) = fake("chatty-fail", Duration::from_secs(20));
-        let err = ssgm.alloc(1).await.expect_err("exit 1");
+        let (ssgm, state) = fake("chatty-fail", Duration::from_secs(20));
+        let err = ssgm.alloc(1, &call(&state)).await.expect_err("exit 1");
         assert!(
             matches!(&err, SchedulerError::Failed { stderr, .. }
                 if stderr.starts_with("yyy") && stderr.chars().count() == ERROR_OUTPUT_MAX_CHARS + 1),
@@ -967,11 +1127,12 @@ esac
         );
     }
 
-    #[tokio::test]
-    async fn read_capped_keeps_the_head_and_drains_the_rest() {
-        let data = vec![b'a'; OUTPUT_CAP * 3 + 5];
-        let mut buf = Vec::new();
-        read_capped(&data[..], &mut buf).await.expect("read");
-        assert_eq!(buf.len(), OUTPUT_CAP);
+    #[test]
+    fn read_capped_keeps_the_head() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("out");
+        std::fs::write(&path, vec![b'a'; OUTPUT_CAP * 3 + 5]).expect("write");
+        assert_eq!(read_capped(&path).expect("read").len(), OUTPUT_CAP);
+        assert_eq!(read_capped(&dir.path().join("missing")).expect("read"), "");
     }
 }

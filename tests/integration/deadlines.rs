@@ -19,9 +19,17 @@ async fn result_deadline_releases_gpus_and_returns_the_message() -> Result<()> {
     )?;
     stack.upload("never.png", b"nobody answers").await?;
 
-    stack
-        .wait_for_log(daemon, "no result at s3://", 1, Duration::from_secs(60))
-        .await?;
+    // The function never answers, so GPUs given back before any signal were given back
+    // by the result deadline.
+    wait_for(
+        "the deadline to release the GPUs",
+        Duration::from_secs(60),
+        || async {
+            let released = ssgm.stat("released")?;
+            Ok((released >= 1).then_some(()))
+        },
+    )
+    .await?;
     stack
         .wait_for_log(
             daemon,

@@ -1,5 +1,6 @@
 //! The deployment files stay true to the binary: the systemd unit passes
-//! `systemd-analyze verify`, its stop timeout covers the shutdown grace period, and the
+//! `systemd-analyze verify`, its start and stop timeouts cover the worst cases the flags
+//! of the env example allow (`Config::start_budget`, `stop_budget`), and the
 //! example environment file lists every `ORCHGPU_*` variable that `orchgpu --help` does.
 
 use std::collections::BTreeSet;
@@ -32,22 +33,6 @@ fn help_env_vars(help: &str) -> BTreeSet<String> {
                 .collect()
         })
         .collect()
-}
-
-/// The default the help text gives for `--option`, in seconds.
-fn help_default_secs(help: &str, option: &str) -> Result<u64> {
-    let start = help
-        .find(&format!("--{option} "))
-        .with_context(|| format!("--{option} is not in --help"))?;
-    let rest = &help[start..];
-    let at = rest
-        .find("[default: ")
-        .with_context(|| format!("--{option} has no default"))?;
-    let value: String = rest[at + "[default: ".len()..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    Ok(value.parse()?)
 }
 
 /// `NAME=` or `#NAME=` at the start of a line.
@@ -91,11 +76,47 @@ fn env_example_lists_every_option_of_help() -> Result<()> {
     Ok(())
 }
 
+/// The configuration the env example gives, as the daemon would build it; the required
+/// settings the example leaves empty get placeholders.
+fn example_config() -> Result<orchgpu::cli::Config> {
+    let example = std::fs::read_to_string(repo_path(ENV_EXAMPLE))?;
+    let mut args = vec!["orchgpu".to_owned()];
+    let mut set = BTreeSet::new();
+    for line in example.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some(option) = name.strip_prefix("ORCHGPU_") else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"');
+        if value.is_empty() {
+            continue;
+        }
+        let flag = format!("--{}", option.to_ascii_lowercase().replace('_', "-"));
+        set.insert(flag.clone());
+        args.extend([flag, value.to_owned()]);
+    }
+    for (flag, placeholder) in [
+        ("--queue", "jobs"),
+        ("--scheduler-host", "scheduler"),
+        ("--scheduler-port", "7000"),
+        ("--intermediate", "intermediate"),
+        ("--output", "output"),
+        ("--ssgm", "/bin/true"),
+        ("--state-dir", "/tmp"),
+    ] {
+        if !set.contains(flag) {
+            args.extend([flag.to_owned(), placeholder.to_owned()]);
+        }
+    }
+    let parsed = <orchgpu::cli::Args as clap::Parser>::try_parse_from(&args)?;
+    Ok(orchgpu::cli::Config::try_from(parsed)?)
+}
+
 #[test]
-fn unit_stop_timeout_covers_the_shutdown_grace() -> Result<()> {
-    let help = help()?;
-    let grace = help_default_secs(&help, "shutdown-grace")?;
-    let ssgm_timeout = help_default_secs(&help, "ssgm-timeout")?;
+fn unit_timeouts_cover_the_worst_case_start_and_stop() -> Result<()> {
+    let config = example_config()?;
     let unit = std::fs::read_to_string(repo_path(UNIT))?;
     let setting = |key: &str| {
         unit.lines()
@@ -104,10 +125,19 @@ fn unit_stop_timeout_covers_the_shutdown_grace() -> Result<()> {
             .with_context(|| format!("{UNIT} has no {key}="))
     };
     let stop: u64 = setting("TimeoutStopSec")?.parse()?;
+    let stop_budget = config.stop_budget().as_secs();
     assert!(
-        stop > grace + ssgm_timeout,
-        "TimeoutStopSec={stop} must exceed the grace ({grace}) + one SSGM timeout ({ssgm_timeout})"
+        stop >= stop_budget,
+        "TimeoutStopSec={stop} is shorter than the worst-case stop ({stop_budget} s) with the env example's values"
     );
+    let start: u64 = setting("TimeoutStartSec")?.parse()?;
+    let start_budget = config.start_budget().as_secs();
+    assert!(
+        start >= start_budget,
+        "TimeoutStartSec={start} is shorter than the worst-case start ({start_budget} s)"
+    );
+    // The budget grows with the flags it depends on (a sanity check of the sum).
+    assert!(stop_budget > config.shutdown_grace.as_secs() + 2 * config.ssgm_timeout.as_secs());
     assert_eq!(setting("Type")?, "notify");
     assert_eq!(setting("KillMode")?, "mixed");
     assert_eq!(setting("StateDirectory")?, "orchgpu");

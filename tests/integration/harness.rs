@@ -714,6 +714,31 @@ impl MockSsgm {
         Ok(())
     }
 
+    /// Live `mock-ssgm -alloc` clients talking to this server (found by their command
+    /// line): a hung client must not outlive the daemon that ran it for long.
+    pub fn alloc_clients(&self) -> Vec<u32> {
+        let port = self.port.to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                    return false;
+                };
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                // A zombie has exited; its parent has not reaped it yet.
+                let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    !s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                });
+                alive && args.contains(&&b"-alloc"[..]) && args.contains(&port.as_bytes())
+            })
+            .collect()
+    }
+
     /// Asserts the lifecycle promise: nothing left allocated and every grant released.
     pub fn assert_all_released(&self) -> Result<()> {
         let stats = self.stats()?;
@@ -817,6 +842,176 @@ impl Stack {
         }
         let name = format!("function-{}", self.processes.len());
         self.spawn(&name, command)
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback (no chunked answer to decode): the status code and
+/// the body.
+pub fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)
+        .with_context(|| format!("cannot connect to {address}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no end of headers in {response:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// The sum of the samples of metric `name` whose labels include all of `labels`, in a
+/// Prometheus or OpenMetrics text exposition.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// The address the daemon's HTTP listener took (it logs it at start-up).
+pub async fn http_address(stack: &mut Stack, daemon: usize) -> Result<String> {
+    stack
+        .wait_for_log(daemon, "Serving /metrics", 1, Duration::from_secs(30))
+        .await?;
+    let log = stack.log(daemon);
+    log.lines()
+        .find(|l| l.contains("Serving /metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no address in the log"))
+}
+
+/// A real Prometheus (Debian's `prometheus` package, or `ORCHGPU_PROMETHEUS`) on a free
+/// loopback port with its own temporary storage, scraping one target every second as job
+/// `orchgpu`. Killed on drop; its log is printed then.
+pub struct Prometheus {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `target` (`host:port`, path `/metrics`) and waits until
+    /// it reports ready.
+    pub fn start(target: &str) -> Result<Prometheus> {
+        let program = std::env::var("ORCHGPU_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: orchgpu\n    static_configs:\n      \
+                 - targets: [\"{target}\"]\n"
+            ),
+        )?;
+        // A free port: bound, read and released; Prometheus binds it just after.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = File::create(dir.path().join("prometheus.log"))?;
+        let child = Command::new(&program)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot run {program}: install Debian's prometheus package \
+                     (dev/test.sh does) or set ORCHGPU_PROMETHEUS"
+                )
+            })?;
+        let mut prometheus = Prometheus { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http_get(&format!("127.0.0.1:{port}"), "/-/ready") {
+                return Ok(prometheus);
+            }
+            if let Some(status) = prometheus.child.try_wait()? {
+                bail!(
+                    "prometheus exited ({status}) before it was ready:\n{}",
+                    prometheus.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!("prometheus not ready within 30 s:\n{}", prometheus.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query through the HTTP API: the whole JSON answer
+    /// (`{"status": "success", "data": {"resultType": ..., "result": [...]}}`). An answer
+    /// whose status is not success is an error carrying Prometheus's message.
+    pub fn query(&self, promql: &str) -> Result<Value> {
+        let encoded =
+            percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+        let (status, body) = http_get(
+            &format!("127.0.0.1:{}", self.port),
+            &format!("/api/v1/query?query={encoded}"),
+        )?;
+        let answer: Value = serde_json::from_str(&body)
+            .with_context(|| format!("query {promql:?}: HTTP {status}, not JSON"))?;
+        if status != 200 || answer["status"] != "success" {
+            bail!("query {promql:?}: HTTP {status}: {answer}");
+        }
+        Ok(answer)
+    }
+
+    /// Polls `promql` until its result vector is not empty; returns that vector.
+    pub fn wait_for_series(&self, promql: &str, timeout: Duration) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let answer = self.query(promql)?;
+            if let Some(result) = answer["data"]["result"].as_array()
+                && !result.is_empty()
+            {
+                return Ok(result.clone());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no series for {promql:?} within {timeout:?}; last answer {answer}\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

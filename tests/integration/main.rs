@@ -1,14 +1,18 @@
 //! Integration tests: the real binaries against a real S3/SQS emulator.
 //! One test binary (see Cargo.toml), one module per area.
 
+mod alert_rules;
 mod claims;
+mod crash_windows;
 mod deadlines;
 mod deploy_files;
 mod harness;
+mod history_cmd;
 mod inference;
 mod large_input;
 mod mock_ssgm;
 mod multipart;
+mod observe;
 mod pipeline;
 mod reliability;
 mod results_queue;

@@ -1,5 +1,6 @@
 //! Tests of the `mock-ssgm` binary: its server role, and its client role with
-//! SSGM's command line, including every injectable fault.
+//! SSGM's command line, including every injectable fault (the ones that kill the
+//! client's parent run under an `sh` the test owns).
 //!
 //! Each test starts its own server on a free port, so tests run in parallel.
 
@@ -10,6 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 const MOCK_SSGM: &str = env!("CARGO_BIN_EXE_mock-ssgm");
 
@@ -381,6 +384,180 @@ fn injected_grant_then_hang_keeps_the_allocation() -> Result<()> {
     assert_eq!(server.alloc("1")?, "SSGM_ERROR=2;\n");
     server.ok(&["-dealloc", "-j", "1"])?;
     server.assert_stats(&[("live", 0), ("free_gpus", 2), ("released", 1)])?;
+    Ok(())
+}
+
+/// Reads `child`'s first stdout line while it runs, or fails after `CALL_DEADLINE`.
+fn first_line(child: &mut Child) -> Result<String> {
+    let stdout = child.stdout.take().context("client stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(read);
+    });
+    Ok(rx
+        .recv_timeout(CALL_DEADLINE)
+        .context("no line printed in time")??)
+}
+
+/// Whether process `pid` exists (it may be a zombie).
+fn exists(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+#[test]
+fn injected_print_then_hang_prints_the_grant_and_hangs_holding_it() -> Result<()> {
+    let server = MockServer::start(2)?;
+    server.ok(&["-inject", "print-then-hang"])?;
+    let mut child = server.spawn_client(&["-alloc", "-g", "2"])?;
+    // The grant is readable while the client is still running: it was flushed.
+    let line = first_line(&mut child);
+    let hanging = child.try_wait()?.is_none();
+    let top = server.top();
+    let stats = server.stats();
+    thread::sleep(HANG_WATCH);
+    let still_hanging = child.try_wait()?.is_none();
+    let _ = child.kill();
+    let status = child.wait()?;
+    let line = line?;
+    assert_eq!(
+        line,
+        "SSGM_ERROR=0;SSGM_JOB=1;RCUDA_DEVICE_COUNT=2;\
+         RCUDA_DEVICE_0=127.0.0.1:0;RCUDA_DEVICE_1=127.0.0.1:1;\n"
+    );
+    assert!(hanging && still_hanging, "the client exited: {status}");
+    let top = top?;
+    assert_eq!(top.len(), 1, "{top:?}");
+    assert_eq!(top[0][..3], ["1", "2", "127.0.0.1:0,127.0.0.1:1"]);
+    let stats = stats?;
+    for (name, want) in [
+        ("live", 1),
+        ("free_gpus", 0),
+        ("granted", 1),
+        ("faults_injected", 1),
+    ] {
+        assert_eq!(stats[name], want, "{name}: {stats}");
+    }
+
+    // Killing the client gives nothing back; the printed id releases the GPUs.
+    server.assert_stats(&[("live", 1), ("free_gpus", 0)])?;
+    server.ok(&["-dealloc", "-j", "1"])?;
+    server.assert_stats(&[("live", 0), ("free_gpus", 2), ("released", 1)])?;
+    Ok(())
+}
+
+/// Runs `script` under `sh -c`, with `$0` the mock client and `$1`, `$2` files in a
+/// temporary directory (`$2` for a background client's pid); returns sh's status, its
+/// stdout and the directory.
+fn under_sh(server: &MockServer, script: &str) -> Result<(ExitStatus, String, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let mut sh = Command::new("sh")
+        .args(["-c", script, MOCK_SSGM])
+        .arg(dir.path().join("out"))
+        .arg(dir.path().join("pid"))
+        .env("PORT", server.port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn sh")?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = sh.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > CALL_DEADLINE {
+            let _ = sh.kill();
+            let _ = sh.wait();
+            // A client that hangs under sh outlives it: kill it too.
+            if let Some(pid) = std::fs::read_to_string(dir.path().join("pid"))
+                .ok()
+                .and_then(|pid| pid.trim().parse().ok())
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            bail!("sh -c {script:?} did not finish within {CALL_DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stdout = String::new();
+    sh.stdout
+        .take()
+        .context("sh stdout")?
+        .read_to_string(&mut stdout)?;
+    Ok((status, stdout, dir))
+}
+
+#[test]
+fn injected_kill_parent_after_grant_kills_the_caller_once_the_grant_is_printed() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+
+    let server = MockServer::start(2)?;
+    server.ok(&["-inject", "kill-parent-after-grant"])?;
+    let (status, stdout, dir) = under_sh(
+        &server,
+        r#""$0" -S 127.0.0.1 -P "$PORT" -alloc -g 1 > "$1"; echo survived"#,
+    )?;
+    let printed = std::fs::read_to_string(dir.path().join("out"))?;
+    assert_eq!(
+        status.signal(),
+        Some(Signal::SIGKILL as i32),
+        "sh: {status}"
+    );
+    assert_eq!(stdout, "", "sh went on after the client");
+    assert_eq!(
+        printed,
+        "SSGM_ERROR=0;SSGM_JOB=1;RCUDA_DEVICE_COUNT=1;RCUDA_DEVICE_0=127.0.0.1:0;\n"
+    );
+    server.assert_stats(&[("live", 1), ("granted", 1), ("faults_injected", 1)])?;
+
+    // Used up: the next client under sh leaves its parent alone.
+    let (status, stdout, _dir) = under_sh(
+        &server,
+        r#""$0" -S 127.0.0.1 -P "$PORT" -alloc -g 1 > "$1"; echo survived"#,
+    )?;
+    assert_eq!((status.code(), stdout.as_str()), (Some(0), "survived\n"));
+    server.assert_stats(&[("live", 2), ("granted", 2), ("faults_injected", 1)])?;
+    Ok(())
+}
+
+#[test]
+fn injected_kill_parent_then_hang_leaves_an_orphan_holding_the_grant() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+
+    let server = MockServer::start(2)?;
+    server.ok(&["-inject", "kill-parent-then-hang"])?;
+    let (status, stdout, dir) = under_sh(
+        &server,
+        r#""$0" -S 127.0.0.1 -P "$PORT" -alloc -g 2 > "$1" & echo $! > "$2"; wait; echo survived"#,
+    )?;
+    let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))?
+        .trim()
+        .parse()
+        .context("client pid")?;
+    thread::sleep(HANG_WATCH);
+    let orphan_alive = exists(pid);
+    // Not our child: SIGKILL it and let its adopter reap it.
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    assert_eq!(
+        status.signal(),
+        Some(Signal::SIGKILL as i32),
+        "sh: {status}"
+    );
+    assert_eq!(stdout, "", "sh went on after the client");
+    assert!(orphan_alive, "the orphaned client {pid} did not hang");
+    let printed = std::fs::read_to_string(dir.path().join("out"))?;
+    assert!(
+        printed.starts_with("SSGM_ERROR=0;SSGM_JOB=1;RCUDA_DEVICE_COUNT=2;"),
+        "{printed:?}"
+    );
+    server.assert_stats(&[
+        ("live", 1),
+        ("free_gpus", 0),
+        ("granted", 1),
+        ("faults_injected", 1),
+    ])?;
     Ok(())
 }
 

@@ -65,6 +65,8 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
             ("hang", 1),
             ("fail-release", 2),
             ("busy", 3),
+            // Kills whichever daemon allocates next, at the instant its grant is printed.
+            ("kill-parent-after-grant", 1),
         ] {
             ssgm.inject(kind, count)?;
             *faults.entry(kind).or_default() += u64::from(count);
@@ -85,6 +87,8 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
                     .or_default() += 1;
             }
             if i == wave_keys.len() / 2 {
+                restart_if_killed(&mut stack, &ssgm, &mut a, &args_a, &mut faults).await?;
+                restart_if_killed(&mut stack, &ssgm, &mut b, &args_b, &mut faults).await?;
                 if wave % 2 == 1 {
                     // A crash: no release, no return; the journal and SQS must cope.
                     stack.process(a).signal(Signal::SIGKILL)?;
@@ -115,6 +119,8 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
         stack
             .wait_for_results(keys.len(), Duration::from_secs(300))
             .await?;
+        restart_if_killed(&mut stack, &ssgm, &mut a, &args_a, &mut faults).await?;
+        restart_if_killed(&mut stack, &ssgm, &mut b, &args_b, &mut faults).await?;
     }
 
     let _ = stack.wait_for_results(jobs, Duration::from_secs(600)).await;
@@ -131,6 +137,7 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
     })
     .await
     .ok();
+    let surviving_clients = ssgm.alloc_clients();
 
     let results = stack.results_by_source_key().await?;
     let lost = keys.iter().filter(|k| !results.contains_key(*k)).count();
@@ -159,6 +166,10 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
         "SOAK reservations left live: {}; scheduler stats: {stats}",
         stats["live"]
     );
+    println!(
+        "SOAK SSGM clients left running: {}",
+        surviving_clients.len()
+    );
 
     assert_eq!(lost, 0, "messages lost");
     assert_eq!(dead_lettered, 0, "messages dead-lettered");
@@ -166,6 +177,25 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
     assert_eq!(stats["live"], 0, "reservations left live");
     assert_eq!(stats["granted"], stats["released"], "grants vs releases");
     assert_eq!(duplicates, 0, "duplicate results");
+    assert!(
+        surviving_clients.is_empty(),
+        "SSGM clients left running: {surviving_clients:?}"
+    );
     assert_eq!(run_twice, 0, "objects run more than once");
+    Ok(())
+}
+
+/// Restarts a daemon that the `kill-parent-after-grant` fault killed.
+async fn restart_if_killed(
+    stack: &mut Stack,
+    ssgm: &MockSsgm,
+    daemon: &mut usize,
+    args: &[String],
+    faults: &mut HashMap<&str, u64>,
+) -> Result<()> {
+    if stack.process(*daemon).try_status()?.is_some() {
+        *daemon = stack.start_daemon(ssgm, &as_strs(args))?;
+        *faults.entry("daemon SIGKILL at a grant").or_default() += 1;
+    }
     Ok(())
 }

@@ -93,9 +93,9 @@ async fn ready_after_the_queue_is_reached_then_stopping_on_sigterm() -> Result<(
         ready.contains("STATUS=Receiving jobs from ") && ready.contains(&stack.jobs_queue),
         "READY without the queue in its status: {ready:?}"
     );
-    // READY means the queue was reached: the log says so before it.
+    // READY means the queue was reached and the journal read: the log says so before it.
     assert!(
-        stack.log(daemon).contains("Journal replayed."),
+        stack.log(daemon).contains("Journal read;"),
         "READY before start-up finished:\n{}",
         stack.log(daemon)
     );
@@ -147,6 +147,75 @@ async fn a_missing_queue_never_sends_ready_and_exits_1() -> Result<()> {
     assert!(
         !datagrams.iter().any(|d| d.lines().any(|l| l == "READY=1")),
         "READY sent for a missing queue: {datagrams:?}"
+    );
+    Ok(())
+}
+
+/// `WATCHDOG=1` datagrams among `datagrams`.
+fn pings(datagrams: &[String]) -> usize {
+    datagrams
+        .iter()
+        .filter(|d| d.lines().any(|l| l == "WATCHDOG=1"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watchdog_is_pinged_while_the_loop_turns_and_not_once_it_wedges() -> Result<()> {
+    let mut stack = Stack::new("watchdog", 5).await?;
+    let ssgm = MockSsgm::start(1)?;
+    let mut notify = NotifySocket::bind()?;
+    // A 4 s watchdog: pings every 2 s; -w 1 -u 0 makes a receive about every second.
+    let daemon = stack.start_daemon_with_env(
+        &ssgm,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", notify.path.as_os_str()),
+            ("WATCHDOG_USEC", std::ffi::OsStr::new("4000000")),
+        ],
+    )?;
+    notify.wait_for("READY=1", Duration::from_secs(30))?;
+    let healthy = notify.drain(Duration::from_secs(5))?;
+    assert!(pings(&healthy) >= 2, "pings while healthy: {healthy:?}");
+    stack.process(daemon).kill();
+
+    // The same daemon with a loop that wedges after its third receive (a debug-build
+    // fault): the pings stop although the process and its timers live on.
+    let mut notify = NotifySocket::bind()?;
+    let wedged = stack.start_daemon_with_env(
+        &ssgm,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", notify.path.as_os_str()),
+            ("WATCHDOG_USEC", std::ffi::OsStr::new("4000000")),
+            (
+                "ORCHGPU_DEBUG_WEDGE_AFTER_RECEIVES",
+                std::ffi::OsStr::new("3"),
+            ),
+        ],
+    )?;
+    notify.wait_for("READY=1", Duration::from_secs(30))?;
+    stack
+        .wait_for_log(
+            wedged,
+            "wedging the receive loop",
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
+    // Within half the interval (2 s) plus one ping period the daemon notices.
+    let _ = notify.drain(Duration::from_secs(4))?;
+    let after = notify.drain(Duration::from_secs(6))?;
+    assert_eq!(pings(&after), 0, "pings from a wedged loop: {after:?}");
+    assert!(
+        stack.process(wedged).try_status()?.is_none(),
+        "the wedged daemon is still running (only the watchdog can tell)"
+    );
+    assert!(
+        stack
+            .log(wedged)
+            .contains("The receive loop shows no progress; not pinging the watchdog."),
+        "{}",
+        stack.log(wedged)
     );
     Ok(())
 }

@@ -1,0 +1,1438 @@
+//! The job history: each job's timeline in an SQLite database, `history.sqlite3` in the
+//! state directory (WAL mode, so `orchgpu jobs` reads while the daemon writes).
+//!
+//! It owns the schema and its version, the one writer thread, retention, and the read
+//! side (`HistoryReader`) that `orchgpu jobs` renders. It decides nothing about a job or
+//! a message: `job` and `daemon` `record` what happened, and a history that cannot be
+//! written loses events (logged, counted), never a job.
+//!
+//! A job's *state* is derived from its latest event that says one (`EventKind::state`);
+//! each `Received` starts a new attempt of that job id.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+/// The database's file name inside the state directory.
+pub const FILE_NAME: &str = "history.sqlite3";
+
+/// The schema this build reads and writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// Events waiting for the writer; past this `record` drops (and counts) instead of
+/// growing without bound while the disk is stuck. About 64 k small events, a few MB.
+const QUEUE_CAPACITY: usize = 65_536;
+
+/// Events written in one transaction at most; one commit (one fsync of the WAL at most)
+/// per batch is what makes the writer fast.
+const MAX_BATCH: usize = 1024;
+
+/// How often the writer applies retention (and once when it starts).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// At most one warning line per this interval about lost events.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE jobs (
+    job_id      TEXT PRIMARY KEY NOT NULL,
+    bucket      TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    message_id  TEXT,
+    first_seen  INTEGER NOT NULL,
+    last_update INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL,
+    last_reason TEXT
+);
+CREATE INDEX jobs_by_update ON jobs (last_update);
+CREATE INDEX jobs_by_key ON jobs (key, last_update);
+CREATE TABLE events (
+    seq        INTEGER PRIMARY KEY,
+    job_id     TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    at         INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    message_id TEXT,
+    detail     TEXT NOT NULL
+);
+CREATE INDEX events_by_job ON events (job_id, seq);
+";
+
+/// Why the history cannot be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("cannot create the state directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no job history at {path}")]
+    Missing { path: PathBuf },
+    #[error("cannot open the job history at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the job history at {path} has schema version {found}, this orchgpu knows only {SCHEMA_VERSION}"
+    )]
+    UnknownVersion { path: PathBuf, found: i64 },
+    #[error("cannot start the job history's writer thread")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot read the job history at {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// How much history is kept: jobs not updated for `max_age` go, and at most `max_rows`
+/// jobs stay (the most recently updated); a job's events go with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_rows: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(30 * 24 * 60 * 60),
+            max_rows: 100_000,
+        }
+    }
+}
+
+/// One thing that happened to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEvent {
+    pub job_id: String,
+    pub bucket: String,
+    pub key: String,
+    pub message_id: Option<String>,
+    pub at: SystemTime,
+    pub kind: EventKind,
+}
+
+impl HistoryEvent {
+    /// An event that happens now.
+    pub fn now(
+        job_id: impl Into<String>,
+        bucket: impl Into<String>,
+        key: impl Into<String>,
+        message_id: Option<String>,
+        kind: EventKind,
+    ) -> Self {
+        HistoryEvent {
+            job_id: job_id.into(),
+            bucket: bucket.into(),
+            key: key.into(),
+            message_id,
+            at: SystemTime::now(),
+            kind,
+        }
+    }
+}
+
+/// What happened; stored as its snake_case name plus its fields as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The message was received; starts a new attempt.
+    Received { receive_count: u32 },
+    /// The job id was claimed for this daemon.
+    Claimed,
+    /// The scheduler answered busy; the job waits for GPUs.
+    WaitingForGpus,
+    /// The scheduler granted GPUs.
+    Granted {
+        scheduler_job: String,
+        devices: Vec<String>,
+    },
+    /// The bundle was built.
+    Bundled { bytes: u64 },
+    /// The bundle was uploaded to the intermediate bucket.
+    Uploaded,
+    /// The function's result was found in the output bucket.
+    ResultSeen,
+    /// The GPUs were given back (does not change the job's state).
+    Released { scheduler_job: String },
+    /// The message was deleted: `outcome` is `succeeded` (the job is done) or why the
+    /// message can never become a job (`duplicate`, `dropped`, `superseded`, ...).
+    Deleted { outcome: String },
+    /// The message was made visible again: the job's error chain, or `shutdown`.
+    Returned { reason: String },
+    /// The job failed.
+    Failed { reason: String },
+}
+
+/// The `Deleted` outcome of a job that succeeded.
+pub const SUCCEEDED: &str = "succeeded";
+
+impl EventKind {
+    /// The stored name, e.g. `waiting_for_gpus`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Received { .. } => "received",
+            EventKind::Claimed => "claimed",
+            EventKind::WaitingForGpus => "waiting_for_gpus",
+            EventKind::Granted { .. } => "granted",
+            EventKind::Bundled { .. } => "bundled",
+            EventKind::Uploaded => "uploaded",
+            EventKind::ResultSeen => "result_seen",
+            EventKind::Released { .. } => "released",
+            EventKind::Deleted { .. } => "deleted",
+            EventKind::Returned { .. } => "returned",
+            EventKind::Failed { .. } => "failed",
+        }
+    }
+
+    /// The job's state after this event, or `None` when it keeps the one it had.
+    pub fn state(&self) -> Option<JobState> {
+        Some(match self {
+            EventKind::Received { .. } | EventKind::Claimed => JobState::Received,
+            EventKind::WaitingForGpus => JobState::WaitingForGpus,
+            EventKind::Granted { .. }
+            | EventKind::Bundled { .. }
+            | EventKind::Uploaded
+            | EventKind::ResultSeen => JobState::Running,
+            // GPUs are released after a success and after a failure alike.
+            EventKind::Released { .. } => return None,
+            EventKind::Deleted { outcome } if outcome == SUCCEEDED => JobState::Done,
+            EventKind::Deleted { .. } => JobState::Dropped,
+            EventKind::Returned { .. } => JobState::Returned,
+            EventKind::Failed { .. } => JobState::Failed,
+        })
+    }
+
+    /// Why the attempt ended other than by success, if this event says.
+    fn reason(&self) -> Option<&str> {
+        match self {
+            EventKind::Returned { reason } | EventKind::Failed { reason } => Some(reason),
+            EventKind::Deleted { outcome } if outcome != SUCCEEDED => Some(outcome),
+            _ => None,
+        }
+    }
+
+    /// The fields, without the name, as JSON (`{}` for none).
+    fn detail(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        match value.as_object_mut() {
+            Some(fields) => {
+                fields.remove("kind");
+                value
+            }
+            None => serde_json::json!({}),
+        }
+    }
+
+    /// The event back from its stored name and fields; `None` for a kind this build does
+    /// not know (written by a newer one).
+    fn from_stored(name: &str, detail: &serde_json::Value) -> Option<EventKind> {
+        let mut value = detail.clone();
+        value
+            .as_object_mut()?
+            .insert("kind".into(), serde_json::Value::String(name.into()));
+        serde_json::from_value(value).ok()
+    }
+}
+
+/// A job's state, derived from its latest event that says one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Received,
+    WaitingForGpus,
+    Running,
+    Done,
+    Failed,
+    Returned,
+    Dropped,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Received,
+        JobState::WaitingForGpus,
+        JobState::Running,
+        JobState::Done,
+        JobState::Failed,
+        JobState::Returned,
+        JobState::Dropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Received => "received",
+            JobState::WaitingForGpus => "waiting_for_gpus",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Returned => "returned",
+            JobState::Dropped => "dropped",
+        }
+    }
+
+    /// The state named `name`, as stored and as `--state` takes it.
+    pub fn parse(name: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A point in time as stored: milliseconds since the Unix epoch. Serialized as RFC 3339
+/// in UTC; displayed as `YYYY-MM-DD HH:MM:SS` in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn from_system(at: SystemTime) -> Self {
+        let millis = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Timestamp(millis)
+    }
+
+    /// RFC 3339 in UTC with milliseconds, e.g. `2026-05-01T12:00:00.250Z`.
+    pub fn rfc3339(self) -> String {
+        let (date, millis) = self.civil();
+        format!("{date}.{millis:03}Z").replacen(' ', "T", 1)
+    }
+
+    /// `YYYY-MM-DD HH:MM:SS` (UTC) and the milliseconds.
+    fn civil(self) -> (String, u16) {
+        let nanos = i128::from(self.0) * 1_000_000;
+        match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+            Ok(t) => (
+                format!(
+                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                    t.year(),
+                    u8::from(t.month()),
+                    t.day(),
+                    t.hour(),
+                    t.minute(),
+                    t.second()
+                ),
+                t.millisecond(),
+            ),
+            Err(_) => (format!("@{}", self.0), 0),
+        }
+    }
+
+    /// `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
+    pub fn display_millis(self) -> String {
+        let (date, millis) = self.civil();
+        format!("{date}.{millis:03}")
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.civil().0)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.rfc3339())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The write side.
+
+enum Command {
+    Record(HistoryEvent),
+    /// Answered once every event sent before it is written (or lost).
+    Flush(mpsc::Sender<()>),
+}
+
+/// What the handles and the writer thread share.
+struct Shared {
+    failures: AtomicU64,
+    started: Instant,
+    /// Milliseconds after `started` of the last warning, plus one (0: never warned).
+    last_warn: AtomicU64,
+}
+
+impl Shared {
+    /// Counts `lost` events and logs at most one line per `WARN_EVERY`.
+    fn note_failure(&self, lost: u64, what: &dyn std::fmt::Display) {
+        crate::telemetry::get().history_writes_failed(lost);
+        let total = self.failures.fetch_add(lost, Ordering::Relaxed) + lost;
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let last = self.last_warn.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
+        if due
+            && self
+                .last_warn
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                events_lost = total,
+                error = %what,
+                "Cannot write the job history; events are lost, jobs go on."
+            );
+        }
+    }
+}
+
+struct Writer {
+    sender: SyncSender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// The write handle: cheap to clone, never blocks `record`, and off (`disabled`) when
+/// there is no history.
+#[derive(Clone)]
+pub struct History {
+    writer: Option<Arc<Writer>>,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History")
+            .field("enabled", &self.writer.is_some())
+            .field("write_failures", &self.write_failures())
+            .finish()
+    }
+}
+
+impl History {
+    /// Opens (or creates) `history.sqlite3` in `state_dir`, checks its schema version,
+    /// and starts the writer thread, which applies `retention` at once and then every
+    /// minute. Blocking: call it at start-up, not on an async worker in a hot path.
+    ///
+    /// # Errors
+    ///
+    /// The directory or the database cannot be created or opened, or it has a schema
+    /// version this build does not know.
+    pub fn open(state_dir: &Path, retention: Retention) -> Result<History, HistoryError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| HistoryError::CreateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join(FILE_NAME);
+        let conn = open_for_writing(&path)?;
+        let shared = Arc::new(Shared {
+            failures: AtomicU64::new(0),
+            started: Instant::now(),
+            last_warn: AtomicU64::new(0),
+        });
+        let (sender, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("orchgpu-history".into())
+            .spawn(move || run_writer(conn, receiver, &thread_shared, retention))
+            .map_err(HistoryError::Thread)?;
+        Ok(History {
+            writer: Some(Arc::new(Writer { sender, shared })),
+        })
+    }
+
+    /// A history that records nothing (`--no-history`).
+    pub fn disabled() -> History {
+        History { writer: None }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Hands `event` to the writer thread. Never blocks and never fails: when the writer
+    /// is behind by `QUEUE_CAPACITY` events or gone, the event is dropped and counted.
+    pub fn record(&self, event: HistoryEvent) {
+        let Some(writer) = &self.writer else { return };
+        match writer.sender.try_send(Command::Record(event)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => writer
+                .shared
+                .note_failure(1, &"the history writer is behind; queue full"),
+            Err(TrySendError::Disconnected(_)) => writer
+                .shared
+                .note_failure(1, &"the history writer thread has stopped"),
+        }
+    }
+
+    /// Events lost so far: not written (an SQLite error) or dropped (queue full).
+    pub fn write_failures(&self) -> u64 {
+        self.writer
+            .as_ref()
+            .map_or(0, |w| w.shared.failures.load(Ordering::Relaxed))
+    }
+
+    /// Waits until every event recorded before this call is written (or counted lost);
+    /// `false` if that takes longer than `timeout`. Blocking: for shutdown and tests, on
+    /// a blocking thread.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(writer) = &self.writer else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let (done, wait) = mpsc::channel();
+        let mut command = Command::Flush(done);
+        loop {
+            match writer.sender.try_send(command) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    command = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        wait.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+}
+
+fn open_for_writing(path: &Path) -> Result<Connection, HistoryError> {
+    let open_error = |source| HistoryError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut conn = Connection::open(path).map_err(open_error)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+    // WAL: readers never block the writer nor the writer them. NORMAL: a commit does not
+    // wait for fsync; a power cut may lose the last events, never corrupt the file.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(open_error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        warn!(path = %path.display(), journal_mode = %mode, "The job history is not in WAL mode.");
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(open_error)?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Creates the schema in an empty database; refuses a version this build does not know
+/// and a database that is not empty yet has no version (not ours).
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), HistoryError> {
+    let open_error = |source| HistoryError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tx = conn.transaction().map_err(open_error)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(open_error)?;
+    match version {
+        SCHEMA_VERSION => return Ok(()),
+        0 => {}
+        found => {
+            return Err(HistoryError::UnknownVersion {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+    }
+    let objects: i64 = tx
+        .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
+        .map_err(open_error)?;
+    if objects != 0 {
+        return Err(HistoryError::UnknownVersion {
+            path: path.to_path_buf(),
+            found: 0,
+        });
+    }
+    tx.execute_batch(SCHEMA).map_err(open_error)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(open_error)?;
+    tx.commit().map_err(open_error)?;
+    info!(path = %path.display(), version = SCHEMA_VERSION, "Job history created.");
+    Ok(())
+}
+
+/// The writer thread: batches what is queued into one transaction, applies retention
+/// every `PRUNE_EVERY`, and stops when every `History` handle is gone.
+fn run_writer(
+    mut conn: Connection,
+    receiver: Receiver<Command>,
+    shared: &Shared,
+    retention: Retention,
+) {
+    let mut next_prune = Instant::now();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut flushes = Vec::new();
+    loop {
+        let wait = next_prune.saturating_duration_since(Instant::now());
+        let first = match receiver.recv_timeout(wait) {
+            Ok(command) => Some(command),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut next = first;
+        while let Some(command) = next {
+            match command {
+                Command::Record(event) => batch.push(event),
+                Command::Flush(done) => flushes.push(done),
+            }
+            next = if batch.len() < MAX_BATCH {
+                receiver.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !batch.is_empty() {
+            if let Err(e) = write_batch(&mut conn, &batch) {
+                shared.note_failure(batch.len() as u64, &e);
+            }
+            batch.clear();
+        }
+        if Instant::now() >= next_prune {
+            if let Err(e) = prune(&mut conn, retention, SystemTime::now()) {
+                shared.note_failure(0, &e);
+            }
+            next_prune = Instant::now() + PRUNE_EVERY;
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: &[HistoryEvent]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for event in batch {
+        apply(&tx, event)?;
+    }
+    tx.commit()
+}
+
+/// One event: updates the job's row (creating it on its first event) and appends the
+/// event to its timeline.
+fn apply(tx: &Transaction<'_>, event: &HistoryEvent) -> rusqlite::Result<()> {
+    let at = Timestamp::from_system(event.at).0;
+    let previous: Option<(i64, String, Option<String>)> = tx
+        .prepare_cached("SELECT attempts, state, last_reason FROM jobs WHERE job_id = ?1")?
+        .query_row([&event.job_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    let (attempts, state, reason) = match previous {
+        Some((attempts, state, reason)) => (attempts, state, reason),
+        None => (0, JobState::Received.as_str().to_string(), None),
+    };
+    // A job first seen through another event than Received still has attempt 1.
+    let attempts = match event.kind {
+        EventKind::Received { .. } => attempts + 1,
+        _ => attempts.max(1),
+    };
+    let state = event.kind.state().map_or(state, |s| s.as_str().to_string());
+    let reason = event.kind.reason().map(str::to_string).or(reason);
+    tx.prepare_cached(
+        "INSERT INTO jobs (job_id, bucket, key, message_id, first_seen, last_update, state, \
+         attempts, last_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (job_id) DO UPDATE SET \
+         message_id = coalesce(excluded.message_id, message_id), \
+         last_update = max(last_update, excluded.last_update), \
+         state = excluded.state, attempts = excluded.attempts, \
+         last_reason = excluded.last_reason",
+    )?
+    .execute(params![
+        event.job_id,
+        event.bucket,
+        event.key,
+        event.message_id,
+        at,
+        state,
+        attempts,
+        reason
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO events (job_id, attempt, at, kind, message_id, detail) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        event.job_id,
+        attempts,
+        at,
+        event.kind.name(),
+        event.message_id,
+        event.kind.detail().to_string()
+    ])?;
+    Ok(())
+}
+
+/// Deletes the jobs (and their events) not updated within `max_age` of `now`, then all
+/// but the `max_rows` most recently updated; returns how many jobs went.
+fn prune(conn: &mut Connection, retention: Retention, now: SystemTime) -> rusqlite::Result<usize> {
+    let cutoff = Timestamp::from_system(now.checked_sub(retention.max_age).unwrap_or(UNIX_EPOCH)).0;
+    let keep = i64::try_from(retention.max_rows).unwrap_or(i64::MAX);
+    const SURPLUS: &str =
+        "SELECT job_id FROM jobs ORDER BY last_update DESC, job_id LIMIT -1 OFFSET ?1";
+    let tx = conn.transaction()?;
+    tx.execute(
+        "DELETE FROM events WHERE job_id IN (SELECT job_id FROM jobs WHERE last_update < ?1)",
+        [cutoff],
+    )?;
+    let mut deleted = tx.execute("DELETE FROM jobs WHERE last_update < ?1", [cutoff])?;
+    tx.execute(
+        &format!("DELETE FROM events WHERE job_id IN ({SURPLUS})"),
+        [keep],
+    )?;
+    deleted += tx.execute(
+        &format!("DELETE FROM jobs WHERE job_id IN ({SURPLUS})"),
+        [keep],
+    )?;
+    tx.commit()?;
+    if deleted > 0 {
+        info!(jobs = deleted, "Old jobs removed from the history.");
+    }
+    Ok(deleted)
+}
+
+// ---------------------------------------------------------------------------------------
+// The read side.
+
+/// What `orchgpu jobs` lists.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<JobState>,
+    /// Jobs whose key contains this (case-sensitive).
+    pub key_contains: Option<String>,
+    /// Jobs updated at or after this.
+    pub since: Option<SystemTime>,
+    /// At most this many, most recently updated first; 0 for all.
+    pub limit: usize,
+}
+
+/// One job, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobSummary {
+    pub job_id: String,
+    pub bucket: String,
+    pub key: String,
+    pub state: String,
+    pub attempts: u32,
+    pub first_seen: Timestamp,
+    pub last_update: Timestamp,
+    pub last_reason: Option<String>,
+}
+
+/// One event of a job's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRecord {
+    pub attempt: u32,
+    pub at: Timestamp,
+    pub kind: String,
+    pub message_id: Option<String>,
+    /// The event's fields, e.g. `{"reason": "..."}`.
+    pub detail: serde_json::Value,
+}
+
+/// How one attempt (one receive of the job's message) ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptOutcome {
+    pub attempt: u32,
+    pub message_id: Option<String>,
+    pub started: Timestamp,
+    pub ended: Timestamp,
+    /// The state its events leave the job in.
+    pub state: String,
+    /// Why it ended other than by success, if it says.
+    pub reason: Option<String>,
+}
+
+/// One job with its timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub job: JobSummary,
+    pub message_id: Option<String>,
+    pub attempt_outcomes: Vec<AttemptOutcome>,
+    pub timeline: Vec<EventRecord>,
+}
+
+/// A read-only view of the history, safe to use while the daemon writes.
+pub struct HistoryReader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl HistoryReader {
+    /// Opens `history.sqlite3` in `state_dir` read-only; never creates it.
+    ///
+    /// # Errors
+    ///
+    /// `Missing` when there is no history there; `Open` or `UnknownVersion` when it
+    /// cannot be read as one.
+    pub fn open(state_dir: &Path) -> Result<HistoryReader, HistoryError> {
+        let path = state_dir.join(FILE_NAME);
+        if !path.is_file() {
+            return Err(HistoryError::Missing { path });
+        }
+        let open_error = |source| HistoryError::Open {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_error)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(open_error)?;
+        if version != SCHEMA_VERSION {
+            return Err(HistoryError::UnknownVersion {
+                path,
+                found: version,
+            });
+        }
+        Ok(HistoryReader { conn, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_error(&self) -> impl Fn(rusqlite::Error) -> HistoryError + '_ {
+        |source| HistoryError::Read {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The jobs that match `filter`, most recently updated first.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be read.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<JobSummary>, HistoryError> {
+        let limit = match filter.limit {
+            0 => -1,
+            n => i64::try_from(n).unwrap_or(i64::MAX),
+        };
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT job_id, bucket, key, state, attempts, first_seen, last_update, \
+                 last_reason FROM jobs \
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR instr(key, ?2) > 0) \
+                 AND (?3 IS NULL OR last_update >= ?3) \
+                 ORDER BY last_update DESC, job_id LIMIT ?4",
+            )
+            .map_err(self.read_error())?;
+        let rows = statement
+            .query_map(
+                params![
+                    filter.state.map(JobState::as_str),
+                    filter.key_contains,
+                    filter.since.map(|t| Timestamp::from_system(t).0),
+                    limit
+                ],
+                summary_from_row,
+            )
+            .map_err(self.read_error())?;
+        rows.collect::<Result<_, _>>().map_err(self.read_error())
+    }
+
+    /// The job whose id is `id_or_key`, else the most recently updated job whose key is
+    /// exactly `id_or_key`, with its timeline.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be read.
+    pub fn show(&self, id_or_key: &str) -> Result<Option<JobDetail>, HistoryError> {
+        const COLUMNS: &str = "SELECT job_id, bucket, key, state, attempts, first_seen, \
+                               last_update, last_reason, message_id FROM jobs";
+        let read = |sql: &str| {
+            self.conn
+                .query_row(sql, [id_or_key], |row| {
+                    Ok((summary_from_row(row)?, row.get::<_, Option<String>>(8)?))
+                })
+                .optional()
+        };
+        let found =
+            match read(&format!("{COLUMNS} WHERE job_id = ?1")).map_err(self.read_error())? {
+                Some(found) => Some(found),
+                None => read(&format!(
+                    "{COLUMNS} WHERE key = ?1 ORDER BY last_update DESC, job_id LIMIT 1"
+                ))
+                .map_err(self.read_error())?,
+            };
+        let Some((job, message_id)) = found else {
+            return Ok(None);
+        };
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT attempt, at, kind, message_id, detail FROM events \
+                 WHERE job_id = ?1 ORDER BY seq",
+            )
+            .map_err(self.read_error())?;
+        let timeline = statement
+            .query_map([&job.job_id], |row| {
+                let detail: String = row.get(4)?;
+                Ok(EventRecord {
+                    attempt: row.get(0)?,
+                    at: Timestamp(row.get(1)?),
+                    kind: row.get(2)?,
+                    message_id: row.get(3)?,
+                    // A detail that is not JSON is shown as the text it is.
+                    detail: serde_json::from_str(&detail)
+                        .unwrap_or(serde_json::Value::String(detail)),
+                })
+            })
+            .map_err(self.read_error())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.read_error())?;
+        Ok(Some(JobDetail {
+            attempt_outcomes: attempt_outcomes(&timeline),
+            job,
+            message_id,
+            timeline,
+        }))
+    }
+}
+
+fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobSummary> {
+    Ok(JobSummary {
+        job_id: row.get(0)?,
+        bucket: row.get(1)?,
+        key: row.get(2)?,
+        state: row.get(3)?,
+        attempts: row.get(4)?,
+        first_seen: Timestamp(row.get(5)?),
+        last_update: Timestamp(row.get(6)?),
+        last_reason: row.get(7)?,
+    })
+}
+
+/// Each attempt's span, final state and reason, from the timeline (in order).
+fn attempt_outcomes(timeline: &[EventRecord]) -> Vec<AttemptOutcome> {
+    let mut outcomes: Vec<AttemptOutcome> = Vec::new();
+    for event in timeline {
+        let kind = EventKind::from_stored(&event.kind, &event.detail);
+        let outcome = match outcomes.last_mut() {
+            Some(last) if last.attempt == event.attempt => last,
+            _ => {
+                outcomes.push(AttemptOutcome {
+                    attempt: event.attempt,
+                    message_id: event.message_id.clone(),
+                    started: event.at,
+                    ended: event.at,
+                    state: JobState::Received.as_str().into(),
+                    reason: None,
+                });
+                let Some(last) = outcomes.last_mut() else {
+                    unreachable!("an outcome was just pushed")
+                };
+                last
+            }
+        };
+        outcome.ended = outcome.ended.max(event.at);
+        if outcome.message_id.is_none() {
+            outcome.message_id.clone_from(&event.message_id);
+        }
+        if let Some(kind) = kind {
+            if let Some(state) = kind.state() {
+                outcome.state = state.as_str().into();
+            }
+            if let Some(reason) = kind.reason() {
+                outcome.reason = Some(reason.to_string());
+            }
+        }
+    }
+    outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn event(job: &str, key: &str, at: SystemTime, kind: EventKind) -> HistoryEvent {
+        HistoryEvent {
+            job_id: job.into(),
+            bucket: "in".into(),
+            key: key.into(),
+            message_id: Some(format!("m-{job}")),
+            at,
+            kind,
+        }
+    }
+
+    fn secs(n: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_780_000_000 + n)
+    }
+
+    /// Keeps everything: the tests' fixed times are in the past.
+    const KEEP_ALL: Retention = Retention {
+        max_age: Duration::from_secs(100 * 365 * 86_400),
+        max_rows: u64::MAX,
+    };
+
+    fn open(dir: &Path) -> History {
+        History::open(dir, KEEP_ALL).expect("open history")
+    }
+
+    fn reader(dir: &Path) -> HistoryReader {
+        HistoryReader::open(dir).expect("open reader")
+    }
+
+    fn all(dir: &Path) -> Vec<JobSummary> {
+        reader(dir).list(&ListFilter::default()).expect("list")
+    }
+
+    /// A job that failed once (returned with a reason) then succeeded.
+    fn failed_then_succeeded(history: &History, job: &str, key: &str, t0: u64) {
+        for (n, kind) in [
+            EventKind::Received { receive_count: 1 },
+            EventKind::Claimed,
+            EventKind::Granted {
+                scheduler_job: "17".into(),
+                devices: vec!["gpu1:0".into()],
+            },
+            EventKind::Failed {
+                reason: "result deadline: no result after 3600 s".into(),
+            },
+            EventKind::Released {
+                scheduler_job: "17".into(),
+            },
+            EventKind::Returned {
+                reason: "result deadline: no result after 3600 s".into(),
+            },
+            EventKind::Received { receive_count: 2 },
+            EventKind::WaitingForGpus,
+            EventKind::Granted {
+                scheduler_job: "18".into(),
+                devices: vec!["gpu2:0".into()],
+            },
+            EventKind::Bundled { bytes: 1234 },
+            EventKind::Uploaded,
+            EventKind::ResultSeen,
+            EventKind::Released {
+                scheduler_job: "18".into(),
+            },
+            EventKind::Deleted {
+                outcome: SUCCEEDED.into(),
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            history.record(event(job, key, secs(t0 + n as u64), kind));
+        }
+    }
+
+    #[test]
+    fn each_event_sets_the_state_it_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        let state_after = |kinds: Vec<EventKind>| {
+            let job = format!("j{}", fastrand::u64(..));
+            for (n, kind) in kinds.into_iter().enumerate() {
+                history.record(event(&job, "k", secs(n as u64), kind));
+            }
+            assert!(history.flush(WAIT));
+            reader(dir.path())
+                .show(&job)
+                .expect("show")
+                .expect("found")
+                .job
+                .state
+        };
+        let received = EventKind::Received { receive_count: 1 };
+        let granted = EventKind::Granted {
+            scheduler_job: "1".into(),
+            devices: vec![],
+        };
+        assert_eq!(state_after(vec![received.clone()]), "received");
+        assert_eq!(
+            state_after(vec![received.clone(), EventKind::WaitingForGpus]),
+            "waiting_for_gpus"
+        );
+        assert_eq!(
+            state_after(vec![received.clone(), granted.clone()]),
+            "running"
+        );
+        // Released keeps the state it follows.
+        assert_eq!(
+            state_after(vec![
+                granted.clone(),
+                EventKind::ResultSeen,
+                EventKind::Released {
+                    scheduler_job: "1".into()
+                }
+            ]),
+            "running"
+        );
+        assert_eq!(
+            state_after(vec![
+                granted.clone(),
+                EventKind::Failed { reason: "x".into() },
+                EventKind::Released {
+                    scheduler_job: "1".into()
+                }
+            ]),
+            "failed"
+        );
+        assert_eq!(
+            state_after(vec![EventKind::Deleted {
+                outcome: SUCCEEDED.into()
+            }]),
+            "done"
+        );
+        assert_eq!(
+            state_after(vec![EventKind::Deleted {
+                outcome: "duplicate".into()
+            }]),
+            "dropped"
+        );
+        assert_eq!(
+            state_after(vec![EventKind::Returned {
+                reason: "shutdown".into()
+            }]),
+            "returned"
+        );
+        assert_eq!(history.write_failures(), 0);
+    }
+
+    #[test]
+    fn two_attempts_show_with_their_reasons() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        failed_then_succeeded(&history, "job-1", "images/a.jpg", 0);
+        assert!(history.flush(WAIT));
+
+        let detail = reader(dir.path())
+            .show("job-1")
+            .expect("show")
+            .expect("found");
+        assert_eq!(detail.job.state, "done");
+        assert_eq!(detail.job.attempts, 2);
+        assert_eq!(
+            detail.job.last_reason.as_deref(),
+            Some("result deadline: no result after 3600 s")
+        );
+        assert_eq!(detail.timeline.len(), 14);
+        assert_eq!(
+            detail
+                .timeline
+                .iter()
+                .map(|e| e.attempt)
+                .collect::<Vec<_>>(),
+            [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]
+        );
+        assert_eq!(detail.timeline[2].detail["devices"][0], "gpu1:0");
+        assert_eq!(detail.timeline[6].detail["receive_count"], 2);
+        let outcomes: Vec<_> = detail
+            .attempt_outcomes
+            .iter()
+            .map(|o| (o.attempt, o.state.as_str(), o.reason.as_deref()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                (
+                    1,
+                    "returned",
+                    Some("result deadline: no result after 3600 s")
+                ),
+                (2, "done", None)
+            ]
+        );
+        assert_eq!(
+            detail.attempt_outcomes[0].started,
+            Timestamp::from_system(secs(0))
+        );
+        assert_eq!(
+            detail.attempt_outcomes[1].ended,
+            Timestamp::from_system(secs(13))
+        );
+        // By key, too.
+        let by_key = reader(dir.path())
+            .show("images/a.jpg")
+            .expect("show")
+            .expect("found");
+        assert_eq!(by_key.job.job_id, "job-1");
+        assert!(reader(dir.path()).show("nothing").expect("show").is_none());
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        failed_then_succeeded(&history, "job-1", "a", 0);
+        assert!(history.flush(WAIT));
+        drop(history);
+        // The writer has gone with its last handle; a new one appends to the same file.
+        let history = open(dir.path());
+        history.record(event(
+            "job-1",
+            "a",
+            secs(100),
+            EventKind::Received { receive_count: 3 },
+        ));
+        assert!(history.flush(WAIT));
+        let detail = reader(dir.path())
+            .show("job-1")
+            .expect("show")
+            .expect("found");
+        assert_eq!(detail.job.attempts, 3);
+        assert_eq!(detail.timeline.len(), 15);
+        assert_eq!(detail.job.state, "received");
+    }
+
+    #[test]
+    fn retention_by_age_and_by_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let history = open(dir.path());
+        for (job, age_days) in [("old", 40), ("mid", 20), ("new1", 2), ("new2", 1)] {
+            history.record(event(
+                job,
+                job,
+                now - day * age_days,
+                EventKind::Received { receive_count: 1 },
+            ));
+        }
+        assert!(history.flush(WAIT));
+        assert_eq!(all(dir.path()).len(), 4);
+        drop(history);
+
+        // Retention applies when the writer starts (then every minute): by age...
+        let history = History::open(
+            dir.path(),
+            Retention {
+                max_age: day * 30,
+                max_rows: 100,
+            },
+        )
+        .expect("open");
+        assert!(history.flush(WAIT));
+        let ids = |jobs: Vec<JobSummary>| jobs.into_iter().map(|j| j.job_id).collect::<Vec<_>>();
+        assert_eq!(ids(all(dir.path())), ["new2", "new1", "mid"]);
+        assert!(reader(dir.path()).show("old").expect("show").is_none());
+        drop(history);
+
+        // ...then by rows, keeping the most recently updated.
+        let history = History::open(
+            dir.path(),
+            Retention {
+                max_age: day * 30,
+                max_rows: 2,
+            },
+        )
+        .expect("open");
+        assert!(history.flush(WAIT));
+        assert_eq!(ids(all(dir.path())), ["new2", "new1"]);
+        // Their events went with them.
+        let conn = Connection::open(dir.path().join(FILE_NAME)).expect("open raw");
+        let events: i64 = conn
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(events, 2);
+        assert_eq!(history.write_failures(), 0);
+    }
+
+    #[test]
+    fn unwritable_history_never_blocks_and_counts_failures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        assert!(history.flush(WAIT));
+        // Another connection takes the tables away: every write now fails.
+        let conn = Connection::open(dir.path().join(FILE_NAME)).expect("open raw");
+        conn.execute_batch("DROP TABLE jobs; DROP TABLE events;")
+            .expect("drop tables");
+
+        let started = Instant::now();
+        for n in 0..100 {
+            history.record(event("j", "k", secs(n), EventKind::Claimed));
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(200),
+            "record blocked: {elapsed:?}"
+        );
+        assert!(history.flush(WAIT));
+        assert_eq!(history.write_failures(), 100);
+    }
+
+    fn with_channel(sender: SyncSender<Command>) -> History {
+        let shared = Arc::new(Shared {
+            failures: AtomicU64::new(0),
+            started: Instant::now(),
+            last_warn: AtomicU64::new(0),
+        });
+        History {
+            writer: Some(Arc::new(Writer { sender, shared })),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_or_a_gone_writer_drops_and_counts_without_blocking() {
+        // Nobody receives: the one slot fills, the other four are dropped.
+        let (sender, _receiver) = mpsc::sync_channel(1);
+        let history = with_channel(sender);
+        for n in 0..5 {
+            history.record(event("j", "k", secs(n), EventKind::Claimed));
+        }
+        assert_eq!(history.write_failures(), 4);
+        assert!(!history.flush(Duration::from_millis(50)));
+
+        let (sender, receiver) = mpsc::sync_channel(8);
+        drop(receiver);
+        let history = with_channel(sender);
+        history.record(event("j", "k", secs(0), EventKind::Claimed));
+        assert_eq!(history.write_failures(), 1);
+
+        let disabled = History::disabled();
+        disabled.record(event("j", "k", secs(0), EventKind::Claimed));
+        assert_eq!(disabled.write_failures(), 0);
+        assert!(disabled.flush(Duration::ZERO));
+    }
+
+    #[test]
+    fn reader_sees_rows_while_the_writer_is_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        let reader = reader(dir.path());
+        assert!(
+            reader
+                .list(&ListFilter::default())
+                .expect("list")
+                .is_empty()
+        );
+        history.record(event(
+            "j1",
+            "a/b.jpg",
+            secs(0),
+            EventKind::Received { receive_count: 1 },
+        ));
+        assert!(history.flush(WAIT));
+        let jobs = reader.list(&ListFilter::default()).expect("list");
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].key, "a/b.jpg");
+        let mode: String = Connection::open(dir.path().join(FILE_NAME))
+            .expect("open raw")
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn list_filters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        failed_then_succeeded(&history, "done-1", "images/cat.jpg", 0);
+        history.record(event(
+            "ret-1",
+            "images/dog.jpg",
+            secs(100),
+            EventKind::Returned {
+                reason: "shutdown".into(),
+            },
+        ));
+        history.record(event(
+            "run-1",
+            "other/cat.png",
+            secs(200),
+            EventKind::Uploaded,
+        ));
+        assert!(history.flush(WAIT));
+        let reader = reader(dir.path());
+        let ids = |filter: ListFilter| {
+            reader
+                .list(&filter)
+                .expect("list")
+                .into_iter()
+                .map(|j| j.job_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(ListFilter::default()), ["run-1", "ret-1", "done-1"]);
+        assert_eq!(
+            ids(ListFilter {
+                state: Some(JobState::Done),
+                ..ListFilter::default()
+            }),
+            ["done-1"]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                key_contains: Some("cat".into()),
+                ..ListFilter::default()
+            }),
+            ["run-1", "done-1"]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                since: Some(secs(100)),
+                ..ListFilter::default()
+            }),
+            ["run-1", "ret-1"]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                limit: 1,
+                ..ListFilter::default()
+            }),
+            ["run-1"]
+        );
+    }
+
+    #[test]
+    fn unknown_schema_version_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(FILE_NAME);
+        Connection::open(&path)
+            .expect("open raw")
+            .pragma_update(None, "user_version", 7)
+            .expect("set version");
+        let err = History::open(dir.path(), Retention::default()).expect_err("refused");
+        assert!(
+            matches!(err, HistoryError::UnknownVersion { found: 7, .. }),
+            "{err}"
+        );
+        let err = HistoryReader::open(dir.path()).err().expect("refused");
+        assert!(
+            matches!(err, HistoryError::UnknownVersion { found: 7, .. }),
+            "{err}"
+        );
+        // A database that is not ours (tables, no version) is refused too.
+        let other = tempfile::tempdir().expect("tempdir");
+        Connection::open(other.path().join(FILE_NAME))
+            .expect("open raw")
+            .execute_batch("CREATE TABLE t (x)")
+            .expect("create");
+        assert!(History::open(other.path(), Retention::default()).is_err());
+    }
+
+    #[test]
+    fn timestamps_render_in_utc() {
+        let t = Timestamp(1_780_000_000_250);
+        assert_eq!(t.rfc3339(), "2026-05-28T20:26:40.250Z");
+        assert_eq!(t.to_string(), "2026-05-28 20:26:40");
+        assert_eq!(
+            serde_json::to_string(&t).expect("json"),
+            "\"2026-05-28T20:26:40.250Z\""
+        );
+    }
+}

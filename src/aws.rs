@@ -45,6 +45,12 @@ pub fn receive_attempt_timeout(wait: Duration) -> Duration {
     wait + RECEIVE_SLACK
 }
 
+/// The longest a small S3 request (a HEAD, a claim's PUT) may take, retries included:
+/// S3 has no attempt timeout (a transfer may take long), only the connect and read ones.
+pub fn worst_s3_request() -> Duration {
+    (CONNECT_TIMEOUT + READ_TIMEOUT) * MAX_ATTEMPTS + MAX_RETRY_BACKOFF * (MAX_ATTEMPTS - 1)
+}
+
 /// The longest an SQS request other than a receive may take, retries included.
 pub fn worst_sqs_request() -> Duration {
     (SQS_ATTEMPT_TIMEOUT + CONNECT_TIMEOUT) * MAX_ATTEMPTS + MAX_RETRY_BACKOFF * (MAX_ATTEMPTS - 1)

@@ -394,11 +394,17 @@ impl Config {
     }
 
     /// The longest start-up can take before READY with these flags: the SQS requests made
-    /// before it (the jobs queue's URL, the results queue's), retries included. Releasing
-    /// what a previous run left happens after READY, in the background.
+    /// before it (the jobs queue's URL, the results queue's) and the S3 check of the
+    /// claims location, retries included. Releasing what a previous run left happens
+    /// after READY, in the background.
     pub fn start_budget(&self) -> Duration {
         let requests = 1 + u32::from(self.results_queue.is_some());
-        crate::aws::worst_sqs_request() * requests
+        let claims_check = if self.claims.is_some() {
+            crate::aws::worst_s3_request()
+        } else {
+            Duration::ZERO
+        };
+        crate::aws::worst_sqs_request() * requests + claims_check
     }
 }
 

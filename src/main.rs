@@ -107,7 +107,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         start_budget_s = config.start_budget().as_secs(),
         "Worst-case start and stop times with these flags (TimeoutStartSec and TimeoutStopSec must cover them)."
     );
-    // Bound first: a port in use is a start-up error, before anything else is touched.
+    // Installed first, so a SIGTERM during start-up is a clean stop, not a kill.
+    let shutdown = Shutdown::new();
+    let signals = Signals::install().context("cannot install the signal handlers")?;
+    tokio::spawn(signals.forward(shutdown.clone()));
+    // Bound next: a port in use is a start-up error, before anything else is touched.
     let http = match config.http_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -148,18 +152,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         WorkDir::open(&config.work_dir).context("cannot prepare the work dir")?;
     info!(work_dir = %work_dir.path().display(), removed, "Work dir ready.");
 
-    // Checked before the journal is touched: a wrong --claims stops here.
-    let claims = match &config.claims {
-        Some(place) => {
-            let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
-            let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
-            let context = || format!("cannot reach the claims location {place} (--claims)");
-            claims.check().await.with_context(context)?;
-            Some(claims)
-        }
-        None => None,
-    };
-
     let (journal, leftovers) =
         Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
     info!(
@@ -196,6 +188,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }),
         None => History::disabled(),
     };
+    let claims = match &config.claims {
+        Some(place) => {
+            let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
+            let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
+            let context = || format!("cannot reach the claims location {place} (--claims)");
+            claims.check().await.with_context(context)?;
+            Some(claims)
+        }
+        None => None,
+    };
     let jobs = Arc::new(JobContext::new(
         clients.s3,
         Arc::new(reservations),
@@ -212,10 +214,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         history.clone(),
     ));
 
-    let shutdown = Shutdown::new();
-    let signals = Signals::install().context("cannot install the signal handlers")?;
-    tokio::spawn(signals.forward(shutdown.clone()));
-    // The queue is reached, the journal read and signals handled: tell systemd.
+    // The queue is reached and the journal read: tell systemd.
     telemetry::get().set_ready(true);
     notify::ready(&format!("Receiving jobs from {}.", queue.url()));
     tokio::spawn(warn_without_redrive(queue.clone()));

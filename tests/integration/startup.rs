@@ -187,8 +187,9 @@ fn bare_orchgpu(queue: &str, home: &std::path::Path, env: &[(&str, &str)]) -> Co
             "out",
         ])
         .args(["-m", "/bin/true", "--endpoint-url", &harness::endpoint()])
-        // A short long-poll, so that SIGTERM ends the receive in flight soon.
-        .args(["-w", "1"])
+        // A short long-poll, so that SIGTERM ends the receive in flight soon; no claims:
+        // the output bucket does not exist, and these tests are about credentials.
+        .args(["-w", "1", "--claims", "off"])
         .arg("--state-dir")
         .arg(home.join("state"))
         .env_clear()

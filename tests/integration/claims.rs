@@ -36,12 +36,19 @@ fn count_in_logs(stack: &Stack, daemons: &[usize], needle: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() -> Result<()> {
     const OBJECTS: usize = 10;
-    let ssgm = MockSsgm::start(4)?;
+    // GPUs and slots for every message: each daemon may take ten, so the two notifications
+    // of an object can land in different daemons.
+    let ssgm = MockSsgm::start(20)?;
     let mut stack = Stack::new("claims2x", 5).await?;
     // Claims beside the bundles, in the intermediate bucket: the function's notification
     // filter (prefix bundles/v1/, suffix .tar.gz) must keep them away from it.
     let claims = format!("{}/claims", stack.work_bucket);
-    stack.start_function("copy-result.sh")?;
+    // Results wait until both daemons have met each other's claims: without the hold, a
+    // fast emulator may finish a job before its duplicate is even received.
+    let hold = stack.logs.path().join("hold");
+    std::fs::write(&hold, b"")?;
+    let hold_env = hold.display().to_string();
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold_env)])?;
     for i in 0..OBJECTS {
         stack
             .upload(
@@ -55,11 +62,27 @@ async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() ->
         stack.send_raw(&again).await?;
     }
     // Both daemons start on a queue that already holds both notifications of each object.
-    let extra = ["--claims", &claims, "--claim-lease", "6", "-s", "2"];
+    let extra = [
+        "--claims",
+        &claims,
+        "--claim-lease",
+        "6",
+        "-s",
+        "2",
+        "--max-jobs",
+        "10",
+    ];
     let a_state = stack.state_dir("a");
     let b_state = stack.state_dir("b");
     let a = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &a_state]].concat())?;
     let b = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &b_state]].concat())?;
+    let met = crate::harness::wait_for("a claim held elsewhere", Duration::from_secs(60), || {
+        let found = count_in_logs(&stack, &[a, b], "Job held elsewhere") > 0;
+        async move { Ok(found.then_some(())) }
+    })
+    .await;
+    std::fs::remove_file(&hold)?;
+    met?;
 
     stack
         .wait_for_results(OBJECTS, Duration::from_secs(120))

@@ -195,7 +195,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
             );
         }
         for call in leftovers.calls {
-            let _ = work.send(Work::Settle(call));
+            let _ = work.send(Work::Settle { call, after: None });
         }
         for entry in leftovers.reservations {
             if entry.scheduler == shared.scheduler_address {
@@ -235,8 +235,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     /// deadline or interrupted. One job asks at a time. While the scheduler answers
     /// busy, waits for the retry interval or for one of our own releases, whichever
     /// comes first. `stop` ends a wait for the scheduler (not a call in flight); `abort`
-    /// ends a call in flight too: its client is killed and what it printed is settled
-    /// by the releaser.
+    /// also stops waiting for a call in flight, which the releaser lets finish and
+    /// settles (what it granted is released).
     ///
     /// # Errors
     /// See `AllocError`.
@@ -329,13 +329,20 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
             .await
             .map_err(AllocError::Journal)?;
         let files = journal.call_files(&call.call_id);
+        // The call runs in a task of its own: a job that gives up waiting must not kill a
+        // client whose scheduler may have granted without printing yet.
+        let mut in_flight = tokio::spawn({
+            let (scheduler, gpus, files) =
+                (self.shared.scheduler.clone(), self.settings.gpus, files);
+            async move { scheduler.alloc(gpus, &files).await }
+        });
         let result = tokio::select! {
             biased;
-            result = self.shared.scheduler.alloc(self.settings.gpus, &files) => result,
+            joined = &mut in_flight => joined.unwrap_or_else(|e| Err(SchedulerError::Io(std::io::Error::other(e)))),
             _ = abort.cancelled() => {
-                // Dropping the call killed its client; whatever it printed is in its
-                // file, and the releaser settles it like a call of a previous run.
-                let _ = self.work.send(Work::Settle(call));
+                // The releaser lets the call finish, then reads its reply from its file
+                // and releases what it granted, like a call of a previous run.
+                let _ = self.work.send(Work::Settle { call, after: Some(in_flight) });
                 return Err(AllocError::Interrupted);
             }
         };

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -28,7 +28,7 @@ use super::journal::{CallEntry, JournalEntry};
 use super::{Shared, blocking, forget, unix_now_ms};
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
-use crate::scheduler::GpuScheduler;
+use crate::scheduler::{AllocReply, GpuScheduler, SchedulerError};
 use crate::telemetry;
 
 /// Consecutive failed releases after which a reservation is given up (see the module doc).
@@ -47,8 +47,12 @@ pub(super) enum Work {
     },
     /// A release of this reservation just failed: count it and retry after a backoff.
     Retry(JournalEntry),
-    /// Settle this call and release what it granted.
-    Settle(CallEntry),
+    /// Settle this call (once `after`, the call still running in this process, has
+    /// ended) and release what it granted.
+    Settle {
+        call: CallEntry,
+        after: Option<JoinHandle<Result<AllocReply, SchedulerError>>>,
+    },
 }
 
 /// A release waiting for its next attempt.
@@ -128,9 +132,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
         match work {
             Work::Retry(entry) => self.attempted(entry, false).await,
             Work::Release { entry, after } => self.add_release(entry, after),
-            Work::Settle(call) => {
+            Work::Settle { call, after } => {
                 let shared = self.shared.clone();
-                self.settles.spawn(settle(shared, call));
+                self.settles.spawn(async move {
+                    if let Some(in_flight) = after {
+                        // Its reply is in its file either way.
+                        let _ = in_flight.await;
+                    }
+                    settle(shared, call).await
+                });
             }
         }
     }

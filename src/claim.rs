@@ -387,8 +387,12 @@ impl Claims {
             };
             let now = (shared.clock)();
             let current = parse_body(&current);
+            // A live claim of our own process is a leftover (a finished job whose claim
+            // could not be deleted): the daemon runs one job per id at a time, so no job
+            // of ours holds it now.
             if let Some(body) = &current
                 && body.expires_unix_ms > now
+                && body.owner != shared.owner
                 && !shared.owner.is_dead_neighbour(&body.owner)
             {
                 return Ok(Acquired::HeldElsewhere {
@@ -850,6 +854,22 @@ mod tests {
             .filter(|r| matches!(r, Acquired::Claimed(_)))
             .count();
         assert_eq!(winners, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_claim_left_by_this_very_process_is_taken_over_at_once() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let a = daemon(&store, 1, &clock);
+        // A finished job whose claim could not be deleted (an S3 outage): it stays live.
+        claimed(a.acquire("j").await.expect("store works")).leave();
+        let b = daemon(&store, 2, &clock);
+        assert!(matches!(
+            b.acquire("j").await.expect("ok"),
+            Acquired::HeldElsewhere { .. }
+        ));
+        // The redelivered message comes back to the same daemon: no waiting for the lease.
+        claimed(a.acquire("j").await.expect("store works")).leave();
     }
 
     #[tokio::test(start_paused = true)]

@@ -284,21 +284,18 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
 
             match self.call_alloc(job_id, key, abort).await? {
                 Asked::Granted(reservation) => return Ok(reservation),
-                Asked::Reply(AllocReply::RequestError { detail }) => {
+                Asked::Rejected { detail } => {
                     return Err(AllocError::Rejected {
                         gpus: self.settings.gpus,
                         detail,
                     });
                 }
-                Asked::Reply(AllocReply::Busy) => {
+                Asked::Busy => {
                     ledger.on_busy();
                     if Instant::now() >= deadline {
                         return Err(AllocError::Deadline(self.settings.alloc_deadline));
                     }
                     // The next turn waits for a release of ours or the retry interval.
-                }
-                Asked::Reply(AllocReply::Granted(_)) => {
-                    unreachable!("call_alloc turns every grant into a reservation")
                 }
             }
         }
@@ -389,9 +386,13 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                     fallback: Some(self.work.clone()),
                 }))
             }
-            Ok(reply) => {
+            Ok(AllocReply::Busy) => {
                 self.end_call(&call.call_id).await;
-                Ok(Asked::Reply(reply))
+                Ok(Asked::Busy)
+            }
+            Ok(AllocReply::RequestError { detail }) => {
+                self.end_call(&call.call_id).await;
+                Ok(Asked::Rejected { detail })
             }
             Err(SchedulerError::StrayGrant { job, source }) => {
                 warn!(scheduler_job = %job, error = %error_chain(&*source),
@@ -491,7 +492,11 @@ fn error_label(error: &SchedulerError) -> SchedulerReply {
 /// The outcome of one `-alloc` call.
 enum Asked {
     Granted(Reservation),
-    Reply(AllocReply),
+    Busy,
+    /// The scheduler refused the request itself.
+    Rejected {
+        detail: String,
+    },
 }
 
 /// Forgets a reservation the scheduler confirmed released and counts it out. A failed

@@ -231,21 +231,8 @@ impl Stack {
 
     /// Every object key under the output dir.
     pub async fn output_keys(&self) -> Result<Vec<String>> {
-        let mut keys = Vec::new();
-        let mut pages = self
-            .s3
-            .list_objects_v2()
-            .bucket(&self.output_bucket)
-            .prefix(format!("{}/", self.output_dir))
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            for object in page?.contents.unwrap_or_default() {
-                keys.extend(object.key);
-            }
-        }
-        keys.sort();
-        Ok(keys)
+        self.keys(&self.output_bucket, &format!("{}/", self.output_dir))
+            .await
     }
 
     pub async fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {

@@ -300,8 +300,11 @@ pub struct Args {
     )]
     pub claims: Option<String>,
 
-    /// How long a job's claim holds without renewal; renewed every third of it. A crashed
-    /// daemon's jobs wait this long before another daemon takes them over.
+    /// How long a job's claim holds without renewal; renewed every third of it, each claim
+    /// call timed out after a sixth of it (1 to 10 s), and a holder whose renewals do
+    /// not get through stops a call timeout before the lease ends. At least 6 s. A
+    /// crashed daemon's jobs wait this long before a daemon of another host takes them
+    /// over.
     #[arg(
         long = "claim-lease",
         env = "ORCHGPU_CLAIM_LEASE",
@@ -414,17 +417,25 @@ impl Config {
     /// The longest a graceful stop can take, from the first SIGTERM to exit, with these
     /// flags; the unit's `TimeoutStopSec` must be at least this (a test checks it with the
     /// env example's values). In order: a receive in flight ends within `-w`; running
-    /// jobs get `--shutdown-grace`; then each cancelled job makes one release attempt (an
-    /// allocation in flight is cut short: the releaser settles it) and returns its message
-    /// (one SQS request, retries included); then the releaser's last pass gets one SSGM
-    /// call's time.
+    /// jobs get `--shutdown-grace`; then each cancelled job takes its grant out of its
+    /// claim and ends the claim (two claim calls, each confirmed by a read), makes one
+    /// release attempt (an allocation in flight is cut short: the releaser settles it)
+    /// and returns its message (one SQS request, retries included); then the releaser's
+    /// last pass gets one SSGM call's time.
     pub fn stop_budget(&self) -> Duration {
         let ssgm_call = self.ssgm_timeout + crate::scheduler::KILL_GRACE;
+        // A cancelled job's claim calls: clearing its grant and ending its claim, each a
+        // write and a confirming read.
+        let claim_calls = match self.claims {
+            Some(_) => crate::claim::call_timeout(self.claim_lease) * 4,
+            None => Duration::ZERO,
+        };
         self.wait_time
             + self.shutdown_grace
             + ssgm_call
             + crate::aws::worst_sqs_request()
             + ssgm_call
+            + claim_calls
     }
 
     /// The longest start-up can take before READY with these flags: the SQS requests made
@@ -532,7 +543,12 @@ impl TryFrom<Args> for Config {
                 &args.history_max_jobs,
             )?,
             claims,
-            claim_lease: parse_secs("--claim-lease", &args.claim_lease, 3, 6 * 60 * 60)?,
+            claim_lease: parse_secs(
+                "--claim-lease",
+                &args.claim_lease,
+                crate::claim::MIN_LEASE.as_secs(),
+                6 * 60 * 60,
+            )?,
             work_dir: resolve_work_dir(args.work_dir, |name| std::env::var_os(name))?,
         })
     }
@@ -1616,7 +1632,7 @@ mod tests {
             })
         );
         assert_eq!(c.claim_lease, Duration::from_secs(60));
-        let c = config(&["--claims", "work/claims", "--claim-lease", "5"]).expect("valid");
+        let c = config(&["--claims", "work/claims", "--claim-lease", "6"]).expect("valid");
         assert_eq!(
             c.claims,
             Some(BucketDir {
@@ -1624,9 +1640,10 @@ mod tests {
                 dir: "claims".into()
             })
         );
-        assert_eq!(c.claim_lease, Duration::from_secs(5));
+        assert_eq!(c.claim_lease, Duration::from_secs(6));
         assert_eq!(config(&["--claims", "off"]).expect("valid").claims, None);
-        assert!(error_for(&["--claim-lease", "2"]).contains("--claim-lease"));
+        // Below six shortest claim-call timeouts a renewal and its retry cannot both fit.
+        assert!(error_for(&["--claim-lease", "5"]).contains("--claim-lease"));
     }
 
     #[test]

@@ -282,6 +282,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     let _running = telemetry::get().job_running();
     telemetry::get().jobs_progressed();
     let received_at = Instant::now();
+    let jobs_have_claims = jobs.has_claims();
     let cancel = JobCancel {
         token: shutdown.abort.child_token(),
         lost: CancellationToken::new(),
@@ -330,6 +331,12 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
                 let Some((_, visibility, sent_at)) = beat.take() else { continue };
                 match result {
                     Ok(()) => schedule.succeeded(sent_at, visibility),
+                    // With claims, the claim carries the job: the copy of the message that
+                    // came back waits for it to end, so the job goes on.
+                    Err(QueueError::ReceiptInvalid { .. }) if jobs_have_claims => {
+                        warn!("Message receipt lost (the message came back); the job goes on under its claim.");
+                        cancel.lost.cancel();
+                    }
                     Err(QueueError::ReceiptInvalid { .. }) => {
                         warn!("Message receipt lost; abandoning the job.");
                         cancel.lost.cancel();
@@ -511,7 +518,7 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
             Some(&message_id),
             EventKind::Received { receive_count },
         );
-        let ended = jobs.run_job(object, &cancel).await;
+        let ended = jobs.run_job(object, Some(&message_id), &cancel).await;
         match &ended {
             Ok(JobOutcome::Completed) => {
                 succeeded = true;
@@ -524,6 +531,10 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
         if let Err(e) = ended {
             let disposition = e.disposition();
             match disposition {
+                Disposition::Delete if matches!(e, JobError::Duplicate { .. }) => {
+                    info!(key = %object.key, reason = %e, "Duplicate of a job another daemon runs from its own message; deleting this copy.");
+                    continue;
+                }
                 Disposition::Delete => {
                     warn!(bucket = %object.bucket, key = %object.key, reason = %error_chain(&e), "Dropping job that can never run.");
                     continue;

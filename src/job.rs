@@ -1,12 +1,23 @@
 //! One job's pipeline: one input object in, one result object out, as named stages.
 //!
-//! check for a result beside the download → allocate (for a small input, already while
-//! it downloads) → bundle → upload → await result → release. The job holds its GPU
-//! reservation for the GPU stages and hands it back to `reservations` on every path it
-//! controls (success, error, cancellation); the reservation's own drop guard covers a
+//! claim → check for a result beside the download → allocate (for a small input, already
+//! while it downloads) → bundle (the grant recorded in the claim meanwhile) → the
+//! function recorded in the claim → upload → await result → release. The job holds its
+//! GPU reservation for the GPU stages and hands it back to `reservations` on every path
+//! it controls (success, error, cancellation); the reservation's own drop guard covers a
 //! dropped or panicking task. Temporary files are `tempfile` values, removed on every
 //! path. What happens to the SQS message afterwards is decided by
 //! `JobError::disposition`, not here.
+//!
+//! With claims on, the claim is the job's shared record (see `claim`). Once the claim
+//! says the function may be running, the GPUs are released only after the result or the
+//! result deadline: any other ending (shutdown, a lost lease, an upload whose outcome is
+//! unknown) hands them over through the claim, and whoever takes the job over next
+//! *adopts* it — waits for the result until the recorded deadline, then releases. A grant
+//! recorded without the function is released by the next holder before it runs the job.
+//! A copy of the job's message that is not the holder's is deleted (the holder's message
+//! carries the job); the holder's own message coming back is kept hidden until the claim
+//! ends.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -18,12 +29,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
 use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
-use crate::claim::{Acquired, ClaimError, ClaimGuard, Claims};
+use crate::claim::{
+    Acquired, ClaimError, ClaimGuard, ClaimHandle, Claims, FunctionStarted, JobRecord,
+    RecordedGrant,
+};
 use crate::cli::BucketDir;
 use crate::event::ObjectRef;
 use crate::history::{EventKind, History, HistoryEvent};
@@ -153,6 +167,11 @@ impl<S> JobContext<S> {
         ));
     }
 
+    /// Whether jobs are claimed across daemons.
+    pub fn has_claims(&self) -> bool {
+        self.claims.is_some()
+    }
+
     /// The GPU reservations the jobs draw on.
     pub fn reservations(&self) -> &Reservations<S> {
         &self.reservations
@@ -202,8 +221,12 @@ pub enum JobError {
     InputSuperseded { bucket: String, key: String },
     #[error("job is held by another daemon ({owner}) for {remaining:?} more")]
     HeldElsewhere { owner: String, remaining: Duration },
-    #[error("job's claim was taken over by another daemon")]
-    ClaimLost { lease: Duration },
+    /// Another daemon holds the job from another message, which carries the job: this
+    /// copy is not needed.
+    #[error("duplicate of a job held by {owner} from another message")]
+    Duplicate { owner: String },
+    #[error("job's claim was lost (its lease ran out or another daemon took it over)")]
+    ClaimLost,
     #[error("failed to claim the job")]
     Claim(#[source] ClaimError),
     #[error("failed to transfer job data")]
@@ -242,7 +265,8 @@ impl JobError {
         match self {
             JobError::InputGone { .. } => Outcome::Dropped,
             JobError::InputSuperseded { .. } => Outcome::Superseded,
-            JobError::HeldElsewhere { .. } | JobError::ClaimLost { .. } => Outcome::Deferred,
+            JobError::HeldElsewhere { .. } | JobError::ClaimLost => Outcome::Deferred,
+            JobError::Duplicate { .. } => Outcome::Duplicate,
             JobError::Cancelled | JobError::NotStarted | JobError::CancelledAwaitingResult => {
                 Outcome::Stopped
             }
@@ -261,15 +285,18 @@ impl JobError {
     /// The lifecycle policy: only a job that can never work deletes its message.
     pub fn disposition(&self) -> Disposition {
         match self {
-            JobError::InputGone { .. } | JobError::InputSuperseded { .. } => Disposition::Delete,
+            // A duplicate's job is carried by the holder's own message.
+            JobError::InputGone { .. }
+            | JobError::InputSuperseded { .. }
+            | JobError::Duplicate { .. } => Disposition::Delete,
             // A second early; and the lease can be no longer than SQS lets a message hide.
             JobError::HeldElsewhere { remaining, .. } => Disposition::ReturnAfter(
                 (*remaining + Duration::from_secs(1)).min(crate::cli::MAX_VISIBILITY / 2),
             ),
-            JobError::ClaimLost { lease } => {
-                Disposition::ReturnAfter((*lease).min(crate::cli::MAX_VISIBILITY / 2))
+            // Whoever takes the job over next finishes it (or adopts its running function).
+            JobError::ClaimLost | JobError::Cancelled | JobError::NotStarted => {
+                Disposition::ReturnNow
             }
-            JobError::Cancelled | JobError::NotStarted => Disposition::ReturnNow,
             JobError::Abandoned => Disposition::Abandon,
             JobError::Storage(_)
             | JobError::Claim(_)
@@ -340,43 +367,108 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     pub async fn run_job(
         &self,
         object: &ObjectRef,
+        message_id: Option<&str>,
         cancel: &JobCancel,
     ) -> Result<JobOutcome, JobError> {
         let id = JobId::derive(object);
         let started = Instant::now();
-        let _claim = self.claim(&id, cancel).await?;
+        let _active = self.claim(&id, cancel).await?;
         let Some(claims) = &self.claims else {
-            return self.run_stages(&id, object, started, cancel).await;
+            return self.run_stages(&id, object, started, cancel, None).await;
         };
         // The cross-daemon claim comes before the result check: of two daemons, the one
         // that loses either finds the result later or takes over an expired claim.
-        let mut guard = stage("claim", acquire_claim(claims, &id)).await?;
+        let guard = stage("claim", self.acquire_claim(claims, &id, message_id, cancel)).await?;
         self.record(object, None, EventKind::Claimed);
         let claim_lost = cancel.token.child_token();
         let stages_cancel = JobCancel {
             token: claim_lost.clone(),
             ..cancel.clone()
         };
-        let (result, lost) = guard
-            .keep_while(
-                &claim_lost,
-                self.run_stages(&id, object, started, &stages_cancel),
-            )
-            .await;
+        let handle = guard.handle();
+        let work = self.run_claimed(
+            &id,
+            object,
+            started,
+            &stages_cancel,
+            &handle,
+            guard.carried().clone(),
+        );
+        let (result, lost) = guard.keep_while(&claim_lost, work).await;
         let result = match result {
-            Err(_) if lost => Err(JobError::ClaimLost {
-                lease: claims.lease(),
-            }),
+            Err(_) if lost && !cancel.token.is_cancelled() => Err(JobError::ClaimLost),
             other => other,
         };
-        match &result {
-            Ok(_) => guard.finish().await,
-            // The function may still write the result: let the lease run out rather than
-            // have a retry start it again at once.
-            Err(JobError::CancelledAwaitingResult) => guard.leave(),
-            Err(_) => guard.give_up().await,
-        }
+        // Deleted if it records nothing; else released with its record for the next holder.
+        guard.end().await;
         result
+    }
+
+    /// A claimed job: first what a former holder left in the claim (a grant to release, or
+    /// a running function to adopt), then the stages.
+    async fn run_claimed(
+        &self,
+        id: &JobId,
+        object: &ObjectRef,
+        started: Instant,
+        cancel: &JobCancel,
+        claim: &ClaimHandle,
+        carried: JobRecord,
+    ) -> Result<JobOutcome, JobError> {
+        if let Some(grant) = &carried.grant {
+            let adopted = self
+                .reservations
+                .adopt(
+                    id.as_str(),
+                    &object.key,
+                    &grant.scheduler,
+                    &grant.scheduler_job_id,
+                    &grant.devices,
+                    grant.since_unix,
+                )
+                .await;
+            match adopted {
+                Ok(reservation) => {
+                    if let Some(function) = &carried.function {
+                        info!(scheduler_job = %grant.scheduler_job_id,
+                            "Adopting a job whose function may be running: waiting for its result.");
+                        let result_key = self.result_key(id);
+                        let waiter = self
+                            .results
+                            .as_ref()
+                            .map(|r| r.register(&self.settings.output.bucket, &result_key));
+                        let deadline = instant_of_unix_ms(function.result_deadline_unix_ms);
+                        let seen = stage(
+                            "await_result",
+                            self.await_result(result_key, waiter.as_ref(), cancel, deadline),
+                        )
+                        .await;
+                        if seen.is_ok() {
+                            self.record(object, None, EventKind::ResultSeen);
+                        }
+                        self.give_back(object, reservation, Some(claim), &seen)
+                            .await;
+                        return seen;
+                    }
+                    info!(scheduler_job = %grant.scheduler_job_id,
+                        "Releasing the grant a former holder recorded before it uploaded.");
+                    self.give_back(object, reservation, Some(claim), &Err(JobError::ClaimLost))
+                        .await;
+                }
+                Err(e) => {
+                    // Not ours to release (another scheduler) or not recordable here: say
+                    // so, and take it out of the record so the job can go on.
+                    error!(scheduler_job = %grant.scheduler_job_id, scheduler = %grant.scheduler,
+                        error = %error_chain(&e), "Cannot take over the grant the job's claim records; release it by hand.");
+                    if let AllocError::Journal(_) = e {
+                        return Err(JobError::Allocation(e));
+                    }
+                    claim.clear_gpus().await.map_err(JobError::Claim)?;
+                }
+            }
+        }
+        self.run_stages(id, object, started, cancel, Some(claim))
+            .await
     }
 
     /// The job's stages, from the result check to the release.
@@ -386,6 +478,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         object: &ObjectRef,
         started: Instant,
         cancel: &JobCancel,
+        claim: Option<&ClaimHandle>,
     ) -> Result<JobOutcome, JobError> {
         let id = id.clone();
         let input = self.temp_file(&id, "input")?;
@@ -397,12 +490,10 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             Prepared::Ready { reservation, size } => (reservation, size),
         };
         let result = self
-            .run_with_gpus(&id, object, size, input.path(), &reservation, cancel)
+            .run_with_gpus(&id, object, size, input.path(), &reservation, cancel, claim)
             .await;
         // The GPUs go back before anything else happens to the message.
-        let scheduler_job = reservation.grant().scheduler_job_id.clone();
-        self.reservations.release(reservation).await;
-        self.record(object, None, EventKind::Released { scheduler_job });
+        self.give_back(object, reservation, claim, &result).await;
         drop(input);
         if result.is_ok() {
             info!(
@@ -411,6 +502,47 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             );
         }
         result
+    }
+
+    /// Gives the GPUs back after the job's stages: released, unless the claim says the
+    /// function may be running and no result or deadline ended the wait — then they are
+    /// handed over through the claim (see the module doc). A grant the claim names leaves
+    /// the claim first; when that is not confirmed, the releaser asks the claim before
+    /// releasing, so a grant is never released twice.
+    async fn give_back(
+        &self,
+        object: &ObjectRef,
+        reservation: Reservation,
+        claim: Option<&ClaimHandle>,
+        result: &Result<JobOutcome, JobError>,
+    ) {
+        let scheduler_job = reservation.grant().scheduler_job_id.clone();
+        let Some(claim) = claim else {
+            self.reservations.release(reservation).await;
+            self.record(object, None, EventKind::Released { scheduler_job });
+            return;
+        };
+        let wait_ended = matches!(result, Ok(_) | Err(JobError::ResultDeadline { .. }));
+        if !wait_ended && claim.function_recorded().await {
+            self.reservations.hand_off(reservation).await;
+            return;
+        }
+        let cleared = if result.is_ok() {
+            claim.end_done().await
+        } else {
+            claim.clear_gpus().await
+        };
+        match cleared {
+            Ok(()) => {
+                self.reservations.release(reservation).await;
+                self.record(object, None, EventKind::Released { scheduler_job });
+            }
+            Err(e) => {
+                warn!(scheduler_job = %scheduler_job, error = %error_chain(&e),
+                    "Cannot take the grant out of the job's claim; the releaser asks the claim before releasing.");
+                self.reservations.release_in_background(reservation);
+            }
+        }
     }
 
     /// Checks for an existing result, downloads the input and gets GPUs. The check and
@@ -507,6 +639,10 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         Ok(reservation)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the job's stages share these; a struct would only rename them"
+    )]
     async fn run_with_gpus(
         &self,
         id: &JobId,
@@ -515,6 +651,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         input: &Path,
         reservation: &Reservation,
         cancel: &JobCancel,
+        claim: Option<&ClaimHandle>,
     ) -> Result<JobOutcome, JobError> {
         let bundle_file = self.temp_file(id, "bundle")?;
         let manifest = Manifest {
@@ -541,14 +678,30 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             allocated_unix: reservation.allocated_unix(),
         };
         let ext = bundle::sanitize_extension(&object.key);
-        stage(
+        let bundled = stage(
             "bundle",
             until_cancelled(
                 cancel,
                 write_bundle_file(input, ext, manifest, bundle_file.path()),
             ),
-        )
-        .await?;
+        );
+        // The grant goes into the claim while the bundle is written: from then on
+        // another daemon can find (and release) it.
+        let record_grant = async {
+            let Some(claim) = claim else { return Ok(()) };
+            let grant = reservation.grant();
+            let recorded = RecordedGrant {
+                scheduler: self.reservations.scheduler_address().to_owned(),
+                scheduler_job_id: grant.scheduler_job_id.clone(),
+                devices: grant.devices().into_iter().map(str::to_owned).collect(),
+                since_unix: reservation.allocated_unix(),
+            };
+            until_cancelled(cancel, async {
+                claim.record_grant(recorded).await.map_err(JobError::Claim)
+            })
+            .await
+        };
+        tokio::try_join!(bundled, record_grant)?;
         let bytes = std::fs::metadata(bundle_file.path()).map_or(0, |m| m.len());
         self.record(object, None, EventKind::Bundled { bytes });
 
@@ -559,6 +712,24 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .results
             .as_ref()
             .map(|r| r.register(&self.settings.output.bucket, &result_key));
+        let deadline = Instant::now() + self.settings.result_deadline;
+        if let Some(claim) = claim {
+            // From here on the function may run: the claim says so, with the deadline,
+            // before the bundle can reach it.
+            let now = unix_now_ms();
+            let function = FunctionStarted {
+                started_unix_ms: now,
+                result_deadline_unix_ms: now
+                    .saturating_add(self.settings.result_deadline.as_millis() as u64),
+            };
+            until_cancelled(cancel, async {
+                claim
+                    .record_function(function)
+                    .await
+                    .map_err(JobError::Claim)
+            })
+            .await?;
+        }
         stage(
             "upload",
             until_cancelled(cancel, async {
@@ -579,7 +750,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 
         let seen = stage(
             "await_result",
-            self.await_result(result_key, waiter.as_ref(), cancel),
+            self.await_result(result_key, waiter.as_ref(), cancel, deadline),
         )
         .await?;
         self.record(object, None, EventKind::ResultSeen);
@@ -627,9 +798,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         key: String,
         waiter: Option<&ResultWaiter>,
         cancel: &JobCancel,
+        deadline: Instant,
     ) -> Result<JobOutcome, JobError> {
         let output = &self.settings.output;
-        let deadline = Instant::now() + self.settings.result_deadline;
         let max_interval = self.settings.result_poll_interval;
         let first = if waiter.is_some() {
             max_interval
@@ -727,14 +898,56 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     }
 }
 
-/// Claims the job across daemons; a claim held by another daemon is `HeldElsewhere`.
-async fn acquire_claim(claims: &Claims, id: &JobId) -> Result<ClaimGuard, JobError> {
-    match claims.acquire(id.as_str()).await.map_err(JobError::Claim)? {
-        Acquired::Claimed(guard) => Ok(guard),
-        Acquired::HeldElsewhere { owner, remaining } => {
-            Err(JobError::HeldElsewhere { owner, remaining })
+impl<S> JobContext<S> {
+    /// Claims the job across daemons. A claim another daemon holds from this very message
+    /// (the holder's message came back when its visibility lapsed) is waited out, the
+    /// message kept hidden meanwhile; one it holds from another message makes this copy a
+    /// `Duplicate`; one of an older daemon that records no message is `HeldElsewhere`.
+    async fn acquire_claim(
+        &self,
+        claims: &Claims,
+        id: &JobId,
+        message_id: Option<&str>,
+        cancel: &JobCancel,
+    ) -> Result<ClaimGuard, JobError> {
+        let mut said = false;
+        loop {
+            let acquired = claims
+                .acquire(id.as_str(), message_id)
+                .await
+                .map_err(JobError::Claim)?;
+            let (owner, remaining, holder_message) = match acquired {
+                Acquired::Claimed(guard) => return Ok(guard),
+                Acquired::HeldElsewhere {
+                    owner,
+                    remaining,
+                    message_id,
+                } => (owner, remaining, message_id),
+            };
+            match (holder_message.as_deref(), message_id) {
+                (Some(holder), Some(ours)) if holder == ours => {
+                    if !said {
+                        info!(owner = %owner, "The holder's own message came back; keeping it hidden until the holder's claim ends.");
+                        said = true;
+                    }
+                    let wait = remaining.min(claims.lease() / 3) + Duration::from_millis(100);
+                    tokio::select! {
+                        biased;
+                        _ = cancel.token.cancelled() => return Err(cancel.error()),
+                        _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                (Some(_), Some(_)) => return Err(JobError::Duplicate { owner }),
+                _ => return Err(JobError::HeldElsewhere { owner, remaining }),
+            }
         }
     }
+}
+
+/// The `Instant` at which the wall clock reads `unix_ms` (now, if that is past).
+fn instant_of_unix_ms(unix_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(unix_ms.saturating_sub(unix_now_ms()))
 }
 
 /// Runs a stage and logs one line with its name and elapsed time when it succeeds.
@@ -795,6 +1008,13 @@ async fn write_bundle_file(
     })
     .await
     .map_err(|e| JobError::Bundle(BundleError::Write(std::io::Error::other(e))))?
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn unix_now() -> u64 {
@@ -886,10 +1106,11 @@ mod tests {
             remaining: Duration::from_secs(20),
         };
         assert_eq!(held.disposition(), ReturnAfter(Duration::from_secs(21)));
-        let lost = JobError::ClaimLost {
-            lease: Duration::from_secs(60),
+        assert_eq!(JobError::ClaimLost.disposition(), ReturnNow);
+        let duplicate = JobError::Duplicate {
+            owner: "h:1".into(),
         };
-        assert_eq!(lost.disposition(), ReturnAfter(Duration::from_secs(60)));
+        assert_eq!(duplicate.disposition(), Delete);
         let claim = JobError::Claim(crate::claim::ClaimError::Store {
             op: "write",
             bucket: "b".into(),

@@ -152,6 +152,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         WorkDir::open(&config.work_dir).context("cannot prepare the work dir")?;
     info!(work_dir = %work_dir.path().display(), removed, "Work dir ready.");
 
+    // Jobs must be able to write and delete their claims: checked before anything else
+    // runs, so a missing permission fails at start-up, not every job.
+    let claims = match &config.claims {
+        Some(place) => {
+            let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
+            let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
+            claims.check().await.with_context(|| {
+                format!(
+                    "cannot write and delete claims in s3://{}/{} (--claims): jobs need \
+                     s3:PutObject and s3:DeleteObject there; --claims off for a daemon alone on its queue",
+                    place.bucket, place.dir
+                )
+            })?;
+            Some(claims)
+        }
+        None => None,
+    };
     let (journal, leftovers) =
         Journal::open(&config.state_dir).context("cannot open the reservation journal")?;
     info!(
@@ -179,6 +196,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             scheduler_address: format!("{}:{}", config.scheduler_host, config.scheduler_port),
         },
         worst_call,
+        claims
+            .clone()
+            .map(|c| Arc::new(c) as Arc<dyn orchgpu::reservations::GrantRecords>),
     );
     // A history that cannot be opened never stops the daemon: jobs run without it.
     let history = match config.history {
@@ -187,16 +207,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
             History::disabled()
         }),
         None => History::disabled(),
-    };
-    let claims = match &config.claims {
-        Some(place) => {
-            let store = S3Store::new(clients.s3.clone(), place.bucket.clone());
-            let claims = Claims::new(Box::new(store), &place.dir, config.claim_lease);
-            let context = || format!("cannot reach the claims location {place} (--claims)");
-            claims.check().await.with_context(context)?;
-            Some(claims)
-        }
-        None => None,
     };
     let web = orchgpu::web::WebSettings {
         s3: clients.s3.clone(),

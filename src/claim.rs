@@ -162,7 +162,9 @@ impl S3Store {
             Ok(output) => Ok(Put::Written(unquoted(
                 output.e_tag.as_deref().unwrap_or(""),
             ))),
-            Err(SdkError::ServiceError(e)) if is_conflict(e.raw().status().as_u16()) => {
+            Err(SdkError::ServiceError(e))
+                if is_conflict(e.raw().status().as_u16(), e.err().meta().code()) =>
+            {
                 Ok(Put::Conflict)
             }
             Err(e) => Err(self.error("write", key, e.into())),
@@ -175,10 +177,14 @@ enum Condition<'a> {
     Matches(&'a str),
 }
 
-/// 412: the condition failed; 409: a concurrent conditional write won; 404: `If-Match`
-/// on an object that is gone.
-fn is_conflict(status: u16) -> bool {
-    matches!(status, 404 | 409 | 412)
+/// 412: the condition failed; 409: a concurrent conditional write won; 404 `NoSuchKey`:
+/// `If-Match` on an object that is gone (a 404 for a missing bucket is an error).
+fn is_conflict(status: u16, code: Option<&str>) -> bool {
+    match status {
+        409 | 412 => true,
+        404 => code != Some("NoSuchBucket"),
+        _ => false,
+    }
 }
 
 fn quoted(etag: &str) -> String {

@@ -26,6 +26,10 @@ fn job_id_of(body: &str) -> Result<JobId> {
     }
 }
 
+/// What a daemon logs when it deletes a copy of a job that another daemon runs from the
+/// job's own message.
+const DUPLICATE_DELETED: &str = "Duplicate of a job another daemon runs";
+
 fn count_in_logs(stack: &Stack, daemons: &[usize], needle: &str) -> usize {
     daemons
         .iter()
@@ -77,7 +81,7 @@ async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() ->
     let a = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &a_state]].concat())?;
     let b = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &b_state]].concat())?;
     let met = crate::harness::wait_for("a claim held elsewhere", Duration::from_secs(60), || {
-        let found = count_in_logs(&stack, &[a, b], "Job held elsewhere") > 0;
+        let found = count_in_logs(&stack, &[a, b], DUPLICATE_DELETED) > 0;
         async move { Ok(found.then_some(())) }
     })
     .await;
@@ -104,7 +108,7 @@ async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() ->
     }
     assert_eq!(ssgm.stat("granted")?, OBJECTS as u64, "GPU jobs run");
     assert!(
-        count_in_logs(&stack, &[a, b], "Job held elsewhere") > 0,
+        count_in_logs(&stack, &[a, b], DUPLICATE_DELETED) > 0,
         "no notification met another daemon's claim: the test did not exercise it"
     );
     // Finished jobs leave no claim.
@@ -167,7 +171,7 @@ async fn a_dead_daemons_claim_is_taken_over_by_exactly_one_daemon_when_it_expire
         "no daemon reported the dead daemon's claim"
     );
     assert_eq!(
-        count_in_logs(&stack, &[a, b], "Took over an expired claim."),
+        count_in_logs(&stack, &[a, b], "why=\"expired\""),
         1,
         "the expired claim must be taken over exactly once"
     );
@@ -182,11 +186,36 @@ async fn a_failed_job_gives_up_its_claim_so_the_retry_runs_at_once() -> Result<(
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("claimfail", 5).await?;
     stack.start_function("copy-result.sh")?;
-    // A long lease: a retry that had to wait for it would come a minute late.
-    let daemon = stack.start_daemon(&ssgm, &["--claim-lease", "60"])?;
+    // A long lease: a retry that had to wait for it would come a minute late. The retry
+    // comes 4 s after the failure: long enough to look at the claim in between.
+    let daemon = stack.start_daemon(
+        &ssgm,
+        &["--claim-lease", "60", "--retry-backoff", "4", "-v", "30"],
+    )?;
     ssgm.inject("error", 1)?;
     let started = Instant::now();
     stack.upload("retry.png", b"fails once").await?;
+    stack
+        .wait_for_log(daemon, "Job failed.", 1, Duration::from_secs(30))
+        .await?;
+    // The failed attempt ended its claim (this daemon would take over its own live claim
+    // at once, so only the claim itself shows that it was given up).
+    let ended = crate::harness::wait_for(
+        "the failed job's claim ended",
+        Duration::from_secs(3),
+        || async {
+            Ok(stack
+                .keys(&stack.output_bucket, "orchgpu-claims/")
+                .await?
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await;
+    assert!(
+        stack.log(daemon).matches("Claim lease").count() == 0 && ended.is_ok(),
+        "the failed job's claim was left: {ended:?}"
+    );
     stack.wait_for_results(1, Duration::from_secs(40)).await?;
     assert!(
         started.elapsed() < Duration::from_secs(40),
@@ -377,7 +406,7 @@ async fn claim_cost() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claims_location_that_cannot_be_read_is_fatal_at_start_up() -> Result<()> {
+async fn a_claims_location_that_cannot_be_written_is_fatal_at_start_up() -> Result<()> {
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("noclaims", 5).await?;
     let missing = format!("{}-missing/claims", stack.output_bucket);
@@ -389,7 +418,7 @@ async fn a_claims_location_that_cannot_be_read_is_fatal_at_start_up() -> Result<
     assert_eq!(status.code(), Some(1), "{status}");
     let log = stack.log(daemon);
     assert!(
-        log.contains("cannot reach the claims location") && log.contains(&missing),
+        log.contains("cannot write and delete claims in") && log.contains(&missing),
         "{log}"
     );
     Ok(())

@@ -72,11 +72,13 @@ async fn results_queue_events_end_jobs_without_waiting_for_a_poll() -> Result<()
     let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats_file)?)?;
     let requests = &stats["requests"];
     assert_eq!(stats["version"], 1);
-    // The 3 inputs, and the start-up check of the claims location.
-    assert_eq!(requests["S3.GetObject"], 4, "stats: {stats}");
-    // Per job: the bundle and its claim (created, then deleted once the result is there).
-    assert_eq!(requests["S3.PutObject"], 6, "stats: {stats}");
-    assert_eq!(requests["S3.DeleteObject"], 3, "stats: {stats}");
+    // The 3 inputs.
+    assert_eq!(requests["S3.GetObject"], 3, "stats: {stats}");
+    // Per job: the bundle and its claim (created, the grant recorded, the function
+    // recorded, then deleted once the result is there); and the start-up probe claim,
+    // written and deleted.
+    assert_eq!(requests["S3.PutObject"], 13, "stats: {stats}");
+    assert_eq!(requests["S3.DeleteObject"], 4, "stats: {stats}");
     // The jobs queue's 4 messages (3 jobs + the s3:TestEvent) were all deleted (the queue
     // is empty). A delete goes alone when none is in flight, so the test event's and the
     // first job's did; jobs ending within one request of each other share a

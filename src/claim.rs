@@ -276,6 +276,9 @@ impl Owner {
             (Some(boot), Some(ns)) => format!("{}/{}", boot.trim(), ns.display()),
             _ => String::new(),
         };
+        // Debug builds only: tests play daemons of several hosts on one machine.
+        #[cfg(debug_assertions)]
+        let pid_space = std::env::var("ORCHGPU_DEBUG_PID_SPACE").unwrap_or(pid_space);
         Owner {
             host,
             pid: std::process::id(),

@@ -267,6 +267,13 @@ async fn debug_wedge(receives: u64) {
     let _ = receives;
 }
 
+/// A fault for the tests, in debug builds only: with `ORCHGPU_DEBUG_NO_HEARTBEATS=1` no
+/// message's visibility is extended, as during an SQS brownout, so a running job's
+/// message comes back to the queue.
+fn debug_no_heartbeats() -> bool {
+    cfg!(debug_assertions) && std::env::var_os("ORCHGPU_DEBUG_NO_HEARTBEATS").is_some()
+}
+
 /// Processes one message in its own task, extending its visibility meanwhile, then
 /// deletes it, returns it or leaves it according to the outcome. A panic in the job is
 /// contained here.
@@ -299,6 +306,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         .in_current_span(),
     );
     let heartbeat_every = heartbeat_interval(settings.visibility_timeout);
+    let heartbeats = !debug_no_heartbeats();
     let mut schedule = HeartbeatSchedule::new(
         tokio::time::Instant::now(),
         heartbeat_every,
@@ -312,7 +320,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         tokio::select! {
             outcome = &mut work => break outcome,
             _ = progress.tick() => telemetry::get().jobs_progressed(),
-            _ = tokio::time::sleep_until(schedule.due()), if beat.is_none() && !cancel.lost.is_cancelled() => {
+            _ = tokio::time::sleep_until(schedule.due()), if heartbeats && beat.is_none() && !cancel.lost.is_cancelled() => {
                 let now = tokio::time::Instant::now();
                 schedule.sending(now);
                 // SQS refuses to keep a message hidden longer than 12 hours after it was

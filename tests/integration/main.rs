@@ -14,7 +14,7 @@ mod mock_ssgm;
 mod multipart;
 mod observe;
 mod pipeline;
-mod reliability;
+pub(crate) mod reliability;
 mod results_queue;
 mod scheduler_faults;
 mod soak;

@@ -834,10 +834,7 @@ async fn hold_conditional_writes(
         let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
     });
     let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let Ok(n) = from_client.read(&mut buffer).await else {
-            break;
-        };
+    while let Ok(n) = from_client.read(&mut buffer).await {
         if n == 0 {
             break;
         }

@@ -444,8 +444,9 @@ impl Config {
     /// after READY, in the background.
     pub fn start_budget(&self) -> Duration {
         let requests = 1 + u32::from(self.results_queue.is_some());
+        // The probe claim's write and delete, each within the claim call timeout.
         let claims_check = if self.claims.is_some() {
-            crate::aws::worst_s3_request()
+            crate::claim::call_timeout(self.claim_lease) * 2
         } else {
             Duration::ZERO
         };

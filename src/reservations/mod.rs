@@ -19,11 +19,17 @@
 //!   releases it, or, if the function may be running, adopts the job (`adopt`) and
 //!   releases it only after the result or the result deadline. A grant leaves the claim
 //!   (`ClaimHandle::clear_gpus`) before it is released, so it is never released twice.
-//!   **The one window that depends on this host alone** is the few milliseconds between
-//!   the journal write and the claim write: a host that dies then *for good* (disk
-//!   gone) leaks that grant until the scheduler's own clean-up. It is narrow (one fsync
-//!   and one small PUT), and closing it would need a shared write before the scheduler
-//!   call (the intent), which the claim can carry later;
+//!   **What still depends on this host alone** are two windows of about one scheduler
+//!   call each: from the `-alloc` client's start to the claim write that records its
+//!   grant (the call itself, one fsync, one small PUT), and from the claim write that
+//!   takes a grant out to the scheduler's confirmation of its `-dealloc`. A host that
+//!   dies *for good* (disk gone) inside one of them leaks that grant until the
+//!   scheduler's own clean-up; a restart on the same disk does not (the journal). Closing
+//!   them would take a scheduler that can be asked what it granted to whom (SSGM cannot),
+//!   or releasing before the claim forgets the grant, which risks a second release of a
+//!   job id the scheduler may have handed to another client (see `releaser`). The soak
+//!   (`dev/soak.sh`) kills a daemon for good outside them and counts how often they were
+//!   open;
 //! - a grant printed by a failed call (a "stray grant": non-zero exit, killed at its
 //!   timeout, broken reply) is recorded the same way and released by the releaser;
 //! - a reservation leaves the journal only once the scheduler confirmed its release, or

@@ -730,6 +730,179 @@ async fn web_refuses_cross_site_posts_and_sends_a_strict_csp() -> Result<()> {
     Ok(())
 }
 
+/// nginx (Debian's package, dev/install-nginx.sh) on free loopback ports, killed on drop.
+struct Nginx {
+    child: Child,
+    https_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const NGINX_CONF: &str = "deploy/nginx/orchgpu.conf";
+
+fn nginx_program() -> Result<String> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .map(str::to_owned)
+        .context("nginx is not installed: run dev/install-nginx.sh (apt-get install nginx ssl-cert curl, as root); this test does not skip")
+}
+
+/// A main nginx.conf around `site` (a server-block file, as sites-enabled/ holds), with
+/// every path nginx writes inside `dir`.
+fn nginx_main_conf(dir: &Path, site: &Path) -> Result<std::path::PathBuf> {
+    let d = dir.display();
+    let main = dir.join("nginx.conf");
+    std::fs::write(
+        &main,
+        format!(
+            "pid {d}/nginx.pid;\nevents {{}}\nhttp {{\n  access_log off;\n  \
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  \
+             scgi_temp_path {d}/scgi;\n  include {};\n}}\n",
+            site.display()
+        ),
+    )?;
+    Ok(main)
+}
+
+fn nginx_command(dir: &Path, main: &Path) -> Result<Command> {
+    let mut command = Command::new(nginx_program()?);
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(main);
+    Ok(command)
+}
+
+impl Nginx {
+    /// The shipped config with its ports moved to free loopback ones and its backend to
+    /// `backend`.
+    async fn start(backend: &str) -> Result<Nginx> {
+        let dir = tempfile::tempdir()?;
+        let free = || -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (http_port, https_port) = (free()?, free()?);
+        let shipped = std::fs::read_to_string(repo_path(NGINX_CONF))?;
+        let site = shipped
+            .replace("listen 80;", &format!("listen 127.0.0.1:{http_port};"))
+            .replace("listen [::]:80;", "")
+            .replace("listen 443 ", &format!("listen 127.0.0.1:{https_port} "))
+            .replace("listen [::]:443 ssl http2;", "")
+            .replace("127.0.0.1:9464", backend);
+        assert_ne!(site, shipped);
+        let site_path = dir.path().join("orchgpu.conf");
+        std::fs::write(&site_path, site)?;
+        let main = nginx_main_conf(dir.path(), &site_path)?;
+        let child = nginx_command(dir.path(), &main)?
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start nginx")?;
+        let nginx = Nginx {
+            child,
+            https_port,
+            _dir: dir,
+        };
+        wait_for("nginx to listen", Duration::from_secs(20), || async move {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", https_port))
+                .ok()
+                .map(|_| ()))
+        })
+        .await?;
+        Ok(nginx)
+    }
+
+    /// curl through nginx's HTTPS port as `name` (its certificate is not checked: the
+    /// snake-oil pair); returns the status line and headers, and the body.
+    fn curl(&self, name: &str, path: &str, extra: &[&str]) -> Result<(String, String)> {
+        let port = self.https_port;
+        let output = Command::new("curl")
+            .args(["-sSk", "-D", "-", "--max-time", "20", "--resolve"])
+            .arg(format!("{name}:{port}:127.0.0.1"))
+            .args(extra)
+            .arg(format!("https://{name}:{port}{path}"))
+            .output()
+            .context("cannot run curl: run dev/install-nginx.sh")?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "curl {path}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Ok((head.to_string(), body.to_string()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn web_behind_the_shipped_nginx_config_over_tls() -> Result<()> {
+    // The shipped file as an operator installs it: `nginx -t` passes.
+    let dir = tempfile::tempdir()?;
+    let main = nginx_main_conf(dir.path(), &repo_path(NGINX_CONF))?;
+    let checked = nginx_command(dir.path(), &main)?.arg("-t").output()?;
+    assert!(
+        checked.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    let token_dir = tempfile::tempdir()?;
+    let token = token_file(token_dir.path())?;
+    let (_stack, _ssgm, address) = start(
+        "webnginx",
+        &[
+            "--http-allowed-hosts",
+            "orchgpu.example.org",
+            "--http-token-file",
+            &token,
+        ],
+    )
+    .await?;
+    let nginx = Nginx::start(&address).await?;
+
+    let (head, body) = nginx.curl("orchgpu.example.org", "/api/config", &[])?;
+    assert!(
+        head.starts_with("HTTP/2 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(body.contains("\"token_required\":true"), "{body}");
+    // Over TLS through the proxy the session cookie is Secure.
+    let (head, _) = nginx.curl(
+        "orchgpu.example.org",
+        "/api/session",
+        &["--data-binary", TOKEN],
+    )?;
+    let cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .with_context(|| format!("no cookie: {head}"))?;
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    // A name the proxy passes on but orchgpu was not given: refused, as rebinding is.
+    let (head, _) = nginx.curl("rebind.example", "/api/config", &[])?;
+    assert!(head.contains(" 421"), "{head}");
+    // Prometheus scrapes orchgpu directly, not through the proxy.
+    let (head, _) = nginx.curl("orchgpu.example.org", "/metrics", &[])?;
+    assert!(head.contains(" 404"), "{head}");
+    // Directly, the proxy's name with no proxy in between gets no Secure cookie.
+    let direct = request(&address, "POST", "/api/session", &[], TOKEN.as_bytes())?;
+    assert!(!direct.header("set-cookie").unwrap_or("").contains("Secure"));
+    Ok(())
+}
+
 /// A ChromeDriver on a free loopback port, killed on drop.
 struct ChromeDriver {
     child: Child,

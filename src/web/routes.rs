@@ -82,7 +82,7 @@ const SESSION_MAX: usize = 1024;
 /// trickles: 50 MiB (the default limit) at 60 kB/s.
 const UPLOAD_DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// How long a view that asked S3 serves every page that polls the job.
-const S3_FRESH: Duration = Duration::from_secs(5);
+const S3_FRESH: Duration = Duration::from_secs(3);
 /// How long a view from the history alone serves.
 const HISTORY_FRESH: Duration = Duration::from_secs(1);
 /// Jobs whose views are cached.

@@ -155,6 +155,12 @@ pub(crate) fn job_view(
             view.summary = "Done (the result is no longer in the output bucket).".to_string();
             view.is_final = true;
         }
+        // This daemon claimed it; its history has not caught up yet.
+        (None | Some("returned" | "failed"), Some(claim)) if claim.mine => {
+            view.state = "received";
+            view.summary = "Picked up; asking the scheduler for GPUs.".to_string();
+            view.scheduler_job = None;
+        }
         (None | Some("returned" | "failed"), Some(claim)) => {
             view.state = "running_elsewhere";
             view.summary = "Running on another daemon.".to_string();
@@ -240,6 +246,7 @@ mod tests {
     fn claim(live: bool) -> Option<ClaimSeen> {
         Some(ClaimSeen {
             live,
+            mine: false,
             owner: "other:42 (started 1)".into(),
         })
     }
@@ -274,6 +281,18 @@ mod tests {
         let shown = v.clone().for_uploader();
         assert_eq!(shown.owner, None);
         assert!(!shown.summary.contains("other:42"), "{}", shown.summary);
+        let mut own = claim(true);
+        if let Some(c) = own.as_mut() {
+            c.mine = true;
+        }
+        let v = view(
+            None,
+            S3View {
+                claim: own,
+                ..S3View::default()
+            },
+        );
+        assert_eq!(v.state, "received", "its own claim is no other daemon");
         let returned = detail("returned", &[("received", serde_json::json!({}))]);
         let v = view(
             Some(&returned),

@@ -11,14 +11,15 @@
 //!   `--http-allowed-hosts` (the names a reverse proxy serves). Anything else gets 421
 //!   and reaches no handler: a page on another site whose name was made to resolve to
 //!   this host (DNS rebinding) names itself in `Host` and is refused. An IP literal is
-//!   no rebinding: the page's origin then is this host.
+//!   no rebinding: the page's origin then is this host; nor is a request with no name at
+//!   all (an HTTP/1.0 health check): browsers always send one.
 //! - **Time.** HTTP/1.1 only (what reverse proxies speak to a backend); a request's head
 //!   must arrive within `--http-header-timeout` (idle keep-alive connections included),
 //!   and a body that pauses longer than `--http-body-timeout` between two reads is cut
 //!   off (its handler sees an error). At most `MAX_CONNECTIONS` connections are served at
 //!   once; further ones wait in the kernel's backlog.
 //!
-//! Hostile input: a missing, malformed or foreign `Host` is 421; a slowloris head or body
+//! Hostile input: a malformed or foreign `Host` (or two that disagree) is 421; a slowloris head or body
 //! is cut off by the timeouts; a flood of connections waits for a free slot. A crash at
 //! any instant loses nothing: the listener holds no state.
 
@@ -242,6 +243,9 @@ async fn check_request(
         .map(|a| settings.hosts.check(a.as_str()));
     let via = match (from_header, from_uri) {
         (Some(Some(via)), None | Some(Some(_))) | (None, Some(Some(via))) => via,
+        // No name at all: an HTTP/1.0 probe (some load balancers' health checks), never a
+        // browser, which always sends one.
+        (None, None) => Via::Direct,
         _ => {
             return json(
                 StatusCode::MISDIRECTED_REQUEST,

@@ -385,6 +385,9 @@ async fn web_rebinding_host_can_neither_upload_nor_read() -> Result<()> {
         1,
         "the rebinding upload got through"
     );
+    // No name at all is no browser (an HTTP/1.0 health check): it is answered.
+    let probe = raw(&address, b"GET /healthz HTTP/1.0\r\n\r\n")?;
+    assert_eq!(probe.status, 200, "{}", probe.text());
     // The listener's own names still work.
     for name in ["localhost", "127.0.0.1"] {
         let text = format!("GET /api/config HTTP/1.0\r\nHost: {name}:{port}\r\n\r\n");

@@ -434,6 +434,67 @@ async fn web_one_uploader_cannot_read_another_uploaders_jobs() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn web_polling_pages_cost_s3_one_refresh_per_job_per_few_seconds() -> Result<()> {
+    // Uploads into a bucket no daemon hears from: the job stays unknown to the history,
+    // so every refresh of its view asks S3 (a HEAD for the result, a GET of its claim).
+    let mut stack = Stack::new("webpoll", 5).await?;
+    let ssgm = MockSsgm::start(1)?;
+    let upload_to = format!("{}/unheard", stack.work_bucket);
+    let daemon = stack.start_daemon(
+        &ssgm,
+        &["--http-listen", "127.0.0.1:0", "--upload-to", &upload_to],
+    )?;
+    let address = http_address(&mut stack, daemon).await?;
+    let reply = upload(&address, "polled.jpg", &[], b"jpeg bytes")?;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let handle = reply.json()?["handle"]
+        .as_str()
+        .context("no handle")?
+        .to_string();
+    let s3_requests = || -> Result<f64> {
+        let metrics = get(&address, "/metrics", &[])?.text();
+        Ok(["HeadObject", "GetObject"]
+            .iter()
+            .map(|op| metric_sum(&metrics, "orchgpu_aws_requests_total", &[("operation", op)]))
+            .sum())
+    };
+    let before = s3_requests()?;
+    // Eight pages, each asking ten times a second for 6 s.
+    let started = Instant::now();
+    let path = format!("/api/uploads/{handle}");
+    let pages: Vec<_> = (0..8)
+        .map(|_| {
+            let (address, path) = (address.clone(), path.clone());
+            std::thread::spawn(move || -> Result<u32> {
+                let mut asked = 0;
+                while started.elapsed() < Duration::from_secs(6) {
+                    let view = get(&address, &path, &[])?;
+                    assert_eq!(view.status, 200, "{}", view.text());
+                    asked += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(asked)
+            })
+        })
+        .collect();
+    let mut asked = 0;
+    for page in pages {
+        asked += page.join().map_err(|_| anyhow!("a page panicked"))??;
+    }
+    let spent = s3_requests()? - before;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("{asked} status requests in {secs:.1} s cost {spent} S3 requests");
+    assert!(asked >= 200, "only {asked} requests");
+    // One refresh (two requests) per 3 s, plus the one in progress at the end.
+    let most = 2.0 * ((secs / 3.0).floor() + 1.0);
+    assert!(
+        spent <= most,
+        "{spent} S3 requests for {asked} asks in {secs:.1} s (at most {most})"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn web_slow_clients_are_cut_off_and_leave_no_temp_file() -> Result<()> {
     let work = tempfile::tempdir()?;
     let work_dir = work.path().to_str().context("utf-8")?;

@@ -74,6 +74,7 @@ entry /usr/share/doc/orchgpu/examples/docker/Dockerfile -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/prometheus/orchgpu-alerts.yml -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/prometheus/prometheus.example.yml -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/grafana/orchgpu-dashboard.json -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/nginx/orchgpu.conf -rw-r--r--
 
 dpkg-deb -e "$deb" "$work/control"
 grep -qx '/etc/orchgpu/orchgpu.env' "$work/control/conffiles" ||

@@ -69,10 +69,12 @@ step() { # NAME COMMAND...
 # sudo): darknet, netpbm and the YOLOv3-tiny weights for the real-inference test,
 # promtool and prometheus (Debian's prometheus package) for the alert-rule and scrape
 # tests, Chromium and ChromeDriver (Debian's chromium and chromium-driver) for the web
-# page's browser test, and the shellcheck tool for the scripts.
+# page's browser test, nginx (with ssl-cert and curl) for the reverse-proxy test, and
+# the tool shellcheck for the scripts.
 step prerequisites dev/install-darknet.sh
 step prometheus dev/install-prometheus.sh
 step chromium dev/install-chromium.sh
+step nginx dev/install-nginx.sh
 if ! command -v shellcheck >/dev/null 2>&1 && ((EUID == 0)); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null 2>&1 ||
         note "shellcheck did not install"

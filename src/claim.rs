@@ -657,6 +657,7 @@ impl Claims {
         let now = (shared.clock)();
         Ok(parse_body(&body).map(|body| ClaimSeen {
             live: body.expires_unix_ms > now,
+            mine: body.owner == shared.owner,
             owner: body.owner.to_string(),
         }))
     }
@@ -739,6 +740,8 @@ pub struct ClaimSeen {
     pub live: bool,
     /// Which daemon wrote it.
     pub owner: String,
+    /// This very process wrote it.
+    pub mine: bool,
 }
 
 /// A claim this process holds, shared between the guard and its handles.

@@ -240,6 +240,36 @@ pub struct Args {
     )]
     pub http_listen: Option<String>,
 
+    /// Host names the listener also answers for, comma-separated `NAME` or `NAME:PORT`:
+    /// the names a reverse proxy in front of it serves. Requests naming any other host
+    /// are refused (421) [default: its own address, localhost, 127.0.0.1, [::1]].
+    #[arg(
+        long = "http-allowed-hosts",
+        env = "ORCHGPU_HTTP_ALLOWED_HOSTS",
+        value_name = "NAME[:PORT],..."
+    )]
+    pub http_allowed_hosts: Option<String>,
+
+    /// Seconds a request's head may take to arrive on the listener (idle keep-alive
+    /// connections included); a slower client is cut off.
+    #[arg(
+        long = "http-header-timeout",
+        env = "ORCHGPU_HTTP_HEADER_TIMEOUT",
+        default_value = "10",
+        value_name = "SECS"
+    )]
+    pub http_header_timeout: String,
+
+    /// Seconds a request's body (an upload) may pause between two reads; a slower client
+    /// is cut off and its upload dropped.
+    #[arg(
+        long = "http-body-timeout",
+        env = "ORCHGPU_HTTP_BODY_TIMEOUT",
+        default_value = "30",
+        value_name = "SECS"
+    )]
+    pub http_body_timeout: String,
+
     /// Let the web page at / on the listener upload images to this input
     /// `bucket[/prefix]` [default: the page shows jobs only].
     #[arg(
@@ -258,9 +288,28 @@ pub struct Args {
     )]
     pub upload_max_bytes: String,
 
-    /// File whose first line is the token the web page's API asks for (header
-    /// X-Orchgpu-Token or the cookie the page sets); read at start-up. Set it whenever the
-    /// listener is not on loopback [default: no token].
+    /// Most uploads the web page takes at once; more are refused (429) until one ends.
+    #[arg(
+        long = "upload-max-concurrent",
+        env = "ORCHGPU_UPLOAD_MAX_CONCURRENT",
+        default_value = "4",
+        value_name = "N"
+    )]
+    pub upload_max_concurrent: String,
+
+    /// Bytes of the work dir that the web page's uploads in progress may take together
+    /// (at least --upload-max-bytes); an upload that would pass it is refused (507).
+    #[arg(
+        long = "upload-disk-budget",
+        env = "ORCHGPU_UPLOAD_DISK_BUDGET",
+        default_value = "209715200",
+        value_name = "BYTES"
+    )]
+    pub upload_disk_budget: String,
+
+    /// File whose first line is the token the web page and its API ask for (header
+    /// X-Orchgpu-Token, or the session cookie the page gets for it); read at start-up.
+    /// Required when the listener is not on loopback [default: no token].
     #[arg(
         long = "http-token-file",
         env = "ORCHGPU_HTTP_TOKEN_FILE",
@@ -390,10 +439,18 @@ pub struct Config {
     pub results_queue: Option<QueueRef>,
     pub stats_file: Option<PathBuf>,
     pub http_listen: Option<std::net::SocketAddr>,
+    /// `--http-allowed-hosts`: names (lowercase) and ports (`None`: any).
+    pub http_allowed_hosts: Vec<(String, Option<u16>)>,
+    pub http_header_timeout: Duration,
+    pub http_body_timeout: Duration,
     /// Where the web page uploads to; `None`: the page shows jobs only.
     pub upload_to: Option<BucketDir>,
     /// The largest upload the web page accepts.
     pub upload_max_bytes: u64,
+    /// Uploads taken at once.
+    pub upload_max_concurrent: NonZeroUsize,
+    /// Bytes of the work dir that uploads in progress may take together.
+    pub upload_disk_budget: u64,
     /// The token the web API asks for, read from `--http-token-file`.
     pub http_token: Option<String>,
     /// The job history's retention, or `None` with `--no-history`.
@@ -478,6 +535,34 @@ impl TryFrom<Args> for Config {
         let intermediate = parse_bucket_dir("-i/--intermediate", &args.intermediate)?;
         let output = parse_bucket_dir("-o/--output", &args.output)?;
         let claims = parse_claims(args.claims.as_deref(), &intermediate, &output)?;
+        let upload_to = args
+            .upload_to
+            .as_deref()
+            .map(str::trim)
+            .filter(|raw| !raw.is_empty())
+            .map(|raw| parse_bucket_dir("--upload-to", raw))
+            .transpose()?;
+        if let Some(place) = &upload_to {
+            check_upload_place(place, &intermediate, &output, claims.as_ref())?;
+        }
+        let http_listen = parse_listen(args.http_listen.as_deref())?;
+        let http_token = args
+            .http_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
+        if let Some(addr) = http_listen
+            && !addr.ip().is_loopback()
+            && http_token.is_none()
+        {
+            return Err(ConfigError::new(
+                "--http-listen",
+                &addr.to_string(),
+                "a listener off loopback needs --http-token-file (else the page, its API \
+                 and every result are open to the network)",
+            ));
+        }
+        let upload_max_bytes = parse_upload_max(&args.upload_max_bytes)?;
         Ok(Config {
             queue: parse_queue(&args.queue)?,
             scheduler_host: parse_host(&args.scheduler_host)?,
@@ -524,20 +609,24 @@ impl TryFrom<Args> for Config {
             log_format: args.log_format,
             results_queue: parse_results_queue(args.results_queue)?,
             stats_file: args.stats_file,
-            http_listen: parse_listen(args.http_listen.as_deref())?,
-            upload_to: args
-                .upload_to
-                .as_deref()
-                .map(str::trim)
-                .filter(|raw| !raw.is_empty())
-                .map(|raw| parse_bucket_dir("--upload-to", raw))
-                .transpose()?,
-            upload_max_bytes: parse_upload_max(&args.upload_max_bytes)?,
-            http_token: args
-                .http_token_file
-                .as_deref()
-                .map(read_token)
-                .transpose()?,
+            http_listen,
+            http_allowed_hosts: parse_allowed_hosts(args.http_allowed_hosts.as_deref())?,
+            http_header_timeout: parse_secs(
+                "--http-header-timeout",
+                &args.http_header_timeout,
+                1,
+                3600,
+            )?,
+            http_body_timeout: parse_secs("--http-body-timeout", &args.http_body_timeout, 1, 3600)?,
+            upload_to,
+            upload_max_bytes,
+            upload_max_concurrent: parse_positive(
+                "--upload-max-concurrent",
+                &args.upload_max_concurrent,
+                1024,
+            )?,
+            upload_disk_budget: parse_disk_budget(&args.upload_disk_budget, upload_max_bytes)?,
+            http_token,
             history: parse_history(
                 args.no_history,
                 &args.history_max_age,
@@ -564,6 +653,91 @@ fn parse_upload_max(raw: &str) -> Result<u64, ConfigError> {
             raw,
             "expected a whole number of bytes from 1 to 5000000000000",
         )),
+    }
+}
+
+/// A whole number from 1 to `max`.
+fn parse_positive(flag: &'static str, raw: &str, max: usize) -> Result<NonZeroUsize, ConfigError> {
+    match raw.trim().parse::<usize>() {
+        Ok(n) if n <= max => NonZeroUsize::new(n)
+            .ok_or_else(|| ConfigError::new(flag, raw, format!("expected 1 to {max}"))),
+        _ => Err(ConfigError::new(flag, raw, format!("expected 1 to {max}"))),
+    }
+}
+
+/// The uploads' disk budget: at least one upload of the largest size.
+fn parse_disk_budget(raw: &str, upload_max_bytes: u64) -> Result<u64, ConfigError> {
+    let flag = "--upload-disk-budget";
+    let budget = raw
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| ConfigError::new(flag, raw, "expected a whole number of bytes"))?;
+    if budget < upload_max_bytes {
+        return Err(ConfigError::new(
+            flag,
+            raw,
+            format!("must be at least --upload-max-bytes ({upload_max_bytes})"),
+        ));
+    }
+    Ok(budget)
+}
+
+/// `--http-allowed-hosts`: comma-separated `name` or `name:port` (IP literals in
+/// brackets for IPv6); no wildcards.
+fn parse_allowed_hosts(raw: Option<&str>) -> Result<Vec<(String, Option<u16>)>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            crate::http::parse_host_port(entry).ok_or_else(|| {
+                ConfigError::new(
+                    "--http-allowed-hosts",
+                    raw,
+                    format!(
+                        "{entry:?} is not a host name or name:port (letters, digits, '.', '-')"
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Whether two places share objects: the same bucket, and one dir is the other or
+/// under it (a bucket's root holds everything in it).
+fn overlaps(a: &BucketDir, b: &BucketDir) -> bool {
+    let under = |inner: &str, outer: &str| {
+        outer.is_empty() || inner == outer || inner.starts_with(&format!("{outer}/"))
+    };
+    a.bucket == b.bucket && (under(&a.dir, &b.dir) || under(&b.dir, &a.dir))
+}
+
+/// `--upload-to` must not share objects with the intermediate dir (an upload there
+/// would invoke the function with a user's file as its bundle), the output dir (it would
+/// pass for a result) or the claims (it would pass for a claim).
+fn check_upload_place(
+    place: &BucketDir,
+    intermediate: &BucketDir,
+    output: &BucketDir,
+    claims: Option<&BucketDir>,
+) -> Result<(), ConfigError> {
+    let shown = place.to_string();
+    let clash = [
+        (Some(intermediate), "-i/--intermediate"),
+        (Some(output), "-o/--output"),
+        (claims, "--claims"),
+    ]
+    .into_iter()
+    .find_map(|(other, flag)| other.filter(|o| overlaps(place, o)).map(|o| (o, flag)));
+    match clash {
+        Some((other, flag)) => Err(ConfigError::new(
+            "--upload-to",
+            &shown,
+            format!("it overlaps the {flag} location {other}; give a place of its own"),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -1432,6 +1606,91 @@ mod tests {
             ("--upload-max-bytes", "0"),
             ("--upload-max-bytes", "50MB"),
             ("--http-token-file", "/nonexistent/token"),
+        ] {
+            let err = config(&[flag, bad]).expect_err(bad);
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_listener_off_loopback_needs_a_token() {
+        for addr in ["0.0.0.0:9464", "[::]:9464", "10.0.0.5:9464"] {
+            let err = error_for(&["--http-listen", addr]);
+            assert!(err.contains("--http-token-file"), "{addr}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef-token\n").expect("write");
+        let token = path.to_str().expect("utf-8");
+        let c = config(&["--http-listen", "0.0.0.0:9464", "--http-token-file", token])
+            .expect("valid with a token");
+        assert!(c.http_token.is_some());
+        assert!(config(&["--http-listen", "[::1]:9464"]).is_ok());
+    }
+
+    #[test]
+    fn upload_place_must_not_overlap_the_functions_places() {
+        // -i work/bundles, -o out, claims default to out/orchgpu-claims.
+        for place in [
+            "work",
+            "work/bundles",
+            "work/bundles/web",
+            "out",
+            "out/web",
+            "out/orchgpu-claims/x",
+        ] {
+            let err = error_for(&["--upload-to", place]);
+            assert!(
+                err.contains("--upload-to") && err.contains("overlaps"),
+                "{place}: {err}"
+            );
+        }
+        let err = error_for(&["--upload-to", "c/x", "--claims", "c/x/claims"]);
+        assert!(err.contains("--claims"), "{err}");
+        for place in ["work/web", "work/bundles2", "in-bucket", "in-bucket/web"] {
+            assert!(config(&["--upload-to", place]).is_ok(), "{place}");
+        }
+        // The output bucket's root holds everything in it.
+        let err = error_for(&["--upload-to", "out2/web", "-o", "out2"]);
+        assert!(err.contains("-o/--output"), "{err}");
+    }
+
+    #[test]
+    fn listener_limits_and_allowed_hosts() {
+        let c = config(&[]).expect("valid");
+        assert_eq!(c.http_allowed_hosts, Vec::new());
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_body_timeout, Duration::from_secs(30));
+        assert_eq!(c.upload_max_concurrent.get(), 4);
+        assert_eq!(c.upload_disk_budget, 209_715_200);
+        let c = config(&[
+            "--http-allowed-hosts",
+            "orchgpu.example.org, Proxy.Example:8443",
+            "--upload-max-concurrent",
+            "2",
+            "--upload-max-bytes",
+            "1000",
+            "--upload-disk-budget",
+            "1000",
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.http_allowed_hosts,
+            vec![
+                ("orchgpu.example.org".to_string(), None),
+                ("proxy.example".to_string(), Some(8443))
+            ]
+        );
+        assert_eq!(c.upload_max_concurrent.get(), 2);
+        for (flag, bad) in [
+            ("--http-allowed-hosts", "*.example.org"),
+            ("--http-allowed-hosts", "a.example/x"),
+            ("--http-allowed-hosts", "a.example:http"),
+            ("--http-header-timeout", "0"),
+            ("--http-body-timeout", "x"),
+            ("--upload-max-concurrent", "0"),
+            ("--upload-disk-budget", "1000"),
         ] {
             let err = config(&[flag, bad]).expect_err(bad);
             assert!(err.to_string().contains(flag), "{err}");

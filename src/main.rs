@@ -201,17 +201,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .map(|c| Arc::new(c) as Arc<dyn orchgpu::reservations::GrantRecords>),
     );
     // A history that cannot be opened never stops the daemon: jobs run without it.
+    // The gauge lets an alert see it (orchgpu_history_enabled 0).
     let history = match config.history {
-        Some(retention) => History::open(&config.state_dir, retention).unwrap_or_else(|e| {
-            error!(error = %error_chain(&e), "Cannot open the job history; running without it.");
-            History::disabled()
-        }),
+        Some(retention) => {
+            let history = History::open(&config.state_dir, retention).unwrap_or_else(|e| {
+                error!(error = %error_chain(&e), "Cannot open the job history; running without it.");
+                History::disabled()
+            });
+            telemetry::get().set_history_enabled(history.is_enabled());
+            history
+        }
         None => History::disabled(),
     };
     let web = orchgpu::web::WebSettings {
         s3: clients.s3.clone(),
         upload_to: config.upload_to.clone(),
         upload_max_bytes: config.upload_max_bytes,
+        upload_max_concurrent: config.upload_max_concurrent.get(),
+        upload_disk_budget: config.upload_disk_budget,
         token: config.http_token.clone(),
         output: config.output.clone(),
         result_suffix: config.result_suffix.clone(),
@@ -241,11 +248,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(warn_without_redrive(queue.clone()));
     let observers = tokio_util::sync::CancellationToken::new();
     if let Some(listener) = http {
-        info!(address = %listener.local_addr().context("the listener has no address")?, "Serving /metrics, /healthz, /readyz and the web page at /.");
+        let address = listener
+            .local_addr()
+            .context("the listener has no address")?;
+        let settings = orchgpu::http::ServeSettings {
+            stale_after: daemon::STALE_AFTER,
+            header_timeout: config.http_header_timeout,
+            body_timeout: config.http_body_timeout,
+            hosts: orchgpu::http::AllowedHosts::new(address, &config.http_allowed_hosts),
+        };
+        let web = orchgpu::web::router(web).context("cannot draw the web page's key")?;
+        info!(%address, "Serving /metrics, /healthz, /readyz and the web page at /.");
         tokio::spawn(orchgpu::http::serve(
             listener,
-            daemon::STALE_AFTER,
-            orchgpu::web::router(web),
+            settings,
+            web,
             observers.clone(),
         ));
         tokio::spawn(orchgpu::queue::sample_depths(

@@ -37,6 +37,7 @@ const METRICS: &[&str] = &[
     "orchgpu_scheduler_calls_total",
     "orchgpu_aws_requests_total",
     "orchgpu_history_write_failures_total",
+    "orchgpu_history_enabled",
     "orchgpu_stage_duration_seconds",
     "orchgpu_job_duration_seconds",
     "orchgpu_queue_messages",

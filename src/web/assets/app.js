@@ -1,10 +1,14 @@
-// orchgpu's page: uploads images, then watches each job by polling /api/jobs/<id>.
-// No framework; the DOM is built with textContent only, never from HTML strings.
+// orchgpu's page: uploads images, then watches each one's job by its handle, polling
+// /api/uploads/<handle> until the figures are final. Operators (token holders) also see
+// the recent jobs of every source. No framework; the DOM is built with textContent only,
+// never from HTML strings.
 "use strict";
 
 const POLL_MS = 1000;
 const RECENT_MS = 5000;
-const FINAL = new Set(["done", "failed", "dropped", "error"]);
+// The handles of this browser's uploads, kept across reloads (they last one daemon run).
+const STORE = "orchgpu.uploads";
+const KEEP = 20;
 const WORDS = {
   uploading: "Uploading",
   uploaded: "Uploaded",
@@ -19,9 +23,10 @@ const WORDS = {
   failed: "Failed",
   dropped: "Dropped",
   error: "Upload failed",
+  gone: "No longer known",
 };
 
-let config = { uploads: false, token_required: false, authorized: true, result_suffix: ".png", upload_max_bytes: 0 };
+let config = { uploads: false, token_required: false, authorized: true, operator: false, result_suffix: ".png", upload_max_bytes: 0 };
 const watched = new Set();
 
 function $(id) { return document.getElementById(id); }
@@ -43,6 +48,23 @@ function bytes(n) {
   return n + " B";
 }
 
+function stored() {
+  try {
+    const list = JSON.parse(localStorage.getItem(STORE) || "[]");
+    return Array.isArray(list) ? list.filter((u) => typeof u.handle === "string" && typeof u.name === "string") : [];
+  } catch (_) { return []; }
+}
+
+function remember(handle, name) {
+  const list = stored().filter((u) => u.handle !== handle);
+  list.push({ handle, name });
+  try { localStorage.setItem(STORE, JSON.stringify(list.slice(-KEEP))); } catch (_) { /* private mode */ }
+}
+
+function forget(handle) {
+  try { localStorage.setItem(STORE, JSON.stringify(stored().filter((u) => u.handle !== handle))); } catch (_) { /* ignore */ }
+}
+
 async function loadConfig() {
   const r = await fetch("/api/config", { credentials: "same-origin" });
   config = await r.json();
@@ -51,7 +73,11 @@ async function loadConfig() {
   $("upload").hidden = !canUpload;
   $("no-upload").hidden = config.uploads || !config.authorized;
   $("limit").textContent = "Up to " + bytes(config.upload_max_bytes) + " each.";
-  if (config.authorized) refreshRecent();
+  $("recent-section").hidden = !config.operator;
+  if (config.authorized) {
+    for (const u of stored()) if (!watched.has(u.handle)) follow(makeCard(u.name), { handle: u.handle });
+  }
+  if (config.operator) refreshRecent();
 }
 
 async function enterToken(event) {
@@ -67,7 +93,7 @@ async function enterToken(event) {
 }
 
 // One card per job: its name, state, details and, once done, the result.
-function makeCard(name, jobId) {
+function makeCard(name) {
   $("none-yet").hidden = true;
   const state = el("span", { className: "state", "data-state": "uploading", text: WORDS.uploading });
   const card = el("li", { className: "card", "data-state": "uploading", "data-seen": "uploading" },
@@ -77,7 +103,6 @@ function makeCard(name, jobId) {
     el("progress", { max: 100, value: 0 }),
     el("div", { className: "result" }));
   card.stateNode = state;
-  if (jobId) card.setAttribute("data-job-id", jobId);
   $("cards").prepend(card);
   return card;
 }
@@ -111,10 +136,13 @@ function upload(file) {
     bar.remove();
     let body = {};
     try { body = JSON.parse(xhr.responseText); } catch (_) { /* shown below */ }
-    if (xhr.status === 201 && body.job_id) {
-      card.setAttribute("data-job-id", body.job_id);
-      setState(card, "uploaded", "Stored as " + body.key + " (" + bytes(body.bytes) + "); job " + body.job_id + ".");
-      watch(card, body.job_id);
+    if (xhr.status === 201 && body.handle) {
+      card.setAttribute("data-handle", body.handle);
+      remember(body.handle, file.name);
+      setState(card, "uploaded", "Uploaded " + bytes(body.bytes) + ".");
+      follow(card, { handle: body.handle });
+    } else if (xhr.status === 429 || xhr.status === 507) {
+      setState(card, "error", "Not uploaded: " + (body.error || "orchgpu is busy") + ".");
     } else {
       setState(card, "error", body.error || "The upload failed (HTTP " + xhr.status + ").");
     }
@@ -126,16 +154,20 @@ function upload(file) {
 function describe(job) {
   let text = job.summary;
   if (job.state === "running" && job.seconds != null) text += " For " + job.seconds.toFixed(0) + " s.";
-  if (job.state === "done" && job.seconds != null) text += " Took " + job.seconds.toFixed(1) + " s from pick-up.";
+  if (job.state === "done" && job.final && job.seconds != null) text += " Took " + job.seconds.toFixed(1) + " s from pick-up to result.";
+  // Operators only: the daemon's own details.
+  if (job.scheduler_job) text += " Scheduler job " + job.scheduler_job + ".";
+  if (job.owner) text += " Claimed by " + job.owner + ".";
   if (job.reason) text += " Reason: " + job.reason;
   return text;
 }
 
-function showResult(card, job) {
+function showResult(card, job, ref) {
   const box = card.querySelector(".result");
   if (box.childElementCount) return;
-  const png = "/results/" + job.job_id + config.result_suffix;
-  const txt = "/results/" + job.job_id + ".txt";
+  const base = "/results/" + (ref.handle || ref.jobId);
+  const png = base + config.result_suffix;
+  const txt = base + ".txt";
   box.append(el("img", { src: png, alt: "The annotated result of " + card.querySelector("h3").textContent }));
   if (job.detections && job.detections.length) {
     const list = el("ul", { className: "detections" });
@@ -150,19 +182,28 @@ function showResult(card, job) {
   box.append(links);
 }
 
-async function watch(card, jobId) {
-  watched.add(jobId);
+// Polls a job (by the upload's handle, or by job id for operators) until what it shows
+// is final.
+async function follow(card, ref) {
+  const key = ref.handle || ref.jobId;
+  watched.add(key);
+  const url = ref.handle ? "/api/uploads/" + ref.handle : "/api/jobs/" + ref.jobId;
   for (;;) {
     try {
-      const r = await fetch("/api/jobs/" + jobId, { credentials: "same-origin" });
+      const r = await fetch(url, { credentials: "same-origin" });
       if (r.ok) {
         const job = await r.json();
         setState(card, job.state, describe(job));
-        if (job.state === "done" && job.result) {
-          showResult(card, job);
-          return;
-        }
-        if (FINAL.has(job.state)) return;
+        if (job.result) showResult(card, job, ref);
+        if (job.final) { card.setAttribute("data-final", "true"); return; }
+      } else if (r.status === 404 && ref.handle) {
+        forget(ref.handle);
+        card.querySelector("progress")?.remove();
+        setState(card, "gone", "orchgpu restarted since this upload, so it no longer knows it; its result, if any, is still kept.");
+        return;
+      } else if (r.status === 401) {
+        await loadConfig();
+        return;
       }
     } catch (_) { /* the next poll tries again */ }
     await new Promise((done) => setTimeout(done, POLL_MS));
@@ -179,7 +220,7 @@ async function refreshRecent() {
       const show = el("button", { type: "button", text: "Show" });
       show.addEventListener("click", () => {
         if (watched.has(job.job_id)) return;
-        watch(makeCard(job.key, job.job_id), job.job_id);
+        follow(makeCard(job.key), { jobId: job.job_id });
       });
       const stateName = el("span", { className: "state", "data-state": job.state, text: WORDS[job.state] || job.state });
       return el("tr", { "data-job-id": job.job_id },
@@ -204,7 +245,7 @@ function setup() {
     for (const f of e.dataTransfer.files) upload(f);
   });
   loadConfig();
-  setInterval(() => { if (config.authorized) refreshRecent(); }, RECENT_MS);
+  setInterval(() => { if (config.operator) refreshRecent(); }, RECENT_MS);
 }
 
 document.addEventListener("DOMContentLoaded", setup);

@@ -28,6 +28,25 @@ pub enum JobsError {
 /// Longest last reason shown in the table; `show` prints it whole.
 const REASON_WIDTH: usize = 100;
 
+/// `orchgpu jobs ...` from its arguments to its exit code: 0, 1 when the history cannot
+/// be read, 2 for bad usage (as the daemon's own codes).
+pub fn main(argv: Vec<std::ffi::OsString>) -> u8 {
+    let config = match crate::cli::parse_jobs(argv) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("orchgpu jobs: error: {e}");
+            return 2;
+        }
+    };
+    match run(&config, &mut std::io::stdout().lock()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("orchgpu jobs: {}", crate::aws::error_chain(&e));
+            1
+        }
+    }
+}
+
 /// Runs `orchgpu jobs` and writes its output to `out`. A reader that went away (e.g.
 /// `| head`) is not an error.
 ///

@@ -18,6 +18,7 @@
 //! history as a table or JSON), `claim` (the cross-daemon claim of a job id in S3) and
 //! `workdir` (this run's files on disk).
 
+pub mod app;
 pub mod aws;
 pub(crate) mod backoff;
 pub(crate) mod batcher;

@@ -13,11 +13,11 @@ use clap::{Parser, ValueEnum};
 
 use crate::history::Retention;
 
+pub use crate::location::BucketDir;
+use crate::queue::MAX_VISIBILITY;
+
 mod jobs;
 pub use jobs::{JobsArgs, JobsCommand, JobsConfig, JobsSubcommand, jobs_argv, parse_jobs};
-
-/// SQS caps a message's visibility timeout at 12 hours.
-pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 
 /// Raw command-line values, as typed; see `Config` for their validated form.
 #[derive(Debug, Parser)]
@@ -386,31 +386,6 @@ pub enum LogFormat {
 pub enum QueueRef {
     Name(String),
     Url(String),
-}
-
-/// A `bucket/dir` location; `dir` is empty for the bucket's root and never has a leading
-/// or trailing `/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BucketDir {
-    pub bucket: String,
-    pub dir: String,
-}
-
-impl BucketDir {
-    /// The key of `name` inside this location.
-    pub fn key_for(&self, name: &str) -> String {
-        if self.dir.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}/{}", self.dir, name)
-        }
-    }
-}
-
-impl std::fmt::Display for BucketDir {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s3://{}/{}", self.bucket, self.dir)
-    }
 }
 
 /// The validated configuration of the daemon.

@@ -38,9 +38,9 @@ use crate::claim::{
     Acquired, ClaimError, ClaimGuard, ClaimHandle, Claims, FunctionStarted, JobRecord,
     RecordedGrant,
 };
-use crate::cli::BucketDir;
 use crate::event::ObjectRef;
 use crate::history::{EventKind, History, HistoryEvent};
+use crate::location::BucketDir;
 use crate::reservations::{AllocError, Reservation, Reservations};
 use crate::results::{ResultRegistry, ResultWaiter};
 use crate::scheduler::GpuScheduler;
@@ -291,7 +291,7 @@ impl JobError {
             | JobError::Duplicate { .. } => Disposition::Delete,
             // A second early; and the lease can be no longer than SQS lets a message hide.
             JobError::HeldElsewhere { remaining, .. } => Disposition::ReturnAfter(
-                (*remaining + Duration::from_secs(1)).min(crate::cli::MAX_VISIBILITY / 2),
+                (*remaining + Duration::from_secs(1)).min(crate::queue::MAX_VISIBILITY / 2),
             ),
             // Whoever takes the job over next finishes it (or adopts its running function).
             JobError::ClaimLost | JobError::Cancelled | JobError::NotStarted => {

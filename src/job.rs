@@ -301,7 +301,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel, claim)
             .await;
         // The GPUs go back before anything else happens to the message.
-        self.give_back(object, reservation, claim, &result).await;
+        self.give_back(object, reservation, claim, claimed::GpusDone::from(&result))
+            .await;
         drop(input);
         if result.is_ok() {
             info!(

@@ -58,13 +58,13 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                         if seen.is_ok() {
                             self.record(object, None, EventKind::ResultSeen);
                         }
-                        self.give_back(object, reservation, Some(claim), &seen)
+                        self.give_back(object, reservation, Some(claim), GpusDone::from(&seen))
                             .await;
                         return seen;
                     }
                     info!(scheduler_job = %grant.scheduler_job_id,
                         "Releasing the grant a former holder recorded before it uploaded.");
-                    self.give_back(object, reservation, Some(claim), &Err(JobError::ClaimLost))
+                    self.give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
                         .await;
                 }
                 Err(e) => {
@@ -83,17 +83,17 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .await
     }
 
-    /// Gives the GPUs back after the job's stages: released, unless the claim says the
-    /// function may be running and no result or deadline ended the wait — then they are
-    /// handed over through the claim (see the module doc). A grant the claim names leaves
-    /// the claim first; when that is not confirmed, the releaser asks the claim before
-    /// releasing, so a grant is never released twice.
+    /// Gives the GPUs back: released, unless the claim says the function may be running
+    /// and neither its result nor its deadline ended the wait — then they are handed over
+    /// through the claim (see the module doc). A grant the claim names leaves the claim
+    /// first; when that is not confirmed, the releaser asks the claim before releasing,
+    /// so a grant is never released twice.
     pub(super) async fn give_back(
         &self,
         object: &ObjectRef,
         reservation: Reservation,
         claim: Option<&ClaimHandle>,
-        result: &Result<JobOutcome, JobError>,
+        done: GpusDone,
     ) {
         let scheduler_job = reservation.grant().scheduler_job_id.clone();
         let Some(claim) = claim else {
@@ -101,15 +101,13 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             self.record(object, None, EventKind::Released { scheduler_job });
             return;
         };
-        let wait_ended = matches!(result, Ok(_) | Err(JobError::ResultDeadline { .. }));
-        if !wait_ended && claim.function_recorded().await {
+        if done == GpusDone::Interrupted && claim.function_recorded().await {
             self.reservations.hand_off(reservation).await;
             return;
         }
-        let cleared = if result.is_ok() {
-            claim.end_done().await
-        } else {
-            claim.clear_gpus().await
+        let cleared = match done {
+            GpusDone::ResultSeen => claim.end_done().await,
+            GpusDone::NothingRuns | GpusDone::Interrupted => claim.clear_gpus().await,
         };
         match cleared {
             Ok(()) => {
@@ -121,6 +119,28 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     "Cannot take the grant out of the job's claim; the releaser asks the claim before releasing.");
                 self.reservations.release_in_background(reservation);
             }
+        }
+    }
+}
+
+/// What ended a job's use of its GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GpusDone {
+    /// The result is there: the job is done (its claim ends with the release).
+    ResultSeen,
+    /// Nothing runs on them: never uploaded, or the result deadline passed.
+    NothingRuns,
+    /// Stopped before either (shutdown, a lost claim, a failed stage): the function may
+    /// still run if the claim says it started.
+    Interrupted,
+}
+
+impl GpusDone {
+    pub(super) fn from(result: &Result<JobOutcome, JobError>) -> GpusDone {
+        match result {
+            Ok(_) => GpusDone::ResultSeen,
+            Err(JobError::ResultDeadline { .. }) => GpusDone::NothingRuns,
+            Err(_) => GpusDone::Interrupted,
         }
     }
 }

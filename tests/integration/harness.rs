@@ -24,17 +24,44 @@ use serde_json::Value;
 
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4566";
 
+/// The emulator the tests use: `ORCHGPU_TEST_ENDPOINT`, or LocalStack's default port.
 pub fn endpoint() -> String {
     std::env::var("ORCHGPU_TEST_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string())
 }
 
-pub fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+/// The binaries under test, by path: the caller knows where its build put them (the
+/// integration tests from `CARGO_BIN_EXE_*`, the bench from `--bin-dir`).
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub orchgpu: PathBuf,
+    pub mock_ssgm: PathBuf,
+    pub function: PathBuf,
 }
 
-/// SDK clients with the emulator's dummy credentials.
+/// What every stack needs from its caller: the emulator, the binaries and the checkout
+/// (for the function scripts).
+#[derive(Clone, Debug)]
+pub struct Kit {
+    pub endpoint: String,
+    pub bins: Bins,
+    pub repo: PathBuf,
+}
+
+impl Kit {
+    /// A file of the checkout.
+    pub fn repo_path(&self, relative: &str) -> PathBuf {
+        self.repo.join(relative)
+    }
+}
+
+/// SDK clients for the emulator at `endpoint()`, with its dummy credentials.
 pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
-    let shared = emulator_config().await;
+    clients_at(&endpoint()).await
+}
+
+/// SDK clients for the emulator at `endpoint`, with its dummy credentials.
+pub async fn clients_at(endpoint: &str) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
+    let shared = emulator_config_at(endpoint).await;
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(true)
@@ -44,11 +71,16 @@ pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
     (s3, sqs)
 }
 
-/// The shared SDK configuration for the emulator: its endpoint, region and dummy
-/// credentials.
+/// The shared SDK configuration for the emulator at `endpoint()`: its endpoint, region
+/// and dummy credentials.
 pub async fn emulator_config() -> aws_config::SdkConfig {
+    emulator_config_at(&endpoint()).await
+}
+
+/// The shared SDK configuration for the emulator at `endpoint`.
+pub async fn emulator_config_at(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint())
+        .endpoint_url(endpoint)
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_s3::config::Credentials::new(
             "test",
@@ -62,12 +94,12 @@ pub async fn emulator_config() -> aws_config::SdkConfig {
 }
 
 /// Environment for every spawned process: the emulator and its dummy credentials.
-fn aws_env(command: &mut Command) {
+fn aws_env(command: &mut Command, endpoint: &str) {
     command
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
-        .env("ORCHGPU_ENDPOINT_URL", endpoint())
+        .env("ORCHGPU_ENDPOINT_URL", endpoint)
         .env_remove("AWS_PROFILE")
         .env(
             "ORCHGPU_LOG",
@@ -109,6 +141,7 @@ pub struct Stack {
     pub dlq_url: String,
     pub function_queue: String,
     pub logs: tempfile::TempDir,
+    kit: Kit,
     processes: Vec<Process>,
 }
 
@@ -116,7 +149,13 @@ impl Stack {
     /// Creates buckets, queues (jobs with a dead-letter queue, function) and the
     /// notifications input → jobs and intermediate → function.
     pub async fn new(name: &str, max_receive_count: u32) -> Result<Stack> {
-        let (s3, sqs) = clients().await;
+        Stack::create(&kit(), name, max_receive_count).await
+    }
+
+    /// Creates buckets, queues (jobs with a dead-letter queue, function) and the
+    /// notifications input → jobs and intermediate → function, on `kit`'s emulator.
+    pub async fn create(kit: &Kit, name: &str, max_receive_count: u32) -> Result<Stack> {
+        let (s3, sqs) = clients_at(&kit.endpoint).await;
         // The pid and a counter are unique within a run; the clock tells apart runs on a
         // long-lived emulator where a pid comes round again (nextest runs each test in a
         // process of its own), whose buckets would still hold the old run's objects.
@@ -141,7 +180,7 @@ impl Stack {
                     format!(
                         "cannot create bucket {bucket} at {}: is the emulator running? \
                          (dev/test.sh starts one; or set ORCHGPU_TEST_ENDPOINT)",
-                        endpoint()
+                        kit.endpoint
                     )
                 })?;
         }
@@ -178,6 +217,7 @@ impl Stack {
             dlq_url,
             function_queue,
             logs: tempfile::tempdir()?,
+            kit: kit.clone(),
             processes: Vec::new(),
         })
     }
@@ -288,7 +328,7 @@ impl Stack {
 
     fn spawn(&mut self, name: &str, mut command: Command) -> Result<usize> {
         let log = File::create(self.log_path(name))?;
-        aws_env(&mut command);
+        aws_env(&mut command, &self.kit.endpoint);
         command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -312,7 +352,9 @@ impl Stack {
 
     /// Starts the function stand-in with extra environment for its script.
     pub fn start_function_with(&mut self, script: &str, env: &[(&str, &str)]) -> Result<usize> {
-        let script = repo_path(&format!("tests/fixtures/function/{script}"));
+        let script = self
+            .kit
+            .repo_path(&format!("tests/fixtures/function/{script}"));
         let mut command = self.function_command(&script, 8);
         command.envs(env.iter().copied());
         let name = format!("function-{}", self.processes.len());
@@ -321,7 +363,7 @@ impl Stack {
 
     /// The function stand-in's command line for this stack.
     fn function_command(&self, script: &Path, concurrency: u32) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu-function"));
+        let mut command = Command::new(&self.kit.bins.function);
         command
             .arg("--queue")
             .arg(&self.function_queue)
@@ -399,7 +441,7 @@ impl Stack {
             "-P",
             &ssgm.port.to_string(),
             "-m",
-            env!("CARGO_BIN_EXE_mock-ssgm"),
+            &ssgm.bin.display().to_string(),
             "-i",
             &format!("{}/{}", self.work_bucket, self.work_dir),
             "-o",
@@ -443,7 +485,7 @@ impl Stack {
 
     /// Starts the daemon; returns its process index.
     pub fn start_daemon(&mut self, ssgm: &MockSsgm, extra: &[&str]) -> Result<usize> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu"));
+        let mut command = Command::new(&self.kit.bins.orchgpu);
         command.args(self.daemon_args(ssgm, extra));
         let name = format!("orchgpu-{}", self.processes.len());
         self.spawn(&name, command)
@@ -635,13 +677,19 @@ pub async fn notify(
 /// The mock SSGM server, as a real process.
 pub struct MockSsgm {
     pub port: u16,
+    bin: PathBuf,
     child: Child,
 }
 
 impl MockSsgm {
     pub fn start(gpus: u32) -> Result<MockSsgm> {
+        MockSsgm::spawn(&kit().bins.mock_ssgm, gpus)
+    }
+
+    /// Starts `bin` as a mock SSGM server with `gpus` GPUs on a free loopback port.
+    pub fn spawn(bin: &Path, gpus: u32) -> Result<MockSsgm> {
         use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mock-ssgm"))
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--listen",
@@ -663,11 +711,15 @@ impl MockSsgm {
             .next()
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| anyhow!("unexpected first line from mock-ssgm: {line:?}"))?;
-        Ok(MockSsgm { port, child })
+        Ok(MockSsgm {
+            port,
+            bin: bin.to_owned(),
+            child,
+        })
     }
 
     pub fn client(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(Command::new(env!("CARGO_BIN_EXE_mock-ssgm"))
+        Ok(Command::new(&self.bin)
             .args(["-S", "127.0.0.1", "-P", &self.port.to_string()])
             .args(args)
             .output()?)
@@ -817,7 +869,7 @@ impl Stack {
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<usize> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu"));
+        let mut command = Command::new(&self.kit.bins.orchgpu);
         command.args(self.daemon_args(ssgm, extra));
         for (name, value) in env {
             command.env(name, value);
@@ -1050,4 +1102,24 @@ impl Stack {
             .trim_matches('"')
             .to_string())
     }
+}
+
+// What binds this kit to this package's build: the binaries cargo built for these tests
+// and the checkout they come from.
+
+/// The kit for this package's integration tests.
+pub fn kit() -> Kit {
+    Kit {
+        endpoint: endpoint(),
+        bins: Bins {
+            orchgpu: env!("CARGO_BIN_EXE_orchgpu").into(),
+            mock_ssgm: env!("CARGO_BIN_EXE_mock-ssgm").into(),
+            function: env!("CARGO_BIN_EXE_orchgpu-function").into(),
+        },
+        repo: env!("CARGO_MANIFEST_DIR").into(),
+    }
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    kit().repo_path(relative)
 }

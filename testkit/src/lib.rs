@@ -147,12 +147,6 @@ pub struct Stack {
 
 impl Stack {
     /// Creates buckets, queues (jobs with a dead-letter queue, function) and the
-    /// notifications input → jobs and intermediate → function.
-    pub async fn new(name: &str, max_receive_count: u32) -> Result<Stack> {
-        Stack::create(&kit(), name, max_receive_count).await
-    }
-
-    /// Creates buckets, queues (jobs with a dead-letter queue, function) and the
     /// notifications input → jobs and intermediate → function, on `kit`'s emulator.
     pub async fn create(kit: &Kit, name: &str, max_receive_count: u32) -> Result<Stack> {
         let (s3, sqs) = clients_at(&kit.endpoint).await;
@@ -682,10 +676,6 @@ pub struct MockSsgm {
 }
 
 impl MockSsgm {
-    pub fn start(gpus: u32) -> Result<MockSsgm> {
-        MockSsgm::spawn(&kit().bins.mock_ssgm, gpus)
-    }
-
     /// Starts `bin` as a mock SSGM server with `gpus` GPUs on a free loopback port.
     pub fn spawn(bin: &Path, gpus: u32) -> Result<MockSsgm> {
         use std::io::BufRead;
@@ -1102,24 +1092,4 @@ impl Stack {
             .trim_matches('"')
             .to_string())
     }
-}
-
-// What binds this kit to this package's build: the binaries cargo built for these tests
-// and the checkout they come from.
-
-/// The kit for this package's integration tests.
-pub fn kit() -> Kit {
-    Kit {
-        endpoint: endpoint(),
-        bins: Bins {
-            orchgpu: env!("CARGO_BIN_EXE_orchgpu").into(),
-            mock_ssgm: env!("CARGO_BIN_EXE_mock-ssgm").into(),
-            function: env!("CARGO_BIN_EXE_orchgpu-function").into(),
-        },
-        repo: env!("CARGO_MANIFEST_DIR").into(),
-    }
-}
-
-pub fn repo_path(relative: &str) -> PathBuf {
-    kit().repo_path(relative)
 }

@@ -34,7 +34,7 @@ impl Stack {
     /// A stack of its own for one test (see [`orchgpu_testkit::Stack::create`]).
     pub async fn new(name: &str, max_receive_count: u32) -> Result<Stack> {
         Ok(Stack(
-            orchgpu_testkit::Stack::create(&kit(), name, max_receive_count).await?,
+            orchgpu_testkit::Stack::create(&kit(), name, Some(max_receive_count)).await?,
         ))
     }
 }
@@ -69,5 +69,11 @@ impl Deref for MockSsgm {
     type Target = orchgpu_testkit::MockSsgm;
     fn deref(&self) -> &Self::Target {
         &self.0
+    }
+}
+
+impl DerefMut for MockSsgm {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }

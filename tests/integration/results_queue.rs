@@ -6,21 +6,13 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::Value;
 
-use crate::harness::{MockSsgm, Stack, create_queue, notify, queue_arn, wait_for};
+use crate::harness::{MockSsgm, Stack, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_queue_events_end_jobs_without_waiting_for_a_poll() -> Result<()> {
     let ssgm = MockSsgm::start(2)?;
     let mut stack = Stack::new("resq", 5).await?;
-    let results_queue = format!("res-{}", stack.jobs_queue);
-    let results_url = create_queue(&stack.sqs, &results_queue, None).await?;
-    notify(
-        &stack.s3,
-        &stack.output_bucket,
-        &queue_arn(&stack.sqs, &results_url).await?,
-        Some((format!("{}/", stack.output_dir), ".png".to_string())),
-    )
-    .await?;
+    let (results_queue, results_url) = stack.add_results_queue().await?;
     let stats_file = stack.logs.path().join("stats.json");
     stack.start_function("copy-result.sh")?;
     // With -b 60 the first HEAD comes a minute after the upload: only the event can end

@@ -369,11 +369,23 @@ impl Stack {
         self.logs.path().join(format!("{name}.log"))
     }
 
-    /// Starts `command` with the emulator's environment, its output to
-    /// [`Self::log_path`]`(name)`; returns its process index.
+    /// The temporary directory of this stack's processes (their `TMPDIR`), inside
+    /// [`Self::logs`]: what a killed process or script leaves there goes with the stack.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.logs.path().join("tmp")
+    }
+
+    /// Starts `command` with the emulator's environment and the stack's `TMPDIR` (unless
+    /// the caller set one), its output to [`Self::log_path`]`(name)`; returns its process
+    /// index.
     pub fn spawn(&mut self, name: &str, mut command: Command) -> Result<usize> {
         let log = File::create(self.log_path(name))?;
         aws_env(&mut command, &self.kit.endpoint);
+        if !command.get_envs().any(|(name, _)| name == "TMPDIR") {
+            let tmp_dir = self.tmp_dir();
+            std::fs::create_dir_all(&tmp_dir)?;
+            command.env("TMPDIR", tmp_dir);
+        }
         command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

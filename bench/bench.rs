@@ -304,18 +304,49 @@ fn start_daemon(stack: &mut Stack, ssgm: &MockSsgm, tag: &str, extra: &[&str]) -
     })
 }
 
+fn is_deletion(line: &Value) -> bool {
+    message(line) == "Message deleted."
+}
+
+fn is_upload(line: &Value) -> bool {
+    message(line) == "Stage finished." && line["fields"]["stage"] == "upload"
+}
+
 impl Daemon {
     /// Waits until the daemon has dropped the queue's s3:TestEvent: it is then receiving.
     async fn ready(&mut self) -> Result<()> {
+        self.wait_deleted(1, Duration::from_secs(60))
+            .await
+            .context("daemon never dropped the test event")
+    }
+    /// Waits until `count` messages have been deleted in all.
+    async fn wait_deleted(&mut self, count: usize, timeout: Duration) -> Result<()> {
+        self.log.wait_count(is_deletion, count, timeout).await
+    }
+    /// Waits until `count` bundles have been uploaded in all.
+    async fn wait_uploaded(&mut self, count: usize, timeout: Duration) -> Result<()> {
+        self.log.wait_count(is_upload, count, timeout).await
+    }
+    /// When each message was deleted (µs since the epoch), in log order.
+    fn deletions(&self) -> impl Iterator<Item = i64> + '_ {
+        self.log
+            .lines
+            .iter()
+            .filter(|l| is_deletion(l))
+            .filter_map(timestamp_us)
+    }
+    /// The first deletion after `after` (µs since the epoch), waited for.
+    async fn next_deletion(&mut self, after: i64, timeout: Duration) -> Result<i64> {
         self.log
             .wait_count(
-                |l| message(l) == "Message deleted.",
+                |l| is_deletion(l) && timestamp_us(l).unwrap_or(0) > after,
                 1,
-                Duration::from_secs(60),
+                timeout,
             )
-            .await
-            .context("daemon never dropped the test event")?;
-        Ok(())
+            .await?;
+        self.deletions()
+            .find(|t| *t > after)
+            .ok_or_else(|| anyhow!("no deletion after {after}"))
     }
     fn cpu_ticks(&self) -> Result<u64> {
         cpu_ticks(self.pid)
@@ -563,14 +594,7 @@ fn overhead<'a>(
                 // orchgpu: the same bytes through the whole pipeline.
                 put_bytes(aws, &stack.input_bucket, &key, body).await?;
                 done += 1;
-                daemon
-                    .log
-                    .wait_count(
-                        |l| message(l) == "Message deleted.",
-                        done,
-                        Duration::from_secs(120),
-                    )
-                    .await?;
+                daemon.wait_deleted(done, Duration::from_secs(120)).await?;
                 if i == 0 {
                     continue;
                 }
@@ -770,25 +794,9 @@ fn detection<'a>(
                 let result_key = format!("results/{id}.png");
                 put_bytes(aws, &stack.output_bucket, &result_key, b"result".to_vec()).await?;
                 let written = now_us();
-                daemon
-                    .log
-                    .wait_count(
-                        |l| {
-                            message(l) == "Message deleted."
-                                && timestamp_us(l).unwrap_or(0) > written
-                        },
-                        1,
-                        Duration::from_secs(120),
-                    )
-                    .await?;
                 let deleted = daemon
-                    .log
-                    .lines
-                    .iter()
-                    .filter(|l| message(l) == "Message deleted.")
-                    .filter_map(timestamp_us)
-                    .find(|t| *t > written)
-                    .expect("waited for it");
+                    .next_deletion(written, Duration::from_secs(120))
+                    .await?;
                 latencies.push((deleted - written) as f64);
                 if let Some(event) = daemon
                     .log
@@ -931,21 +939,9 @@ fn throughput<'a>(
         let start = now_us();
         put_many(aws, &stack.input_bucket, "t", jobs, size, 8).await?;
         daemon
-            .log
-            .wait_count(
-                |l| message(l) == "Message deleted.",
-                jobs + 1,
-                Duration::from_secs(900),
-            )
+            .wait_deleted(jobs + 1, Duration::from_secs(900))
             .await?;
-        let end = daemon
-            .log
-            .lines
-            .iter()
-            .filter(|l| message(l) == "Message deleted.")
-            .filter_map(timestamp_us)
-            .max()
-            .unwrap_or(start);
+        let end = daemon.deletions().max().unwrap_or(start);
         let cpu = daemon.cpu_ticks()? - cpu_before;
         let daemon_emu =
             emulator
@@ -1096,12 +1092,7 @@ fn contended<'a>(
         daemon.ready().await?;
         put_many(aws, &stack.input_bucket, "g", jobs, 1000, 4).await?;
         daemon
-            .log
-            .wait_count(
-                |l| message(l) == "Message deleted.",
-                jobs + 1,
-                Duration::from_secs(30 + 5 * jobs as u64),
-            )
+            .wait_deleted(jobs + 1, Duration::from_secs(30 + 5 * jobs as u64))
             .await?;
         let [alloc, busy, dealloc] = ssgm.counters(["alloc_calls", "busy", "dealloc_calls"])?;
         daemon.stop(&mut stack, Duration::from_secs(30)).await?;
@@ -1195,12 +1186,7 @@ fn memory<'a>(
                 }
             });
             daemon
-                .log
-                .wait_count(
-                    |l| message(l) == "Stage finished." && l["fields"]["stage"] == "upload",
-                    20,
-                    Duration::from_secs(if mb > 1 { 900 } else { 120 }),
-                )
+                .wait_uploaded(20, Duration::from_secs(if mb > 1 { 900 } else { 120 }))
                 .await?;
             let (hwm, _) = memory_kib(daemon.pid)?;
             sampling.store(false, Ordering::Relaxed);
@@ -1276,14 +1262,7 @@ fn waiting<'a>(
             ],
         )?;
         let t0 = Instant::now();
-        daemon
-            .log
-            .wait_count(
-                |l| message(l) == "Stage finished." && l["fields"]["stage"] == "upload",
-                jobs,
-                Duration::from_secs(600),
-            )
-            .await?;
+        daemon.wait_uploaded(jobs, Duration::from_secs(600)).await?;
         let fill = t0.elapsed();
         let pid = daemon.pid;
         let before = cpu_ticks(pid)?;

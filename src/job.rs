@@ -223,11 +223,7 @@ struct ActiveClaim<'a, S> {
 
 impl<S> Drop for ActiveClaim<'_, S> {
     fn drop(&mut self) {
-        self.context
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        crate::lock(&self.context.active).remove(&self.id);
         self.context.job_ended.notify_waiters();
     }
 }
@@ -620,11 +616,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             let ended = self.job_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let inserted = self
-                .active
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone());
+            let inserted = crate::lock(&self.active).insert(id.clone());
             if inserted {
                 return Ok(ActiveClaim {
                     context: self,

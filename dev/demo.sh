@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs orchgpu's local stack end to end in one command: LocalStack (S3 + SQS), the buckets
 # and queues (deploy/aws-setup.sh), the mock rCUDA scheduler (mock-ssgm), the local SCAR
-# function stand-in running scar/detect.sh (real YOLOv3-tiny inference with Debian's darknet,
+# function stand-in running scar/yolo/detect.sh (real YOLOv3-tiny inference with Debian's darknet,
 # installed with dev/install-darknet.sh when missing), and the orchgpu daemon; then uploads a
 # few sample images with awkward names, waits for one result per image in the output
 # bucket, downloads them and shows the scheduler's view. Everything listens on 127.0.0.1.
@@ -17,7 +17,7 @@
 #   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log (default ~/.cache/orchgpu)
 #   ORCHGPU_EMULATOR=moto         use moto instead of LocalStack (see dev/localstack.sh)
 #   ORCHGPU_DEMO_SCRIPT=PATH      the function's script, from the repository root (default
-#                                 scar/detect.sh, darknet; dev/function/example.sh: no inference)
+#                                 scar/yolo/detect.sh, darknet; dev/function/example.sh: no inference)
 #   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH)
 set -euo pipefail
 
@@ -31,9 +31,9 @@ profile=${ORCHGPU_PROFILE:-debug}
 result_timeout=${ORCHGPU_DEMO_TIMEOUT:-120}
 http_port=${ORCHGPU_DEMO_HTTP_PORT:-8642}
 stop_timeout=30
-function_script=${ORCHGPU_DEMO_SCRIPT:-scar/detect.sh}
+function_script=${ORCHGPU_DEMO_SCRIPT:-scar/yolo/detect.sh}
 [[ $function_script == /* ]] || function_script=$repo_root/$function_script
-if [[ $function_script == "$repo_root/scar/detect.sh" ]] &&
+if [[ $function_script == "$repo_root/scar/yolo/detect.sh" ]] &&
     ! "$repo_root/dev/install-darknet.sh" >/dev/null; then
     printf '%s: darknet could not be installed; falling back to dev/function/example.sh (NO inference)\n' \
         dev/demo.sh >&2

@@ -107,7 +107,7 @@ pub(crate) struct Detection {
     pub percent: u32,
 }
 
-/// darknet's `label: NN%` lines from `scar/detect.sh`'s text file; comment lines (`#`)
+/// darknet's `label: NN%` lines from `scar/yolo/detect.sh`'s text file; comment lines (`#`)
 /// and anything else are skipped.
 pub(crate) fn parse_detections(text: &str) -> Vec<Detection> {
     text.lines()

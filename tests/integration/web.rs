@@ -1037,7 +1037,7 @@ async fn web_page_in_chromium_uploads_dog_jpg_and_shows_the_dog() -> Result<()> 
     let driver = ChromeDriver::start(&stack.logs.path().join("chromedriver.log")).await?;
     let ssgm = MockSsgm::start(1)?;
     stack.start_function_script(
-        &repo_path("scar/detect.sh"),
+        &repo_path("scar/yolo/detect.sh"),
         &[
             ("DARKNET_HOME", DARKNET_HOME.as_ref()),
             ("DARKNET_WEIGHTS", weights.as_os_str()),

@@ -222,6 +222,7 @@ mod tests {
                 first_seen: Timestamp(1_000),
                 last_update: Timestamp(8_500),
                 last_reason: Some("the function wrote no result within 90 s".into()),
+                gpu_seconds: None,
             },
             message_id: None,
             attempt_outcomes: Vec::new(),

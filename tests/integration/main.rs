@@ -13,7 +13,7 @@ mod large_input;
 mod mock_ssgm;
 mod multipart;
 mod observe;
-mod ocr;
+pub(crate) mod ocr;
 mod pipeline;
 pub(crate) mod reliability;
 mod results_queue;

@@ -349,7 +349,7 @@ async fn web_lists_and_serves_every_output_of_a_job_by_its_handle() -> Result<()
         format!("{job_id}.x/../../secret"),
         format!("{job_id}..hidden"),
         format!("{job_id}.\u{e9}t\u{e9}"),
-        format!("{job_id}"),
+        job_id.clone(),
     ] {
         stack
             .s3

@@ -29,23 +29,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
 use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
-use crate::claim::{
-    Acquired, ClaimError, ClaimGuard, ClaimHandle, Claims, FunctionStarted, JobRecord,
-    RecordedGrant,
-};
-use crate::cli::BucketDir;
+mod claimed;
+mod outcome;
+pub use outcome::{Disposition, JobError, JobOutcome};
+
+use crate::claim::{ClaimHandle, Claims, FunctionStarted, RecordedGrant};
 use crate::event::ObjectRef;
 use crate::history::{EventKind, History, HistoryEvent};
+use crate::location::BucketDir;
 use crate::reservations::{AllocError, Reservation, Reservations};
 use crate::results::{ResultRegistry, ResultWaiter};
 use crate::scheduler::GpuScheduler;
-use crate::storage::{self, StorageError};
-use crate::telemetry::Outcome;
+use crate::storage;
 
 /// A job's id: derived from the object's identity, so the same object version always
 /// maps to the same id (and the same result key), across deliveries, restarts and
@@ -188,131 +188,6 @@ enum Prepared {
     Ready { reservation: Reservation, size: u64 },
 }
 
-/// The outcome of a job that did not fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobOutcome {
-    /// The result appeared in the output bucket.
-    Completed,
-    /// The result was already there (a duplicate or redelivered notification): the job
-    /// was not run again.
-    AlreadyDone,
-}
-
-/// What to do with the message after a job failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// It can never become a job: delete the message.
-    Delete,
-    /// It may work later: make the message visible again after a backoff.
-    RetryLater,
-    /// Not tried for a reason of ours (shutdown): make it visible again at once.
-    ReturnNow,
-    /// Someone else holds the message now: leave it alone.
-    Abandon,
-    /// Another daemon runs this job: make the message visible again after this long,
-    /// when the result exists or the other daemon's claim has run out.
-    ReturnAfter(Duration),
-}
-
-/// Why a job failed.
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    #[error("input s3://{bucket}/{key} no longer exists")]
-    InputGone { bucket: String, key: String },
-    /// The object changed (or went) after the event: the event is superseded, and the new
-    /// version has its own event and job id.
-    #[error("input s3://{bucket}/{key} changed since its event (superseded)")]
-    InputSuperseded { bucket: String, key: String },
-    #[error("job is held by another daemon ({owner}) for {remaining:?} more")]
-    HeldElsewhere { owner: String, remaining: Duration },
-    /// Another daemon holds the job from another message, which carries the job: this
-    /// copy is not needed.
-    #[error("duplicate of a job held by {owner} from another message")]
-    Duplicate { owner: String },
-    #[error("job's claim was lost (its lease ran out or another daemon took it over)")]
-    ClaimLost,
-    #[error("failed to claim the job")]
-    Claim(#[source] ClaimError),
-    #[error("failed to transfer job data")]
-    Storage(#[source] StorageError),
-    #[error("failed to create a temporary file in {dir}")]
-    TempFile {
-        dir: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("failed to build the bundle")]
-    Bundle(#[source] BundleError),
-    #[error("failed to get GPUs")]
-    Allocation(#[source] AllocError),
-    #[error("no result at s3://{bucket}/{key} within {deadline:?}")]
-    ResultDeadline {
-        bucket: String,
-        key: String,
-        deadline: Duration,
-    },
-    #[error("job not started: shutting down")]
-    NotStarted,
-    #[error("job cancelled by shutdown")]
-    Cancelled,
-    /// Cancelled after the bundle went to the function, which may still write the result:
-    /// the message comes back after a backoff, by when a retry will probably find it.
-    #[error("job cancelled by shutdown while its function was running")]
-    CancelledAwaitingResult,
-    #[error("job abandoned: its message is no longer ours")]
-    Abandoned,
-}
-
-impl JobError {
-    /// How this ending is counted in `orchgpu_jobs_total{outcome}`.
-    pub fn outcome(&self) -> Outcome {
-        match self {
-            JobError::InputGone { .. } => Outcome::Dropped,
-            JobError::InputSuperseded { .. } => Outcome::Superseded,
-            JobError::HeldElsewhere { .. } | JobError::ClaimLost => Outcome::Deferred,
-            JobError::Duplicate { .. } => Outcome::Duplicate,
-            JobError::Cancelled | JobError::NotStarted | JobError::CancelledAwaitingResult => {
-                Outcome::Stopped
-            }
-            JobError::Abandoned => Outcome::Abandoned,
-            JobError::Allocation(AllocError::Deadline(_)) | JobError::ResultDeadline { .. } => {
-                Outcome::Deadline
-            }
-            JobError::Storage(_)
-            | JobError::Claim(_)
-            | JobError::TempFile { .. }
-            | JobError::Bundle(_)
-            | JobError::Allocation(_) => Outcome::Returned,
-        }
-    }
-
-    /// The lifecycle policy: only a job that can never work deletes its message.
-    pub fn disposition(&self) -> Disposition {
-        match self {
-            // A duplicate's job is carried by the holder's own message.
-            JobError::InputGone { .. }
-            | JobError::InputSuperseded { .. }
-            | JobError::Duplicate { .. } => Disposition::Delete,
-            // A second early; and the lease can be no longer than SQS lets a message hide.
-            JobError::HeldElsewhere { remaining, .. } => Disposition::ReturnAfter(
-                (*remaining + Duration::from_secs(1)).min(crate::cli::MAX_VISIBILITY / 2),
-            ),
-            // Whoever takes the job over next finishes it (or adopts its running function).
-            JobError::ClaimLost | JobError::Cancelled | JobError::NotStarted => {
-                Disposition::ReturnNow
-            }
-            JobError::Abandoned => Disposition::Abandon,
-            JobError::Storage(_)
-            | JobError::Claim(_)
-            | JobError::TempFile { .. }
-            | JobError::Bundle(_)
-            | JobError::Allocation(_)
-            | JobError::CancelledAwaitingResult
-            | JobError::ResultDeadline { .. } => Disposition::RetryLater,
-        }
-    }
-}
-
 /// Why a job's cancellation token fired.
 #[derive(Debug, Clone)]
 pub struct JobCancel {
@@ -408,73 +283,6 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         result
     }
 
-    /// A claimed job: first what a former holder left in the claim (a grant to release, or
-    /// a running function to adopt), then the stages.
-    async fn run_claimed(
-        &self,
-        id: &JobId,
-        object: &ObjectRef,
-        started: Instant,
-        cancel: &JobCancel,
-        claim: &ClaimHandle,
-        carried: JobRecord,
-    ) -> Result<JobOutcome, JobError> {
-        if let Some(grant) = &carried.grant {
-            let adopted = self
-                .reservations
-                .adopt(
-                    id.as_str(),
-                    &object.key,
-                    &grant.scheduler,
-                    &grant.scheduler_job_id,
-                    &grant.devices,
-                    grant.since_unix,
-                )
-                .await;
-            match adopted {
-                Ok(reservation) => {
-                    if let Some(function) = &carried.function {
-                        info!(scheduler_job = %grant.scheduler_job_id,
-                            "Adopting a job whose function may be running: waiting for its result.");
-                        let result_key = self.result_key(id);
-                        let waiter = self
-                            .results
-                            .as_ref()
-                            .map(|r| r.register(&self.settings.output.bucket, &result_key));
-                        let deadline = instant_of_unix_ms(function.result_deadline_unix_ms);
-                        let seen = stage(
-                            "await_result",
-                            self.await_result(result_key, waiter.as_ref(), cancel, deadline),
-                        )
-                        .await;
-                        if seen.is_ok() {
-                            self.record(object, None, EventKind::ResultSeen);
-                        }
-                        self.give_back(object, reservation, Some(claim), &seen)
-                            .await;
-                        return seen;
-                    }
-                    info!(scheduler_job = %grant.scheduler_job_id,
-                        "Releasing the grant a former holder recorded before it uploaded.");
-                    self.give_back(object, reservation, Some(claim), &Err(JobError::ClaimLost))
-                        .await;
-                }
-                Err(e) => {
-                    // Not ours to release (another scheduler) or not recordable here: say
-                    // so, and take it out of the record so the job can go on.
-                    error!(scheduler_job = %grant.scheduler_job_id, scheduler = %grant.scheduler,
-                        error = %error_chain(&e), "Cannot take over the grant the job's claim records; release it by hand.");
-                    if let AllocError::Journal(_) = e {
-                        return Err(JobError::Allocation(e));
-                    }
-                    claim.clear_gpus().await.map_err(JobError::Claim)?;
-                }
-            }
-        }
-        self.run_stages(id, object, started, cancel, Some(claim))
-            .await
-    }
-
     /// The job's stages, from the result check to the release.
     async fn run_stages(
         &self,
@@ -497,7 +305,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel, claim)
             .await;
         // The GPUs go back before anything else happens to the message.
-        self.give_back(object, reservation, claim, &result).await;
+        self.give_back(object, reservation, claim, claimed::GpusDone::from(&result))
+            .await;
         drop(input);
         if result.is_ok() {
             info!(
@@ -506,47 +315,6 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             );
         }
         result
-    }
-
-    /// Gives the GPUs back after the job's stages: released, unless the claim says the
-    /// function may be running and no result or deadline ended the wait — then they are
-    /// handed over through the claim (see the module doc). A grant the claim names leaves
-    /// the claim first; when that is not confirmed, the releaser asks the claim before
-    /// releasing, so a grant is never released twice.
-    async fn give_back(
-        &self,
-        object: &ObjectRef,
-        reservation: Reservation,
-        claim: Option<&ClaimHandle>,
-        result: &Result<JobOutcome, JobError>,
-    ) {
-        let scheduler_job = reservation.grant().scheduler_job_id.clone();
-        let Some(claim) = claim else {
-            self.reservations.release(reservation).await;
-            self.record(object, None, EventKind::Released { scheduler_job });
-            return;
-        };
-        let wait_ended = matches!(result, Ok(_) | Err(JobError::ResultDeadline { .. }));
-        if !wait_ended && claim.function_recorded().await {
-            self.reservations.hand_off(reservation).await;
-            return;
-        }
-        let cleared = if result.is_ok() {
-            claim.end_done().await
-        } else {
-            claim.clear_gpus().await
-        };
-        match cleared {
-            Ok(()) => {
-                self.reservations.release(reservation).await;
-                self.record(object, None, EventKind::Released { scheduler_job });
-            }
-            Err(e) => {
-                warn!(scheduler_job = %scheduler_job, error = %error_chain(&e),
-                    "Cannot take the grant out of the job's claim; the releaser asks the claim before releasing.");
-                self.reservations.release_in_background(reservation);
-            }
-        }
     }
 
     /// Checks for an existing result, downloads the input and gets GPUs. The check and
@@ -902,58 +670,6 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     }
 }
 
-impl<S> JobContext<S> {
-    /// Claims the job across daemons. A claim another daemon holds from this very message
-    /// (the holder's message came back when its visibility lapsed) is waited out, the
-    /// message kept hidden meanwhile; one it holds from another message makes this copy a
-    /// `Duplicate`; one of an older daemon that records no message is `HeldElsewhere`.
-    async fn acquire_claim(
-        &self,
-        claims: &Claims,
-        id: &JobId,
-        message_id: Option<&str>,
-        cancel: &JobCancel,
-    ) -> Result<ClaimGuard, JobError> {
-        let mut said = false;
-        loop {
-            let acquired = claims
-                .acquire(id.as_str(), message_id)
-                .await
-                .map_err(JobError::Claim)?;
-            let (owner, remaining, holder_message) = match acquired {
-                Acquired::Claimed(guard) => return Ok(guard),
-                Acquired::HeldElsewhere {
-                    owner,
-                    remaining,
-                    message_id,
-                } => (owner, remaining, message_id),
-            };
-            match (holder_message.as_deref(), message_id) {
-                (Some(holder), Some(ours)) if holder == ours => {
-                    if !said {
-                        info!(owner = %owner, "The holder's own message came back; keeping it hidden until the holder's claim ends.");
-                        said = true;
-                    }
-                    let wait = remaining.min(claims.lease() / 3) + Duration::from_millis(100);
-                    tokio::select! {
-                        biased;
-                        _ = cancel.token.cancelled() => return Err(cancel.error()),
-                        _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-                (Some(_), Some(_)) => return Err(JobError::Duplicate { owner }),
-                _ => return Err(JobError::HeldElsewhere { owner, remaining }),
-            }
-        }
-    }
-}
-
-/// The `Instant` at which the wall clock reads `unix_ms` (now, if that is past).
-fn instant_of_unix_ms(unix_ms: u64) -> Instant {
-    Instant::now() + Duration::from_millis(unix_ms.saturating_sub(unix_now_ms()))
-}
-
 /// Runs a stage and logs one line with its name and elapsed time when it succeeds.
 async fn stage<T>(
     name: &'static str,
@@ -1066,61 +782,5 @@ mod tests {
         let mut right = object("a", Some("bc"), None);
         right.bucket = "x".into();
         assert_ne!(JobId::derive(&left), JobId::derive(&right));
-    }
-
-    #[test]
-    fn disposition_per_error() {
-        use Disposition::*;
-        let gone = JobError::InputGone {
-            bucket: "b".into(),
-            key: "k".into(),
-        };
-        assert_eq!(gone.disposition(), Delete);
-        assert_eq!(JobError::Cancelled.disposition(), ReturnNow);
-        assert_eq!(JobError::NotStarted.disposition(), ReturnNow);
-        assert_eq!(JobError::CancelledAwaitingResult.disposition(), RetryLater);
-        assert_eq!(JobError::Abandoned.disposition(), Abandon);
-        assert_eq!(
-            JobError::Allocation(AllocError::Deadline(Duration::from_secs(1))).disposition(),
-            RetryLater
-        );
-        assert_eq!(
-            JobError::Allocation(AllocError::Rejected {
-                gpus: 9,
-                detail: "x".into()
-            })
-            .disposition(),
-            RetryLater
-        );
-        let deadline = JobError::ResultDeadline {
-            bucket: "b".into(),
-            key: "k".into(),
-            deadline: Duration::from_secs(1),
-        };
-        assert_eq!(deadline.disposition(), RetryLater);
-        let bundle = JobError::Bundle(BundleError::InvalidJobId("x/y".into()));
-        assert_eq!(bundle.disposition(), RetryLater);
-        let superseded = JobError::InputSuperseded {
-            bucket: "b".into(),
-            key: "k".into(),
-        };
-        assert_eq!(superseded.disposition(), Delete);
-        let held = JobError::HeldElsewhere {
-            owner: "h:1".into(),
-            remaining: Duration::from_secs(20),
-        };
-        assert_eq!(held.disposition(), ReturnAfter(Duration::from_secs(21)));
-        assert_eq!(JobError::ClaimLost.disposition(), ReturnNow);
-        let duplicate = JobError::Duplicate {
-            owner: "h:1".into(),
-        };
-        assert_eq!(duplicate.disposition(), Delete);
-        let claim = JobError::Claim(crate::claim::ClaimError::Store {
-            op: "write",
-            bucket: "b".into(),
-            key: "k".into(),
-            source: "unreachable".into(),
-        });
-        assert_eq!(claim.disposition(), RetryLater);
     }
 }

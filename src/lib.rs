@@ -31,6 +31,7 @@ pub mod history;
 pub mod http;
 pub mod job;
 pub mod jobs_cmd;
+pub mod location;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

@@ -51,11 +51,11 @@ use tracing::{info, warn};
 
 use crate::aws::error_chain;
 use crate::claim::Claims;
-use crate::cli::BucketDir;
 use crate::event::ObjectRef;
 use crate::history::{HistoryError, HistoryReader, ListFilter, Timestamp};
 use crate::http::Via;
 use crate::job::JobId;
+use crate::location::BucketDir;
 use crate::storage;
 
 use super::cache::{Fresh, ViewCache};

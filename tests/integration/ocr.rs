@@ -46,31 +46,34 @@ fn convert() -> Result<PathBuf> {
         .with_context(|| format!("ImageMagick is not installed: {HINT}"))
 }
 
-/// A document page: `lines` of black text in DejaVu Sans on white, as a PNG.
+/// A document page: `lines` of black text in DejaVu Sans on a white page, one
+/// `-annotate` per line (ImageMagick 6's multi-line `label:` fails past a few lines), as
+/// a grey PNG.
 pub fn draw_document(lines: &[&str]) -> Result<Vec<u8>> {
-    let output = Command::new(convert()?)
-        .args([
-            "-background",
-            "white",
-            "-fill",
-            "black",
-            "-font",
-            FONT,
-            "-pointsize",
-            "36",
-            "-interline-spacing",
-            "12",
-        ])
-        .arg(format!("label:{}", lines.join("\n")))
-        .args([
-            "-bordercolor",
-            "white",
-            "-border",
-            "60",
-            "-colorspace",
-            "Gray",
-            "png:-",
-        ])
+    const LINE: usize = 56;
+    let height = 120 + LINE * lines.len();
+    let mut command = Command::new(convert()?);
+    command.args([
+        "-size",
+        &format!("1700x{height}"),
+        "xc:white",
+        "-fill",
+        "black",
+        "-font",
+        FONT,
+        "-pointsize",
+        "36",
+    ]);
+    for (n, line) in lines.iter().enumerate() {
+        // ImageMagick reads a leading '@' as a file name and '%' as an escape.
+        let text = line.replace('%', "%%").trim_start_matches('@').to_string();
+        command
+            .arg("-annotate")
+            .arg(format!("+60+{}", 90 + LINE * n))
+            .arg(text);
+    }
+    let output = command
+        .args(["-colorspace", "Gray", "png:-"])
         .output()
         .context("cannot run ImageMagick")?;
     if !output.status.success() || !output.stdout.starts_with(b"\x89PNG") {

@@ -11,22 +11,22 @@
 #            until Ctrl-C
 # Environment:
 #   ORCHGPU_PROFILE=release       build and run release binaries (default: debug)
-#   ORCHGPU_DEMO_OUT=DIR          where results are downloaded (default ./demo-out)
+#   ORCHGPU_DEMO_OUT=DIR          where results are downloaded (default demo-out)
 #   ORCHGPU_DEMO_TIMEOUT=S        how long to wait for the results (default 120)
 #   ORCHGPU_DEMO_HTTP_PORT=PORT   the web page's port on 127.0.0.1 (default 8642)
 #   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log (default ~/.cache/orchgpu)
 #   ORCHGPU_EMULATOR=moto         use moto instead of LocalStack (see dev/localstack.sh)
 #   ORCHGPU_DEMO_SCRIPT=PATH      the function's script, from the repository root (default
 #                                 scar/yolo/detect.sh, darknet; dev/function/example.sh: no inference)
-#   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH)
+#   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH;
+#                                 with neither, the LocalStack venv is installed for it)
 set -euo pipefail
 
 prog=dev/demo.sh
 repo_root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 state_dir=${ORCHGPU_STATE:-$HOME/.cache/orchgpu}
 demo_dir=$state_dir/demo
-out_dir=${ORCHGPU_DEMO_OUT:-./demo-out}
-[[ $out_dir == /* ]] || out_dir=$PWD/$out_dir
+out_dir=$(realpath -m -- "${ORCHGPU_DEMO_OUT:-demo-out}")
 profile=${ORCHGPU_PROFILE:-debug}
 result_timeout=${ORCHGPU_DEMO_TIMEOUT:-120}
 http_port=${ORCHGPU_DEMO_HTTP_PORT:-8642}
@@ -190,10 +190,28 @@ trap 'exit 143' TERM
 
 # --- aws CLI ---------------------------------------------------------------------------
 
-if [[ -z ${AWS_CLI:-} ]]; then
-    AWS_CLI=${ORCHGPU_LS_VENV:-$HOME/.cache/orchgpu/localstack-venv}/bin/aws
-    [[ -x $AWS_CLI ]] || AWS_CLI=aws
-fi
+# Found (or installed) before anything needs it: AWS_CLI, else the LocalStack venv's, else
+# aws on PATH; with none of them, the LocalStack venv is installed (it has one), even when
+# the emulator is moto.
+find_aws_cli() {
+    local venv_aws=${ORCHGPU_LS_VENV:-$HOME/.cache/orchgpu/localstack-venv}/bin/aws
+    if [[ -n ${AWS_CLI:-} ]]; then
+        command -v "$AWS_CLI" >/dev/null 2>&1 || die "AWS_CLI=$AWS_CLI is not a command"
+        return
+    fi
+    if [[ -x $venv_aws ]]; then
+        AWS_CLI=$venv_aws
+    elif command -v aws >/dev/null 2>&1; then
+        AWS_CLI=aws
+    else
+        say "no aws CLI on PATH: installing LocalStack's venv, which has one (dev/localstack.sh install)"
+        ORCHGPU_EMULATOR=localstack dev/localstack.sh install ||
+            die "could not install an aws CLI: set AWS_CLI or install one"
+        [[ -x $venv_aws ]] || die "dev/localstack.sh install left no $venv_aws"
+        AWS_CLI=$venv_aws
+    fi
+}
+find_aws_cli
 export AWS_CLI AWS_PAGER=""
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test}
 export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
@@ -207,8 +225,10 @@ mkdir -p -- "$demo_dir"
 stop_leftovers
 rm -f -- "$demo_dir"/*.log
 
-say "building the binaries (cargo build --locked ${cargo_profile_args[*]})"
-cargo build --locked "${cargo_profile_args[@]}"
+say "building the binaries (cargo build --locked${cargo_profile_args[*]/#/ }; a first build takes minutes)"
+t_build=$SECONDS
+cargo build -q --locked "${cargo_profile_args[@]}"
+say "built in $((SECONDS - t_build)) s"
 bin_dir=${CARGO_TARGET_DIR:-$repo_root/target}/$profile
 [[ $bin_dir == /* ]] || bin_dir=$repo_root/$bin_dir
 for exe in orchgpu mock-ssgm orchgpu-function; do
@@ -224,7 +244,6 @@ if [[ -n $pid_after && $pid_after != "$pid_before" ]]; then
 else
     say "reusing the running emulator (it stays up afterwards)"
 fi
-command -v "$AWS_CLI" >/dev/null 2>&1 || die "no aws CLI: set AWS_CLI or run dev/localstack.sh install"
 
 deploy/aws-setup.sh --endpoint-url "$endpoint" --region "$AWS_REGION" \
     --input-bucket "$input_bucket" --intermediate "$work_bucket/$work_dir" \
@@ -316,10 +335,23 @@ list_results() { # keys of the PNG results, one a line
         --query "Contents[?ends_with(Key, '.png')].Key" --output text | tr '\t' '\n' |
         grep -v -e '^None$' -e '^$' || true
 }
+# The scheduler's live grants, while the jobs run: `-top` lists one line per grant under
+# its header (shown once, the first time a grant is live).
+top_shown=0
+show_live_grants() {
+    local top
+    ((top_shown)) && return 0
+    top=$("$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -top 2>/dev/null) || return 0
+    (($(wc -l <<<"$top") > 1)) || return 0
+    top_shown=1
+    say "the scheduler's live grants (mock-ssgm -S 127.0.0.1 -P $port -top):"
+    printf '    %s\n' "${top//$'\n'/$'\n'    }"
+}
 want=${#samples[@]}
 have=0
 deadline=$((t0 + result_timeout))
 while :; do
+    show_live_grants
     mapfile -t results < <(list_results)
     if ((${#results[@]} != have)); then
         have=${#results[@]}
@@ -328,7 +360,7 @@ while :; do
     ((have >= want)) && break
     ((SECONDS < deadline)) || die "only $have of $want results after $result_timeout s"
     check_children
-    sleep 1
+    sleep 0.5
 done
 
 # The output prefix was emptied above, so all of it is this run's: the PNGs and the
@@ -343,27 +375,48 @@ say "results (downloaded to $out_dir, with the function's .txt notes):"
 python3 - "$demo_dir/jobs.json" "$out_dir" <<'EOF' || die "could not list the results"
 import json, os, sys
 
+def summary(path):
+    """Labels by their best confidence, highest first; a label found more than once is
+    folded: `car ×2 (71%, 30%), dog 56%`."""
+    by_label = {}
+    for line in open(path, encoding="utf-8"):
+        label, _, rest = line.strip().partition(": ")
+        if not line.startswith("#") and rest.endswith("%") and rest[:-1].isdigit():
+            by_label.setdefault(label, []).append(int(rest[:-1]))
+    parts = []
+    for label, found in sorted(by_label.items(), key=lambda kv: (-max(kv[1]), kv[0])):
+        found.sort(reverse=True)
+        if len(found) == 1:
+            parts.append(f"{label} {found[0]}%")
+        else:
+            parts.append(f"{label} \u00d7{len(found)} ({', '.join(f'{c}%' for c in found)})")
+    return ", ".join(parts) or "nothing detected"
+
 jobs, out = json.load(open(sys.argv[1])), sys.argv[2]
 for job in sorted(jobs, key=lambda j: j["key"]):
     png = os.path.join(out, job["job_id"] + ".png")
     if not os.path.exists(png):
         continue
-    found = []
     try:
-        for line in open(os.path.join(out, job["job_id"] + ".txt"), encoding="utf-8"):
-            label, _, rest = line.strip().partition(": ")
-            if not line.startswith("#") and rest.endswith("%"):
-                found.append(f"{label} {rest}")
+        found = summary(os.path.join(out, job["job_id"] + ".txt"))
     except FileNotFoundError:
-        found = ["(no detections file)"]
-    print(f"  {job['key']} \u2192 {png}: {', '.join(found) or 'nothing detected'}")
+        found = "(no detections file)"
+    print(f"  {job['key']} \u2192 {png}: {found}")
 EOF
 
-printf '\nmock-ssgm -top:\n'
-"$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -top || say "mock-ssgm -top failed"
-printf '\nmock-ssgm -stats:\n'
-"$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -stats || say "mock-ssgm -stats failed"
-printf '\n'
+((top_shown)) || say "(no grant was live at a -top call: the jobs were quicker than the polls)"
+# The scheduler's books: every grant released once the jobs are done.
+if stats=$("$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -stats); then
+    python3 - "$stats" <<'EOF' || say "mock-ssgm -stats answered: $stats"
+import json, sys
+
+s = json.loads(sys.argv[1])
+print(f"mock-ssgm: {s['granted']} granted, {s['released']} released, {s['busy']} busy, "
+      f"{s['live']} live; {s['free_gpus']} of {s['total_gpus']} GPUs free")
+EOF
+else
+    say "mock-ssgm -stats failed"
+fi
 
 if ((once)); then
     say "done (--once); stopping everything"

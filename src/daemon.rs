@@ -677,8 +677,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn healthy_heartbeats_keep_their_phase() {
         let s = Duration::from_secs;
-        let sent = beats(&[true, true, true], s(15), s(30)).await;
-        assert_eq!(sent, [s(15), s(30), s(45)]);
+        // Each beat goes out 2 s late (a busy runtime) and its request takes 1 s: the next
+        // stays due on the 15 s grid, not an interval after the late one went out.
+        let start = tokio::time::Instant::now();
+        let mut schedule = HeartbeatSchedule::new(start, s(15), s(30));
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            tokio::time::sleep_until(schedule.due() + s(2)).await;
+            let now = tokio::time::Instant::now();
+            schedule.sending(now);
+            sent.push(now - start);
+            tokio::time::sleep(s(1)).await;
+            schedule.succeeded(now, s(30));
+        }
+        assert_eq!(sent, [s(17), s(32), s(47)]);
     }
 
     #[test]

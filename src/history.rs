@@ -484,25 +484,32 @@ impl History {
     /// Waits until every event recorded before this call is written (or counted lost);
     /// `false` if that takes longer than `timeout`. Blocking: for shutdown and tests, on
     /// a blocking thread.
+    ///
+    /// When the queue is full, a short-lived thread waits for room (a blocking send: no
+    /// polling) while this one waits for the answer; that thread ends once its send goes
+    /// through, or fails because the writer has stopped.
     pub fn flush(&self, timeout: Duration) -> bool {
         let Some(writer) = &self.writer else {
             return true;
         };
-        let deadline = Instant::now() + timeout;
         let (done, wait) = mpsc::channel();
-        let mut command = Command::Flush(done);
-        loop {
-            match writer.sender.try_send(command) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                    command = back;
-                    std::thread::sleep(Duration::from_millis(5));
+        match writer.sender.try_send(Command::Flush(done)) {
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(_)) => return false,
+            Err(TrySendError::Full(command)) => {
+                let sender = writer.sender.clone();
+                let waiting = std::thread::Builder::new()
+                    .name("orchgpu-history-flush".into())
+                    .spawn(move || {
+                        // Fails only when the writer has stopped: then nobody answers.
+                        let _ = sender.send(command);
+                    });
+                if waiting.is_err() {
+                    return false;
                 }
-                Err(_) => return false,
             }
         }
-        wait.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_ok()
+        wait.recv_timeout(timeout).is_ok()
     }
 }
 
@@ -1394,6 +1401,31 @@ mod tests {
         disabled.record(event("j", "k", secs(0), EventKind::Claimed));
         assert_eq!(disabled.write_failures(), 0);
         assert!(disabled.flush(Duration::ZERO));
+    }
+
+    #[test]
+    fn flush_waits_for_room_in_a_full_queue() {
+        // The one slot is taken; the writer starts draining only 100 ms later.
+        let (sender, receiver) = mpsc::sync_channel(1);
+        let history = with_channel(sender);
+        history.record(event("j", "k", secs(0), EventKind::Claimed));
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            for command in receiver {
+                if let Command::Flush(done) = command {
+                    let _ = done.send(());
+                }
+            }
+        });
+        let started = Instant::now();
+        assert!(
+            history.flush(WAIT),
+            "no answer after {:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(history);
+        writer.join().expect("writer");
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl Journal {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.records)
     }
 
     /// Applies `change` and writes the journal if it says something changed. The lock is

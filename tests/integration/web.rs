@@ -756,6 +756,7 @@ async fn web_a_history_that_cannot_open_shows_on_metrics() -> Result<()> {
     let address = http_address(&mut stack, daemon).await?;
     let metrics = get(&address, "/metrics", &[])?.text();
     assert_eq!(metric_sum(&metrics, "orchgpu_history_enabled", &[]), 1.0);
+    let no_history_state = stack.state_dir("none");
     let daemon = stack.start_daemon(
         &ssgm,
         &[
@@ -763,7 +764,7 @@ async fn web_a_history_that_cannot_open_shows_on_metrics() -> Result<()> {
             "127.0.0.1:0",
             "--no-history",
             "--state-dir",
-            &stack.state_dir("none"),
+            &no_history_state,
         ],
     )?;
     let address = http_address(&mut stack, daemon).await?;

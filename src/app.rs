@@ -166,6 +166,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         claims: claims.clone(),
         state_dir: config.state_dir.clone(),
         work_dir: work_dir.path().to_path_buf(),
+        title: config.web_title.clone(),
+        hint: config.web_hint.clone(),
     };
     let jobs = Arc::new(JobContext::new(
         clients.s3,

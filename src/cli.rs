@@ -312,6 +312,16 @@ pub struct Args {
     )]
     pub upload_disk_budget: String,
 
+    /// The web page's title: which use case this deployment serves, e.g. "Text
+    /// recognition (OCR)" [default: a generic one].
+    #[arg(long = "web-title", env = "ORCHGPU_WEB_TITLE", value_name = "TEXT")]
+    pub web_title: Option<String>,
+
+    /// A line under the page's title saying what to upload, e.g. "Upload scanned pages"
+    /// [default: a generic one].
+    #[arg(long = "web-hint", env = "ORCHGPU_WEB_HINT", value_name = "TEXT")]
+    pub web_hint: Option<String>,
+
     /// File whose first line is the token the web page and its API ask for (header
     /// X-Orchgpu-Token, or the session cookie the page gets for it); read at start-up.
     /// Required when the listener is not on loopback [default: no token].
@@ -433,12 +443,39 @@ pub struct Config {
     pub upload_disk_budget: u64,
     /// The token the web API asks for, read from `--http-token-file`.
     pub http_token: Option<String>,
+    /// The page's title and hint line (`--web-title`, `--web-hint`); `None`: generic.
+    pub web_title: Option<String>,
+    pub web_hint: Option<String>,
     /// The job history's retention, or `None` with `--no-history`.
     pub history: Option<Retention>,
     /// `None`: no cross-daemon claims (`--claims off`).
     pub claims: Option<BucketDir>,
     pub claim_lease: Duration,
     pub work_dir: PathBuf,
+}
+
+/// A line of the page's text (`--web-title`, `--web-hint`): trimmed, `None` when empty,
+/// at most `WEB_TEXT_MAX` characters and no control characters. The page puts it in
+/// with `textContent` only, so markup in it shows as text.
+fn parse_web_text(flag: &'static str, raw: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(text) = raw.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    if text.chars().count() > crate::web::WEB_TEXT_MAX {
+        return Err(ConfigError::new(
+            flag,
+            &text,
+            format!("at most {} characters", crate::web::WEB_TEXT_MAX),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            flag,
+            &text,
+            "one line, no control characters",
+        ));
+    }
+    Ok(Some(text))
 }
 
 /// A command-line value that cannot be used; the message names the flag.
@@ -607,6 +644,8 @@ impl TryFrom<Args> for Config {
             )?,
             upload_disk_budget: parse_disk_budget(&args.upload_disk_budget, upload_max_bytes)?,
             http_token,
+            web_title: parse_web_text("--web-title", args.web_title)?,
+            web_hint: parse_web_text("--web-hint", args.web_hint)?,
             history: parse_history(
                 args.no_history,
                 &args.history_max_age,
@@ -862,6 +901,30 @@ mod tests {
         for bad in ["localhost:9464", "127.0.0.1", "9464", "127.0.0.1:99999"] {
             let err = config(&["--http-listen", bad]).expect_err(bad);
             assert!(err.to_string().contains("--http-listen"), "{err}");
+        }
+    }
+
+    #[test]
+    fn web_title_and_hint_flags() {
+        let c = config(&[]).expect("valid");
+        assert_eq!((c.web_title, c.web_hint), (None, None));
+        let c = config(&[
+            "--web-title",
+            " Text recognition (OCR) ",
+            "--web-hint",
+            "Upload scanned pages <b>",
+        ])
+        .expect("valid");
+        assert_eq!(c.web_title.as_deref(), Some("Text recognition (OCR)"));
+        assert_eq!(c.web_hint.as_deref(), Some("Upload scanned pages <b>"));
+        assert_eq!(
+            config(&["--web-title", "  "]).expect("valid").web_title,
+            None
+        );
+        let long = "x".repeat(crate::web::WEB_TEXT_MAX + 1);
+        for (flag, bad) in [("--web-title", long.as_str()), ("--web-hint", "two\nlines")] {
+            let err = error_for(&[flag, bad]);
+            assert!(err.contains(flag), "{err}");
         }
     }
 

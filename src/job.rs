@@ -179,6 +179,10 @@ impl<S> JobContext<S> {
 }
 
 /// What `prepare` leaves for the rest of the job.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per job, returned once: boxing the reservation would buy nothing"
+)]
 enum Prepared {
     AlreadyDone,
     Ready { reservation: Reservation, size: u64 },

@@ -153,6 +153,7 @@ pub struct Telemetry {
     reservation_oldest: SecondsGauge,
     release_failures: Counter,
     releases_given_up: Counter,
+    gpu_seconds: Counter<f64, AtomicU64>,
     scheduler_calls: Family<CallLabels, Counter>,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
     job_duration: Histogram,
@@ -188,6 +189,7 @@ impl Telemetry {
             reservation_oldest: SecondsGauge::default(),
             release_failures: Counter::default(),
             releases_given_up: Counter::default(),
+            gpu_seconds: Counter::default(),
             scheduler_calls: Family::default(),
             stage_duration: Family::new_with_constructor(stage_histogram),
             job_duration: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
@@ -233,6 +235,11 @@ impl Telemetry {
             "releases_given_up",
             "Releases given up after failing too often (the scheduler may still hold the GPUs)",
             t.releases_given_up.clone(),
+        );
+        registry.register(
+            "gpu_seconds",
+            "GPUs times seconds from grant to confirmed release, counted at the release",
+            t.gpu_seconds.clone(),
         );
         registry.register(
             "scheduler_calls",
@@ -321,6 +328,11 @@ impl Telemetry {
 
     pub fn set_oldest_reservation(&self, age: Duration) {
         self.reservation_oldest.set(age.as_secs_f64());
+    }
+
+    /// GPU time (GPUs × seconds) of a reservation confirmed released.
+    pub fn gpu_time_released(&self, gpu_seconds: f64) {
+        self.gpu_seconds.inc_by(gpu_seconds.max(0.0));
     }
 
     pub fn release_failed(&self) {

@@ -122,6 +122,8 @@ struct Shared<S> {
     /// Signalled each time one of our reservations is confirmed released.
     gpus_freed: Notify,
     scheduler_address: String,
+    /// GPUs per job, for the GPU time a release counts.
+    gpus: u32,
 }
 
 impl<S> Shared<S> {
@@ -129,6 +131,15 @@ impl<S> Shared<S> {
     fn released(&self) {
         self.ledger.on_release();
         self.gpus_freed.notify_waiters();
+    }
+
+    /// Counts a confirmed release's GPU time (`orchgpu_gpu_seconds_total`): GPUs per job
+    /// times the seconds from the grant (`granted_unix_ms`) to now. Counted by whoever
+    /// releases it, over its whole life: a grant handed over through a claim counts once,
+    /// at the daemon that adopted and released it, from its first grant.
+    fn count_gpu_time(&self, granted_unix_ms: u64) {
+        let held_s = unix_now_ms().saturating_sub(granted_unix_ms) as f64 / 1000.0;
+        telemetry::get().gpu_time_released(f64::from(self.gpus) * held_s);
     }
 }
 
@@ -152,6 +163,8 @@ pub struct Reservations<S> {
 pub struct Reservation {
     grant: Grant,
     entry: JournalEntry,
+    /// When it was granted, in Unix milliseconds (the journal keeps whole seconds).
+    granted_unix_ms: u64,
     fallback: Option<mpsc::UnboundedSender<Work>>,
 }
 
@@ -225,6 +238,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
             ledger: GrantLedger::default(),
             gpus_freed: Notify::new(),
             scheduler_address: settings.scheduler_address.clone(),
+            gpus: settings.gpus,
         });
         let (work, inbox) = mpsc::unbounded_channel();
         if leftovers.given_up > 0 {
@@ -428,6 +442,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                 );
                 Ok(Asked::Granted(Reservation {
                     grant,
+                    granted_unix_ms: unix_now_ms(),
                     entry,
                     fallback: Some(self.work.clone()),
                 }))
@@ -480,12 +495,14 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     /// Gives the GPUs back with one attempt and wakes a job waiting for GPUs. A failed
     /// release is logged and retried by the releaser, never fatal.
     pub async fn release(&self, reservation: Reservation) {
+        let granted_unix_ms = reservation.granted_unix_ms;
         let entry = reservation.disarm();
         let started = std::time::Instant::now();
         let released = self.shared.scheduler.dealloc(&entry.scheduler_job_id).await;
         telemetry::get().scheduler_call("dealloc", dealloc_reply_label(&released));
         match released {
             Ok(()) => {
+                self.shared.count_gpu_time(granted_unix_ms);
                 forget(&self.shared, &entry.scheduler_job_id).await;
                 telemetry::get().stage_finished("release", started.elapsed());
                 info!(
@@ -558,6 +575,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                 settings,
             },
             entry,
+            granted_unix_ms: since_unix.saturating_mul(1000),
             fallback: Some(self.work.clone()),
         })
     }

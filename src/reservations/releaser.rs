@@ -209,6 +209,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
             Attempt::Released => {
                 info!(scheduler_job = %entry.scheduler_job_id, job_id = %entry.job_id,
                     key = %entry.key, "Released reservation in the background.");
+                self.shared
+                    .count_gpu_time(entry.since_unix.saturating_mul(1000));
                 forget(&self.shared, &entry.scheduler_job_id).await;
                 return;
             }

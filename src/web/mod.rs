@@ -5,8 +5,8 @@
 //! It owns what a browser may ask: uploading a file to the `--upload-to` location
 //! (streamed through a temp file in the work dir, then `storage`), one's own upload's job
 //! by the unguessable handle the upload answered (`keys`), as the history and S3 tell it
-//! (`status`, through the short `cache`), and its result and detections proxied from the
-//! output bucket; for token holders (operators), every recent job. It guards them: a
+//! (`status`, through the short `cache`), and every file the function wrote for it
+//! (`<id>.*`: images and text shown, the rest downloaded) proxied from the output bucket; for token holders (operators), every recent job. It guards them: a
 //! token when `--http-token-file` is set (a session cookie derived from it for the page),
 //! size, concurrency and disk limits on uploads, same-origin writes only, a strict
 //! Content-Security-Policy, and ids and keys that never come from a request as they are.
@@ -18,4 +18,4 @@ mod names;
 mod routes;
 mod status;
 
-pub use routes::{WebSettings, router};
+pub use routes::{WEB_TEXT_MAX, WebSettings, router};

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `/`, assets, `/api/config`, `/api/session` | anyone | anyone |
 //! | `POST /api/uploads` | anyone, same origin | token holders, same origin |
-//! | `/api/uploads/<handle>`, `/results/<handle>…` | the handle's holder | token holders with the handle |
+//! | `/api/uploads/<handle>`, `/results/<handle><suffix>` | the handle's holder | token holders with the handle |
 //! | `/api/jobs`, `/api/jobs/<id>`, `/results/<id>…` | nobody (`orchgpu jobs` on the host) | token holders (operators) |
 //!
 //! A token holder is a request with the token in `X-Orchgpu-Token` or with a session
@@ -22,6 +22,15 @@
 //! leaves it to the work dir's clean-up at the next start). Status answers come from
 //! `cache`: one refresh per job at a time, S3 asked at most every `S3_FRESH`, not at all
 //! while this daemon's history has the job in hand, never again once it is over.
+//!
+//! Results: what the function wrote for a job is listed once its result is there (one
+//! `ListObjectsV2` of `<output dir>/<job id>.`, at most `OUTPUTS_MAX` names) and served
+//! as `/results/<handle><suffix>`. A listed name whose suffix is not a plain name
+//! (`names::is_output_suffix`) is not shown; a requested suffix is checked the same way
+//! and the key is rebuilt as `<output dir>/<job id><suffix>`, so neither a name in S3 nor
+//! a request path is ever used as a path or reaches another job's files. Types come from
+//! our own table (`names::output_kind`), never from S3's metadata: raster images and
+//! plain text are shown, anything else is an attachment.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,9 +61,10 @@ use crate::storage;
 use super::cache::{Fresh, ViewCache};
 use super::keys::{HANDLE_LEN, Keys};
 use super::names::{
-    is_job_id, parse_detections, same_origin, sanitise_file_name, token_matches, unique_prefix,
+    OutputKind, is_job_id, is_output_suffix, output_kind, parse_detections, same_origin,
+    sanitise_file_name, token_matches, unique_prefix,
 };
-use super::status::{JobView, S3View, history_in_hand, job_view, summary_view};
+use super::status::{JobView, OutputFile, S3View, history_in_hand, job_view, summary_view};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -76,6 +86,10 @@ const NAME_HEADER: &str = "x-filename";
 const RECENT_JOBS: usize = 30;
 /// Largest detections file read into a job's view.
 const DETECTIONS_MAX: usize = 64 * 1024;
+/// Most files of one job listed on the page.
+const OUTPUTS_MAX: i32 = 50;
+/// Longest title and hint a deployment may set (`--web-title`, `--web-hint`).
+pub const WEB_TEXT_MAX: usize = 300;
 /// Largest body of a token request.
 const SESSION_MAX: usize = 1024;
 /// The longest an upload may take from its first byte to its last, however steadily it
@@ -108,6 +122,10 @@ pub struct WebSettings {
     pub state_dir: PathBuf,
     /// Where an upload waits on disk before it goes to S3.
     pub work_dir: PathBuf,
+    /// The page's title: which use case this deployment serves (`--web-title`).
+    pub title: Option<String>,
+    /// A line under the title saying what to upload (`--web-hint`).
+    pub hint: Option<String>,
 }
 
 struct WebState {
@@ -296,6 +314,8 @@ async fn config(State(web): State<Web>, headers: HeaderMap) -> Response {
             "authorized": access.is_some(),
             "operator": access == Some(Access::Operator),
             "result_suffix": s.result_suffix,
+            "title": s.title,
+            "hint": s.hint,
         }),
     )
 }
@@ -453,10 +473,15 @@ async fn refresh_view(web: &Web, id: &str) -> (Result<JobView, &'static str>, Fr
         }
         let state = history.as_ref().map(|h| h.job.state.as_str());
         if s3.result {
-            let text_key = s.output.key_for(&format!("{id}.txt"));
-            s3.detections = fetch_small(&s.s3, &s.output.bucket, &text_key)
-                .await
-                .map(|text| parse_detections(&text));
+            s3.outputs = list_outputs(&s.s3, &s.output, id).await;
+            // A listing that failed says nothing: ask for the text file all the same.
+            let has_text = s3.outputs.is_empty() || s3.outputs.iter().any(|o| o.suffix == ".txt");
+            if has_text {
+                let text_key = s.output.key_for(&format!("{id}.txt"));
+                s3.detections = fetch_small(&s.s3, &s.output.bucket, &text_key)
+                    .await
+                    .and_then(|text| parse_detections(&text));
+            }
         } else if let Some(claims) = &s.claims
             && matches!(state, None | Some("returned" | "failed"))
         {
@@ -482,6 +507,40 @@ async fn refresh_view(web: &Web, id: &str) -> (Result<JobView, &'static str>, Fr
     (Ok(view), fresh)
 }
 
+/// The files the function wrote for job `id`: `<output dir>/<id><suffix>` for the
+/// suffixes `is_output_suffix` accepts, at most `OUTPUTS_MAX`; empty when S3 cannot be
+/// listed (logged).
+async fn list_outputs(s3: &aws_sdk_s3::Client, output: &BucketDir, id: &str) -> Vec<OutputFile> {
+    let prefix = output.key_for(id);
+    let listed = s3
+        .list_objects_v2()
+        .bucket(&output.bucket)
+        .prefix(format!("{prefix}."))
+        .max_keys(OUTPUTS_MAX)
+        .send()
+        .await;
+    let listed = match listed {
+        Ok(listed) => listed,
+        Err(e) => {
+            warn!(error = %error_chain(&e), "Web: cannot list a job's outputs.");
+            return Vec::new();
+        }
+    };
+    listed
+        .contents
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|object| {
+            let suffix = object.key.as_deref()?.strip_prefix(prefix.as_str())?;
+            is_output_suffix(suffix).then(|| OutputFile {
+                suffix: suffix.to_string(),
+                kind: output_kind(suffix).0,
+                bytes: object.size.and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
 /// A small text object, or `None` when it is missing, too large or unreadable.
 async fn fetch_small(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Option<String> {
     let output = s3.get_object().bucket(bucket).key(key).send().await.ok()?;
@@ -492,26 +551,24 @@ async fn fetch_small(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Option
     (bytes.len() <= DETECTIONS_MAX).then(|| String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// `GET /results/<handle><suffix>` and `/results/<handle>.txt` (operators also by job
-/// id), streamed from the output bucket. Only a job id from a valid handle, or a
-/// well-formed one from an operator, reaches S3.
+/// `GET /results/<handle><suffix>`, any file the function wrote for the job (operators
+/// also by job id), streamed from the output bucket. Only a job id from a valid handle,
+/// or a well-formed one from an operator, and a suffix that is a plain name, reach S3.
 async fn result(
     State(web): State<Web>,
     Extension(access): Extension<Access>,
     Path(file): Path<String>,
 ) -> Response {
     let s = &web.settings;
-    let (stem, ext, content_type) = if let Some(stem) = file.strip_suffix(".txt") {
-        (stem, ".txt", "text/plain; charset=utf-8")
-    } else if let Some(stem) = file.strip_suffix(s.result_suffix.as_str()) {
-        (
-            stem,
-            s.result_suffix.as_str(),
-            result_type(&s.result_suffix),
-        )
-    } else {
+    // Handles and job ids hold no dot: the suffix starts at the first one.
+    let Some(dot) = file.find('.') else {
         return error(StatusCode::NOT_FOUND, "no such result");
     };
+    let (stem, ext) = file.split_at(dot);
+    if !is_output_suffix(ext) {
+        return error(StatusCode::NOT_FOUND, "no such result");
+    }
+    let (kind, content_type) = output_kind(ext);
     let id = if stem.len() == HANDLE_LEN {
         match web.keys.job_of(stem) {
             Some(id) => id,
@@ -550,7 +607,7 @@ async fn result(
     if let Some(length) = output.content_length.and_then(|n| u64::try_from(n).ok()) {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    if content_type == "application/octet-stream" {
+    if kind == OutputKind::File {
         h.insert(
             header::CONTENT_DISPOSITION,
             HeaderValue::from_static("attachment"),
@@ -561,15 +618,6 @@ async fn result(
         HeaderValue::from_static("private, max-age=60"),
     );
     response
-}
-
-/// The content type of a result with this suffix; anything but an image is downloaded.
-fn result_type(suffix: &str) -> &'static str {
-    match suffix.to_ascii_lowercase().as_str() {
-        ".png" => "image/png",
-        ".jpg" | ".jpeg" => "image/jpeg",
-        _ => "application/octet-stream",
-    }
 }
 
 /// The content type an upload is stored with: an image type the browser named, else

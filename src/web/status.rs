@@ -7,7 +7,16 @@ use serde::Serialize;
 use crate::claim::ClaimSeen;
 use crate::history::{JobDetail, JobSummary, Timestamp};
 
-use super::names::Detection;
+use super::names::{Detection, OutputKind};
+
+/// A file the function wrote for a job: `<id><suffix>` in the output location.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct OutputFile {
+    /// What follows the job id, e.g. `.png`; checked by `names::is_output_suffix`.
+    pub suffix: String,
+    pub kind: OutputKind,
+    pub bytes: u64,
+}
 
 /// What the page shows of one job.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -33,8 +42,11 @@ pub(crate) struct JobView {
     pub attempts: u32,
     /// Whether the result is in the output bucket.
     pub result: bool,
-    /// The function's detections, when it wrote a text file beside the result.
+    /// The function's detections, when it wrote a detections file beside the result.
     pub detections: Option<Vec<Detection>>,
+    /// Every file the function wrote for the job (the result included), once the result
+    /// is there; empty when they could not be listed.
+    pub outputs: Vec<OutputFile>,
     /// Whether nothing shown can change any more: the page stops asking then.
     #[serde(rename = "final")]
     pub is_final: bool,
@@ -60,6 +72,7 @@ pub(crate) struct S3View {
     pub result: bool,
     pub claim: Option<ClaimSeen>,
     pub detections: Option<Vec<Detection>>,
+    pub outputs: Vec<OutputFile>,
 }
 
 /// Whether the history's word on a job is one that S3 need not be asked about: this
@@ -91,6 +104,7 @@ pub(crate) fn job_view(
         attempts: history.map_or(0, |h| h.job.attempts),
         result: s3.result,
         detections: s3.detections,
+        outputs: s3.outputs,
         is_final: false,
     };
     let latest = |kind: &str| {
@@ -222,6 +236,7 @@ mod tests {
                 first_seen: Timestamp(1_000),
                 last_update: Timestamp(8_500),
                 last_reason: Some("the function wrote no result within 90 s".into()),
+                gpu_seconds: None,
             },
             message_id: None,
             attempt_outcomes: Vec::new(),

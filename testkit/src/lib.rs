@@ -1159,17 +1159,26 @@ impl Prometheus {
     /// Starts Prometheus scraping `target` (`host:port`, path `/metrics`) and waits until
     /// it reports ready.
     pub fn start(target: &str) -> Result<Prometheus> {
+        Prometheus::start_targets(&[(target, None)])
+    }
+
+    /// Starts Prometheus scraping several targets in job `orchgpu`, each with an optional
+    /// `use_case` label, as docs/operations.md's example for several instances on one
+    /// host does.
+    pub fn start_targets(targets: &[(&str, Option<&str>)]) -> Result<Prometheus> {
         let program = std::env::var("ORCHGPU_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: orchgpu\n    static_configs:\n      \
-                 - targets: [\"{target}\"]\n"
-            ),
-        )?;
+        let mut text = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                        scrape_configs:\n  - job_name: orchgpu\n    static_configs:\n"
+            .to_string();
+        for (target, use_case) in targets {
+            text.push_str(&format!("      - targets: [\"{target}\"]\n"));
+            if let Some(use_case) = use_case {
+                text.push_str(&format!("        labels: {{use_case: \"{use_case}\"}}\n"));
+            }
+        }
+        std::fs::write(&config, text)?;
         // A free port: bound, read and released; Prometheus binds it just after.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?

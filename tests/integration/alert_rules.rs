@@ -31,6 +31,7 @@ const METRICS: &[&str] = &[
     "orchgpu_reservation_oldest_seconds",
     "orchgpu_release_failures_total",
     "orchgpu_releases_given_up_total",
+    "orchgpu_gpu_seconds_total",
     "orchgpu_scheduler_calls_total",
     "orchgpu_aws_requests_total",
     "orchgpu_history_write_failures_total",

@@ -15,6 +15,7 @@ mod large_input;
 mod mock_ssgm;
 mod multipart;
 mod observe;
+pub(crate) mod ocr;
 mod pipeline;
 pub(crate) mod reliability;
 mod results_queue;

@@ -329,6 +329,121 @@ async fn web_upload_place_overlapping_the_functions_places_refuses_to_start() ->
     Ok(())
 }
 
+/// Any use case's outputs: the page lists every file the function wrote for one's own
+/// job, serves each with a type from our own table (images and plain text shown, SVG and
+/// bytes as attachments), and never lists or serves a name from S3 that is not a plain
+/// suffix, nor takes a path from a request.
+#[tokio::test(flavor = "multi_thread")]
+async fn web_lists_and_serves_every_output_of_a_job_by_its_handle() -> Result<()> {
+    let (mut stack, _ssgm, address) = start("weboutputs", &["--result-suffix", ".png"]).await?;
+    stack.start_function("many-outputs.sh")?;
+    let uploaded = upload(&address, "page.png", &[], b"png bytes")?;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.text());
+    let answer = uploaded.json()?;
+    let handle = answer["handle"].as_str().context("no handle")?.to_string();
+    let job_id = answer["job_id"].as_str().context("no job id")?.to_string();
+    // Hostile names beside the job's files, as a broken or malicious function could
+    // write them: never listed, never served.
+    for hostile in [
+        format!("{job_id}.a b"),
+        format!("{job_id}.x/../../secret"),
+        format!("{job_id}..hidden"),
+        format!("{job_id}.\u{e9}t\u{e9}"),
+        job_id.clone(),
+    ] {
+        stack
+            .s3
+            .put_object()
+            .bucket(&stack.output_bucket)
+            .key(format!("{}/{hostile}", stack.output_dir))
+            .body(b"decoy".to_vec().into())
+            .send()
+            .await?;
+    }
+    let view = wait_for("the final view", Duration::from_secs(60), || async {
+        let reply = get(&address, &format!("/api/uploads/{handle}"), &[])?;
+        let view = reply.json()?;
+        Ok(
+            (view["final"] == true && view["outputs"].as_array().is_some_and(|o| o.len() >= 5))
+                .then_some(view),
+        )
+    })
+    .await?;
+    let mut listed: Vec<(String, String)> = view["outputs"]
+        .as_array()
+        .context("outputs")?
+        .iter()
+        .map(|o| {
+            (
+                o["suffix"].as_str().unwrap_or("").to_owned(),
+                o["kind"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            (".bin".to_string(), "file".to_string()),
+            (".png".into(), "image".into()),
+            (".svg".into(), "file".into()),
+            (".tsv".into(), "text".into()),
+            (".txt".into(), "text".into()),
+        ],
+        "{view}"
+    );
+    // Not a detections file: plain text, so no detections.
+    assert!(view["detections"].is_null(), "{view}");
+
+    for (suffix, content_type, attachment, body) in [
+        (".png", "image/png", false, &b"png bytes"[..]),
+        (
+            ".txt",
+            "text/plain; charset=utf-8",
+            false,
+            &b"recognised words for "[..],
+        ),
+        (
+            ".tsv",
+            "text/plain; charset=utf-8",
+            false,
+            &b"level\ttext"[..],
+        ),
+        (".svg", "application/octet-stream", true, &b"<svg"[..]),
+        (
+            ".bin",
+            "application/octet-stream",
+            true,
+            &b"\x01\x02\x03"[..],
+        ),
+    ] {
+        let reply = get(&address, &format!("/results/{handle}{suffix}"), &[])?;
+        assert_eq!(reply.status, 200, "{suffix}: {}", reply.text());
+        assert_eq!(reply.header("content-type"), Some(content_type), "{suffix}");
+        assert_eq!(
+            reply.header("content-disposition") == Some("attachment"),
+            attachment,
+            "{suffix}"
+        );
+        assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+        assert!(reply.body.starts_with(body), "{suffix}: {}", reply.text());
+    }
+    for path in [
+        format!("/results/{handle}.a%20b"),
+        format!("/results/{handle}.x%2F..%2F..%2Fsecret"),
+        format!("/results/{handle}..hidden"),
+        format!("/results/{handle}"),
+        format!("/results/{handle}.%C3%A9t%C3%A9"),
+        format!("/results/{job_id}.txt"),
+        format!("/results/{}.txt", &handle[..handle.len() - 1]),
+    ] {
+        let reply = get(&address, &path, &[])?;
+        assert_eq!(reply.status, 404, "{path}: {}", reply.text());
+        assert!(!reply.text().contains("decoy"), "{path}");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn web_rebinding_host_can_neither_upload_nor_read() -> Result<()> {
     let (stack, _ssgm, address) = start("webrebind", &[]).await?;
@@ -1038,7 +1153,7 @@ async fn web_page_in_chromium_uploads_dog_jpg_and_shows_the_dog() -> Result<()> 
     let driver = ChromeDriver::start(&stack.logs.path().join("chromedriver.log")).await?;
     let ssgm = MockSsgm::start(1)?;
     stack.start_function_script(
-        &repo_path("scar/detect.sh"),
+        &repo_path("scar/yolo/detect.sh"),
         &[
             ("DARKNET_HOME", DARKNET_HOME.as_ref()),
             ("DARKNET_WEIGHTS", weights.as_os_str()),
@@ -1314,4 +1429,186 @@ async fn drive(browser: &fantoccini::Client, address: &str) -> Result<String> {
     );
     browser.execute("window.scrollTo(0, 0);", vec![]).await?;
     Ok(seen)
+}
+
+/// A headless Chromium through `driver`, with its own profile in `profile`.
+async fn headless_chromium(driver: &ChromeDriver, profile: &Path) -> Result<fantoccini::Client> {
+    let capabilities = serde_json::json!({
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=900,1200",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }
+    });
+    let serde_json::Value::Object(capabilities) = capabilities else {
+        bail!("capabilities are an object");
+    };
+    fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .context("cannot start headless Chromium through chromedriver")
+}
+
+/// Two deployments, as two `orchgpu@` instances serve them: the YOLO page and the OCR
+/// page (which says so with `--web-title` and `--web-hint`). In one browser, a photo goes
+/// to the first and a document page (drawn with a DejaVu font) to the second; each card
+/// shows its own kind of result: the annotated image with its detections, and the
+/// recognised text inline with a copy button and the word table as a download. Both are
+/// screenshotted (`web-photo.png`, `web-document.png` under the test target dir).
+#[tokio::test(flavor = "multi_thread")]
+async fn web_pages_in_chromium_show_a_photo_and_a_document_result() -> Result<()> {
+    use fantoccini::Locator::Css;
+    const TITLE: &str = "Text recognition (OCR)";
+    const HINT: &str = "Upload scanned pages or photos of documents.";
+    let weights = weights()?;
+    let page = crate::ocr::draw_document(&["Invoice number 4711 from Valencia"])?;
+    let files = tempfile::tempdir()?;
+    let page_path = files.path().join("invoice.png");
+    std::fs::write(&page_path, &page)?;
+
+    let ssgm = MockSsgm::start(2)?;
+    let mut yolo = Stack::new("webyolo", 5).await?;
+    yolo.start_function_script(
+        &repo_path("scar/yolo/detect.sh"),
+        &[
+            ("DARKNET_HOME", DARKNET_HOME.as_ref()),
+            ("DARKNET_WEIGHTS", weights.as_os_str()),
+        ],
+    )?;
+    let yolo_upload = format!("{}/web", yolo.input_bucket);
+    let daemon = yolo.start_daemon(
+        &ssgm,
+        &["--http-listen", "127.0.0.1:0", "--upload-to", &yolo_upload],
+    )?;
+    let yolo_address = http_address(&mut yolo, daemon).await?;
+    let mut ocr = Stack::new("webocr", 5).await?;
+    ocr.start_function_script(&repo_path("scar/ocr/recognize.sh"), &[])?;
+    let ocr_upload = format!("{}/web", ocr.input_bucket);
+    let daemon = ocr.start_daemon(
+        &ssgm,
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--upload-to",
+            &ocr_upload,
+            "--result-suffix",
+            ".txt",
+            "--web-title",
+            TITLE,
+            "--web-hint",
+            HINT,
+        ],
+    )?;
+    let ocr_address = http_address(&mut ocr, daemon).await?;
+
+    let driver = ChromeDriver::start(&yolo.logs.path().join("chromedriver.log")).await?;
+    let profile = tempfile::tempdir()?;
+    let browser = headless_chromium(&driver, profile.path()).await?;
+    let outcome = async {
+        // The photo, on the YOLO page.
+        browser.goto(&format!("http://{yolo_address}/")).await?;
+        wait_for("the upload form", Duration::from_secs(20), || async {
+            Ok(attribute(&browser, "#upload", "hidden")
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await?;
+        browser
+            .find(Css("#files"))
+            .await?
+            .send_keys(&format!("{DARKNET_HOME}/data/dog.jpg"))
+            .await?;
+        let seen = until_final(&browser).await?;
+        assert!(seen.ends_with("done"), "{seen}");
+        wait_for("the annotated image", Duration::from_secs(30), || async {
+            let width = browser
+                .execute(
+                    "const i = document.querySelector('li.card img'); \
+                     return i && i.complete ? i.naturalWidth : 0;",
+                    vec![],
+                )
+                .await?;
+            Ok(width.as_u64().filter(|w| *w == 768))
+        })
+        .await?;
+        let found = browser
+            .find(Css("li.card ul.detections"))
+            .await?
+            .text()
+            .await?;
+        assert!(found.lines().any(|l| l.starts_with("dog ")), "{found}");
+        if let Ok(png) = browser.screenshot().await {
+            save_screenshot("web-photo.png", &png)?;
+        }
+
+        // The document, on the OCR page, which says what it is for.
+        browser.goto(&format!("http://{ocr_address}/")).await?;
+        wait_for("the page's own title", Duration::from_secs(20), || async {
+            let title = browser.find(Css("#title")).await?.text().await?;
+            Ok((title == TITLE).then_some(()))
+        })
+        .await?;
+        assert_eq!(browser.find(Css("#hint")).await?.text().await?, HINT);
+        assert_eq!(browser.title().await?, format!("{TITLE} · orchgpu"));
+        let path = page_path.to_str().context("utf-8 path")?;
+        browser.find(Css("#files")).await?.send_keys(path).await?;
+        let seen = until_final(&browser).await?;
+        assert!(seen.ends_with("done"), "{seen}");
+        let text = wait_for("the recognised text", Duration::from_secs(30), || async {
+            match attribute(&browser, "li.card pre.text", "data-loaded").await? {
+                Some(_) => Ok(Some(
+                    browser.find(Css("li.card pre.text")).await?.text().await?,
+                )),
+                None => Ok(None),
+            }
+        })
+        .await?;
+        for word in ["Invoice", "4711", "Valencia"] {
+            assert!(
+                text.contains(word),
+                "no {word:?} in the text shown: {text:?}"
+            );
+        }
+        // No picture for a text result; a copy button; the word table to download.
+        assert!(browser.find_all(Css("li.card img")).await?.is_empty());
+        let copy = browser.find(Css("li.card button.copy")).await?;
+        assert_eq!(copy.attr("disabled").await?, None, "copy button disabled");
+        copy.click().await?;
+        // The clipboard answers asynchronously.
+        let after = wait_for(
+            "the copy button's answer",
+            Duration::from_secs(10),
+            || async {
+                let after = copy.text().await?;
+                Ok((after != "Copy text").then_some(after))
+            },
+        )
+        .await?;
+        assert!(
+            after == "Copied" || after.starts_with("Selected"),
+            "{after}"
+        );
+        let mut links = Vec::new();
+        for link in browser.find_all(Css("li.card .links a")).await? {
+            links.push(link.text().await?);
+        }
+        assert_eq!(links, ["Download the text", "Download tsv"], "{links:?}");
+        if let Ok(png) = browser.screenshot().await {
+            save_screenshot("web-document.png", &png)?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    browser.close().await?;
+    outcome?;
+    yolo.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    ocr.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    Ok(())
 }

@@ -1,7 +1,8 @@
-// orchgpu's page: uploads images, then watches each one's job by its handle, polling
-// /api/uploads/<handle> until the figures are final. Operators (token holders) also see
-// the recent jobs of every source. No framework; the DOM is built with textContent only,
-// never from HTML strings.
+// orchgpu's page: uploads files, then watches each one's job by its handle, polling
+// /api/uploads/<handle> until the figures are final, and shows what the function wrote:
+// images inline, text inline with a copy button, anything else as a download. Operators
+// (token holders) also see the recent jobs of every source. No framework; the DOM is
+// built with textContent only, never from HTML strings.
 "use strict";
 
 const POLL_MS = 1000;
@@ -9,6 +10,8 @@ const RECENT_MS = 5000;
 // The handles of this browser's uploads, kept across reloads (they last one daemon run).
 const STORE = "orchgpu.uploads";
 const KEEP = 20;
+// Larger text outputs are offered as downloads only.
+const TEXT_INLINE_MAX = 256 * 1024;
 const WORDS = {
   uploading: "Uploading",
   uploaded: "Uploaded",
@@ -26,7 +29,7 @@ const WORDS = {
   gone: "No longer known",
 };
 
-let config = { uploads: false, token_required: false, authorized: true, operator: false, result_suffix: ".png", upload_max_bytes: 0 };
+let config = { uploads: false, token_required: false, authorized: true, operator: false, result_suffix: ".png", upload_max_bytes: 0, title: null, hint: null };
 const watched = new Set();
 
 function $(id) { return document.getElementById(id); }
@@ -68,6 +71,12 @@ function forget(handle) {
 async function loadConfig() {
   const r = await fetch("/api/config", { credentials: "same-origin" });
   config = await r.json();
+  // Which use case this deployment serves, as its operator put it (plain text).
+  if (config.title) {
+    $("title").textContent = config.title;
+    document.title = config.title + " · orchgpu";
+  }
+  if (config.hint) $("hint").textContent = config.hint;
   $("token").hidden = !(config.token_required && !config.authorized);
   const canUpload = config.uploads && config.authorized;
   $("upload").hidden = !canUpload;
@@ -162,13 +171,74 @@ function describe(job) {
   return text;
 }
 
+// How the page shows a file with this suffix, when the server did not say (the same
+// table as the server's: raster images and plain text inline, the rest downloaded).
+function kindOf(suffix) {
+  const ext = suffix.split(".").pop().toLowerCase();
+  if (["png", "jpg", "jpeg", "gif", "webp", "bmp"].includes(ext)) return "image";
+  if (["txt", "text", "tsv", "csv", "json", "md", "log"].includes(ext)) return "text";
+  return "file";
+}
+
+// A text output, fetched and shown as text, with a button that copies it.
+function textBlock(url, title) {
+  const pre = el("pre", { className: "text", text: "Loading…" });
+  const copy = el("button", { type: "button", className: "copy", text: "Copy text", disabled: true });
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(pre.textContent);
+      copy.textContent = "Copied";
+    } catch (_) {
+      // No clipboard access (an insecure origin, a refused permission): select it instead.
+      const range = document.createRange();
+      range.selectNodeContents(pre);
+      const selection = window.getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      copy.textContent = "Selected: press Ctrl+C";
+    }
+  });
+  fetch(url, { credentials: "same-origin" })
+    .then((r) => (r.ok ? r.text() : Promise.reject(new Error("HTTP " + r.status))))
+    .then((text) => {
+      pre.textContent = text.trim() ? text : "(no text found)";
+      copy.disabled = !text.trim();
+      pre.setAttribute("data-loaded", "true");
+    })
+    .catch(() => { pre.textContent = "Cannot load the text."; });
+  return el("div", { className: "text-output" }, el("div", { className: "text-head" }, el("span", { text: title }), copy), pre);
+}
+
+// Everything the function wrote for the job: the result first, images and text shown,
+// every file also as a download link.
 function showResult(card, job, ref) {
   const box = card.querySelector(".result");
   if (box.childElementCount) return;
   const base = "/results/" + (ref.handle || ref.jobId);
-  const png = base + config.result_suffix;
-  const txt = base + ".txt";
-  box.append(el("img", { src: png, alt: "The annotated result of " + card.querySelector("h3").textContent }));
+  const name = card.querySelector("h3").textContent;
+  let outputs = job.outputs && job.outputs.length ? job.outputs.slice() : [];
+  if (!outputs.length) {
+    // Not listed (yet, or the listing failed): the result, and the detections if any.
+    outputs.push({ suffix: config.result_suffix, kind: kindOf(config.result_suffix), bytes: 0 });
+    if (job.detections && config.result_suffix !== ".txt") outputs.push({ suffix: ".txt", kind: "text", bytes: 0 });
+  }
+  const isResult = (o) => o.suffix === config.result_suffix;
+  outputs.sort((a, b) => Number(isResult(b)) - Number(isResult(a)));
+  // A detections file is shown as the list below, not as raw text.
+  const detectionsFile = job.detections ? ".txt" : null;
+  for (const o of outputs) {
+    const url = base + o.suffix;
+    if (o.kind === "image") {
+      box.append(el("img", { src: url, alt: (isResult(o) ? "The result of " : "A picture made from ") + name }));
+    } else if (o.kind === "text" && o.suffix !== detectionsFile && o.bytes <= TEXT_INLINE_MAX) {
+      if (isResult(o)) {
+        box.append(textBlock(url, "Text:"));
+      } else {
+        // Other text (a word table, a log) folded away under its name until asked for.
+        box.append(el("details", { className: "more" }, el("summary", { text: o.suffix.slice(1) + " (" + bytes(o.bytes) + ")" }), textBlock(url, o.suffix.slice(1) + ":")));
+      }
+    }
+  }
   if (job.detections && job.detections.length) {
     const list = el("ul", { className: "detections" });
     for (const d of job.detections) list.append(el("li", { text: d.label + " " + d.percent + "%" }));
@@ -176,9 +246,14 @@ function showResult(card, job, ref) {
   } else if (job.detections) {
     box.append(el("p", { className: "detections", text: "Nothing detected." }));
   }
-  const links = el("p", { className: "links" },
-    el("a", { href: png, download: job.job_id + config.result_suffix, text: "Download the image" }));
-  if (job.detections) links.append(el("a", { href: txt, download: job.job_id + ".txt", text: "Download the detections" }));
+  const links = el("p", { className: "links" });
+  for (const o of outputs) {
+    let label = "Download " + o.suffix.slice(1);
+    if (o.suffix === detectionsFile) label = "Download the detections";
+    else if (isResult(o) && o.kind === "image") label = "Download the image";
+    else if (isResult(o) && o.kind === "text") label = "Download the text";
+    links.append(el("a", { href: base + o.suffix, download: job.job_id + o.suffix, text: label }));
+  }
   box.append(links);
 }
 

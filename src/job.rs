@@ -1,7 +1,7 @@
 //! One job's pipeline: one input object in, one result object out, as named stages.
 //!
-//! check for a result beside the download → allocate (for a small input, already while
-//! it downloads) → bundle → upload → await result → release. The job holds its GPU
+//! check for a result beside the download → allocate (for a small input, once its GET
+//! has answered, while its body downloads) → bundle → upload → await result → release. The job holds its GPU
 //! reservation for the GPU stages and hands it back to `reservations` on every path it
 //! controls (success, error, cancellation); the reservation's own drop guard covers a
 //! dropped or panicking task. Temporary files are `tempfile` values, removed on every
@@ -415,10 +415,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 
     /// Checks for an existing result, downloads the input and gets GPUs. The check and
     /// the download start together. A small input's GPUs are asked for as soon as the
-    /// check says the job must run, while the download goes on: the scheduler round trip
-    /// then costs no latency, and the download holds GPUs for at most a few milliseconds
-    /// more. A large input (or one of unknown size) is downloaded first, so GPUs are not
-    /// held while it streams in.
+    /// check says the job must run *and* the input's GET has answered with the object
+    /// the event named, while its body goes on downloading: the scheduler round trip
+    /// then costs almost no latency, and an event for an object that is not there (gone,
+    /// overwritten, never written) costs no scheduler call at all. A large input (or one
+    /// of unknown size) is downloaded first, so GPUs are not held while it streams in.
     async fn prepare(
         &self,
         id: &JobId,
@@ -429,11 +430,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         // Boxed: the SDK's futures are large, and two of them side by side in one
         // future overflow a worker thread's stack in debug builds.
         let check = Box::pin(stage("check_result", self.result_exists(id)));
-        let download = Box::pin(stage(
-            "download",
-            until_cancelled(cancel, self.download(object, input)),
-        ));
         if !is_small_input(object) {
+            let download = Box::pin(stage(
+                "download",
+                until_cancelled(cancel, self.download(object, input)),
+            ));
             let (exists, downloaded) = tokio::join!(check, download);
             if exists? {
                 return Ok(Prepared::AlreadyDone);
@@ -443,6 +444,17 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             return Ok(Prepared::Ready { reservation, size });
         }
 
+        // Sent once the GET has answered with the object; dropped unsent when it did not.
+        let (answered, input_is_there) = tokio::sync::oneshot::channel::<()>();
+        let download = Box::pin(stage(
+            "download",
+            until_cancelled(cancel, async {
+                let opened = self.open_input(object).await?;
+                let _ = answered.send(());
+                let saved = opened.save_to(input).await.map_err(JobError::Storage)?;
+                Ok(saved.size)
+            }),
+        ));
         // A failed download makes an allocation still waiting for its turn pointless.
         let allocation = JobCancel {
             token: cancel.token.child_token(),
@@ -458,6 +470,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let check_then_allocate = async {
             if check.await? {
                 return Ok(None);
+            }
+            if input_is_there.await.is_err() {
+                // The download failed (or was cancelled) before S3 answered with the
+                // object; its own error is the job's (see below), not this one.
+                return Err(cancel.error());
             }
             self.allocate_unless_stopping(id, object, &allocation)
                 .await
@@ -586,6 +603,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         Ok(seen)
     }
 
+    /// Downloads the input into `path` (its GET, then its body); at most
+    /// `LARGE_DOWNLOADS` large ones at once.
     async fn download(&self, object: &ObjectRef, path: &Path) -> Result<u64, JobError> {
         let _permit = if is_small_input(object) {
             None
@@ -597,21 +616,27 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     .expect("the semaphore is never closed"),
             )
         };
-        // Exactly the version the event names (the job id derives from it): a later
-        // overwrite has its own event and job.
+        let opened = self.open_input(object).await?;
+        let saved = opened.save_to(path).await.map_err(JobError::Storage)?;
+        Ok(saved.size)
+    }
+
+    /// Sends the input's GET and returns once S3 has answered with exactly the object
+    /// the event names (the job id derives from its version): a later overwrite has its
+    /// own event and job, so anything else is `InputSuperseded`, no object `InputGone`.
+    async fn open_input(&self, object: &ObjectRef) -> Result<storage::Opened, JobError> {
         let pin = match (&object.version_id, &object.etag) {
             (Some(version), _) => storage::Pin::Version(version),
             (None, Some(etag)) => storage::Pin::ETag(etag),
             (None, None) => storage::Pin::Latest,
         };
-        let fetched = storage::download_pinned(&self.s3, &object.bucket, &object.key, pin, path);
-        match fetched.await {
-            Ok(storage::Fetched::Object(downloaded)) => Ok(downloaded.size),
-            Ok(storage::Fetched::Missing) => Err(JobError::InputGone {
+        match storage::open_pinned(&self.s3, &object.bucket, &object.key, pin).await {
+            Ok(storage::Answer::Object(opened)) => Ok(opened),
+            Ok(storage::Answer::Missing) => Err(JobError::InputGone {
                 bucket: object.bucket.clone(),
                 key: object.key.clone(),
             }),
-            Ok(storage::Fetched::Changed) => Err(JobError::InputSuperseded {
+            Ok(storage::Answer::Changed) => Err(JobError::InputSuperseded {
                 bucket: object.bucket.clone(),
                 key: object.key.clone(),
             }),

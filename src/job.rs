@@ -427,14 +427,13 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         input: &Path,
         cancel: &JobCancel,
     ) -> Result<Prepared, JobError> {
-        // Boxed: the SDK's futures are large, and two of them side by side in one
-        // future overflow a worker thread's stack in debug builds.
-        let check = Box::pin(stage("check_result", self.result_exists(id)));
+        // Each stage boxes its own future (see `stage`): the SDK's futures are large.
+        let check = stage("check_result", self.result_exists(id));
         if !is_small_input(object) {
-            let download = Box::pin(stage(
+            let download = stage(
                 "download",
                 until_cancelled(cancel, self.download(object, input)),
-            ));
+            );
             let (exists, downloaded) = tokio::join!(check, download);
             if exists? {
                 return Ok(Prepared::AlreadyDone);
@@ -446,7 +445,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 
         // Sent once the GET has answered with the object; dropped unsent when it did not.
         let (answered, input_is_there) = tokio::sync::oneshot::channel::<()>();
-        let download = Box::pin(stage(
+        let download = stage(
             "download",
             until_cancelled(cancel, async {
                 let opened = self.open_input(object).await?;
@@ -454,7 +453,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 let saved = opened.save_to(input).await.map_err(JobError::Storage)?;
                 Ok(saved.size)
             }),
-        ));
+        );
         // A failed download makes an allocation still waiting for its turn pointless.
         let allocation = JobCancel {
             token: cancel.token.child_token(),
@@ -763,12 +762,18 @@ async fn acquire_claim(claims: &Claims, id: &JobId) -> Result<ClaimGuard, JobErr
 }
 
 /// Runs a stage and logs one line with its name and elapsed time when it succeeds.
+///
+/// The stage's future is boxed: an async fn's future is as large as its largest await,
+/// for its whole life, so a job waiting for its result would otherwise keep room for its
+/// largest stage (an SDK request is several KB; with them inline a waiting job's task
+/// took 83 KB, see BENCHMARKS.md, "Memory"). One allocation per stage costs nothing next
+/// to the stage itself.
 async fn stage<T>(
     name: &'static str,
     fut: impl Future<Output = Result<T, JobError>>,
 ) -> Result<T, JobError> {
     let started = Instant::now();
-    let result = fut.await;
+    let result = Box::pin(fut).await;
     if result.is_ok() {
         let elapsed = started.elapsed();
         crate::telemetry::get().stage_finished(name, elapsed);

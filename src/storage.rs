@@ -293,7 +293,10 @@ pub async fn upload_file(
     key: &str,
     content_type: &str,
 ) -> Result<(), StorageError> {
-    upload_file_with(
+    // Boxed, so that a caller's future keeps a pointer, not the SDK's request futures
+    // (several KB): a job's future is as large as its largest stage for its whole life,
+    // the wait for its result included. See BENCHMARKS.md, "Memory".
+    Box::pin(upload_file_with(
         s3,
         path,
         bucket,
@@ -301,7 +304,7 @@ pub async fn upload_file(
         content_type,
         MULTIPART_THRESHOLD,
         PART_SIZE,
-    )
+    ))
     .await
 }
 
@@ -434,7 +437,9 @@ async fn is_complete(
     size: u64,
     parts: u64,
 ) -> bool {
-    match s3.head_object().bucket(bucket).key(key).send().await {
+    // Boxed for the reason given in `upload_file`: a job polling for its result keeps
+    // room for this future between checks.
+    match Box::pin(s3.head_object().bucket(bucket).key(key).send()).await {
         Ok(head) => {
             let etag = head.e_tag.as_deref().unwrap_or("").trim_matches('"');
             head.content_length.and_then(|n| u64::try_from(n).ok()) == Some(size)
@@ -591,7 +596,9 @@ pub async fn object_exists(
     bucket: &str,
     key: &str,
 ) -> Result<bool, StorageError> {
-    match s3.head_object().bucket(bucket).key(key).send().await {
+    // Boxed for the reason given in `upload_file`: a job polling for its result keeps
+    // room for this future between checks.
+    match Box::pin(s3.head_object().bucket(bucket).key(key).send()).await {
         Ok(_) => Ok(true),
         Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
         Err(e) => Err(StorageError::Head {

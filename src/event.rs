@@ -8,6 +8,12 @@
 //! missing or malformed field): such a message must not be dropped silently. It unwraps SNS envelopes, checks the
 //! `eventVersion` major and accepts the key encodings of AWS, LocalStack and moto.
 //!
+//! A record whose key names no object (empty, or a "folder" ending in `/`, such as `/`,
+//! `//` or `%2F`) is never a job and never becomes a request: a body made only of such
+//! records is `NotAnEvent` (the caller deletes it), and beside real objects they are
+//! skipped. Hostile keys (control characters, kilobytes of text) reach a reason only
+//! escaped and cut to `EXCERPT_CHARS`.
+//!
 //! It is pure: no tokio, no AWS SDK types, no I/O. Deciding what to do with a
 //! message (delete it, start a job, log the reason) is left to the caller.
 
@@ -48,7 +54,9 @@ pub enum Notification {
     Objects {
         /// The `ObjectCreated` records, in message order.
         objects: Vec<ObjectRef>,
-        /// How many other records (e.g. `ObjectRemoved:Delete`) were skipped.
+        /// How many other records were skipped: not `ObjectCreated` (e.g.
+        /// `ObjectRemoved:Delete`), or `ObjectCreated` for a key that names no object
+        /// (empty, or a folder ending in `/`).
         skipped: usize,
     },
     /// The `s3:TestEvent` S3 sends when a notification is configured.
@@ -118,6 +126,8 @@ enum Reject {
     Version(String),
     #[error("no ObjectCreated record ({count} skipped: {names})")]
     NoneCreated { count: usize, names: String },
+    #[error("no object named: key {keys} is empty or a folder (ends in /)")]
+    NoObjectKey { keys: String },
     /// A record of an S3 event that cannot be processed (see `Notification::Unprocessable`).
     #[error("{0}")]
     Unprocessable(Box<Reject>),
@@ -231,6 +241,7 @@ fn classify_records(records: Vec<Value>) -> Result<Notification, Reject> {
     }
     let mut objects = Vec::new();
     let mut skipped_names: Vec<String> = Vec::new();
+    let mut folder_keys: Vec<String> = Vec::new();
     for (index, raw) in records.into_iter().enumerate() {
         // What is wrong with a record that looks like S3's may be a job we cannot read:
         // such a message must reach the dead-letter queue, not be deleted.
@@ -263,12 +274,22 @@ fn classify_records(records: Vec<Value>) -> Result<Notification, Reject> {
                 field: "eventName",
             }))?;
         if is_object_created(&name) {
-            objects.push(object_ref(index, name, record).map_err(unprocessable)?);
+            let object = object_ref(index, name, record).map_err(unprocessable)?;
+            if names_no_object(&object.key) {
+                folder_keys.push(format!("{:?}", object.key));
+            } else {
+                objects.push(object);
+            }
         } else {
             skipped_names.push(name);
         }
     }
-    let skipped = skipped_names.len();
+    let skipped = skipped_names.len() + folder_keys.len();
+    if objects.is_empty() && !folder_keys.is_empty() {
+        return Err(Reject::NoObjectKey {
+            keys: summarize_names(folder_keys),
+        });
+    }
     if objects.is_empty() {
         return Err(Reject::NoneCreated {
             count: skipped,
@@ -313,10 +334,8 @@ fn object_ref(
         .filter(|name| !name.is_empty())
         .ok_or(missing("s3.bucket.name"))?;
     let object = s3.object.ok_or(missing("s3.object"))?;
-    let key = object
-        .key
-        .filter(|key| !key.is_empty())
-        .ok_or(missing("s3.object.key"))?;
+    // An empty key is there but names no object: see `names_no_object`.
+    let key = object.key.ok_or(missing("s3.object.key"))?;
     Ok(ObjectRef {
         bucket,
         key,
@@ -329,6 +348,15 @@ fn object_ref(
         event_name,
         event_time: record.event_time,
     })
+}
+
+/// Whether a decoded key can name no input object: the empty key, or one ending in `/`
+/// (what the S3 console creates as a "folder", `/`, `//`, `%2F` once decoded). Such a
+/// record is never a job, and no request may be made for it: a GET of the empty key is
+/// the bucket's listing on LocalStack (and, in virtual-hosted style, on AWS), whose
+/// XML would otherwise be bundled and sent to the function as an input.
+fn names_no_object(key: &str) -> bool {
+    key.is_empty() || key.ends_with('/')
 }
 
 /// Lists the distinct names in first-seen order, at most [`MAX_NAMES`] of them.
@@ -589,6 +617,49 @@ mod tests {
     fn created_record_without_s3_field() {
         let body = r#"{"Records":[{"eventVersion":"2.1","eventName":"ObjectCreated:Put"}]}"#;
         assert_eq!(unprocessable(body), "record 0: missing s3");
+    }
+
+    #[test]
+    fn keys_that_name_no_object_are_never_jobs() {
+        for (raw, shown) in [
+            ("", r#""""#),
+            ("/", r#""/""#),
+            ("//", r#""//""#),
+            ("%2F", r#""/""#),
+            ("%2f%2F", r#""//""#),
+            ("photos/", r#""photos/""#),
+            ("photos%2F", r#""photos/""#),
+            ("a+b/", r#""a b/""#),
+        ] {
+            assert_eq!(
+                reason(&with_key(raw)),
+                format!("no object named: key {shown} is empty or a folder (ends in /)"),
+                "raw key {raw:?}"
+            );
+        }
+        // Keys that only look like folders name objects.
+        for raw in ["/a", "a/b", "%2Fx", "a%2Fb", "a/ ", "%2"] {
+            assert_eq!(objects(&with_key(raw)).0.len(), 1, "raw key {raw:?}");
+        }
+        // Beside a real object, a folder record is skipped, the object kept.
+        let mixed = serde_json::json!({"Records": [
+            {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "%2F"}}},
+            {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "in/x.jpg"}}},
+            {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": ""}}}
+        ]});
+        let (found, skipped) = objects(&mixed.to_string());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, "in/x.jpg");
+        assert_eq!(skipped, 2);
+        // In an SNS envelope too; a hostile key is escaped and cut in the reason.
+        let inner = with_key("%0A%1B[31m/");
+        let sns = serde_json::json!({"Type": "Notification", "Message": inner}).to_string();
+        assert_eq!(
+            reason(&sns),
+            r#"no object named: key "\n\u{1b}[31m/" is empty or a folder (ends in /)"#
+        );
+        let long = format!("{}/", "x".repeat(500));
+        assert!(reason(&with_key(&long)).len() < 200);
     }
 
     #[test]

@@ -11,8 +11,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
@@ -26,7 +26,14 @@ pub const FILE_NAME: &str = "history.sqlite3";
 const SCHEMA_VERSION: i64 = 1;
 
 /// Events waiting for the writer; past this `record` drops (and counts) instead of
-/// growing without bound while the disk is stuck. About 64 k small events, a few MB.
+/// growing without bound while the disk is stuck (about 12 MB of events then).
+///
+/// The queue is std's unbounded channel with this bound kept by a counter, not a
+/// `sync_channel(QUEUE_CAPACITY)`: a bounded std channel allocates and stamps every slot
+/// when it is created, 65 536 slots of about 180 bytes, which made 11.5 MB of every
+/// daemon's resident memory before its first job (see BENCHMARKS.md, "Memory"). The
+/// unbounded one allocates blocks of 31 slots as events queue and frees them as the
+/// writer catches up.
 const QUEUE_CAPACITY: usize = 65_536;
 
 /// Events written in one transaction at most; one commit (one fsync of the WAL at most)
@@ -369,12 +376,23 @@ enum Command {
 /// What the handles and the writer thread share.
 struct Shared {
     failures: AtomicU64,
+    /// `Record`s sent and not yet taken by the writer (the bound of `QUEUE_CAPACITY`).
+    queued: AtomicUsize,
     started: Instant,
     /// Milliseconds after `started` of the last warning, plus one (0: never warned).
     last_warn: AtomicU64,
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            failures: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            started: Instant::now(),
+            last_warn: AtomicU64::new(0),
+        }
+    }
+
     /// Counts `lost` events and logs at most one line per `WARN_EVERY`.
     fn note_failure(&self, lost: u64, what: &dyn std::fmt::Display) {
         crate::telemetry::get().history_writes_failed(lost);
@@ -398,7 +416,9 @@ impl Shared {
 }
 
 struct Writer {
-    sender: SyncSender<Command>,
+    sender: Sender<Command>,
+    /// At most this many events wait for the writer (`QUEUE_CAPACITY`; less in tests).
+    capacity: usize,
     shared: Arc<Shared>,
 }
 
@@ -434,19 +454,19 @@ impl History {
         })?;
         let path = state_dir.join(FILE_NAME);
         let conn = open_for_writing(&path)?;
-        let shared = Arc::new(Shared {
-            failures: AtomicU64::new(0),
-            started: Instant::now(),
-            last_warn: AtomicU64::new(0),
-        });
-        let (sender, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let shared = Arc::new(Shared::new());
+        let (sender, receiver) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("orchgpu-history".into())
             .spawn(move || run_writer(conn, receiver, &thread_shared, retention))
             .map_err(HistoryError::Thread)?;
         Ok(History {
-            writer: Some(Arc::new(Writer { sender, shared })),
+            writer: Some(Arc::new(Writer {
+                sender,
+                capacity: QUEUE_CAPACITY,
+                shared,
+            })),
         })
     }
 
@@ -463,14 +483,19 @@ impl History {
     /// is behind by `QUEUE_CAPACITY` events or gone, the event is dropped and counted.
     pub fn record(&self, event: HistoryEvent) {
         let Some(writer) = &self.writer else { return };
-        match writer.sender.try_send(Command::Record(event)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => writer
+        let queued = &writer.shared.queued;
+        if queued.fetch_add(1, Ordering::Relaxed) >= writer.capacity {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            writer
                 .shared
-                .note_failure(1, &"the history writer is behind; queue full"),
-            Err(TrySendError::Disconnected(_)) => writer
+                .note_failure(1, &"the history writer is behind; queue full");
+            return;
+        }
+        if writer.sender.send(Command::Record(event)).is_err() {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            writer
                 .shared
-                .note_failure(1, &"the history writer thread has stopped"),
+                .note_failure(1, &"the history writer thread has stopped");
         }
     }
 
@@ -493,21 +518,8 @@ impl History {
             return true;
         };
         let (done, wait) = mpsc::channel();
-        match writer.sender.try_send(Command::Flush(done)) {
-            Ok(()) => {}
-            Err(TrySendError::Disconnected(_)) => return false,
-            Err(TrySendError::Full(command)) => {
-                let sender = writer.sender.clone();
-                let waiting = std::thread::Builder::new()
-                    .name("orchgpu-history-flush".into())
-                    .spawn(move || {
-                        // Fails only when the writer has stopped: then nobody answers.
-                        let _ = sender.send(command);
-                    });
-                if waiting.is_err() {
-                    return false;
-                }
-            }
+        if writer.sender.send(Command::Flush(done)).is_err() {
+            return false;
         }
         wait.recv_timeout(timeout).is_ok()
     }
@@ -593,7 +605,10 @@ fn run_writer(
         let mut next = first;
         while let Some(command) = next {
             match command {
-                Command::Record(event) => batch.push(event),
+                Command::Record(event) => {
+                    shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    batch.push(event);
+                }
                 Command::Flush(done) => flushes.push(done),
             }
             next = if batch.len() < MAX_BATCH {
@@ -1369,31 +1384,43 @@ mod tests {
         assert_eq!(history.write_failures(), 100);
     }
 
-    fn with_channel(sender: SyncSender<Command>) -> History {
-        let shared = Arc::new(Shared {
-            failures: AtomicU64::new(0),
-            started: Instant::now(),
-            last_warn: AtomicU64::new(0),
-        });
+    fn with_channel(sender: Sender<Command>, capacity: usize) -> History {
         History {
-            writer: Some(Arc::new(Writer { sender, shared })),
+            writer: Some(Arc::new(Writer {
+                sender,
+                capacity,
+                shared: Arc::new(Shared::new()),
+            })),
         }
+    }
+
+    #[test]
+    fn the_writer_frees_the_queue_it_takes_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        for n in 0..100 {
+            history.record(event("j", "k", secs(n), EventKind::Claimed));
+        }
+        assert!(history.flush(WAIT));
+        let writer = history.writer.as_ref().expect("enabled");
+        assert_eq!(writer.shared.queued.load(Ordering::Relaxed), 0);
+        assert_eq!(history.write_failures(), 0);
     }
 
     #[test]
     fn a_full_queue_or_a_gone_writer_drops_and_counts_without_blocking() {
         // Nobody receives: the one slot fills, the other four are dropped.
-        let (sender, _receiver) = mpsc::sync_channel(1);
-        let history = with_channel(sender);
+        let (sender, _receiver) = mpsc::channel();
+        let history = with_channel(sender, 1);
         for n in 0..5 {
             history.record(event("j", "k", secs(n), EventKind::Claimed));
         }
         assert_eq!(history.write_failures(), 4);
         assert!(!history.flush(Duration::from_millis(50)));
 
-        let (sender, receiver) = mpsc::sync_channel(8);
+        let (sender, receiver) = mpsc::channel();
         drop(receiver);
-        let history = with_channel(sender);
+        let history = with_channel(sender, 8);
         history.record(event("j", "k", secs(0), EventKind::Claimed));
         assert_eq!(history.write_failures(), 1);
 
@@ -1401,31 +1428,6 @@ mod tests {
         disabled.record(event("j", "k", secs(0), EventKind::Claimed));
         assert_eq!(disabled.write_failures(), 0);
         assert!(disabled.flush(Duration::ZERO));
-    }
-
-    #[test]
-    fn flush_waits_for_room_in_a_full_queue() {
-        // The one slot is taken; the writer starts draining only 100 ms later.
-        let (sender, receiver) = mpsc::sync_channel(1);
-        let history = with_channel(sender);
-        history.record(event("j", "k", secs(0), EventKind::Claimed));
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            for command in receiver {
-                if let Command::Flush(done) = command {
-                    let _ = done.send(());
-                }
-            }
-        });
-        let started = Instant::now();
-        assert!(
-            history.flush(WAIT),
-            "no answer after {:?}",
-            started.elapsed()
-        );
-        assert!(started.elapsed() >= Duration::from_millis(100));
-        drop(history);
-        writer.join().expect("writer");
     }
 
     #[test]

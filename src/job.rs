@@ -1,10 +1,10 @@
 //! One job's pipeline: one input object in, one result object out, as named stages.
 //!
-//! claim → check for a result beside the download → allocate (for a small input, already
-//! while it downloads) → bundle (the grant recorded in the claim meanwhile) → the
-//! function recorded in the claim → upload → await result → release. The job holds its
-//! GPU reservation for the GPU stages and hands it back to `reservations` on every path
-//! it controls (success, error, cancellation); the reservation's own drop guard covers a
+//! claim → check for a result beside the download → allocate (for a small input, once its
+//! GET has answered, while its body downloads) → bundle (the grant recorded in the claim
+//! meanwhile) → the function recorded in the claim → upload → await result → release. The
+//! job holds its GPU reservation for the GPU stages and hands it back to `reservations` on
+//! every path it controls (success, error, cancellation); the reservation's own drop guard covers a
 //! dropped or panicking task. Temporary files are `tempfile` values, removed on every
 //! path. What happens to the SQS message afterwards is decided by
 //! `JobError::disposition`, not here.
@@ -315,10 +315,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 
     /// Checks for an existing result, downloads the input and gets GPUs. The check and
     /// the download start together. A small input's GPUs are asked for as soon as the
-    /// check says the job must run, while the download goes on: the scheduler round trip
-    /// then costs no latency, and the download holds GPUs for at most a few milliseconds
-    /// more. A large input (or one of unknown size) is downloaded first, so GPUs are not
-    /// held while it streams in.
+    /// check says the job must run *and* the input's GET has answered with the object
+    /// the event named, while its body goes on downloading: the scheduler round trip
+    /// then costs almost no latency, and an event for an object that is not there (gone,
+    /// overwritten, never written) costs no scheduler call at all. A large input (or one
+    /// of unknown size) is downloaded first, so GPUs are not held while it streams in.
     async fn prepare(
         &self,
         id: &JobId,
@@ -326,14 +327,13 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         input: &Path,
         cancel: &JobCancel,
     ) -> Result<Prepared, JobError> {
-        // Boxed: the SDK's futures are large, and two of them side by side in one
-        // future overflow a worker thread's stack in debug builds.
-        let check = Box::pin(stage("check_result", self.result_exists(id)));
-        let download = Box::pin(stage(
-            "download",
-            until_cancelled(cancel, self.download(object, input)),
-        ));
+        // Each stage boxes its own future (see `stage`): the SDK's futures are large.
+        let check = stage("check_result", self.result_exists(id));
         if !is_small_input(object) {
+            let download = stage(
+                "download",
+                until_cancelled(cancel, self.download(object, input)),
+            );
             let (exists, downloaded) = tokio::join!(check, download);
             if exists? {
                 return Ok(Prepared::AlreadyDone);
@@ -343,6 +343,17 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             return Ok(Prepared::Ready { reservation, size });
         }
 
+        // Sent once the GET has answered with the object; dropped unsent when it did not.
+        let (answered, input_is_there) = tokio::sync::oneshot::channel::<()>();
+        let download = stage(
+            "download",
+            until_cancelled(cancel, async {
+                let opened = self.open_input(object).await?;
+                let _ = answered.send(());
+                let saved = opened.save_to(input).await.map_err(JobError::Storage)?;
+                Ok(saved.size)
+            }),
+        );
         // A failed download makes an allocation still waiting for its turn pointless.
         let allocation = JobCancel {
             token: cancel.token.child_token(),
@@ -358,6 +369,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let check_then_allocate = async {
             if check.await? {
                 return Ok(None);
+            }
+            if input_is_there.await.is_err() {
+                // The download failed (or was cancelled) before S3 answered with the
+                // object; its own error is the job's (see below), not this one.
+                return Err(cancel.error());
             }
             self.allocate_unless_stopping(id, object, &allocation)
                 .await
@@ -525,6 +541,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         Ok(seen)
     }
 
+    /// Downloads the input into `path` (its GET, then its body); at most
+    /// `LARGE_DOWNLOADS` large ones at once.
     async fn download(&self, object: &ObjectRef, path: &Path) -> Result<u64, JobError> {
         let _permit = if is_small_input(object) {
             None
@@ -536,21 +554,27 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     .expect("the semaphore is never closed"),
             )
         };
-        // Exactly the version the event names (the job id derives from it): a later
-        // overwrite has its own event and job.
+        let opened = self.open_input(object).await?;
+        let saved = opened.save_to(path).await.map_err(JobError::Storage)?;
+        Ok(saved.size)
+    }
+
+    /// Sends the input's GET and returns once S3 has answered with exactly the object
+    /// the event names (the job id derives from its version): a later overwrite has its
+    /// own event and job, so anything else is `InputSuperseded`, no object `InputGone`.
+    async fn open_input(&self, object: &ObjectRef) -> Result<storage::Opened, JobError> {
         let pin = match (&object.version_id, &object.etag) {
             (Some(version), _) => storage::Pin::Version(version),
             (None, Some(etag)) => storage::Pin::ETag(etag),
             (None, None) => storage::Pin::Latest,
         };
-        let fetched = storage::download_pinned(&self.s3, &object.bucket, &object.key, pin, path);
-        match fetched.await {
-            Ok(storage::Fetched::Object(downloaded)) => Ok(downloaded.size),
-            Ok(storage::Fetched::Missing) => Err(JobError::InputGone {
+        match storage::open_pinned(&self.s3, &object.bucket, &object.key, pin).await {
+            Ok(storage::Answer::Object(opened)) => Ok(opened),
+            Ok(storage::Answer::Missing) => Err(JobError::InputGone {
                 bucket: object.bucket.clone(),
                 key: object.key.clone(),
             }),
-            Ok(storage::Fetched::Changed) => Err(JobError::InputSuperseded {
+            Ok(storage::Answer::Changed) => Err(JobError::InputSuperseded {
                 bucket: object.bucket.clone(),
                 key: object.key.clone(),
             }),
@@ -663,12 +687,18 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 }
 
 /// Runs a stage and logs one line with its name and elapsed time when it succeeds.
+///
+/// The stage's future is boxed: an async fn's future is as large as its largest await,
+/// for its whole life, so a job waiting for its result would otherwise keep room for its
+/// largest stage (an SDK request is several KB; with them inline a waiting job's task
+/// took 83 KB, see BENCHMARKS.md, "Memory"). One allocation per stage costs nothing next
+/// to the stage itself.
 async fn stage<T>(
     name: &'static str,
     fut: impl Future<Output = Result<T, JobError>>,
 ) -> Result<T, JobError> {
     let started = Instant::now();
-    let result = fut.await;
+    let result = Box::pin(fut).await;
     if result.is_ok() {
         let elapsed = started.elapsed();
         crate::telemetry::get().stage_finished(name, elapsed);

@@ -96,7 +96,8 @@ pub async fn download_to_file(
     }
 }
 
-/// Downloads exactly the `pin`ned version of `s3://bucket/key` into `file`.
+/// Downloads exactly the `pin`ned version of `s3://bucket/key` into `file`: the GET
+/// (`open_pinned`), then its body to disk (`Opened::save_to`).
 ///
 /// # Errors
 /// As `download_to_file`.
@@ -107,64 +108,165 @@ pub async fn download_pinned(
     pin: Pin<'_>,
     file: &Path,
 ) -> Result<Fetched, StorageError> {
-    let download_error = |source: BoxError| StorageError::Download {
-        bucket: bucket.to_string(),
-        key: key.to_string(),
-        source,
-    };
-    let write_error = |source: std::io::Error| StorageError::WriteLocal {
-        bucket: bucket.to_string(),
-        key: key.to_string(),
-        source,
-    };
+    match open_pinned(s3, bucket, key, pin).await? {
+        Answer::Object(opened) => Ok(Fetched::Object(opened.save_to(file).await?)),
+        Answer::Missing => Ok(Fetched::Missing),
+        Answer::Changed => Ok(Fetched::Changed),
+    }
+}
+
+/// What S3 answered to a pinned GET, before its body is read.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per job and unpacked at once; nothing keeps it"
+)]
+pub enum Answer {
+    /// The pinned object is there; its body is still to be read.
+    Object(Opened),
+    /// No such object (or version).
+    Missing,
+    /// The object is there but is not the pinned one.
+    Changed,
+}
+
+/// An object whose GET has answered: its headers are in hand, its body not yet read.
+#[derive(Debug)]
+pub struct Opened {
+    bucket: String,
+    key: String,
+    etag: Option<String>,
+    /// `Content-Length`, when S3 sent one.
+    expected: Option<u64>,
+    body: ByteStream,
+}
+
+/// Sends the GET for exactly the `pin`ned version of `s3://bucket/key` and returns once
+/// S3 has answered (its status and headers), before the body is read: a caller can
+/// tell an object that is there from one that is not without waiting for its bytes.
+///
+/// The answer is accepted only as the object the pin names. An ETag pin is sent as
+/// `If-Match` (S3 answers 412 for another object) *and* the answer's ETag is compared
+/// with it; a version pin asks for that version and compares the answer's
+/// `x-amz-version-id` when S3 sends one. A store that ignores `If-Match` therefore still
+/// cannot hand over another object under the event's name.
+///
+/// # Errors
+/// `StorageError::Download` for S3 errors other than "not there" and "not this one".
+pub async fn open_pinned(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    pin: Pin<'_>,
+) -> Result<Answer, StorageError> {
     let request = s3.get_object().bucket(bucket).key(key);
     let request = match pin {
         Pin::Latest => request,
         Pin::Version(version) => request.version_id(version),
         Pin::ETag(etag) => request.if_match(format!("\"{}\"", etag.trim_matches('"'))),
     };
-    let output = match request.send().await {
+    // Boxed: the SDK's send future is large, and a job's future would otherwise keep
+    // room for it while the job waits for its result.
+    let output = match Box::pin(request.send()).await {
         Ok(output) => output,
-        Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(Fetched::Missing),
+        Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(Answer::Missing),
         // A version that is gone answers 404 NoSuchVersion (a modelled error it is not).
         Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => {
-            return Ok(Fetched::Missing);
+            return Ok(Answer::Missing);
         }
         Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 412 => {
-            return Ok(Fetched::Changed);
+            return Ok(Answer::Changed);
         }
-        Err(e) => return Err(download_error(e.into())),
+        Err(e) => {
+            return Err(StorageError::Download {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+                source: e.into(),
+            });
+        }
     };
     let etag = output.e_tag.map(|t| t.trim_matches('"').to_string());
-    let expected = output.content_length.and_then(|n| u64::try_from(n).ok());
-    let mut reader = output.body.into_async_read();
-    // Not `File::create`: truncating (even an empty file) makes ext4 flush the file to
-    // disk when it is closed (its "replace via truncate" heuristic), which costs a
-    // write-back per job for a file we delete soon after. A stale tail is cut below.
-    let mut out = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(file)
-        .await
-        .map_err(write_error)?;
-    // tokio copies each write into a buffer of up to 2 MiB by default; with many jobs
-    // downloading at once that adds up, for no speed gain on a local disk.
-    out.set_max_buf_size(WRITE_BUFFER);
-    // Copy errors may come from either side; the reader's are S3's.
-    let size = tokio::io::copy_buf(&mut reader, &mut out)
-        .await
-        .map_err(|e| download_error(e.into()))?;
-    out.flush().await.map_err(write_error)?;
-    out.set_len(size).await.map_err(write_error)?;
-    if let Some(expected) = expected
-        && expected != size
-    {
-        return Err(download_error(
-            format!("got {size} bytes, Content-Length said {expected}").into(),
-        ));
+    if !answers_pin(pin, etag.as_deref(), output.version_id.as_deref()) {
+        return Ok(Answer::Changed);
     }
-    Ok(Fetched::Object(Downloaded { size, etag }))
+    Ok(Answer::Object(Opened {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        etag,
+        expected: output.content_length.and_then(|n| u64::try_from(n).ok()),
+        body: output.body,
+    }))
+}
+
+/// Whether an answer with this ETag and version id is the object `pin` names. What the
+/// answer does not say (no ETag, no version id) is not held against it: S3 always sends
+/// an ETag, and `If-Match` / `versionId` already asked for the right one.
+fn answers_pin(pin: Pin<'_>, etag: Option<&str>, version_id: Option<&str>) -> bool {
+    match pin {
+        Pin::Latest => true,
+        Pin::ETag(wanted) => etag.is_none_or(|got| got == wanted.trim_matches('"')),
+        Pin::Version(wanted) => version_id.is_none_or(|got| got == wanted),
+    }
+}
+
+impl Opened {
+    /// The object's size as S3 announced it (`Content-Length`).
+    pub fn announced_size(&self) -> Option<u64> {
+        self.expected
+    }
+
+    /// Streams the body into `file` (created if needed, its old content cut).
+    ///
+    /// # Errors
+    /// `StorageError::Download` for S3 errors (including a body cut short),
+    /// `StorageError::WriteLocal` for disk errors.
+    pub async fn save_to(self, file: &Path) -> Result<Downloaded, StorageError> {
+        let Opened {
+            bucket,
+            key,
+            etag,
+            expected,
+            body,
+        } = self;
+        let download_error = |source: BoxError| StorageError::Download {
+            bucket: bucket.clone(),
+            key: key.clone(),
+            source,
+        };
+        let write_error = |source: std::io::Error| StorageError::WriteLocal {
+            bucket: bucket.clone(),
+            key: key.clone(),
+            source,
+        };
+        let mut reader = body.into_async_read();
+        // Not `File::create`: truncating (even an empty file) makes ext4 flush the file to
+        // disk when it is closed (its "replace via truncate" heuristic), which costs a
+        // write-back per job for a file we delete soon after. A stale tail is cut below.
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(file)
+            .await
+            .map_err(write_error)?;
+        // tokio copies each write into a buffer of up to 2 MiB by default; with many jobs
+        // downloading at once that adds up, for no speed gain on a local disk.
+        out.set_max_buf_size(WRITE_BUFFER);
+        // Copy errors may come from either side; the reader's are S3's.
+        let size = tokio::io::copy_buf(&mut reader, &mut out)
+            .await
+            .map_err(|e| download_error(e.into()))?;
+        out.flush().await.map_err(write_error)?;
+        out.set_len(size).await.map_err(write_error)?;
+        if let Some(expected) = expected
+            && expected != size
+        {
+            return Err(download_error(
+                format!("got {size} bytes, Content-Length said {expected}").into(),
+            ));
+        }
+        Ok(Downloaded { size, etag })
+    }
 }
 
 /// Files up to this size go up in one PutObject; larger ones in a multipart upload.
@@ -191,7 +293,10 @@ pub async fn upload_file(
     key: &str,
     content_type: &str,
 ) -> Result<(), StorageError> {
-    upload_file_with(
+    // Boxed, so that a caller's future keeps a pointer, not the SDK's request futures
+    // (several KB): a job's future is as large as its largest stage for its whole life,
+    // the wait for its result included. See BENCHMARKS.md, "Memory".
+    Box::pin(upload_file_with(
         s3,
         path,
         bucket,
@@ -199,7 +304,7 @@ pub async fn upload_file(
         content_type,
         MULTIPART_THRESHOLD,
         PART_SIZE,
-    )
+    ))
     .await
 }
 
@@ -332,7 +437,9 @@ async fn is_complete(
     size: u64,
     parts: u64,
 ) -> bool {
-    match s3.head_object().bucket(bucket).key(key).send().await {
+    // Boxed for the reason given in `upload_file`: a job polling for its result keeps
+    // room for this future between checks.
+    match Box::pin(s3.head_object().bucket(bucket).key(key).send()).await {
         Ok(head) => {
             let etag = head.e_tag.as_deref().unwrap_or("").trim_matches('"');
             head.content_length.and_then(|n| u64::try_from(n).ok()) == Some(size)
@@ -489,7 +596,9 @@ pub async fn object_exists(
     bucket: &str,
     key: &str,
 ) -> Result<bool, StorageError> {
-    match s3.head_object().bucket(bucket).key(key).send().await {
+    // Boxed for the reason given in `upload_file`: a job polling for its result keeps
+    // room for this future between checks.
+    match Box::pin(s3.head_object().bucket(bucket).key(key).send()).await {
         Ok(_) => Ok(true),
         Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
         Err(e) => Err(StorageError::Head {
@@ -512,5 +621,26 @@ mod tests {
         );
         assert_eq!(etag_part_count("d41d8cd98f00b204e9800998ecf8427e"), None);
         assert_eq!(etag_part_count("abc-x"), None);
+    }
+
+    #[test]
+    fn an_answer_is_accepted_only_as_the_pinned_object() {
+        let etag = "3858f62230ac3c915f300c664312c11f";
+        assert!(answers_pin(Pin::ETag(etag), Some(etag), None));
+        // The event's ETag may come quoted.
+        assert!(answers_pin(
+            Pin::ETag("\"3858f62230ac3c915f300c664312c11f\""),
+            Some(etag),
+            None
+        ));
+        // A store that ignored If-Match and sent another object.
+        assert!(!answers_pin(
+            Pin::ETag(etag),
+            Some("d41d8cd98f00b204e9800998ecf8427e"),
+            None
+        ));
+        assert!(answers_pin(Pin::Version("v1"), Some(etag), Some("v1")));
+        assert!(!answers_pin(Pin::Version("v1"), Some(etag), Some("v2")));
+        assert!(answers_pin(Pin::Latest, Some(etag), Some("v2")));
     }
 }

@@ -216,8 +216,8 @@ async fn large_and_small_inputs_side_by_side_each_get_their_result() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_input_gone_before_its_job_is_dropped_with_no_gpu_kept() -> Result<()> {
-    // An event that names a size lets the job ask for GPUs while it downloads: the
-    // download's 404 must then give up (or give back) the allocation.
+    // An event that names a small size lets the job ask for GPUs while it downloads,
+    // but only once the GET has answered with the object: a 404 asks for none.
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("gonesized", 5).await?;
     stack.start_function("copy-result.sh")?;
@@ -242,9 +242,10 @@ async fn a_small_input_gone_before_its_job_is_dropped_with_no_gpu_kept() -> Resu
     })
     .await?;
     ssgm.assert_all_released()?;
-    assert!(
-        ssgm.stat("alloc_calls")? <= 1,
-        "more than one allocation for a missing input"
+    assert_eq!(
+        ssgm.stat("alloc_calls")?,
+        0,
+        "an allocation for a missing input"
     );
 
     // The one GPU is free for the next job.
@@ -252,5 +253,91 @@ async fn a_small_input_gone_before_its_job_is_dropped_with_no_gpu_kept() -> Resu
     stack.wait_for_results(1, Duration::from_secs(60)).await?;
     stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
     ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_events_and_folder_keys_cost_no_gpu_and_folders_no_request() -> Result<()> {
+    // Events for small objects that are not there (deleted, never written), one for an
+    // object that is there but not the version the event names, and keys that name no
+    // object at all, beside one real input. Only the real input may reach the scheduler;
+    // the folder keys may not even reach S3.
+    const MISSING: usize = 60;
+    const FOLDER_KEYS: [&str; 4] = ["/", "//", "%2F", ""];
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("stale", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let stats_file = stack.logs.path().join("stats.json");
+    let stats_path = stats_file.to_str().expect("utf-8 temp path").to_string();
+    let sized = |body: String| -> Result<String> {
+        let mut event: serde_json::Value = serde_json::from_str(&body)?;
+        event["Records"][0]["s3"]["object"]["size"] = 1234.into();
+        Ok(event.to_string())
+    };
+    stack.upload("real.png", b"the one real input").await?;
+    // The real object under another ETag: a later version's event, or a forged one.
+    stack
+        .send_raw(&sized(stack.object_created_event(
+            "real.png",
+            "0123456789abcdef0123456789abcdef",
+        ))?)
+        .await?;
+    for i in 0..MISSING {
+        let event = stack.object_created_event(&format!("gone/{i}.jpg"), "abc");
+        stack.send_raw(&sized(event)?).await?;
+    }
+    for key in FOLDER_KEYS {
+        // Raw keys, as S3 sends them (form-encoded already).
+        let event = sized(stack.object_created_event("placeholder", "abc"))?
+            .replace("\"placeholder\"", &format!("\"{key}\""));
+        stack.send_raw(&event).await?;
+    }
+    let daemon = stack.start_daemon(&ssgm, &["--max-jobs", "10", "--stats-file", &stats_path])?;
+
+    stack
+        .wait_for_log(
+            daemon,
+            "Dropping job that can never run.",
+            MISSING + 1,
+            Duration::from_secs(60),
+        )
+        .await?;
+    stack
+        .wait_for_log(
+            daemon,
+            "is empty or a folder (ends in /)",
+            FOLDER_KEYS.len(),
+            Duration::from_secs(30),
+        )
+        .await?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    let outputs = stack.output_keys().await?;
+    let results = outputs.iter().filter(|k| k.ends_with(".png")).count();
+    assert_eq!(results, 1, "{outputs:?}");
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    let books = ssgm.stats()?;
+    assert_eq!(
+        books["granted"], 1,
+        "GPUs granted for inputs that are not there: {books}"
+    );
+    assert_eq!(books["alloc_calls"], 1, "{books}");
+    ssgm.assert_all_released()?;
+
+    // One GET per event that names an object (the real one, its stale twin, the missing
+    // ones), plus the claims location's check at start-up; none for the folder keys.
+    stack
+        .process(daemon)
+        .signal(nix::sys::signal::Signal::SIGTERM)?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    assert!(status.success(), "daemon exited with {status}");
+    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats_file)?)?;
+    let gets = stats["requests"]["S3.GetObject"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(gets <= MISSING as u64 + 3, "{gets} GETs: {stats}");
     Ok(())
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_s3::primitives::ByteStream;
 use orchgpu::aws::{AwsClients, AwsOptions, build_clients};
-use orchgpu::event::{Notification, parse_notification};
+use orchgpu::job::event::{Notification, parse_notification};
 use orchgpu_testkit::{
     Bins, JsonLog, Kit, MockSsgm, Stack, create_queue, job_id, message, notify, queue_arn,
     timestamp_us,
@@ -1146,7 +1146,7 @@ fn memory<'a>(
                         if i >= 20 {
                             return Ok::<_, anyhow::Error>(());
                         }
-                        orchgpu::storage::upload_file(
+                        orchgpu::aws::storage::upload_file(
                             &s3,
                             &file,
                             &bucket,

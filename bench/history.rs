@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use orchgpu::history::{
+use orchgpu::ops::history::{
     EventKind, History, HistoryEvent, HistoryReader, ListFilter, Retention, SUCCEEDED,
 };
 

@@ -9,19 +9,19 @@ use std::sync::Arc;
 use anyhow::Context;
 use tracing::{error, info, warn};
 
+use crate::aws::queue::Queue;
 use crate::aws::{AwsOptions, build_clients, credentials_problem, error_chain};
-use crate::claim::{Claims, S3Store};
 use crate::cli::{Config, LogFormat};
 use crate::daemon::{self, DaemonSettings, Shutdown};
-use crate::history::History;
+use crate::job::claim::{Claims, S3Store};
+use crate::job::results::ResultRegistry;
+use crate::job::workdir::WorkDir;
 use crate::job::{JobContext, JobSettings};
-use crate::notify;
-use crate::queue::Queue;
+use crate::ops::history::History;
+use crate::ops::notify;
+use crate::ops::telemetry;
 use crate::reservations::{Journal, ReservationSettings, Reservations};
-use crate::results::ResultRegistry;
 use crate::scheduler::{Ssgm, SsgmConfig};
-use crate::telemetry;
-use crate::workdir::WorkDir;
 
 /// Sets up logging to stderr, as text or JSON; `ORCHGPU_LOG` overrides the filter.
 pub fn init_logging(format: LogFormat) {
@@ -78,7 +78,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| startup_error(e, "cannot reach the results queue", custom_endpoint))?;
             let registry = ResultRegistry::new();
-            let task = tokio::spawn(crate::results::run(
+            let task = tokio::spawn(crate::job::results::run(
                 results_queue,
                 registry.clone(),
                 results_stop.clone(),
@@ -154,7 +154,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         }
         None => History::disabled(),
     };
-    let web = crate::web::WebSettings {
+    let web = crate::ops::web::WebSettings {
         s3: clients.s3.clone(),
         upload_to: config.upload_to.clone(),
         upload_max_bytes: config.upload_max_bytes,
@@ -194,21 +194,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         let address = listener
             .local_addr()
             .context("the listener has no address")?;
-        let settings = crate::http::ServeSettings {
+        let settings = crate::ops::http::ServeSettings {
             stale_after: daemon::STALE_AFTER,
             header_timeout: config.http_header_timeout,
             body_timeout: config.http_body_timeout,
-            hosts: crate::http::AllowedHosts::new(address, &config.http_allowed_hosts),
+            hosts: crate::ops::http::AllowedHosts::new(address, &config.http_allowed_hosts),
         };
-        let web = crate::web::router(web).context("cannot draw the web page's key")?;
+        let web = crate::ops::web::router(web).context("cannot draw the web page's key")?;
         info!(%address, "Serving /metrics, /healthz, /readyz and the web page at /.");
-        tokio::spawn(crate::http::serve(
+        tokio::spawn(crate::ops::http::serve(
             listener,
             settings,
             web,
             observers.clone(),
         ));
-        tokio::spawn(crate::queue::sample_depths(
+        tokio::spawn(crate::aws::queue::sample_depths(
             queue.clone(),
             QUEUE_SAMPLE_INTERVAL,
             observers.clone(),

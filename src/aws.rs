@@ -25,7 +25,12 @@ use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_smithy_runtime_api::box_error::BoxError;
 use tracing::warn;
 
-use crate::metrics::RequestCounter;
+use crate::aws::metrics::RequestCounter;
+
+pub(crate) mod batcher;
+pub mod metrics;
+pub mod queue;
+pub mod storage;
 
 /// Connecting to AWS (or the emulator) should never take long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

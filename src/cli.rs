@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::history::Retention;
+use crate::ops::history::Retention;
 
+use crate::aws::queue::MAX_VISIBILITY;
 pub use crate::location::BucketDir;
-use crate::queue::MAX_VISIBILITY;
 
 mod jobs;
 mod values;
@@ -461,11 +461,11 @@ fn parse_web_text(flag: &'static str, raw: Option<String>) -> Result<Option<Stri
     let Some(text) = raw.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
-    if text.chars().count() > crate::web::WEB_TEXT_MAX {
+    if text.chars().count() > crate::ops::web::WEB_TEXT_MAX {
         return Err(ConfigError::new(
             flag,
             &text,
-            format!("at most {} characters", crate::web::WEB_TEXT_MAX),
+            format!("at most {} characters", crate::ops::web::WEB_TEXT_MAX),
         ));
     }
     if text.chars().any(char::is_control) {
@@ -501,7 +501,7 @@ impl Config {
         // A cancelled job's claim calls: clearing its grant and ending its claim, each a
         // write and a confirming read.
         let claim_calls = match self.claims {
-            Some(_) => crate::claim::call_timeout(self.claim_lease) * 4,
+            Some(_) => crate::job::claim::call_timeout(self.claim_lease) * 4,
             None => Duration::ZERO,
         };
         self.wait_time
@@ -520,7 +520,7 @@ impl Config {
         let requests = 1 + u32::from(self.results_queue.is_some());
         // The probe claim's write and delete, each within the claim call timeout.
         let claims_check = if self.claims.is_some() {
-            crate::claim::call_timeout(self.claim_lease) * 2
+            crate::job::claim::call_timeout(self.claim_lease) * 2
         } else {
             Duration::ZERO
         };
@@ -655,7 +655,7 @@ impl TryFrom<Args> for Config {
             claim_lease: parse_secs(
                 "--claim-lease",
                 &args.claim_lease,
-                crate::claim::MIN_LEASE.as_secs(),
+                crate::job::claim::MIN_LEASE.as_secs(),
                 6 * 60 * 60,
             )?,
             work_dir: resolve_work_dir(args.work_dir, |name| std::env::var_os(name))?,
@@ -921,7 +921,7 @@ mod tests {
             config(&["--web-title", "  "]).expect("valid").web_title,
             None
         );
-        let long = "x".repeat(crate::web::WEB_TEXT_MAX + 1);
+        let long = "x".repeat(crate::ops::web::WEB_TEXT_MAX + 1);
         for (flag, bad) in [("--web-title", long.as_str()), ("--web-hint", "two\nlines")] {
             let err = error_for(&[flag, bad]);
             assert!(err.contains(flag), "{err}");

@@ -23,16 +23,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::aws::batcher::{QueueBatcher, Reply};
 use crate::aws::error_chain;
+use crate::aws::queue::MAX_VISIBILITY;
+use crate::aws::queue::{Queue, QueueError, ReceivedMessage};
 use crate::backoff::Backoff;
-use crate::batcher::{QueueBatcher, Reply};
-use crate::event::{Notification, parse_notification};
-use crate::history::{self, EventKind};
+use crate::job::event::{Notification, parse_notification};
 use crate::job::{Disposition, JobCancel, JobContext, JobError, JobOutcome};
-use crate::queue::MAX_VISIBILITY;
-use crate::queue::{Queue, QueueError, ReceivedMessage};
+use crate::ops::history::{self, EventKind};
+use crate::ops::telemetry::{self, Outcome};
 use crate::scheduler::GpuScheduler;
-use crate::telemetry::{self, Outcome};
 
 /// SQS returns at most ten messages per receive.
 const MAX_BATCH: usize = 10;

@@ -33,19 +33,24 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
-use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
+use bundle::{BundleError, Manifest, ManifestSource, ReservationField};
+pub(crate) mod bundle;
+pub mod claim;
 mod claimed;
+pub mod event;
 mod outcome;
+pub mod results;
+pub mod workdir;
 pub use outcome::{Disposition, JobError, JobOutcome};
 
-use crate::claim::{ClaimHandle, Claims, FunctionStarted, RecordedGrant};
-use crate::event::ObjectRef;
-use crate::history::{EventKind, History, HistoryEvent};
+use crate::aws::storage;
 use crate::location::BucketDir;
+use crate::ops::history::{EventKind, History, HistoryEvent};
 use crate::reservations::{AllocError, Reservation, Reservations};
-use crate::results::{ResultRegistry, ResultWaiter};
 use crate::scheduler::GpuScheduler;
-use crate::storage;
+use claim::{ClaimHandle, Claims, FunctionStarted, RecordedGrant};
+use event::ObjectRef;
+use results::{ResultRegistry, ResultWaiter};
 
 /// A job's id: derived from the object's identity, so the same object version always
 /// maps to the same id (and the same result key), across deliveries, restarts and
@@ -701,7 +706,7 @@ async fn stage<T>(
     let result = Box::pin(fut).await;
     if result.is_ok() {
         let elapsed = started.elapsed();
-        crate::telemetry::get().stage_finished(name, elapsed);
+        crate::ops::telemetry::get().stage_finished(name, elapsed);
         info!(
             stage = name,
             elapsed_ms = elapsed.as_millis() as u64,

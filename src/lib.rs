@@ -24,28 +24,14 @@
 pub mod app;
 pub mod aws;
 pub(crate) mod backoff;
-pub(crate) mod batcher;
-pub(crate) mod bundle;
-pub mod claim;
 pub mod cli;
 pub mod daemon;
-pub mod event;
-pub mod history;
-pub mod http;
 pub mod job;
-pub mod jobs_cmd;
 pub mod location;
-pub mod metrics;
-pub mod notify;
-pub mod queue;
+pub mod ops;
 pub mod reservations;
-pub mod results;
 pub mod scheduler;
 pub mod signal;
-pub mod storage;
-pub mod telemetry;
-pub mod web;
-pub mod workdir;
 
 /// Takes `mutex`, recovering it if a thread panicked while holding it: the crate's one
 /// lock-poisoning policy.

@@ -18,7 +18,7 @@ const BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     if let Some(argv) = orchgpu::cli::jobs_argv(std::env::args_os()) {
-        return ExitCode::from(orchgpu::jobs_cmd::main(argv));
+        return ExitCode::from(orchgpu::ops::jobs_cmd::main(argv));
     }
     let config = match Config::try_from(Args::parse()) {
         Ok(config) => config,

@@ -6,7 +6,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::daemon::Shutdown;
-use crate::notify;
+use crate::ops::notify;
 
 /// SIGTERM and SIGINT handlers, installed: from then on these signals no longer kill the
 /// process, so `main` installs them before it tells systemd it is ready.
@@ -34,7 +34,7 @@ impl Signals {
             signal = first,
             "Shutting down: finishing running jobs (send again to stop at once)."
         );
-        crate::telemetry::get().set_ready(false);
+        crate::ops::telemetry::get().set_ready(false);
         notify::stopping("Stopping: finishing running jobs.");
         shutdown.stop.cancel();
 

@@ -16,11 +16,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use orchgpu::aws::queue::{Queue, ReceivedMessage};
+use orchgpu::aws::storage;
 use orchgpu::aws::{AwsOptions, build_clients, error_chain};
 use orchgpu::cli::{BucketDir, QueueRef, parse_bucket_dir};
-use orchgpu::event::{Notification, ObjectRef, parse_notification};
-use orchgpu::queue::{Queue, ReceivedMessage};
-use orchgpu::storage;
+use orchgpu::job::event::{Notification, ObjectRef, parse_notification};
 
 /// Deliveries of one bundle before a failing script's event is dropped, as Lambda gives up
 /// on an asynchronous invocation after its retries.

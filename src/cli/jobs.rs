@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, Subcommand};
 
 use super::{ConfigError, resolve_state_dir};
-use crate::history::{JobState, ListFilter};
+use crate::ops::history::{JobState, ListFilter};
 
 /// The first argument that selects `orchgpu jobs`; the daemon takes no positional
 /// argument, so it cannot mean anything else.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{BucketDir, ConfigError, QueueRef};
-use crate::history::Retention;
+use crate::ops::history::Retention;
 
 /// The web page's upload limit: 1 byte to 5 TB (S3's largest object).
 pub(super) fn parse_upload_max(raw: &str) -> Result<u64, ConfigError> {
@@ -63,7 +63,7 @@ pub(super) fn parse_allowed_hosts(
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
         .map(|entry| {
-            crate::http::parse_host_port(entry).ok_or_else(|| {
+            crate::ops::http::parse_host_port(entry).ok_or_else(|| {
                 ConfigError::new(
                     "--http-allowed-hosts",
                     raw,

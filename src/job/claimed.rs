@@ -9,9 +9,9 @@ use tracing::{error, info, warn};
 
 use super::{JobCancel, JobContext, JobError, JobId, JobOutcome, stage, unix_now_ms};
 use crate::aws::error_chain;
-use crate::claim::{Acquired, ClaimGuard, ClaimHandle, Claims, JobRecord};
-use crate::event::ObjectRef;
-use crate::history::EventKind;
+use crate::job::claim::{Acquired, ClaimGuard, ClaimHandle, Claims, JobRecord};
+use crate::job::event::ObjectRef;
+use crate::ops::history::EventKind;
 use crate::reservations::{AllocError, Reservation};
 use crate::scheduler::GpuScheduler;
 

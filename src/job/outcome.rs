@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use crate::bundle::BundleError;
-use crate::claim::ClaimError;
+use crate::aws::storage::StorageError;
+use crate::job::bundle::BundleError;
+use crate::job::claim::ClaimError;
+use crate::ops::telemetry::Outcome;
 use crate::reservations::AllocError;
-use crate::storage::StorageError;
-use crate::telemetry::Outcome;
 
 /// The outcome of a job that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +117,7 @@ impl JobError {
             | JobError::Duplicate { .. } => Disposition::Delete,
             // A second early; and the lease can be no longer than SQS lets a message hide.
             JobError::HeldElsewhere { remaining, .. } => Disposition::ReturnAfter(
-                (*remaining + Duration::from_secs(1)).min(crate::queue::MAX_VISIBILITY / 2),
+                (*remaining + Duration::from_secs(1)).min(crate::aws::queue::MAX_VISIBILITY / 2),
             ),
             // Whoever takes the job over next finishes it (or adopts its running function).
             JobError::ClaimLost | JobError::Cancelled | JobError::NotStarted => {
@@ -186,7 +186,7 @@ mod tests {
             owner: "h:1".into(),
         };
         assert_eq!(duplicate.disposition(), Delete);
-        let claim = JobError::Claim(crate::claim::ClaimError::Store {
+        let claim = JobError::Claim(crate::job::claim::ClaimError::Store {
             op: "write",
             bucket: "b".into(),
             key: "k".into(),

@@ -31,7 +31,7 @@ impl GrantLedger {
 
     pub(crate) fn on_grant(&self) {
         let held = self.held.fetch_add(1, Ordering::SeqCst) + 1;
-        crate::telemetry::get().set_gpus_held(held);
+        crate::ops::telemetry::get().set_gpus_held(held);
         let mut busy = self.busy_mark();
         // Granted while holding more than at the last busy answer: there is more room
         // than that answer showed, so it says nothing any more.
@@ -45,7 +45,7 @@ impl GrantLedger {
         let _ = self
             .held
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        crate::telemetry::get().set_gpus_held(self.held());
+        crate::ops::telemetry::get().set_gpus_held(self.held());
     }
 
     pub(crate) fn on_busy(&self) {

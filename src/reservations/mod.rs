@@ -65,8 +65,8 @@ use ledger::GrantLedger;
 use releaser::{Releaser, Work};
 
 use crate::aws::error_chain;
+use crate::ops::telemetry::{self, SchedulerReply};
 use crate::scheduler::{AllocReply, GpuScheduler, Grant, SchedulerError};
-use crate::telemetry::{self, SchedulerReply};
 
 /// How reservations are asked for.
 #[derive(Debug, Clone)]

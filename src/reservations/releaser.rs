@@ -33,8 +33,8 @@ use super::journal::{CallEntry, JournalEntry};
 use super::{Shared, blocking, forget, unix_now_ms};
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
+use crate::ops::telemetry;
 use crate::scheduler::{AllocReply, GpuScheduler, SchedulerError};
-use crate::telemetry;
 
 /// Consecutive failed releases after which a reservation is given up (see the module doc).
 pub(crate) const GIVE_UP_AFTER_FAILURES: u32 = 20;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, anyhow};
 use aws_sdk_s3::primitives::ByteStream;
-use orchgpu::event::{Notification, parse_notification};
 use orchgpu::job::JobId;
+use orchgpu::job::event::{Notification, parse_notification};
 use serde_json::Value;
 
 use crate::harness::{MockSsgm, Proxy, Stack};

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use orchgpu::history::{EventKind, History, HistoryEvent, Retention, SUCCEEDED};
+use orchgpu::ops::history::{EventKind, History, HistoryEvent, Retention, SUCCEEDED};
 use serde_json::Value;
 
 fn orchgpu(args: &[&str]) -> Output {

@@ -1,8 +1,8 @@
 //! Large bundles go up as multipart uploads, byte for byte, with nothing left behind.
 
 use anyhow::Result;
-use orchgpu::metrics::RequestCounter;
-use orchgpu::storage;
+use orchgpu::aws::metrics::RequestCounter;
+use orchgpu::aws::storage;
 
 use crate::harness::emulator_config;
 

@@ -404,12 +404,12 @@ fn excerpt(text: &str) -> String {
 mod tests {
     use super::*;
 
-    const AWS_PUT: &str = include_str!("../tests/fixtures/events/aws_put.json");
-    const LOCALSTACK_PUT: &str = include_str!("../tests/fixtures/events/localstack_put.json");
-    const MOTO_PUT: &str = include_str!("../tests/fixtures/events/moto_put.json");
-    const TEST_EVENT: &str = include_str!("../tests/fixtures/events/test_event.json");
-    const SNS_WRAPPED: &str = include_str!("../tests/fixtures/events/sns_wrapped.json");
-    const MULTI_RECORD: &str = include_str!("../tests/fixtures/events/multi_record.json");
+    const AWS_PUT: &str = include_str!("../../tests/fixtures/events/aws_put.json");
+    const LOCALSTACK_PUT: &str = include_str!("../../tests/fixtures/events/localstack_put.json");
+    const MOTO_PUT: &str = include_str!("../../tests/fixtures/events/moto_put.json");
+    const TEST_EVENT: &str = include_str!("../../tests/fixtures/events/test_event.json");
+    const SNS_WRAPPED: &str = include_str!("../../tests/fixtures/events/sns_wrapped.json");
+    const MULTI_RECORD: &str = include_str!("../../tests/fixtures/events/multi_record.json");
 
     /// Returns the objects of a body that must classify as `Objects`.
     fn objects(body: &str) -> (Vec<ObjectRef>, usize) {

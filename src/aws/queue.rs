@@ -429,7 +429,7 @@ pub async fn sample_depths(
             let Some(queue) = queue else { continue };
             match queue.depths().await {
                 Ok((visible, in_flight, delayed)) => {
-                    let t = crate::telemetry::get();
+                    let t = crate::ops::telemetry::get();
                     t.set_queue_messages(label, "visible", visible);
                     t.set_queue_messages(label, "in_flight", in_flight);
                     t.set_queue_messages(label, "delayed", delayed);

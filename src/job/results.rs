@@ -19,11 +19,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::aws::batcher::QueueBatcher;
 use crate::aws::error_chain;
+use crate::aws::queue::Queue;
 use crate::backoff::Backoff;
-use crate::batcher::QueueBatcher;
-use crate::event::{Notification, parse_notification};
-use crate::queue::Queue;
+use crate::job::event::{Notification, parse_notification};
 
 /// Long-poll wait of the results queue's receive.
 const RESULTS_WAIT: Duration = Duration::from_secs(20);
@@ -205,7 +205,7 @@ mod tests {
     use super::*;
 
     /// A real LocalStack event for `s3://bucket/in/my photo+1.jpg`.
-    const EVENT: &str = include_str!("../tests/fixtures/events/localstack_put.json");
+    const EVENT: &str = include_str!("../../tests/fixtures/events/localstack_put.json");
 
     #[tokio::test]
     async fn an_event_wakes_the_job_registered_for_its_key() {

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::backoff::Backoff;
-use crate::telemetry;
+use crate::ops::telemetry;
 
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 512;

@@ -60,7 +60,7 @@ impl RequestCounter {
 
     /// Counts one attempt of `service`'s `operation`.
     pub fn record(&self, service: &str, operation: &str) {
-        crate::telemetry::get().aws_request(service, operation);
+        crate::ops::telemetry::get().aws_request(service, operation);
         match COUNTED
             .iter()
             .position(|&(s, o)| s == service && o == operation)

@@ -50,13 +50,13 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::aws::error_chain;
-use crate::claim::Claims;
-use crate::event::ObjectRef;
-use crate::history::{HistoryError, HistoryReader, ListFilter, Timestamp};
-use crate::http::Via;
+use crate::aws::storage;
 use crate::job::JobId;
+use crate::job::claim::Claims;
+use crate::job::event::ObjectRef;
 use crate::location::BucketDir;
-use crate::storage;
+use crate::ops::history::{HistoryError, HistoryReader, ListFilter, Timestamp};
+use crate::ops::http::Via;
 
 use super::cache::{Fresh, ViewCache};
 use super::keys::{HANDLE_LEN, Keys};

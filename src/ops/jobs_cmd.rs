@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use crate::cli::{JobsCommand, JobsConfig};
-use crate::history::{EventRecord, HistoryError, HistoryReader, JobDetail, JobSummary};
+use crate::ops::history::{EventRecord, HistoryError, HistoryReader, JobDetail, JobSummary};
 
 /// Why `orchgpu jobs` printed nothing useful; every one exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +244,7 @@ fn shorten(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::Timestamp;
+    use crate::ops::history::Timestamp;
 
     fn summary(job_id: &str, key: &str, reason: Option<&str>) -> JobSummary {
         JobSummary {

@@ -4,8 +4,8 @@
 
 use serde::Serialize;
 
-use crate::claim::ClaimSeen;
-use crate::history::{JobDetail, JobSummary, Timestamp};
+use crate::job::claim::ClaimSeen;
+use crate::ops::history::{JobDetail, JobSummary, Timestamp};
 
 use super::names::{Detection, OutputKind};
 
@@ -223,7 +223,7 @@ fn secs(from: Timestamp, to: Timestamp) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::EventRecord;
+    use crate::ops::history::EventRecord;
 
     fn detail(state: &str, events: &[(&str, serde_json::Value)]) -> JobDetail {
         JobDetail {

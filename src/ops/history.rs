@@ -395,7 +395,7 @@ impl Shared {
 
     /// Counts `lost` events and logs at most one line per `WARN_EVERY`.
     fn note_failure(&self, lost: u64, what: &dyn std::fmt::Display) {
-        crate::telemetry::get().history_writes_failed(lost);
+        crate::ops::telemetry::get().history_writes_failed(lost);
         let total = self.failures.fetch_add(lost, Ordering::Relaxed) + lost;
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
         let last = self.last_warn.load(Ordering::Relaxed);

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info_span};
 
-use crate::queue::{MAX_BATCH_ENTRIES, Queue, QueueError, ReceiptHandle, ReceivedMessage};
+use crate::aws::queue::{MAX_BATCH_ENTRIES, Queue, QueueError, ReceiptHandle, ReceivedMessage};
 
 /// A cloneable handle to the jobs queue's batching lanes.
 #[derive(Debug, Clone)]

@@ -5,18 +5,25 @@
 //! the intermediate bucket, where a SCAR function picks it up, waits for the function's
 //! result in the output bucket, releases the GPUs and only then deletes the message.
 //!
-//! Modules, one concern each: `cli` (flags to a validated `Config`), `aws` (SDK clients),
-//! `claim` (the cross-daemon claim of a job id in S3), `queue` (SQS), `batcher` (batched deletes and visibility changes on the jobs queue),
-//! `storage` (S3 transfers), `event` (notification parsing), `scheduler` (SSGM), `bundle`
-//! (the `.tar.gz`), `job` (one job's stages), `reservations` (every GPU from the request
-//! to the confirmed release: gate, ledger, crash-safe journal, releaser, replay),
-//! `daemon` (the receive loop and shutdown), `signal` (SIGTERM/SIGINT to shutdown
-//! tokens), `notify` (the systemd notify protocol), `metrics` (AWS request counts),
-//! `results` (event-driven result detection), `backoff` (the one retry policy),
-//! `telemetry` (Prometheus metrics, liveness, readiness), `http` (the listener that
-//! serves them), `web` (the page for uploaders and its API, on that listener), `history` (the SQLite job timeline), `jobs_cmd` (`orchgpu jobs`: the
-//! history as a table or JSON), `claim` (the cross-daemon claim of a job id in S3) and
-//! `workdir` (this run's files on disk).
+//! The map, one room per concern, in layers:
+//! - the daemon: `app` (builds and runs it from a `Config` and a shutdown signal), `cli`
+//!   (flags to a validated `Config`; the only module that knows clap), `daemon` (the
+//!   receive loop, job slots, heartbeats, shutdown), `signal` (SIGTERM/SIGINT to
+//!   shutdown tokens), `location` (a bucket and a dir), `backoff` (the one retry policy);
+//! - the AWS side, `aws`: the SDK clients, and `queue` (SQS), `batcher` (batched deletes
+//!   and visibility changes), `storage` (S3 transfers), `metrics` (AWS request counts);
+//! - the job pipeline, `job`: one job's stages, and `event` (S3 notifications to objects),
+//!   `bundle` (the `.tar.gz`), `claim` (the job's shared record in S3), `results`
+//!   (event-driven result detection), `workdir` (this run's files on disk);
+//! - the GPUs: `reservations` (every GPU from the request to the confirmed release: gate,
+//!   ledger, crash-safe journal, releaser, replay) and `scheduler` (the SSGM client);
+//! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the
+//!   listener), `web` (the page for uploaders), `history` (the SQLite job timeline),
+//!   `jobs_cmd` (`orchgpu jobs`), `notify` (systemd notify).
+//!
+//! Where a change goes: a new flag in `cli` (and `cli/values.rs` for its parser), wired in
+//! `app`; a new metric in `ops::telemetry`; a new stage in `job`; what happens to a
+//! message after a new kind of failure in `job::outcome`.
 //!
 //! Locks: every `std::sync::Mutex` of the crate is taken through [`lock`], which recovers
 //! a poisoned lock rather than panic (see there why); tests may `expect`.

@@ -1,4 +1,4 @@
-//! The web page (`src/web/`) and its listener (`src/http.rs`): their refusals over plain
+//! The web page (`src/ops/web/`) and its listener (`src/ops/http.rs`): their refusals over plain
 //! HTTP (a rebinding host, no token, a listener off loopback without one, an oversize
 //! upload, slow clients, too many uploads, hostile names and paths, cross-site posts,
 //! another uploader's jobs), the start-up checks (an overlapping --upload-to, a history

@@ -46,18 +46,12 @@ const MAX_ATTEMPTS: u32 = 3;
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The attempt timeout of a long-poll receive that waits `wait`.
-pub fn receive_attempt_timeout(wait: Duration) -> Duration {
+pub(crate) fn receive_attempt_timeout(wait: Duration) -> Duration {
     wait + RECEIVE_SLACK
 }
 
-/// The longest a small S3 request (a HEAD, a claim's PUT) may take, retries included:
-/// S3 has no attempt timeout (a transfer may take long), only the connect and read ones.
-pub fn worst_s3_request() -> Duration {
-    (CONNECT_TIMEOUT + READ_TIMEOUT) * MAX_ATTEMPTS + MAX_RETRY_BACKOFF * (MAX_ATTEMPTS - 1)
-}
-
 /// The longest an SQS request other than a receive may take, retries included.
-pub fn worst_sqs_request() -> Duration {
+pub(crate) fn worst_sqs_request() -> Duration {
     (SQS_ATTEMPT_TIMEOUT + CONNECT_TIMEOUT) * MAX_ATTEMPTS + MAX_RETRY_BACKOFF * (MAX_ATTEMPTS - 1)
 }
 /// Region used when neither the command line nor the environment names one.
@@ -66,12 +60,14 @@ const FALLBACK_REGION: &str = "us-east-1";
 /// The SDK clients the daemon (and the dev tools) use.
 #[derive(Clone, Debug)]
 pub struct AwsClients {
+    /// The S3 client.
     pub s3: aws_sdk_s3::Client,
+    /// The SQS client.
     pub sqs: aws_sdk_sqs::Client,
     /// Every request attempt both clients make, by operation.
-    pub requests: RequestCounter,
+    pub(crate) requests: RequestCounter,
     /// A custom endpoint (LocalStack, moto) is used, not AWS itself.
-    pub custom_endpoint: bool,
+    pub(crate) custom_endpoint: bool,
 }
 
 /// Where and how to reach AWS.
@@ -193,7 +189,7 @@ fn region_without_imds() -> RegionProviderChain {
 
 /// When `error` failed for want of credentials, one line saying what is missing and how
 /// to give it; `None` for any other failure.
-pub fn credentials_problem(
+pub(crate) fn credentials_problem(
     error: &(dyn std::error::Error + 'static),
     custom_endpoint: bool,
 ) -> Option<String> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// `first` on `reset`. With jitter, each delay is drawn uniformly from its upper half
 /// (`[d/2, d]`): never more than the undisturbed delay, never less than half of it.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     first: Duration,
     max: Duration,
     jitter: bool,
@@ -20,7 +20,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff from `first` doubling to `max`, without jitter.
-    pub fn new(first: Duration, max: Duration) -> Backoff {
+    pub(crate) fn new(first: Duration, max: Duration) -> Backoff {
         let first = first.min(max);
         Backoff {
             first,
@@ -31,13 +31,13 @@ impl Backoff {
     }
 
     /// The same, with jitter (for retries several processes may make at once).
-    pub fn with_jitter(mut self) -> Backoff {
+    pub(crate) fn with_jitter(mut self) -> Backoff {
         self.jitter = true;
         self
     }
 
     /// The delay before the next attempt; the one after will be twice as long (capped).
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = self.current;
         self.current = self.current.saturating_mul(2).min(self.max);
         if self.jitter && !delay.is_zero() {
@@ -50,7 +50,7 @@ impl Backoff {
     }
 
     /// Back to the first delay, after a success.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.current = self.first;
     }
 }

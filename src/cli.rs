@@ -17,9 +17,10 @@ pub use crate::location::BucketDir;
 
 mod jobs;
 mod values;
-pub use jobs::{JobsArgs, JobsCommand, JobsConfig, JobsSubcommand, jobs_argv, parse_jobs};
+pub use jobs::jobs_argv;
+pub(crate) use jobs::{JobsCommand, JobsConfig, parse_jobs};
+pub use values::parse_bucket_dir;
 use values::*;
-pub use values::{DEFAULT_CLAIMS_DIR, parse_bucket_dir};
 
 /// Raw command-line values, as typed; see `Config` for their validated form.
 #[derive(Debug, Parser)]
@@ -43,19 +44,19 @@ pub struct Args {
         env = "ORCHGPU_QUEUE",
         value_name = "NAME|URL"
     )]
-    pub queue: String,
+    pub(crate) queue: String,
 
     /// Scheduler host, passed to SSGM `-S`.
     #[arg(short = 'S', long = "scheduler-host", env = "ORCHGPU_SCHEDULER_HOST")]
-    pub scheduler_host: String,
+    pub(crate) scheduler_host: String,
 
     /// Scheduler port, passed to SSGM `-P`.
     #[arg(short = 'P', long = "scheduler-port", env = "ORCHGPU_SCHEDULER_PORT")]
-    pub scheduler_port: String,
+    pub(crate) scheduler_port: String,
 
     /// GPUs per job, passed to SSGM `-g`.
     #[arg(short = 'g', long = "gpus", env = "ORCHGPU_GPUS", default_value = "1")]
-    pub gpus: String,
+    pub(crate) gpus: String,
 
     /// SQS visibility timeout for received messages; extended while a job runs.
     #[arg(
@@ -65,7 +66,7 @@ pub struct Args {
         default_value = "30",
         value_name = "SECS"
     )]
-    pub visibility_timeout: String,
+    pub(crate) visibility_timeout: String,
 
     /// SQS long-poll wait (0..=20).
     #[arg(
@@ -75,7 +76,7 @@ pub struct Args {
         default_value = "20",
         value_name = "SECS"
     )]
-    pub wait_time: String,
+    pub(crate) wait_time: String,
 
     /// Interval between allocation attempts while the scheduler answers "busy" (a release by
     /// one of our own jobs retries sooner).
@@ -86,7 +87,7 @@ pub struct Args {
         default_value = "30",
         value_name = "SECS"
     )]
-    pub alloc_retry_interval: String,
+    pub(crate) alloc_retry_interval: String,
 
     /// Pause after a receive that returned no message.
     #[arg(
@@ -96,7 +97,7 @@ pub struct Args {
         default_value = "10",
         value_name = "SECS"
     )]
-    pub empty_pause: String,
+    pub(crate) empty_pause: String,
 
     /// Interval between checks of the output bucket for a job's result.
     #[arg(
@@ -106,7 +107,7 @@ pub struct Args {
         default_value = "60",
         value_name = "SECS"
     )]
-    pub result_poll_interval: String,
+    pub(crate) result_poll_interval: String,
 
     /// SSGM client executable: a path, or a name looked up on PATH.
     #[arg(
@@ -116,7 +117,7 @@ pub struct Args {
         default_value = "ssgm",
         value_name = "PATH"
     )]
-    pub ssgm: String,
+    pub(crate) ssgm: String,
 
     /// Intermediate `bucket/dir` for bundles (a bare `bucket` means its root).
     #[arg(
@@ -125,7 +126,7 @@ pub struct Args {
         env = "ORCHGPU_INTERMEDIATE",
         value_name = "BUCKET[/DIR]"
     )]
-    pub intermediate: String,
+    pub(crate) intermediate: String,
 
     /// Output `bucket/dir` where the function writes results (a bare `bucket` means its root).
     #[arg(
@@ -134,7 +135,7 @@ pub struct Args {
         env = "ORCHGPU_OUTPUT",
         value_name = "BUCKET[/DIR]"
     )]
-    pub output: String,
+    pub(crate) output: String,
 
     /// AWS endpoint URL, for LocalStack or moto (AWS_ENDPOINT_URL is honoured too).
     #[arg(
@@ -142,15 +143,15 @@ pub struct Args {
         env = "ORCHGPU_ENDPOINT_URL",
         value_name = "URL"
     )]
-    pub endpoint_url: Option<String>,
+    pub(crate) endpoint_url: Option<String>,
 
     /// AWS region (default: the SDK's usual sources, then us-east-1).
     #[arg(long = "region", env = "ORCHGPU_REGION")]
-    pub region: Option<String>,
+    pub(crate) region: Option<String>,
 
     /// Maximum number of jobs run at once (messages taken never exceed free slots).
     #[arg(long = "max-jobs", env = "ORCHGPU_MAX_JOBS", default_value = "4")]
-    pub max_jobs: String,
+    pub(crate) max_jobs: String,
 
     /// Give up on getting GPUs for a job after this long; the message is retried later.
     #[arg(
@@ -159,7 +160,7 @@ pub struct Args {
         default_value = "3600",
         value_name = "SECS"
     )]
-    pub alloc_deadline: String,
+    pub(crate) alloc_deadline: String,
 
     /// Give up waiting for a job's result after this long; GPUs are released and the
     /// message is retried later.
@@ -169,7 +170,7 @@ pub struct Args {
         default_value = "3600",
         value_name = "SECS"
     )]
-    pub result_deadline: String,
+    pub(crate) result_deadline: String,
 
     /// Timeout for each SSGM call; a client still running then is killed.
     #[arg(
@@ -178,7 +179,7 @@ pub struct Args {
         default_value = "30",
         value_name = "SECS"
     )]
-    pub ssgm_timeout: String,
+    pub(crate) ssgm_timeout: String,
 
     /// Suffix of the result object the function writes: `<output dir>/<job id><suffix>`.
     #[arg(
@@ -186,7 +187,7 @@ pub struct Args {
         env = "ORCHGPU_RESULT_SUFFIX",
         default_value = ".png"
     )]
-    pub result_suffix: String,
+    pub(crate) result_suffix: String,
 
     /// First delay before a failed job's message is visible again; doubles with each
     /// receive of the same message, up to 15 minutes.
@@ -196,7 +197,7 @@ pub struct Args {
         default_value = "10",
         value_name = "SECS"
     )]
-    pub retry_backoff: String,
+    pub(crate) retry_backoff: String,
 
     /// On SIGTERM/SIGINT, how long running jobs may take to finish before their GPUs are
     /// released and their messages returned (a second signal skips the wait).
@@ -206,12 +207,12 @@ pub struct Args {
         default_value = "60",
         value_name = "SECS"
     )]
-    pub shutdown_grace: String,
+    pub(crate) shutdown_grace: String,
 
     /// Directory for the reservation journal and its lock [default: $STATE_DIRECTORY set by
     /// systemd, else $XDG_STATE_HOME/orchgpu, else ~/.local/state/orchgpu].
     #[arg(long = "state-dir", env = "ORCHGPU_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
 
     /// Log format.
     #[arg(
@@ -220,7 +221,7 @@ pub struct Args {
         value_enum,
         default_value_t = LogFormat::Text
     )]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 
     /// SQS queue (name or URL) fed by the output bucket's ObjectCreated notifications:
     /// results are then detected by event instead of polling with HEAD (which stays as
@@ -230,11 +231,11 @@ pub struct Args {
         env = "ORCHGPU_RESULTS_QUEUE",
         value_name = "NAME|URL"
     )]
-    pub results_queue: Option<String>,
+    pub(crate) results_queue: Option<String>,
 
     /// Write the counts of AWS requests made, by operation, to this file (JSON) at exit.
     #[arg(long = "stats-file", env = "ORCHGPU_STATS_FILE", value_name = "PATH")]
-    pub stats_file: Option<PathBuf>,
+    pub(crate) stats_file: Option<PathBuf>,
 
     /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g.
     /// 127.0.0.1:9464 [default: off].
@@ -243,7 +244,7 @@ pub struct Args {
         env = "ORCHGPU_HTTP_LISTEN",
         value_name = "ADDR:PORT"
     )]
-    pub http_listen: Option<String>,
+    pub(crate) http_listen: Option<String>,
 
     /// Host names the listener also answers for, comma-separated `NAME` or `NAME:PORT`:
     /// the names a reverse proxy in front of it serves. Requests naming any other host
@@ -253,7 +254,7 @@ pub struct Args {
         env = "ORCHGPU_HTTP_ALLOWED_HOSTS",
         value_name = "NAME[:PORT],..."
     )]
-    pub http_allowed_hosts: Option<String>,
+    pub(crate) http_allowed_hosts: Option<String>,
 
     /// Seconds a request's head may take to arrive on the listener (idle keep-alive
     /// connections included); a slower client is cut off.
@@ -263,7 +264,7 @@ pub struct Args {
         default_value = "10",
         value_name = "SECS"
     )]
-    pub http_header_timeout: String,
+    pub(crate) http_header_timeout: String,
 
     /// Seconds a request's body (an upload) may pause between two reads; a slower client
     /// is cut off and its upload dropped.
@@ -273,7 +274,7 @@ pub struct Args {
         default_value = "30",
         value_name = "SECS"
     )]
-    pub http_body_timeout: String,
+    pub(crate) http_body_timeout: String,
 
     /// Let the web page at / on the listener upload images to this input
     /// `bucket[/prefix]` [default: the page shows jobs only].
@@ -282,7 +283,7 @@ pub struct Args {
         env = "ORCHGPU_UPLOAD_TO",
         value_name = "BUCKET[/PREFIX]"
     )]
-    pub upload_to: Option<String>,
+    pub(crate) upload_to: Option<String>,
 
     /// Largest upload the web page accepts, in bytes.
     #[arg(
@@ -291,7 +292,7 @@ pub struct Args {
         default_value = "52428800",
         value_name = "BYTES"
     )]
-    pub upload_max_bytes: String,
+    pub(crate) upload_max_bytes: String,
 
     /// Most uploads the web page takes at once; more are refused (429) until one ends.
     #[arg(
@@ -300,7 +301,7 @@ pub struct Args {
         default_value = "4",
         value_name = "N"
     )]
-    pub upload_max_concurrent: String,
+    pub(crate) upload_max_concurrent: String,
 
     /// Bytes of the work dir that the web page's uploads in progress may take together
     /// (at least --upload-max-bytes); an upload that would pass it is refused (507).
@@ -310,17 +311,17 @@ pub struct Args {
         default_value = "209715200",
         value_name = "BYTES"
     )]
-    pub upload_disk_budget: String,
+    pub(crate) upload_disk_budget: String,
 
     /// The web page's title: which use case this deployment serves, e.g. "Text
     /// recognition (OCR)" [default: a generic one].
     #[arg(long = "web-title", env = "ORCHGPU_WEB_TITLE", value_name = "TEXT")]
-    pub web_title: Option<String>,
+    pub(crate) web_title: Option<String>,
 
     /// A line under the page's title saying what to upload, e.g. "Upload scanned pages"
     /// [default: a generic one].
     #[arg(long = "web-hint", env = "ORCHGPU_WEB_HINT", value_name = "TEXT")]
-    pub web_hint: Option<String>,
+    pub(crate) web_hint: Option<String>,
 
     /// File whose first line is the token the web page and its API ask for (header
     /// X-Orchgpu-Token, or the session cookie the page gets for it); read at start-up.
@@ -330,7 +331,7 @@ pub struct Args {
         env = "ORCHGPU_HTTP_TOKEN_FILE",
         value_name = "PATH"
     )]
-    pub http_token_file: Option<PathBuf>,
+    pub(crate) http_token_file: Option<PathBuf>,
 
     /// Keep the job history (`orchgpu jobs`) for this many days after a job's last event.
     #[arg(
@@ -339,7 +340,7 @@ pub struct Args {
         default_value = "30",
         value_name = "DAYS"
     )]
-    pub history_max_age: String,
+    pub(crate) history_max_age: String,
 
     /// Keep at most this many jobs in the history (the most recently updated).
     #[arg(
@@ -348,11 +349,11 @@ pub struct Args {
         default_value = "100000",
         value_name = "N"
     )]
-    pub history_max_jobs: String,
+    pub(crate) history_max_jobs: String,
 
     /// Keep no job history (no `history.sqlite3` is written).
     #[arg(long = "no-history", env = "ORCHGPU_NO_HISTORY")]
-    pub no_history: bool,
+    pub(crate) no_history: bool,
 
     /// Where the cross-daemon claims of job ids live, `bucket[/dir]` (never under the
     /// intermediate dir: the function fires there), or `off` for a daemon alone on its
@@ -362,7 +363,7 @@ pub struct Args {
         env = "ORCHGPU_CLAIMS",
         value_name = "BUCKET[/DIR]|off"
     )]
-    pub claims: Option<String>,
+    pub(crate) claims: Option<String>,
 
     /// How long a job's claim holds without renewal; renewed every third of it, each claim
     /// call timed out after a sixth of it (1 to 10 s), and a holder whose renewals do
@@ -375,13 +376,13 @@ pub struct Args {
         default_value = "60",
         value_name = "SECS"
     )]
-    pub claim_lease: String,
+    pub(crate) claim_lease: String,
 
     /// Directory for downloaded inputs and bundles (on disk: a large input never sits in
     /// memory) [default: $CACHE_DIRECTORY set by systemd, else the temp dir]. What a
     /// previous run left there is removed at start-up.
     #[arg(long = "work-dir", env = "ORCHGPU_WORK_DIR", value_name = "DIR")]
-    pub work_dir: Option<PathBuf>,
+    pub(crate) work_dir: Option<PathBuf>,
 }
 
 /// How log lines are written to stderr.
@@ -396,62 +397,67 @@ pub enum LogFormat {
 /// The SQS queue as given: a name to resolve, or a URL to use as is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueueRef {
+    /// A queue name, resolved to its URL at start-up.
     Name(String),
+    /// A queue URL, used as given.
     Url(String),
 }
 
 /// The validated configuration of the daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub queue: QueueRef,
-    pub scheduler_host: String,
-    pub scheduler_port: u16,
-    pub gpus: NonZeroU32,
-    pub visibility_timeout: Duration,
-    pub wait_time: Duration,
-    pub alloc_retry_interval: Duration,
-    pub empty_pause: Duration,
-    pub result_poll_interval: Duration,
-    pub ssgm: PathBuf,
-    pub intermediate: BucketDir,
-    pub output: BucketDir,
-    pub endpoint_url: Option<String>,
-    pub region: Option<String>,
-    pub max_jobs: NonZeroUsize,
-    pub alloc_deadline: Duration,
-    pub result_deadline: Duration,
+    pub(crate) queue: QueueRef,
+    pub(crate) scheduler_host: String,
+    pub(crate) scheduler_port: u16,
+    pub(crate) gpus: NonZeroU32,
+    pub(crate) visibility_timeout: Duration,
+    pub(crate) wait_time: Duration,
+    pub(crate) alloc_retry_interval: Duration,
+    pub(crate) empty_pause: Duration,
+    pub(crate) result_poll_interval: Duration,
+    pub(crate) ssgm: PathBuf,
+    pub(crate) intermediate: BucketDir,
+    pub(crate) output: BucketDir,
+    pub(crate) endpoint_url: Option<String>,
+    pub(crate) region: Option<String>,
+    pub(crate) max_jobs: NonZeroUsize,
+    pub(crate) alloc_deadline: Duration,
+    pub(crate) result_deadline: Duration,
+    /// Timeout of one SSGM call.
     pub ssgm_timeout: Duration,
-    pub result_suffix: String,
-    pub retry_backoff: Duration,
+    pub(crate) result_suffix: String,
+    pub(crate) retry_backoff: Duration,
+    /// How long running jobs get after the first signal.
     pub shutdown_grace: Duration,
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    /// How log lines are written.
     pub log_format: LogFormat,
-    pub results_queue: Option<QueueRef>,
-    pub stats_file: Option<PathBuf>,
-    pub http_listen: Option<std::net::SocketAddr>,
+    pub(crate) results_queue: Option<QueueRef>,
+    pub(crate) stats_file: Option<PathBuf>,
+    pub(crate) http_listen: Option<std::net::SocketAddr>,
     /// `--http-allowed-hosts`: names (lowercase) and ports (`None`: any).
-    pub http_allowed_hosts: Vec<(String, Option<u16>)>,
-    pub http_header_timeout: Duration,
-    pub http_body_timeout: Duration,
+    pub(crate) http_allowed_hosts: Vec<(String, Option<u16>)>,
+    pub(crate) http_header_timeout: Duration,
+    pub(crate) http_body_timeout: Duration,
     /// Where the web page uploads to; `None`: the page shows jobs only.
-    pub upload_to: Option<BucketDir>,
+    pub(crate) upload_to: Option<BucketDir>,
     /// The largest upload the web page accepts.
-    pub upload_max_bytes: u64,
+    pub(crate) upload_max_bytes: u64,
     /// Uploads taken at once.
-    pub upload_max_concurrent: NonZeroUsize,
+    pub(crate) upload_max_concurrent: NonZeroUsize,
     /// Bytes of the work dir that uploads in progress may take together.
-    pub upload_disk_budget: u64,
+    pub(crate) upload_disk_budget: u64,
     /// The token the web API asks for, read from `--http-token-file`.
-    pub http_token: Option<String>,
+    pub(crate) http_token: Option<String>,
     /// The page's title and hint line (`--web-title`, `--web-hint`); `None`: generic.
-    pub web_title: Option<String>,
-    pub web_hint: Option<String>,
+    pub(crate) web_title: Option<String>,
+    pub(crate) web_hint: Option<String>,
     /// The job history's retention, or `None` with `--no-history`.
-    pub history: Option<Retention>,
+    pub(crate) history: Option<Retention>,
     /// `None`: no cross-daemon claims (`--claims off`).
-    pub claims: Option<BucketDir>,
-    pub claim_lease: Duration,
-    pub work_dir: PathBuf,
+    pub(crate) claims: Option<BucketDir>,
+    pub(crate) claim_lease: Duration,
+    pub(crate) work_dir: PathBuf,
 }
 
 /// A line of the page's text (`--web-title`, `--web-hint`): trimmed, `None` when empty,
@@ -482,9 +488,9 @@ fn parse_web_text(flag: &'static str, raw: Option<String>) -> Result<Option<Stri
 #[derive(Debug, thiserror::Error)]
 #[error("invalid value {value:?} for {flag}: {reason}")]
 pub struct ConfigError {
-    pub flag: &'static str,
-    pub value: String,
-    pub reason: String,
+    pub(crate) flag: &'static str,
+    pub(crate) value: String,
+    pub(crate) reason: String,
 }
 
 impl Config {

@@ -46,7 +46,7 @@ const VISIBILITY_MARGIN: Duration = Duration::from_secs(60);
 const BODY_GIST_CHARS: usize = 160;
 /// How long the loop (or, while jobs run, the job tasks) may show no progress before the
 /// daemon counts as unhealthy for `/healthz`.
-pub const STALE_AFTER: Duration = Duration::from_secs(30);
+pub(crate) const STALE_AFTER: Duration = Duration::from_secs(30);
 /// Longest wait of a heartbeat for others to share its request.
 const MAX_HEARTBEAT_WINDOW: Duration = Duration::from_secs(1);
 /// First retry of a failed heartbeat; the retries double up to the heartbeat interval.
@@ -58,25 +58,26 @@ const RECEIVE_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 
 /// Loop settings taken from the configuration.
 #[derive(Debug, Clone)]
-pub struct DaemonSettings {
-    pub max_jobs: usize,
-    pub wait_time: Duration,
-    pub visibility_timeout: Duration,
-    pub empty_pause: Duration,
-    pub retry_backoff: Duration,
-    pub shutdown_grace: Duration,
+pub(crate) struct DaemonSettings {
+    pub(crate) max_jobs: usize,
+    pub(crate) wait_time: Duration,
+    pub(crate) visibility_timeout: Duration,
+    pub(crate) empty_pause: Duration,
+    pub(crate) retry_backoff: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 /// How the daemon is told to stop.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     /// Stop receiving; running jobs may finish within the grace period.
-    pub stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
     /// Cancel running jobs now: release GPUs, return messages.
-    pub abort: CancellationToken,
+    pub(crate) abort: CancellationToken,
 }
 
 impl Shutdown {
+    /// A new value with nothing recorded yet.
     pub fn new() -> Shutdown {
         let abort = CancellationToken::new();
         Shutdown {
@@ -96,7 +97,7 @@ impl Default for Shutdown {
 ///
 /// Returns once no job is running, every dropped reservation has been released and every
 /// delete and visibility change of the jobs' messages has been sent.
-pub async fn run<S: GpuScheduler + Send + Sync + 'static>(
+pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
     queue: Queue,
     jobs: Arc<JobContext<S>>,
     settings: DaemonSettings,
@@ -595,7 +596,7 @@ fn history_ending(ended: &Result<JobOutcome, JobError>) -> EventKind {
 }
 
 /// Backoff for a failed job's message: doubles with each receive, capped.
-pub fn retry_delay(base: Duration, receive_count: u32) -> Duration {
+pub(crate) fn retry_delay(base: Duration, receive_count: u32) -> Duration {
     let exponent = receive_count.saturating_sub(1).min(16);
     base.saturating_mul(1 << exponent).min(MAX_RETRY_BACKOFF)
 }

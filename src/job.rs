@@ -41,7 +41,7 @@ pub mod event;
 mod outcome;
 pub mod results;
 pub mod workdir;
-pub use outcome::{Disposition, JobError, JobOutcome};
+pub(crate) use outcome::{Disposition, JobError, JobOutcome};
 
 use crate::aws::storage;
 use crate::location::BucketDir;
@@ -78,7 +78,7 @@ impl JobId {
         JobId(hex)
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -111,19 +111,19 @@ const FIRST_RESULT_CHECK: Duration = Duration::from_millis(250);
 
 /// Job settings taken from the configuration.
 #[derive(Debug, Clone)]
-pub struct JobSettings {
-    pub intermediate: BucketDir,
-    pub output: BucketDir,
-    pub result_suffix: String,
-    pub result_poll_interval: Duration,
-    pub result_deadline: Duration,
+pub(crate) struct JobSettings {
+    pub(crate) intermediate: BucketDir,
+    pub(crate) output: BucketDir,
+    pub(crate) result_suffix: String,
+    pub(crate) result_poll_interval: Duration,
+    pub(crate) result_deadline: Duration,
     /// Where temporary input and bundle files go.
-    pub work_dir: PathBuf,
+    pub(crate) work_dir: PathBuf,
 }
 
 /// What every job shares: the S3 client, the GPU reservations and the bookkeeping of
 /// the jobs running in this daemon.
-pub struct JobContext<S> {
+pub(crate) struct JobContext<S> {
     s3: aws_sdk_s3::Client,
     reservations: Arc<Reservations<S>>,
     settings: JobSettings,
@@ -141,7 +141,7 @@ pub struct JobContext<S> {
 }
 
 impl<S> JobContext<S> {
-    pub fn new(
+    pub(crate) fn new(
         s3: aws_sdk_s3::Client,
         reservations: Arc<Reservations<S>>,
         settings: JobSettings,
@@ -162,7 +162,7 @@ impl<S> JobContext<S> {
     }
 
     /// Adds an event to job `object`'s timeline in the history.
-    pub fn record(&self, object: &ObjectRef, message_id: Option<&str>, kind: EventKind) {
+    pub(crate) fn record(&self, object: &ObjectRef, message_id: Option<&str>, kind: EventKind) {
         self.history.record(HistoryEvent::now(
             JobId::derive(object).as_str(),
             object.bucket.as_str(),
@@ -173,12 +173,12 @@ impl<S> JobContext<S> {
     }
 
     /// Whether jobs are claimed across daemons.
-    pub fn has_claims(&self) -> bool {
+    pub(crate) fn has_claims(&self) -> bool {
         self.claims.is_some()
     }
 
     /// The GPU reservations the jobs draw on.
-    pub fn reservations(&self) -> &Reservations<S> {
+    pub(crate) fn reservations(&self) -> &Reservations<S> {
         &self.reservations
     }
 }
@@ -195,14 +195,14 @@ enum Prepared {
 
 /// Why a job's cancellation token fired.
 #[derive(Debug, Clone)]
-pub struct JobCancel {
+pub(crate) struct JobCancel {
     /// Fired on shutdown abort or when the message's receipt is lost.
-    pub token: CancellationToken,
+    pub(crate) token: CancellationToken,
     /// Fired only when the message's receipt is lost.
-    pub lost: CancellationToken,
+    pub(crate) lost: CancellationToken,
     /// Fired on the first shutdown signal: a job that holds no GPUs yet stops and returns
     /// its message at once; one that holds GPUs goes on within the grace period.
-    pub stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
 }
 
 impl JobCancel {
@@ -244,7 +244,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     /// # Errors
     /// A `JobError` whose `disposition` says what to do with the message.
     #[instrument(skip_all, fields(job_id = %JobId::derive(object), key = %object.key))]
-    pub async fn run_job(
+    pub(crate) async fn run_job(
         &self,
         object: &ObjectRef,
         message_id: Option<&str>,

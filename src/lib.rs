@@ -28,6 +28,8 @@
 //! Locks: every `std::sync::Mutex` of the crate is taken through [`lock`], which recovers
 //! a poisoned lock rather than panic (see there why); tests may `expect`.
 
+#![warn(unreachable_pub, missing_docs)]
+
 pub mod app;
 pub mod aws;
 pub(crate) mod backoff;

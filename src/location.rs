@@ -5,8 +5,9 @@
 /// or trailing `/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketDir {
+    /// The bucket.
     pub bucket: String,
-    pub dir: String,
+    pub(crate) dir: String,
 }
 
 impl BucketDir {

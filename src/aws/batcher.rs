@@ -32,7 +32,7 @@ use crate::aws::queue::{MAX_BATCH_ENTRIES, Queue, QueueError, ReceiptHandle, Rec
 
 /// A cloneable handle to the jobs queue's batching lanes.
 #[derive(Debug, Clone)]
-pub struct QueueBatcher {
+pub(crate) struct QueueBatcher {
     deletes: mpsc::UnboundedSender<Request<ReceivedMessage>>,
     visibility: mpsc::UnboundedSender<Request<(ReceivedMessage, Duration)>>,
     heartbeat_window: Duration,
@@ -40,13 +40,13 @@ pub struct QueueBatcher {
 
 /// The lanes' tasks, to wait for at shutdown.
 #[derive(Debug)]
-pub struct BatcherLanes {
+pub(crate) struct BatcherLanes {
     tasks: Vec<JoinHandle<()>>,
 }
 
 /// The outcome of one request, once its batch has been sent (a future; cancel safe).
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     rx: oneshot::Receiver<Result<(), QueueError>>,
     message_id: String,
     is_delete: bool,
@@ -68,7 +68,7 @@ struct Request<E> {
 impl QueueBatcher {
     /// Starts the lanes on `queue`'s runtime. A heartbeat may wait up to `heartbeat_window`
     /// for other requests to share its batch.
-    pub fn start(queue: Queue, heartbeat_window: Duration) -> (QueueBatcher, BatcherLanes) {
+    pub(crate) fn start(queue: Queue, heartbeat_window: Duration) -> (QueueBatcher, BatcherLanes) {
         let (deletes, delete_rx) = mpsc::unbounded_channel();
         let (visibility, visibility_rx) = mpsc::unbounded_channel();
         let delete_queue = queue.clone();
@@ -116,7 +116,7 @@ impl QueueBatcher {
     ///
     /// # Errors
     /// The reply says what `Queue::delete` would.
-    pub fn delete(&self, message: &ReceivedMessage) -> Reply {
+    pub(crate) fn delete(&self, message: &ReceivedMessage) -> Reply {
         self.delete_within(message, Duration::ZERO)
     }
 
@@ -126,7 +126,7 @@ impl QueueBatcher {
     ///
     /// # Errors
     /// The reply says what `Queue::delete` would.
-    pub fn delete_within(&self, message: &ReceivedMessage, within: Duration) -> Reply {
+    pub(crate) fn delete_within(&self, message: &ReceivedMessage, within: Duration) -> Reply {
         let (request, reply) = request(
             message.clone(),
             message,
@@ -144,7 +144,7 @@ impl QueueBatcher {
     ///
     /// # Errors
     /// The reply says what `Queue::set_visibility` would.
-    pub fn set_visibility(&self, message: &ReceivedMessage, delay: Duration) -> Reply {
+    pub(crate) fn set_visibility(&self, message: &ReceivedMessage, delay: Duration) -> Reply {
         self.change_visibility(message, delay, Instant::now(), false)
     }
 
@@ -154,7 +154,7 @@ impl QueueBatcher {
     ///
     /// # Errors
     /// The reply says what `Queue::set_visibility` would.
-    pub fn heartbeat(&self, message: &ReceivedMessage, extension: Duration) -> Reply {
+    pub(crate) fn heartbeat(&self, message: &ReceivedMessage, extension: Duration) -> Reply {
         self.change_visibility(
             message,
             extension,
@@ -184,7 +184,7 @@ impl QueueBatcher {
 
 impl BatcherLanes {
     /// Waits until every handle is dropped and the lanes have sent what was queued.
-    pub async fn finish(self) {
+    pub(crate) async fn finish(self) {
         for task in self.tasks {
             if let Err(e) = task.await {
                 error!(error = %e, "A queue batching lane failed.");

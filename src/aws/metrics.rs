@@ -54,6 +54,7 @@ struct Counts {
 }
 
 impl RequestCounter {
+    /// A new value with nothing recorded yet.
     pub fn new() -> RequestCounter {
         RequestCounter::default()
     }
@@ -77,7 +78,7 @@ impl RequestCounter {
     }
 
     /// The counts so far (operations made at least once), sorted by name.
-    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, u64> {
         let mut counts = crate::lock(&self.counts.other).clone();
         for ((service, operation), made) in COUNTED.iter().zip(&self.counts.made) {
             let made = made.load(Ordering::Relaxed);
@@ -102,7 +103,7 @@ impl RequestCounter {
 
     /// Logs the totals on one line, one field per operation the daemon uses (field names
     /// are fixed, so they stay a bounded vocabulary); anything else is summed in `other`.
-    pub fn log_totals(&self) {
+    pub(crate) fn log_totals(&self) {
         let counts = self.snapshot();
         let get = |name: &str| counts.get(name).copied().unwrap_or(0);
         let known: u64 = KNOWN_OPERATIONS.iter().map(|name| get(name)).sum();
@@ -133,7 +134,7 @@ impl RequestCounter {
     ///
     /// # Errors
     /// Any I/O error.
-    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+    pub(crate) fn write_json(&self, path: &Path) -> std::io::Result<()> {
         #[derive(Serialize)]
         struct StatsFile {
             version: u32,

@@ -12,19 +12,21 @@ use crate::aws::error_chain;
 use crate::cli::QueueRef;
 
 /// SQS caps a message's visibility timeout at 12 hours.
-pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+pub(crate) const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// An SQS receipt handle: proof that we hold a received message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ReceiptHandle(pub String);
+pub(crate) struct ReceiptHandle(pub String);
 
 /// One received message.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
+    /// The SQS message id.
     pub message_id: String,
-    pub receipt: ReceiptHandle,
+    pub(crate) receipt: ReceiptHandle,
+    /// The message body, as sent.
     pub body: String,
     /// How many times SQS has handed this message out, this time included.
     pub receive_count: u32,
@@ -34,36 +36,54 @@ pub struct ReceivedMessage {
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("failed to find queue {queue:?}")]
+    /// The queue's URL could not be found.
     Resolve {
+        /// The queue as given.
         queue: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
     #[error("failed to receive from {url}")]
+    /// A receive failed.
     Receive {
+        /// The queue's URL.
         url: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
     #[error("failed to delete message {message_id}")]
+    /// A delete failed.
     Delete {
+        /// The SQS message id.
         message_id: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
     #[error("failed to change visibility of message {message_id}")]
+    /// A visibility change failed.
     ChangeVisibility {
+        /// The SQS message id.
         message_id: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
     /// The receipt expired or was superseded: someone else may hold the message now.
     #[error("receipt of message {message_id} is no longer valid")]
-    ReceiptInvalid { message_id: String },
+    ReceiptInvalid {
+        /// The SQS message id.
+        message_id: String,
+    },
     #[error("failed to read attributes of {url}")]
+    /// The queue's attributes could not be read.
     Attributes {
+        /// The queue's URL.
         url: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
 }
@@ -203,7 +223,7 @@ impl Queue {
     /// code and message as the cause), or for every entry when the whole request failed.
     ///
     /// Cancel safety: dropping the future may leave some of the messages deleted.
-    pub async fn delete_entries(
+    pub(crate) async fn delete_entries(
         &self,
         messages: &[ReceivedMessage],
     ) -> Vec<Result<(), QueueError>> {
@@ -249,7 +269,7 @@ impl Queue {
     /// (for every entry when the whole request failed).
     ///
     /// Cancel safety: dropping the future may leave some of the changes made.
-    pub async fn change_visibility_entries(
+    pub(crate) async fn change_visibility_entries(
         &self,
         entries: &[(ReceivedMessage, Duration)],
     ) -> Vec<Result<(), QueueError>> {
@@ -329,7 +349,10 @@ impl Queue {
     ///
     /// # Errors
     /// `QueueError::Attributes`.
-    pub async fn attribute(&self, name: QueueAttributeName) -> Result<Option<String>, QueueError> {
+    pub(crate) async fn attribute(
+        &self,
+        name: QueueAttributeName,
+    ) -> Result<Option<String>, QueueError> {
         Ok(self
             .attributes(std::slice::from_ref(&name))
             .await?
@@ -362,7 +385,7 @@ impl Queue {
     ///
     /// # Errors
     /// `Attributes` when SQS cannot be asked.
-    pub async fn depths(&self) -> Result<(u64, u64, u64), QueueError> {
+    pub(crate) async fn depths(&self) -> Result<(u64, u64, u64), QueueError> {
         use QueueAttributeName::{
             ApproximateNumberOfMessages, ApproximateNumberOfMessagesDelayed,
             ApproximateNumberOfMessagesNotVisible,
@@ -391,7 +414,7 @@ impl Queue {
     ///
     /// # Errors
     /// `Attributes` or `Resolve` when SQS cannot be asked.
-    pub async fn dead_letter_queue(&self) -> Result<Option<Queue>, QueueError> {
+    pub(crate) async fn dead_letter_queue(&self) -> Result<Option<Queue>, QueueError> {
         let Some(policy) = self.attribute(QueueAttributeName::RedrivePolicy).await? else {
             return Ok(None);
         };
@@ -411,7 +434,7 @@ impl Queue {
 /// Samples the depths of the jobs queue and its dead-letter queue into the telemetry
 /// every `every`, until `stop` fires. A failed sample is logged at debug level and
 /// skipped: the gauges keep their last values.
-pub async fn sample_depths(
+pub(crate) async fn sample_depths(
     jobs: Queue,
     every: Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -445,7 +468,7 @@ pub async fn sample_depths(
 }
 
 /// SQS's limit of entries per batch request.
-pub const MAX_BATCH_ENTRIES: usize = 10;
+pub(crate) const MAX_BATCH_ENTRIES: usize = 10;
 
 /// Batch-entry error codes that mean "the receipt is no longer ours", as the single call's
 /// `ReceiptHandleIsInvalid` and `MessageNotInflight` errors. (For a message deleted

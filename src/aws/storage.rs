@@ -16,32 +16,49 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("failed to download s3://{bucket}/{key}")]
+    /// S3 refused or broke off a download.
     Download {
+        /// The bucket.
         bucket: String,
+        /// The object's key.
         key: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
     #[error("failed to write the download of s3://{bucket}/{key} to disk")]
+    /// A download could not be written to disk.
     WriteLocal {
+        /// The bucket.
         bucket: String,
+        /// The object's key.
         key: String,
         #[source]
+        /// What went wrong underneath.
         source: std::io::Error,
     },
     #[error("failed to upload {path} to s3://{bucket}/{key}")]
+    /// An upload failed.
     Upload {
+        /// The file or directory.
         path: String,
+        /// The bucket.
         bucket: String,
+        /// The object's key.
         key: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
     #[error("failed to check s3://{bucket}/{key}")]
+    /// A HEAD failed for another reason than a missing object.
     Head {
+        /// The bucket.
         bucket: String,
+        /// The object's key.
         key: String,
         #[source]
+        /// What went wrong underneath.
         source: BoxError,
     },
 }
@@ -52,13 +69,14 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// A downloaded object's facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downloaded {
+    /// Bytes written.
     pub size: u64,
-    pub etag: Option<String>,
+    pub(crate) etag: Option<String>,
 }
 
 /// Which version of an object a download must get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pin<'a> {
+pub(crate) enum Pin<'a> {
     /// Whatever the key holds now.
     Latest,
     /// This version id (a versioned bucket).
@@ -69,7 +87,7 @@ pub enum Pin<'a> {
 
 /// The outcome of a pinned download.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fetched {
+pub(crate) enum Fetched {
     /// Downloaded.
     Object(Downloaded),
     /// No such object (or version).
@@ -101,7 +119,7 @@ pub async fn download_to_file(
 ///
 /// # Errors
 /// As `download_to_file`.
-pub async fn download_pinned(
+pub(crate) async fn download_pinned(
     s3: &aws_sdk_s3::Client,
     bucket: &str,
     key: &str,
@@ -121,7 +139,7 @@ pub async fn download_pinned(
     clippy::large_enum_variant,
     reason = "returned once per job and unpacked at once; nothing keeps it"
 )]
-pub enum Answer {
+pub(crate) enum Answer {
     /// The pinned object is there; its body is still to be read.
     Object(Opened),
     /// No such object (or version).
@@ -132,7 +150,7 @@ pub enum Answer {
 
 /// An object whose GET has answered: its headers are in hand, its body not yet read.
 #[derive(Debug)]
-pub struct Opened {
+pub(crate) struct Opened {
     bucket: String,
     key: String,
     etag: Option<String>,
@@ -153,7 +171,7 @@ pub struct Opened {
 ///
 /// # Errors
 /// `StorageError::Download` for S3 errors other than "not there" and "not this one".
-pub async fn open_pinned(
+pub(crate) async fn open_pinned(
     s3: &aws_sdk_s3::Client,
     bucket: &str,
     key: &str,
@@ -210,17 +228,12 @@ fn answers_pin(pin: Pin<'_>, etag: Option<&str>, version_id: Option<&str>) -> bo
 }
 
 impl Opened {
-    /// The object's size as S3 announced it (`Content-Length`).
-    pub fn announced_size(&self) -> Option<u64> {
-        self.expected
-    }
-
     /// Streams the body into `file` (created if needed, its old content cut).
     ///
     /// # Errors
     /// `StorageError::Download` for S3 errors (including a body cut short),
     /// `StorageError::WriteLocal` for disk errors.
-    pub async fn save_to(self, file: &Path) -> Result<Downloaded, StorageError> {
+    pub(crate) async fn save_to(self, file: &Path) -> Result<Downloaded, StorageError> {
         let Opened {
             bucket,
             key,
@@ -270,9 +283,9 @@ impl Opened {
 }
 
 /// Files up to this size go up in one PutObject; larger ones in a multipart upload.
-pub const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
+pub(crate) const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
 /// Size of each part of a multipart upload (the last one may be smaller).
-pub const PART_SIZE: u64 = 16 * 1024 * 1024;
+pub(crate) const PART_SIZE: u64 = 16 * 1024 * 1024;
 /// Parts of one upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
 /// Parts in flight at once across the whole process. A part streams from its file, but
@@ -591,7 +604,7 @@ async fn abort(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: &str
 ///
 /// # Errors
 /// `StorageError::Head` for anything but "not found".
-pub async fn object_exists(
+pub(crate) async fn object_exists(
     s3: &aws_sdk_s3::Client,
     bucket: &str,
     key: &str,

@@ -12,7 +12,7 @@ use crate::ops::history::{JobState, ListFilter};
 
 /// The first argument that selects `orchgpu jobs`; the daemon takes no positional
 /// argument, so it cannot mean anything else.
-pub const JOBS_COMMAND: &str = "jobs";
+pub(crate) const JOBS_COMMAND: &str = "jobs";
 
 /// The arguments of `orchgpu jobs` (from `jobs` on) when `argv` asks for it.
 pub fn jobs_argv(
@@ -37,26 +37,26 @@ pub fn jobs_argv(
 timeline. Times are UTC. The history is found as the daemon finds it: --state-dir, \
 ORCHGPU_STATE_DIR, $STATE_DIRECTORY, $XDG_STATE_HOME/orchgpu, ~/.local/state/orchgpu."
 )]
-pub struct JobsArgs {
+pub(crate) struct JobsArgs {
     #[command(subcommand)]
-    pub command: Option<JobsSubcommand>,
+    pub(crate) command: Option<JobsSubcommand>,
 
     /// Only jobs in this state: received, waiting_for_gpus, running, done, failed,
     /// returned or dropped.
     #[arg(long = "state", value_name = "STATE")]
-    pub state: Option<String>,
+    pub(crate) state: Option<String>,
 
     /// Only jobs whose object key contains this text.
     #[arg(long = "key", value_name = "SUBSTR")]
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
 
     /// Only jobs updated since then: an age such as 30m, 2h or 7d, or an RFC 3339 time.
     #[arg(long = "since", value_name = "AGE|TIME")]
-    pub since: Option<String>,
+    pub(crate) since: Option<String>,
 
     /// At most this many jobs (0 for all).
     #[arg(long = "limit", default_value = "50", value_name = "N")]
-    pub limit: String,
+    pub(crate) limit: String,
 
     /// The daemon's state directory, where `history.sqlite3` is.
     #[arg(
@@ -65,15 +65,15 @@ pub struct JobsArgs {
         value_name = "DIR",
         global = true
     )]
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
 
     /// Print JSON instead of a table.
     #[arg(long = "json", global = true)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum JobsSubcommand {
+pub(crate) enum JobsSubcommand {
     /// One job's timeline: by job id, else the most recent job whose key is KEY.
     Show {
         #[arg(value_name = "ID|KEY")]
@@ -83,14 +83,14 @@ pub enum JobsSubcommand {
 
 /// The validated `orchgpu jobs` command line.
 #[derive(Debug, Clone)]
-pub struct JobsConfig {
-    pub state_dir: PathBuf,
-    pub json: bool,
-    pub command: JobsCommand,
+pub(crate) struct JobsConfig {
+    pub(crate) state_dir: PathBuf,
+    pub(crate) json: bool,
+    pub(crate) command: JobsCommand,
 }
 
 #[derive(Debug, Clone)]
-pub enum JobsCommand {
+pub(crate) enum JobsCommand {
     List(ListFilter),
     Show(String),
 }
@@ -101,7 +101,7 @@ pub enum JobsCommand {
 /// # Errors
 ///
 /// A bad `--state`, `--since`, `--limit` or state directory.
-pub fn parse_jobs(argv: Vec<std::ffi::OsString>) -> Result<JobsConfig, ConfigError> {
+pub(crate) fn parse_jobs(argv: Vec<std::ffi::OsString>) -> Result<JobsConfig, ConfigError> {
     JobsConfig::from_args(JobsArgs::parse_from(argv), SystemTime::now(), |name| {
         std::env::var_os(name)
     })

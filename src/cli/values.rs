@@ -449,7 +449,7 @@ pub(super) fn parse_history(
 }
 
 /// The claims' dir when `--claims` is not given, in the output bucket.
-pub const DEFAULT_CLAIMS_DIR: &str = "orchgpu-claims";
+pub(crate) const DEFAULT_CLAIMS_DIR: &str = "orchgpu-claims";
 
 /// Where claims live: the flag, else `<output bucket>/orchgpu-claims`; `off` for none.
 /// Refuses a place under the intermediate dir (every object created there invokes the

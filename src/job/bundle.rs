@@ -16,49 +16,49 @@ use tar::{Builder, EntryType, Header};
 
 /// Everything the function needs to know about a job, stored as `tmp/<id>.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     /// Format version of this manifest; currently 1.
-    pub version: u32,
-    pub job_id: String,
-    pub scheduler_job_id: String,
-    pub source: ManifestSource,
+    pub(crate) version: u32,
+    pub(crate) job_id: String,
+    pub(crate) scheduler_job_id: String,
+    pub(crate) source: ManifestSource,
     /// The rCUDA settings granted by the scheduler, in the scheduler's order.
-    pub reservation: Vec<ReservationField>,
+    pub(crate) reservation: Vec<ReservationField>,
     /// When the job was created, in seconds since the Unix epoch; also every member's mtime.
-    pub created_unix: u64,
+    pub(crate) created_unix: u64,
     /// When the GPUs were allocated, in seconds since the Unix epoch.
-    pub allocated_unix: u64,
+    pub(crate) allocated_unix: u64,
 }
 
 /// The S3 object the job was made from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ManifestSource {
-    pub bucket: String,
-    pub key: String,
-    pub size: u64,
-    pub etag: Option<String>,
-    pub version_id: Option<String>,
+pub(crate) struct ManifestSource {
+    pub(crate) bucket: String,
+    pub(crate) key: String,
+    pub(crate) size: u64,
+    pub(crate) etag: Option<String>,
+    pub(crate) version_id: Option<String>,
 }
 
 /// One `NAME=value` setting of the scheduler's reply, such as `RCUDA_DEVICE_COUNT=1`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReservationField {
-    pub name: String,
-    pub value: String,
+pub(crate) struct ReservationField {
+    pub(crate) name: String,
+    pub(crate) value: String,
 }
 
 /// Paths of the bundle's members, in the order they are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberNames {
-    pub txt: String,
-    pub input: String,
-    pub env: String,
-    pub json: String,
+pub(crate) struct MemberNames {
+    pub(crate) txt: String,
+    pub(crate) input: String,
+    pub(crate) env: String,
+    pub(crate) json: String,
 }
 
 /// Why a bundle could not be written.
 #[derive(Debug, thiserror::Error)]
-pub enum BundleError {
+pub(crate) enum BundleError {
     #[error("failed to read bundle input {path}")]
     ReadInput {
         path: PathBuf,
@@ -84,7 +84,7 @@ const MAX_JOB_ID_LEN: usize = 64;
 ///
 /// A name made only of dots before the extension (`.bashrc`) is a hidden name, not an
 /// extension. Anything else yields `None`, so no raw key text reaches a member name.
-pub fn sanitize_extension(key: &str) -> Option<String> {
+pub(crate) fn sanitize_extension(key: &str) -> Option<String> {
     let file_name = key.rsplit('/').next().unwrap_or(key);
     let (stem, ext) = file_name.rsplit_once('.')?;
     let valid = !stem.trim_start_matches('.').is_empty() && is_valid_extension(ext);
@@ -95,7 +95,7 @@ pub fn sanitize_extension(key: &str) -> Option<String> {
 ///
 /// `job_id` must be one the daemon made (see [`write_bundle`], which checks it) and `ext`
 /// must come from [`sanitize_extension`]; an invalid `ext` is dropped rather than trusted.
-pub fn member_names(job_id: &str, ext: Option<&str>) -> MemberNames {
+pub(crate) fn member_names(job_id: &str, ext: Option<&str>) -> MemberNames {
     debug_assert!(is_valid_job_id(job_id), "invalid job id {job_id:?}");
     MemberNames {
         txt: format!("tmp/{job_id}.txt"),
@@ -107,7 +107,7 @@ pub fn member_names(job_id: &str, ext: Option<&str>) -> MemberNames {
 
 /// Returns the key of the bundle in the intermediate bucket: `<dir>/<id>.tar.gz`, or
 /// `<id>.tar.gz` when `dir` is empty.
-pub fn bundle_key(dir: &str, job_id: &str) -> String {
+pub(crate) fn bundle_key(dir: &str, job_id: &str) -> String {
     debug_assert!(is_valid_job_id(job_id), "invalid job id {job_id:?}");
     // Tolerate stray slashes so "dir/" never turns into "dir//id.tar.gz".
     match dir.trim_matches('/') {
@@ -120,7 +120,7 @@ pub fn bundle_key(dir: &str, job_id: &str) -> String {
 ///
 /// orchGPU's scripts read line 1 as the device count and line 2 as the first device.
 /// Values come from SSGM's one-line reply, so they hold no newline.
-pub fn render_txt(manifest: &Manifest) -> String {
+pub(crate) fn render_txt(manifest: &Manifest) -> String {
     manifest
         .reservation
         .iter()
@@ -133,7 +133,7 @@ pub fn render_txt(manifest: &Manifest) -> String {
 ///
 /// Fields whose name is not a shell identifier are left out (they stay in `.txt` and
 /// `.json`). The `ORCHGPU_*` lines come last, so a scheduler field cannot override them.
-pub fn render_env(manifest: &Manifest, input_member_file_name: &str) -> String {
+pub(crate) fn render_env(manifest: &Manifest, input_member_file_name: &str) -> String {
     let fields = manifest
         .reservation
         .iter()
@@ -163,7 +163,7 @@ pub fn render_env(manifest: &Manifest, input_member_file_name: &str) -> String {
 /// digits, `-` or `_`, and [`BundleError::ReadInput`] if `input` cannot be opened; `out`
 /// is untouched in both cases. [`BundleError::ReadInput`] or [`BundleError::Write`] if
 /// reading or writing fails later, leaving a partial bundle in `out` to be discarded.
-pub fn write_bundle(
+pub(crate) fn write_bundle(
     input: &Path,
     ext: Option<&str>,
     manifest: &Manifest,
@@ -229,7 +229,7 @@ const INCOMPRESSIBLE_RATIO: f64 = 0.95;
 ///
 /// # Errors
 /// Reading the sample failed.
-pub fn compression_for(input: &File, len: u64) -> io::Result<Compression> {
+pub(crate) fn compression_for(input: &File, len: u64) -> io::Result<Compression> {
     use std::os::unix::fs::FileExt;
 
     let sample_len = usize::try_from(len).map_or(SAMPLE_LEN, |len| len.min(SAMPLE_LEN));

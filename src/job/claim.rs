@@ -46,8 +46,8 @@ use tracing::{debug, info};
 
 mod guard;
 mod store;
-pub use guard::{ClaimGuard, ClaimHandle};
-pub use store::{ClaimStore, Put, S3Store};
+pub(crate) use guard::{ClaimGuard, ClaimHandle};
+pub(crate) use store::{ClaimStore, Put, S3Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -63,18 +63,18 @@ const CALL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 const CALL_TIMEOUT_MAX: Duration = Duration::from_secs(10);
 /// The shortest lease: six of the shortest call timeouts, so that a renewal (every third
 /// of the lease) and a retry both fit before the holder must act.
-pub const MIN_LEASE: Duration = Duration::from_secs(6);
+pub(crate) const MIN_LEASE: Duration = Duration::from_secs(6);
 /// The claim format written now; version 1 (no record) is still read.
 const VERSION: u32 = 2;
 
 /// The timeout of each claim call for a lease: well inside a third of it.
-pub fn call_timeout(lease: Duration) -> Duration {
+pub(crate) fn call_timeout(lease: Duration) -> Duration {
     (lease / 6).clamp(CALL_TIMEOUT_MIN, CALL_TIMEOUT_MAX)
 }
 
 /// A claim store's failure (S3 unreachable, access denied, too slow...).
 #[derive(Debug, thiserror::Error)]
-pub enum ClaimError {
+pub(crate) enum ClaimError {
     #[error("failed to {op} the claim s3://{bucket}/{key}")]
     Store {
         op: &'static str,
@@ -95,20 +95,20 @@ pub enum ClaimError {
 
 /// Who holds a claim: enough for an operator to find the process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Owner {
-    pub host: String,
-    pub pid: u32,
+pub(crate) struct Owner {
+    pub(crate) host: String,
+    pub(crate) pid: u32,
     /// When that process started (unix seconds): a pid alone is reused.
-    pub started_unix: u64,
+    pub(crate) started_unix: u64,
     /// The kernel boot and pid namespace the pid belongs to (empty when unknown): only a
     /// process that shares both can tell whether the owner is still alive.
     #[serde(default)]
-    pub pid_space: String,
+    pub(crate) pid_space: String,
 }
 
 impl Owner {
     /// This process.
-    pub fn this_process() -> Owner {
+    pub(crate) fn this_process() -> Owner {
         // The kernel's host name (what gethostname returns), without a new dependency.
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -162,46 +162,46 @@ impl fmt::Display for Owner {
 /// What a claim records of its job beyond who holds it: what a successor needs to finish
 /// the holder's work.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobRecord {
+pub(crate) struct JobRecord {
     /// The SQS message id the holder works from: a copy with another id is a duplicate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message_id: Option<String>,
+    pub(crate) message_id: Option<String>,
     /// GPUs granted for the job and not released; written before the bundle is uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grant: Option<RecordedGrant>,
+    pub(crate) grant: Option<RecordedGrant>,
     /// Set just before the bundle upload: from then on the function may be running on the
     /// grant, which is released only after its result or its deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub function: Option<FunctionStarted>,
+    pub(crate) function: Option<FunctionStarted>,
 }
 
 impl JobRecord {
     /// Whether the record holds anything a successor must take care of.
-    pub fn holds_gpus(&self) -> bool {
+    pub(crate) fn holds_gpus(&self) -> bool {
         self.grant.is_some() || self.function.is_some()
     }
 }
 
 /// A grant as the claim records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordedGrant {
+pub(crate) struct RecordedGrant {
     /// `host:port` of the scheduler that granted it.
-    pub scheduler: String,
-    pub scheduler_job_id: String,
+    pub(crate) scheduler: String,
+    pub(crate) scheduler_job_id: String,
     #[serde(default)]
-    pub devices: Vec<String>,
+    pub(crate) devices: Vec<String>,
     /// When it was granted (unix seconds).
     #[serde(default)]
-    pub since_unix: u64,
+    pub(crate) since_unix: u64,
 }
 
 /// The bundle went (or was about to go) to the function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FunctionStarted {
+pub(crate) struct FunctionStarted {
     /// When the upload began (unix milliseconds).
-    pub started_unix_ms: u64,
+    pub(crate) started_unix_ms: u64,
     /// After this (unix milliseconds) no result is waited for any more.
-    pub result_deadline_unix_ms: u64,
+    pub(crate) result_deadline_unix_ms: u64,
 }
 
 /// The claim object's body (JSON).
@@ -218,7 +218,7 @@ struct ClaimBody {
 
 /// Wall-clock time in unix milliseconds. A function so tests can drive it with tokio's
 /// paused clock.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 fn system_unix_ms() -> u64 {
     SystemTime::now()
@@ -228,7 +228,7 @@ fn system_unix_ms() -> u64 {
 }
 
 /// The outcome of `Claims::acquire`.
-pub enum Acquired {
+pub(crate) enum Acquired {
     /// Ours until we end it (or fail to keep it). Its record carries what a former holder
     /// held (`ClaimGuard::carried`).
     Claimed(ClaimGuard),
@@ -324,14 +324,14 @@ impl Shared {
 
 /// Claims of job ids, in one place (bucket and prefix), held by this process.
 #[derive(Clone)]
-pub struct Claims {
+pub(crate) struct Claims {
     shared: Arc<Shared>,
 }
 
 impl Claims {
     /// Claims under `dir` of the store (empty for its root), each held for `lease`
     /// between renewals.
-    pub fn new(store: Box<dyn ClaimStore>, dir: &str, lease: Duration) -> Claims {
+    pub(crate) fn new(store: Box<dyn ClaimStore>, dir: &str, lease: Duration) -> Claims {
         Claims::with_clock(
             store,
             dir,
@@ -342,7 +342,7 @@ impl Claims {
     }
 
     /// As `new`, with an explicit owner and clock (tests).
-    pub fn with_clock(
+    pub(crate) fn with_clock(
         store: Box<dyn ClaimStore>,
         dir: &str,
         lease: Duration,
@@ -373,7 +373,7 @@ impl Claims {
     ///
     /// # Errors
     /// `ClaimError` naming the operation (write or delete) that failed.
-    pub async fn check(&self) -> Result<(), ClaimError> {
+    pub(crate) async fn check(&self) -> Result<(), ClaimError> {
         let shared = &self.shared;
         let probe = format!(
             "{}orchgpu-start-up-check-{}",
@@ -389,12 +389,12 @@ impl Claims {
     }
 
     /// The lease: how long a claim holds without renewal.
-    pub fn lease(&self) -> Duration {
+    pub(crate) fn lease(&self) -> Duration {
         self.shared.lease
     }
 
     /// The claim object's key for a job id.
-    pub fn key(&self, job_id: &str) -> String {
+    pub(crate) fn key(&self, job_id: &str) -> String {
         format!("{}{job_id}.claim", self.shared.prefix)
     }
 
@@ -407,7 +407,7 @@ impl Claims {
     /// # Errors
     /// `ClaimError` when the store cannot be reached; the caller should retry later.
     /// Cancel safety: a claim created by a cancelled call stays until its lease runs out.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         job_id: &str,
         message_id: Option<&str>,
@@ -494,7 +494,7 @@ impl Claims {
     ///
     /// # Errors
     /// `ClaimError` when the store cannot be reached.
-    pub async fn peek(&self, job_id: &str) -> Result<Option<ClaimSeen>, ClaimError> {
+    pub(crate) async fn peek(&self, job_id: &str) -> Result<Option<ClaimSeen>, ClaimError> {
         let shared = &self.shared;
         let Some((_, body)) = shared.read(&self.key(job_id)).await? else {
             return Ok(None);
@@ -512,7 +512,7 @@ impl Claims {
     ///
     /// # Errors
     /// `ClaimError` when the store cannot be reached (the answer is unknown).
-    pub async fn records_grant(
+    pub(crate) async fn records_grant(
         &self,
         job_id: &str,
         scheduler_job_id: &str,
@@ -566,13 +566,13 @@ fn duration_ms(d: Duration) -> u64 {
 
 /// A claim as read by `Claims::peek`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimSeen {
+pub(crate) struct ClaimSeen {
     /// Held (not expired, not released) right now.
-    pub live: bool,
+    pub(crate) live: bool,
     /// Which daemon wrote it.
-    pub owner: String,
+    pub(crate) owner: String,
     /// This very process wrote it.
-    pub mine: bool,
+    pub(crate) mine: bool,
 }
 
 #[cfg(test)]

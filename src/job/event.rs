@@ -35,15 +35,15 @@ pub struct ObjectRef {
     /// Object key, fully decoded (see [`decode_event_key`]).
     pub key: String,
     /// Object size in bytes, when the sender includes it.
-    pub size: Option<u64>,
+    pub(crate) size: Option<u64>,
     /// Entity tag as given, with surrounding quotes stripped if any.
-    pub etag: Option<String>,
+    pub(crate) etag: Option<String>,
     /// Version id, present only for versioned buckets.
-    pub version_id: Option<String>,
+    pub(crate) version_id: Option<String>,
     /// Event name exactly as sent, e.g. `ObjectCreated:Put`.
-    pub event_name: String,
+    pub(crate) event_name: String,
     /// Event time as sent (ISO 8601), not parsed.
-    pub event_time: Option<String>,
+    pub(crate) event_time: Option<String>,
 }
 
 /// What one SQS message body means.
@@ -87,7 +87,7 @@ pub fn parse_notification(body: &str) -> Notification {
 /// bytes are not valid UTF-8 the raw key is returned unchanged, because a lossy
 /// replacement would name an object that does not exist.
 #[must_use]
-pub fn decode_event_key(raw: &str) -> String {
+pub(crate) fn decode_event_key(raw: &str) -> String {
     // `+` must go first: a literal plus arrives as `%2B` and must survive.
     let spaced = raw.replace('+', " ");
     let bytes: Vec<u8> = percent_decode_str(&spaced).collect();

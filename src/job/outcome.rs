@@ -12,7 +12,7 @@ use crate::reservations::AllocError;
 
 /// The outcome of a job that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobOutcome {
+pub(crate) enum JobOutcome {
     /// The result appeared in the output bucket.
     Completed,
     /// The result was already there (a duplicate or redelivered notification): the job
@@ -22,7 +22,7 @@ pub enum JobOutcome {
 
 /// What to do with the message after a job failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// It can never become a job: delete the message.
     Delete,
     /// It may work later: make the message visible again after a backoff.
@@ -38,7 +38,7 @@ pub enum Disposition {
 
 /// Why a job failed.
 #[derive(Debug, thiserror::Error)]
-pub enum JobError {
+pub(crate) enum JobError {
     #[error("input s3://{bucket}/{key} no longer exists")]
     InputGone { bucket: String, key: String },
     /// The object changed (or went) after the event: the event is superseded, and the new
@@ -87,7 +87,7 @@ pub enum JobError {
 
 impl JobError {
     /// How this ending is counted in `orchgpu_jobs_total{outcome}`.
-    pub fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             JobError::InputGone { .. } => Outcome::Dropped,
             JobError::InputSuperseded { .. } => Outcome::Superseded,
@@ -109,7 +109,7 @@ impl JobError {
     }
 
     /// The lifecycle policy: only a job that can never work deletes its message.
-    pub fn disposition(&self) -> Disposition {
+    pub(crate) fn disposition(&self) -> Disposition {
         match self {
             // A duplicate's job is carried by the holder's own message.
             JobError::InputGone { .. }

@@ -40,14 +40,14 @@ type Waiting = HashMap<String, Vec<(u64, Arc<Notify>)>>;
 
 /// Jobs waiting for result objects, by `bucket/key`.
 #[derive(Debug, Default)]
-pub struct ResultRegistry {
+pub(crate) struct ResultRegistry {
     waiting: Mutex<Waiting>,
     next_id: AtomicU64,
 }
 
 /// One job's registration; dropping it unregisters.
 #[derive(Debug)]
-pub struct ResultWaiter {
+pub(crate) struct ResultWaiter {
     registry: Arc<ResultRegistry>,
     name: String,
     id: u64,
@@ -57,7 +57,7 @@ pub struct ResultWaiter {
 impl ResultWaiter {
     /// Completes once an event for the key has been routed here since registration.
     /// Cancel safe: a wake-up that arrives while nobody awaits is kept for the next call.
-    pub async fn arrived(&self) {
+    pub(crate) async fn arrived(&self) {
         self.notify.notified().await;
     }
 }
@@ -75,7 +75,7 @@ impl Drop for ResultWaiter {
 }
 
 impl ResultRegistry {
-    pub fn new() -> Arc<ResultRegistry> {
+    pub(crate) fn new() -> Arc<ResultRegistry> {
         Arc::new(ResultRegistry::default())
     }
 
@@ -85,7 +85,7 @@ impl ResultRegistry {
 
     /// Registers interest in `s3://bucket/key`. Register before the result can possibly
     /// be written (before the bundle upload), then await `ResultWaiter::arrived`.
-    pub fn register(self: &Arc<Self>, bucket: &str, key: &str) -> ResultWaiter {
+    pub(crate) fn register(self: &Arc<Self>, bucket: &str, key: &str) -> ResultWaiter {
         let name = format!("{bucket}/{key}");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
@@ -102,7 +102,7 @@ impl ResultRegistry {
     }
 
     /// Wakes every job waiting for `s3://bucket/key`; returns how many there were.
-    pub fn deliver(&self, bucket: &str, key: &str) -> usize {
+    pub(crate) fn deliver(&self, bucket: &str, key: &str) -> usize {
         let waiting = self.lock();
         match waiting.get(&format!("{bucket}/{key}")) {
             Some(list) => {
@@ -114,13 +114,16 @@ impl ResultRegistry {
             None => 0,
         }
     }
+}
 
+#[cfg(test)]
+impl ResultRegistry {
     /// How many registrations are live.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -130,7 +133,7 @@ impl ResultRegistry {
 ///
 /// Cancel safety: messages received but not yet deleted when `stop` fires become
 /// visible again after their visibility timeout; nothing is lost (HEAD still finds them).
-pub async fn run(queue: Queue, registry: Arc<ResultRegistry>, stop: CancellationToken) {
+pub(crate) async fn run(queue: Queue, registry: Arc<ResultRegistry>, stop: CancellationToken) {
     info!(queue = %queue.url(), "Receiving result events.");
     let (deletes, lanes) = QueueBatcher::start(queue.clone(), Duration::ZERO);
     let mut failures: u32 = 0;

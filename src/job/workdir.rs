@@ -22,7 +22,7 @@ const LOCK_NAME: &str = "lock";
 
 /// Why the work dir cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum WorkDirError {
+pub(crate) enum WorkDirError {
     #[error("cannot use work dir {path}")]
     Io {
         path: String,
@@ -32,7 +32,7 @@ pub enum WorkDirError {
 }
 
 /// This run's subdirectory of the work dir, locked while it lives; removed when dropped.
-pub struct WorkDir {
+pub(crate) struct WorkDir {
     dir: tempfile::TempDir,
     _lock: Flock<File>,
 }
@@ -44,7 +44,7 @@ impl WorkDir {
     ///
     /// # Errors
     /// `WorkDirError` when the dir cannot be created or written.
-    pub fn open(base: &Path) -> Result<(WorkDir, usize), WorkDirError> {
+    pub(crate) fn open(base: &Path) -> Result<(WorkDir, usize), WorkDirError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| WorkDirError::Io { path, source }
@@ -68,7 +68,7 @@ impl WorkDir {
     }
 
     /// Where this run puts its files.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 /// The database's file name inside the state directory.
-pub const FILE_NAME: &str = "history.sqlite3";
+pub(crate) const FILE_NAME: &str = "history.sqlite3";
 
 /// The schema this build reads and writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
@@ -79,29 +79,49 @@ CREATE INDEX events_by_job ON events (job_id, seq);
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error("cannot create the state directory {path}")]
+    /// The state directory could not be created.
     CreateDir {
+        /// The file or directory.
         path: PathBuf,
         #[source]
+        /// What went wrong underneath.
         source: std::io::Error,
     },
     #[error("no job history at {path}")]
-    Missing { path: PathBuf },
+    /// There is no history file (the daemon never ran with this state directory).
+    Missing {
+        /// The file or directory.
+        path: PathBuf,
+    },
     #[error("cannot open the job history at {path}")]
+    /// The database could not be opened or set up.
     Open {
+        /// The file or directory.
         path: PathBuf,
         #[source]
+        /// What went wrong underneath.
         source: rusqlite::Error,
     },
     #[error(
         "the job history at {path} has schema version {found}, this orchgpu knows only {SCHEMA_VERSION}"
     )]
-    UnknownVersion { path: PathBuf, found: i64 },
+    /// The file was written by a newer orchgpu.
+    UnknownVersion {
+        /// The file or directory.
+        path: PathBuf,
+        /// The version the file has.
+        found: i64,
+    },
     #[error("cannot start the job history's writer thread")]
+    /// The writer thread could not be started.
     Thread(#[source] std::io::Error),
     #[error("cannot read the job history at {path}")]
+    /// A query failed.
     Read {
+        /// The file or directory.
         path: PathBuf,
         #[source]
+        /// What went wrong underneath.
         source: rusqlite::Error,
     },
 }
@@ -110,7 +130,9 @@ pub enum HistoryError {
 /// jobs stay (the most recently updated); a job's events go with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
+    /// Events older than this are removed.
     pub max_age: Duration,
+    /// At most this many events are kept.
     pub max_rows: u64,
 }
 
@@ -126,17 +148,23 @@ impl Default for Retention {
 /// One thing that happened to a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEvent {
+    /// The job's id.
     pub job_id: String,
+    /// The bucket.
     pub bucket: String,
+    /// The object's key.
     pub key: String,
+    /// The SQS message id.
     pub message_id: Option<String>,
+    /// When it happened.
     pub at: SystemTime,
+    /// What happened.
     pub kind: EventKind,
 }
 
 impl HistoryEvent {
     /// An event that happens now.
-    pub fn now(
+    pub(crate) fn now(
         job_id: impl Into<String>,
         bucket: impl Into<String>,
         key: impl Into<String>,
@@ -159,31 +187,51 @@ impl HistoryEvent {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventKind {
     /// The message was received; starts a new attempt.
-    Received { receive_count: u32 },
+    Received {
+        /// How many times SQS handed the message out.
+        receive_count: u32,
+    },
     /// The job id was claimed for this daemon.
     Claimed,
     /// The scheduler answered busy; the job waits for GPUs.
     WaitingForGpus,
     /// The scheduler granted GPUs.
     Granted {
+        /// The scheduler's job id.
         scheduler_job: String,
+        /// The devices granted.
         devices: Vec<String>,
     },
     /// The bundle was built.
-    Bundled { bytes: u64 },
+    Bundled {
+        /// The bundle's size.
+        bytes: u64,
+    },
     /// The bundle was uploaded to the intermediate bucket.
     Uploaded,
     /// The function's result was found in the output bucket.
     ResultSeen,
     /// The GPUs were given back (does not change the job's state).
-    Released { scheduler_job: String },
+    Released {
+        /// The scheduler's job id.
+        scheduler_job: String,
+    },
     /// The message was deleted: `outcome` is `succeeded` (the job is done) or why the
     /// message can never become a job (`duplicate`, `dropped`, `superseded`, ...).
-    Deleted { outcome: String },
+    Deleted {
+        /// How the job ended.
+        outcome: String,
+    },
     /// The message was made visible again: the job's error chain, or `shutdown`.
-    Returned { reason: String },
+    Returned {
+        /// Why.
+        reason: String,
+    },
     /// The job failed.
-    Failed { reason: String },
+    Failed {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The `Deleted` outcome of a job that succeeded.
@@ -191,7 +239,7 @@ pub const SUCCEEDED: &str = "succeeded";
 
 impl EventKind {
     /// The stored name, e.g. `waiting_for_gpus`.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             EventKind::Received { .. } => "received",
             EventKind::Claimed => "claimed",
@@ -208,7 +256,7 @@ impl EventKind {
     }
 
     /// The job's state after this event, or `None` when it keeps the one it had.
-    pub fn state(&self) -> Option<JobState> {
+    pub(crate) fn state(&self) -> Option<JobState> {
         Some(match self {
             EventKind::Received { .. } | EventKind::Claimed => JobState::Received,
             EventKind::WaitingForGpus => JobState::WaitingForGpus,
@@ -261,17 +309,24 @@ impl EventKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
+    /// Received from the queue.
     Received,
+    /// Waiting for the scheduler.
     WaitingForGpus,
+    /// Its function runs.
     Running,
+    /// Its result is there.
     Done,
+    /// The attempt ended without its message (lost receipt, shutdown abort).
     Failed,
+    /// The message went back to the queue for a retry.
     Returned,
+    /// It can never run (not an object event, a gone input).
     Dropped,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 7] = [
+    pub(crate) const ALL: [JobState; 7] = [
         JobState::Received,
         JobState::WaitingForGpus,
         JobState::Running,
@@ -281,7 +336,7 @@ impl JobState {
         JobState::Dropped,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobState::Received => "received",
             JobState::WaitingForGpus => "waiting_for_gpus",
@@ -294,7 +349,7 @@ impl JobState {
     }
 
     /// The state named `name`, as stored and as `--state` takes it.
-    pub fn parse(name: &str) -> Option<JobState> {
+    pub(crate) fn parse(name: &str) -> Option<JobState> {
         JobState::ALL.into_iter().find(|s| s.as_str() == name)
     }
 }
@@ -308,10 +363,10 @@ impl std::fmt::Display for JobState {
 /// A point in time as stored: milliseconds since the Unix epoch. Serialized as RFC 3339
 /// in UTC; displayed as `YYYY-MM-DD HH:MM:SS` in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Timestamp(pub i64);
+pub(crate) struct Timestamp(pub i64);
 
 impl Timestamp {
-    pub fn from_system(at: SystemTime) -> Self {
+    pub(crate) fn from_system(at: SystemTime) -> Self {
         let millis = at
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -320,7 +375,7 @@ impl Timestamp {
     }
 
     /// RFC 3339 in UTC with milliseconds, e.g. `2026-05-01T12:00:00.250Z`.
-    pub fn rfc3339(self) -> String {
+    pub(crate) fn rfc3339(self) -> String {
         let (date, millis) = self.civil();
         format!("{date}.{millis:03}Z").replacen(' ', "T", 1)
     }
@@ -346,7 +401,7 @@ impl Timestamp {
     }
 
     /// `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
-    pub fn display_millis(self) -> String {
+    pub(crate) fn display_millis(self) -> String {
         let (date, millis) = self.civil();
         format!("{date}.{millis:03}")
     }
@@ -475,7 +530,7 @@ impl History {
         History { writer: None }
     }
 
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.writer.is_some()
     }
 
@@ -732,6 +787,7 @@ fn prune(conn: &mut Connection, retention: Retention, now: SystemTime) -> rusqli
 /// What `orchgpu jobs` lists.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
+    /// Only jobs in this state.
     pub state: Option<JobState>,
     /// Jobs whose key contains this (case-sensitive).
     pub key_contains: Option<String>,
@@ -744,17 +800,17 @@ pub struct ListFilter {
 /// One job, as listed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobSummary {
-    pub job_id: String,
-    pub bucket: String,
-    pub key: String,
-    pub state: String,
-    pub attempts: u32,
-    pub first_seen: Timestamp,
-    pub last_update: Timestamp,
-    pub last_reason: Option<String>,
+    pub(crate) job_id: String,
+    pub(crate) bucket: String,
+    pub(crate) key: String,
+    pub(crate) state: String,
+    pub(crate) attempts: u32,
+    pub(crate) first_seen: Timestamp,
+    pub(crate) last_update: Timestamp,
+    pub(crate) last_reason: Option<String>,
     /// GPU time of its attempts on this daemon (GPUs × seconds from each grant to its
     /// release, as `GPU_SECONDS` reads the timeline); `None` before any release.
-    pub gpu_seconds: Option<f64>,
+    pub(crate) gpu_seconds: Option<f64>,
 }
 
 /// A job's GPU time from its timeline, as a column: for each `released` event, the
@@ -770,34 +826,35 @@ const GPU_SECONDS: &str = "(SELECT SUM(json_array_length(g.detail, '$.devices') 
 /// One event of a job's timeline.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRecord {
-    pub attempt: u32,
-    pub at: Timestamp,
-    pub kind: String,
-    pub message_id: Option<String>,
+    pub(crate) attempt: u32,
+    pub(crate) at: Timestamp,
+    pub(crate) kind: String,
+    pub(crate) message_id: Option<String>,
     /// The event's fields, e.g. `{"reason": "..."}`.
-    pub detail: serde_json::Value,
+    pub(crate) detail: serde_json::Value,
 }
 
 /// How one attempt (one receive of the job's message) ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AttemptOutcome {
-    pub attempt: u32,
-    pub message_id: Option<String>,
-    pub started: Timestamp,
-    pub ended: Timestamp,
+pub(crate) struct AttemptOutcome {
+    pub(crate) attempt: u32,
+    pub(crate) message_id: Option<String>,
+    pub(crate) started: Timestamp,
+    pub(crate) ended: Timestamp,
     /// The state its events leave the job in.
-    pub state: String,
+    pub(crate) state: String,
     /// Why it ended other than by success, if it says.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
 }
 
 /// One job with its timeline.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobDetail {
     #[serde(flatten)]
-    pub job: JobSummary,
-    pub message_id: Option<String>,
-    pub attempt_outcomes: Vec<AttemptOutcome>,
+    pub(crate) job: JobSummary,
+    pub(crate) message_id: Option<String>,
+    pub(crate) attempt_outcomes: Vec<AttemptOutcome>,
+    /// Every event of the job, oldest first.
     pub timeline: Vec<EventRecord>,
 }
 
@@ -841,7 +898,7 @@ impl HistoryReader {
         Ok(HistoryReader { conn, path })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 

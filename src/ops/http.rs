@@ -50,30 +50,30 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The listener's guards, from the configuration.
 #[derive(Debug, Clone)]
-pub struct ServeSettings {
+pub(crate) struct ServeSettings {
     /// How long the receive loop (and the job tasks, while jobs run) may show no
     /// progress before `/healthz` answers 503.
-    pub stale_after: Duration,
+    pub(crate) stale_after: Duration,
     /// The longest a request's head may take to arrive.
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
     /// The longest a request's body may pause between two reads.
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     /// The names the listener answers for.
-    pub hosts: AllowedHosts,
+    pub(crate) hosts: AllowedHosts,
 }
 
 /// How a request named this listener: directly (its address, loopback) or by a name of
 /// `--http-allowed-hosts` (through a reverse proxy). `web` reads it from the request's
 /// extensions: only through a proxy does it trust `X-Forwarded-Proto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
+pub(crate) enum Via {
     Direct,
     Proxy,
 }
 
 /// The names the listener answers for.
 #[derive(Debug, Clone)]
-pub struct AllowedHosts {
+pub(crate) struct AllowedHosts {
     listen: SocketAddr,
     /// `--http-allowed-hosts`, lowercase; a port of `None` matches any port or none.
     proxied: Vec<(String, Option<u16>)>,
@@ -82,7 +82,7 @@ pub struct AllowedHosts {
 impl AllowedHosts {
     /// The defaults of a listener bound to `listen` (its actual address, port 0 resolved),
     /// plus the `proxied` names (`name` or `name:port`, as `parse_host_port` reads them).
-    pub fn new(listen: SocketAddr, proxied: &[(String, Option<u16>)]) -> AllowedHosts {
+    pub(crate) fn new(listen: SocketAddr, proxied: &[(String, Option<u16>)]) -> AllowedHosts {
         AllowedHosts {
             listen,
             proxied: proxied
@@ -93,7 +93,7 @@ impl AllowedHosts {
     }
 
     /// How `host` (a `Host` header's value) names this listener, or `None` if it does not.
-    pub fn check(&self, host: &str) -> Option<Via> {
+    pub(crate) fn check(&self, host: &str) -> Option<Via> {
         let (name, port) = parse_host_port(host)?;
         let port_ok = match port {
             Some(port) => port == self.listen.port(),
@@ -124,7 +124,7 @@ impl AllowedHosts {
 /// `name`, `name:port`, `[v6]` or `[v6]:port` to a lowercase name (brackets kept) and
 /// the port; `None` for anything else: an empty name, characters outside letters,
 /// digits, `.`, `-` (and `:` inside brackets), a bad port.
-pub fn parse_host_port(raw: &str) -> Option<(String, Option<u16>)> {
+pub(crate) fn parse_host_port(raw: &str) -> Option<(String, Option<u16>)> {
     let raw = raw.trim();
     let (name, port) = if raw.starts_with('[') {
         let end = raw.find(']')?;
@@ -170,7 +170,7 @@ pub fn parse_host_port(raw: &str) -> Option<(String, Option<u16>)> {
 ///
 /// # Errors
 /// None at present; the accept loop retries what fails (a full file table).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     settings: ServeSettings,
     web: Router,

@@ -12,7 +12,7 @@ use crate::ops::history::{EventRecord, HistoryError, HistoryReader, JobDetail, J
 
 /// Why `orchgpu jobs` printed nothing useful; every one exits 1.
 #[derive(Debug, thiserror::Error)]
-pub enum JobsError {
+pub(crate) enum JobsError {
     #[error(
         "no job history at {path}: give the daemon's state directory with --state-dir or ORCHGPU_STATE_DIR"
     )]
@@ -53,7 +53,7 @@ pub fn main(argv: Vec<std::ffi::OsString>) -> u8 {
 /// # Errors
 ///
 /// The history is missing or unreadable, or `show` found no such job.
-pub fn run(config: &JobsConfig, out: &mut dyn Write) -> Result<(), JobsError> {
+pub(crate) fn run(config: &JobsConfig, out: &mut dyn Write) -> Result<(), JobsError> {
     let reader = match HistoryReader::open(&config.state_dir) {
         Ok(reader) => reader,
         Err(HistoryError::Missing { path }) => return Err(JobsError::NoHistory { path }),
@@ -94,7 +94,7 @@ fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> io::Result<
 }
 
 /// The table's header, one line.
-pub const TABLE_HEADER: [&str; 7] = [
+pub(crate) const TABLE_HEADER: [&str; 7] = [
     "UPDATED (UTC)",
     "STATE",
     "ATTEMPTS",

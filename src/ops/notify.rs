@@ -10,12 +10,12 @@ use sd_notify::NotifyState;
 use tracing::{debug, warn};
 
 /// Sends `READY=1` with a status line: start-up is over and messages are being received.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(&one_line(status))]);
 }
 
 /// Sends `STOPPING=1` with a status line: shutdown has begun.
-pub fn stopping(status: &str) {
+pub(crate) fn stopping(status: &str) {
     send(&[
         NotifyState::Stopping,
         NotifyState::Status(&one_line(status)),
@@ -23,17 +23,17 @@ pub fn stopping(status: &str) {
 }
 
 /// The watchdog interval systemd asks for (`WatchdogSec=`), if any.
-pub fn watchdog_interval() -> Option<std::time::Duration> {
+pub(crate) fn watchdog_interval() -> Option<std::time::Duration> {
     sd_notify::watchdog_enabled()
 }
 
 /// Sends `WATCHDOG=1`: the daemon is alive and making progress.
-pub fn watchdog() {
+pub(crate) fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
 /// Sends a `STATUS=` line, shown by `systemctl status`.
-pub fn status(status: &str) {
+pub(crate) fn status(status: &str) {
     send(&[NotifyState::Status(&one_line(status))]);
 }
 

@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 
 /// How a job ended, for `orchgpu_jobs_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Its result appeared; the message was deleted.
     Succeeded,
     /// Its result was already there; nothing ran.
@@ -59,7 +59,7 @@ impl Outcome {
 
 /// A scheduler call's reply, for `orchgpu_scheduler_calls_total{call,reply}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchedulerReply {
+pub(crate) enum SchedulerReply {
     Granted,
     Busy,
     /// The scheduler refused the request (`SSGM_ERROR=1`).
@@ -133,9 +133,9 @@ impl EncodeLabelSet for NoLabels {
 type SecondsGauge = Gauge<f64, AtomicU64>;
 
 /// How often the receive loop shows progress while it waits where it should.
-pub const LOOP_TICK: Duration = Duration::from_secs(1);
+pub(crate) const LOOP_TICK: Duration = Duration::from_secs(1);
 /// How often each job task shows progress (sparser: there may be thousands).
-pub const JOBS_TICK: Duration = Duration::from_secs(10);
+pub(crate) const JOBS_TICK: Duration = Duration::from_secs(10);
 
 /// Stage durations: 1 ms to about 9 minutes.
 fn stage_histogram() -> Histogram {
@@ -143,7 +143,7 @@ fn stage_histogram() -> Histogram {
 }
 
 /// Every metric, under its fixed name, and the liveness and readiness state.
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     registry: Registry,
     jobs: Family<OutcomeLabels, Counter>,
     jobs_running: Gauge,
@@ -173,7 +173,7 @@ pub struct Telemetry {
 static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(Telemetry::new);
 
 /// The process's telemetry.
-pub fn get() -> &'static Telemetry {
+pub(crate) fn get() -> &'static Telemetry {
     &TELEMETRY
 }
 
@@ -292,14 +292,14 @@ impl Telemetry {
     }
 
     /// The metrics in the Prometheus text format.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
     }
 
-    pub fn job_ended(&self, outcome: Outcome) {
+    pub(crate) fn job_ended(&self, outcome: Outcome) {
         self.jobs
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.label(),
@@ -308,43 +308,43 @@ impl Telemetry {
     }
 
     /// Counts a job as running until the guard is dropped.
-    pub fn job_running(&self) -> GaugeGuard<'_> {
+    pub(crate) fn job_running(&self) -> GaugeGuard<'_> {
         GaugeGuard::new(&self.jobs_running)
     }
 
     /// Counts a job as waiting for GPUs until the guard is dropped.
-    pub fn waiting_for_gpus(&self) -> GaugeGuard<'_> {
+    pub(crate) fn waiting_for_gpus(&self) -> GaugeGuard<'_> {
         GaugeGuard::new(&self.jobs_waiting_for_gpus)
     }
 
-    pub fn set_gpus_held(&self, held: u32) {
+    pub(crate) fn set_gpus_held(&self, held: u32) {
         self.gpus_held.set(i64::from(held));
     }
 
-    pub fn set_releases_pending(&self, pending: usize) {
+    pub(crate) fn set_releases_pending(&self, pending: usize) {
         self.releases_pending
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
-    pub fn set_oldest_reservation(&self, age: Duration) {
+    pub(crate) fn set_oldest_reservation(&self, age: Duration) {
         self.reservation_oldest.set(age.as_secs_f64());
     }
 
     /// GPU time (GPUs × seconds) of a reservation confirmed released.
-    pub fn gpu_time_released(&self, gpu_seconds: f64) {
+    pub(crate) fn gpu_time_released(&self, gpu_seconds: f64) {
         self.gpu_seconds.inc_by(gpu_seconds.max(0.0));
     }
 
-    pub fn release_failed(&self) {
+    pub(crate) fn release_failed(&self) {
         self.release_failures.inc();
     }
 
-    pub fn release_given_up(&self) {
+    pub(crate) fn release_given_up(&self) {
         self.releases_given_up.inc();
     }
 
     /// `call` is `alloc` or `dealloc`.
-    pub fn scheduler_call(&self, call: &'static str, reply: SchedulerReply) {
+    pub(crate) fn scheduler_call(&self, call: &'static str, reply: SchedulerReply) {
         self.scheduler_calls
             .get_or_create(&CallLabels {
                 call,
@@ -353,17 +353,17 @@ impl Telemetry {
             .inc();
     }
 
-    pub fn stage_finished(&self, stage: &'static str, elapsed: Duration) {
+    pub(crate) fn stage_finished(&self, stage: &'static str, elapsed: Duration) {
         self.stage_duration
             .get_or_create(&StageLabels { stage })
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn job_finished(&self, elapsed: Duration) {
+    pub(crate) fn job_finished(&self, elapsed: Duration) {
         self.job_duration.observe(elapsed.as_secs_f64());
     }
 
-    pub fn aws_request(&self, service: &str, operation: &str) {
+    pub(crate) fn aws_request(&self, service: &str, operation: &str) {
         self.aws_requests
             .get_or_create(&AwsLabels {
                 service: service.to_owned(),
@@ -373,44 +373,44 @@ impl Telemetry {
     }
 
     /// `queue` is `jobs` or `dead_letter`; `state` is `visible`, `in_flight` or `delayed`.
-    pub fn set_queue_messages(&self, queue: &'static str, state: &'static str, count: u64) {
+    pub(crate) fn set_queue_messages(&self, queue: &'static str, state: &'static str, count: u64) {
         self.queue_messages
             .get_or_create(&QueueLabels { queue, state })
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// A receive on the jobs queue completed (with or without messages).
-    pub fn received(&self) {
+    pub(crate) fn received(&self) {
         self.last_receive.set(now_ms() as f64 / 1000.0);
         self.loop_progressed();
     }
 
     /// `lost` history events were not written (jobs are never failed for it).
-    pub fn history_writes_failed(&self, lost: u64) {
+    pub(crate) fn history_writes_failed(&self, lost: u64) {
         self.history_write_failures.inc_by(lost);
     }
 
     /// The receive loop is alive: it completed a step or is waiting where it should.
     /// Whether the job history asked for is kept (`false`: it could not be opened).
-    pub fn set_history_enabled(&self, enabled: bool) {
+    pub(crate) fn set_history_enabled(&self, enabled: bool) {
         self.history_enabled
             .get_or_create(&NoLabels)
             .set(i64::from(enabled));
     }
 
-    pub fn loop_progressed(&self) {
+    pub(crate) fn loop_progressed(&self) {
         self.loop_tick_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     /// A job task is alive (its heartbeat loop turned).
-    pub fn jobs_progressed(&self) {
+    pub(crate) fn jobs_progressed(&self) {
         self.jobs_tick_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     /// Whether the receive loop showed progress within `stale_after`, and the job tasks,
     /// if any run, within three of their ticks (or `stale_after` if longer). The watchdog
     /// pings and `/healthz` answers 200 only while it is.
-    pub fn health(&self, stale_after: Duration) -> Health {
+    pub(crate) fn health(&self, stale_after: Duration) -> Health {
         let jobs_stale_after = stale_after.max(JOBS_TICK * 3);
         let now = now_ms();
         let age = |stamp: &AtomicI64| {
@@ -427,26 +427,26 @@ impl Telemetry {
         }
     }
 
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 }
 
 /// The answer of `Telemetry::health`.
 #[derive(Debug, Clone, Copy)]
-pub struct Health {
-    pub healthy: bool,
-    pub loop_age: Duration,
-    pub jobs_age: Option<Duration>,
-    pub jobs_running: i64,
+pub(crate) struct Health {
+    pub(crate) healthy: bool,
+    pub(crate) loop_age: Duration,
+    pub(crate) jobs_age: Option<Duration>,
+    pub(crate) jobs_running: i64,
 }
 
 /// Holds a gauge one higher until dropped.
-pub struct GaugeGuard<'a>(&'a Gauge);
+pub(crate) struct GaugeGuard<'a>(&'a Gauge);
 
 impl<'a> GaugeGuard<'a> {
     fn new(gauge: &'a Gauge) -> GaugeGuard<'a> {

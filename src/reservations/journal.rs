@@ -85,7 +85,7 @@ struct JournalFile<'a> {
 
 /// What a previous run left: reservations to release and calls to settle.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Leftovers {
+pub(crate) struct Leftovers {
     pub(crate) reservations: Vec<JournalEntry>,
     pub(crate) calls: Vec<CallEntry>,
     /// Reservations given up by earlier runs (reported, never released).
@@ -94,19 +94,19 @@ pub struct Leftovers {
 
 impl Leftovers {
     /// How many reservations a previous run left unreleased.
-    pub fn reservation_count(&self) -> usize {
+    pub(crate) fn reservation_count(&self) -> usize {
         self.reservations.len()
     }
 
     /// How many `-alloc` calls a previous run left unread.
-    pub fn call_count(&self) -> usize {
+    pub(crate) fn call_count(&self) -> usize {
         self.calls.len()
     }
 }
 
 /// What can go wrong with the journal.
 #[derive(Debug, thiserror::Error)]
-pub enum JournalError {
+pub(crate) enum JournalError {
     #[error("cannot use state directory {path}")]
     Io {
         path: PathBuf,
@@ -131,7 +131,7 @@ pub enum JournalError {
 
 /// The open, locked journal.
 #[derive(Debug)]
-pub struct Journal {
+pub(crate) struct Journal {
     dir: PathBuf,
     records: Mutex<Records>,
     // Held for the daemon's lifetime; the lock goes with the file descriptor.
@@ -144,7 +144,7 @@ impl Journal {
     ///
     /// # Errors
     /// `Locked` when another daemon uses the directory, `Io`, `Corrupt`, `UnknownVersion`.
-    pub fn open(dir: &Path) -> Result<(Journal, Leftovers), JournalError> {
+    pub(crate) fn open(dir: &Path) -> Result<(Journal, Leftovers), JournalError> {
         let io_error = |source| JournalError::Io {
             path: dir.to_path_buf(),
             source,

@@ -60,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub(crate) use journal::{CallEntry, JournalEntry};
-pub use journal::{Journal, JournalError, Leftovers};
+pub(crate) use journal::{Journal, JournalError, Leftovers};
 use ledger::GrantLedger;
 use releaser::{Releaser, Work};
 
@@ -70,21 +70,21 @@ use crate::scheduler::{AllocReply, GpuScheduler, Grant, SchedulerError};
 
 /// How reservations are asked for.
 #[derive(Debug, Clone)]
-pub struct ReservationSettings {
+pub(crate) struct ReservationSettings {
     /// GPUs per job.
-    pub gpus: u32,
+    pub(crate) gpus: u32,
     /// Wait between attempts while the scheduler is busy (a release of ours is sooner).
-    pub alloc_retry_interval: Duration,
+    pub(crate) alloc_retry_interval: Duration,
     /// Give up getting GPUs for a job after this long.
-    pub alloc_deadline: Duration,
+    pub(crate) alloc_deadline: Duration,
     /// `host:port` of the scheduler, recorded with each reservation: a journal entry of
     /// another scheduler is never released through this one.
-    pub scheduler_address: String,
+    pub(crate) scheduler_address: String,
 }
 
 /// Why no reservation was had.
 #[derive(Debug, thiserror::Error)]
-pub enum AllocError {
+pub(crate) enum AllocError {
     /// The job was cancelled (shutdown abort or lost message) while asking.
     #[error("allocation interrupted")]
     Interrupted,
@@ -103,7 +103,7 @@ pub enum AllocError {
 
 /// Where a grant may be recorded besides this host's journal: the jobs' claims. A grant
 /// recorded there belongs to whoever takes its job over, not to this host's releaser.
-pub trait GrantRecords: Send + Sync {
+pub(crate) trait GrantRecords: Send + Sync {
     /// Whether job `job_id`'s shared record names the grant `scheduler_job_id`.
     fn records_grant<'a>(
         &'a self,
@@ -144,7 +144,7 @@ impl<S> Shared<S> {
 }
 
 /// The room for GPU reservations: the gate, the ledger, the journal and the releaser.
-pub struct Reservations<S> {
+pub(crate) struct Reservations<S> {
     shared: Arc<Shared<S>>,
     settings: ReservationSettings,
     /// Held by the one job that is asking for GPUs. While the scheduler is busy, the
@@ -160,7 +160,7 @@ pub struct Reservations<S> {
 /// GPUs granted by the scheduler and recorded in the journal. Give them back with
 /// `Reservations::release`; if the value is dropped instead (panic, aborted task), its
 /// drop guard hands it to the releaser.
-pub struct Reservation {
+pub(crate) struct Reservation {
     grant: Grant,
     entry: JournalEntry,
     /// When it was granted, in Unix milliseconds (the journal keeps whole seconds).
@@ -170,12 +170,12 @@ pub struct Reservation {
 
 impl Reservation {
     /// What the scheduler granted.
-    pub fn grant(&self) -> &Grant {
+    pub(crate) fn grant(&self) -> &Grant {
         &self.grant
     }
 
     /// When it was granted, in Unix seconds.
-    pub fn allocated_unix(&self) -> u64 {
+    pub(crate) fn allocated_unix(&self) -> u64 {
         self.entry.since_unix
     }
 
@@ -223,7 +223,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     /// and releases what a previous run left (`leftovers`), in the background. The
     /// releaser ends once this value and every `Reservation` are gone, after one last
     /// attempt at what it never tried; anything left stays in the journal.
-    pub fn start(
+    pub(crate) fn start(
         scheduler: Arc<S>,
         journal: Arc<Journal>,
         leftovers: Leftovers,
@@ -275,19 +275,20 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     }
 
     /// `host:port` of the scheduler the reservations are asked from.
-    pub fn scheduler_address(&self) -> &str {
+    pub(crate) fn scheduler_address(&self) -> &str {
         &self.settings.scheduler_address
     }
 
+    #[cfg(test)]
     /// Reservations held now: granted and not yet confirmed released, leftovers of a
     /// previous run included.
-    pub fn held(&self) -> u32 {
+    pub(crate) fn held(&self) -> u32 {
         self.shared.ledger.held()
     }
 
     /// Waits until no job is asking the scheduler. The receive loop calls this so that
     /// it takes no new messages while a job waits for GPUs.
-    pub async fn until_gate_free(&self) {
+    pub(crate) async fn until_gate_free(&self) {
         drop(self.gate.lock().await);
     }
 
@@ -300,7 +301,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     ///
     /// # Errors
     /// See `AllocError`.
-    pub async fn allocate(
+    pub(crate) async fn allocate(
         &self,
         job_id: &str,
         key: &str,
@@ -494,7 +495,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
 
     /// Gives the GPUs back with one attempt and wakes a job waiting for GPUs. A failed
     /// release is logged and retried by the releaser, never fatal.
-    pub async fn release(&self, reservation: Reservation) {
+    pub(crate) async fn release(&self, reservation: Reservation) {
         let granted_unix_ms = reservation.granted_unix_ms;
         let entry = reservation.disarm();
         let started = std::time::Instant::now();
@@ -531,7 +532,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     /// # Errors
     /// `Journal` when it cannot be recorded; `Rejected` when it was granted by another
     /// scheduler, which this daemon cannot release it through.
-    pub async fn adopt(
+    pub(crate) async fn adopt(
         &self,
         job_id: &str,
         key: &str,
@@ -583,7 +584,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     /// Gives the reservation to the job's claim instead of the scheduler: its function may
     /// still be running, and whoever takes the job over releases it after the result. It
     /// leaves the journal and the count of what this daemon holds.
-    pub async fn hand_off(&self, reservation: Reservation) {
+    pub(crate) async fn hand_off(&self, reservation: Reservation) {
         let entry = reservation.disarm();
         info!(scheduler_job = %entry.scheduler_job_id,
             "Grant handed over through the job's claim; the next holder releases it after the result.");
@@ -593,7 +594,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     /// Releases in the background, after asking the job's claim whether it names the
     /// grant (then it is the claim's, not ours): for a job that could not confirm that its
     /// claim no longer names it.
-    pub fn release_in_background(&self, reservation: Reservation) {
+    pub(crate) fn release_in_background(&self, reservation: Reservation) {
         let entry = reservation.disarm();
         let _ = self.work.send(Work::Release {
             entry,

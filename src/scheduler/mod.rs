@@ -9,5 +9,7 @@
 mod reply;
 mod ssgm;
 
-pub use reply::{AllocReply, Grant, ReplyError, parse_alloc_reply};
-pub use ssgm::{CallFiles, GpuScheduler, KILL_GRACE, SchedulerError, Ssgm, SsgmConfig};
+pub use reply::AllocReply;
+pub(crate) use reply::Grant;
+pub(crate) use ssgm::KILL_GRACE;
+pub use ssgm::{CallFiles, GpuScheduler, SchedulerError, Ssgm, SsgmConfig};

@@ -45,15 +45,15 @@ pub struct Grant {
     /// The scheduler's job id (the value of field 1), passed to `-dealloc -j`.
     pub scheduler_job_id: String,
     /// The name of field 1 as the scheduler spelled it, e.g. `SSGM_JOB`.
-    pub job_field_name: String,
+    pub(crate) job_field_name: String,
     /// The rCUDA client settings (fields 2..), in reply order, names kept.
-    pub settings: Vec<(String, String)>,
+    pub(crate) settings: Vec<(String, String)>,
 }
 
 impl Grant {
     /// The devices granted: the values of the `RCUDA_DEVICE_<i>` settings, in order.
     #[must_use]
-    pub fn devices(&self) -> Vec<&str> {
+    pub(crate) fn devices(&self) -> Vec<&str> {
         self.settings
             .iter()
             .filter(|(name, _)| {
@@ -135,7 +135,7 @@ pub enum ReplyError {
 /// # Errors
 ///
 /// Returns a [`ReplyError`] for output that is not one well-formed reply line.
-pub fn parse_alloc_reply(stdout: &str) -> Result<AllocReply, ReplyError> {
+pub(crate) fn parse_alloc_reply(stdout: &str) -> Result<AllocReply, ReplyError> {
     let line = the_one_line(stdout)?;
     let mut fields = line.split(';').map(str::trim).filter(|f| !f.is_empty());
 
@@ -219,7 +219,7 @@ fn is_identifier(name: &str) -> bool {
 /// This is for cleanup only, never a grant: it looks at every line for one
 /// whose first field is `SSGM_ERROR=0` and whose second field has a non-empty
 /// value, and ignores whatever else is wrong.
-pub fn find_granted_job_id(stdout: &str) -> Option<&str> {
+pub(crate) fn find_granted_job_id(stdout: &str) -> Option<&str> {
     stdout.lines().find_map(|line| {
         let mut fields = line.split(';').map(str::trim).filter(|f| !f.is_empty());
         let (name, code) = fields.next()?.split_once('=')?;

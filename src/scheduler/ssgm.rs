@@ -33,7 +33,7 @@ use super::reply::{
 pub(crate) const OUTPUT_CAP: usize = 64 * 1024;
 
 /// How long a timed-out call gets between SIGTERM and SIGKILL.
-pub const KILL_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// How many characters of SSGM's output an error keeps.
 const ERROR_OUTPUT_MAX_CHARS: usize = 300;
@@ -45,8 +45,8 @@ const ORPHAN_POLL: Duration = Duration::from_millis(200);
 /// a reply printed while orchgpu was being killed is found again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallFiles {
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
+    pub(crate) stdout: PathBuf,
+    pub(crate) stderr: PathBuf,
 }
 
 impl CallFiles {
@@ -59,7 +59,7 @@ impl CallFiles {
     }
 
     /// Removes both files; ones already gone are fine.
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         for path in [&self.stdout, &self.stderr] {
             if let Err(e) = std::fs::remove_file(path)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -107,11 +107,11 @@ pub trait GpuScheduler {
 #[derive(Debug, Clone)]
 pub struct SsgmConfig {
     /// The SSGM client executable (a bare name is looked up on `PATH`).
-    pub program: PathBuf,
+    pub(crate) program: PathBuf,
     /// Scheduler host, passed as `-S`.
-    pub host: String,
+    pub(crate) host: String,
     /// Scheduler port, passed as `-P`.
-    pub port: u16,
+    pub(crate) port: u16,
     /// How long one SSGM run may take before it is killed.
     pub call_timeout: Duration,
     /// Where the output of `-dealloc` runs goes (temporary files).
@@ -120,7 +120,7 @@ pub struct SsgmConfig {
 
 impl SsgmConfig {
     /// Default for [`SsgmConfig::call_timeout`].
-    pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+    pub(crate) const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// A configuration with the default timeout and the temp dir as scratch.
     pub fn new(program: impl Into<PathBuf>, host: impl Into<String>, port: u16) -> Self {
@@ -134,7 +134,7 @@ impl SsgmConfig {
     }
 
     /// The longest one call can take: its timeout, then the kill grace.
-    pub fn worst_call(&self) -> Duration {
+    pub(crate) fn worst_call(&self) -> Duration {
         self.call_timeout + KILL_GRACE
     }
 }
@@ -238,7 +238,11 @@ impl Ssgm {
     ///
     /// Dropping the future kills SSGM's process group; whatever it printed
     /// stays in `call`'s files.
-    pub async fn alloc(&self, gpus: u32, call: &CallFiles) -> Result<AllocReply, SchedulerError> {
+    pub(crate) async fn alloc(
+        &self,
+        gpus: u32,
+        call: &CallFiles,
+    ) -> Result<AllocReply, SchedulerError> {
         const ACTION: &str = "-alloc";
         let gpus = gpus.to_string();
         let (stdout, error) = match self.run(ACTION, &[ACTION, "-g", &gpus], call).await? {
@@ -285,7 +289,7 @@ impl Ssgm {
     ///
     /// Dropping the future kills a running attempt; the job may or may not
     /// have been released, and releasing it again is the way to find out.
-    pub async fn dealloc(&self, scheduler_job_id: &str) -> Result<(), SchedulerError> {
+    pub(crate) async fn dealloc(&self, scheduler_job_id: &str) -> Result<(), SchedulerError> {
         const ACTION: &str = "-dealloc";
         let scratch = |what| {
             tempfile::Builder::new()
@@ -313,7 +317,11 @@ impl Ssgm {
 
     /// See [`GpuScheduler::settle_orphan`]. The client is recognised by the file its
     /// stdout is open on, which no other process has open: a reused pid cannot fool it.
-    pub async fn settle_orphan(&self, call: &CallFiles, started: SystemTime) -> Option<String> {
+    pub(crate) async fn settle_orphan(
+        &self,
+        call: &CallFiles,
+        started: SystemTime,
+    ) -> Option<String> {
         let clients = processes_writing_to(&call.stdout);
         if !clients.is_empty() {
             let deadline = started + self.config.call_timeout;

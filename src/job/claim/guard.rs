@@ -151,7 +151,7 @@ impl Held {
 
 /// A claim this process holds. End it with `end`; if it is dropped instead, it is ended
 /// in the background.
-pub struct ClaimGuard {
+pub(crate) struct ClaimGuard {
     held: Arc<Held>,
     /// The record as claimed: what a former holder left to take care of.
     carried: JobRecord,
@@ -160,7 +160,7 @@ pub struct ClaimGuard {
 
 /// Lets the job change its claim's record while `ClaimGuard::keep_while` renews it.
 #[derive(Clone)]
-pub struct ClaimHandle {
+pub(crate) struct ClaimHandle {
     held: Arc<Held>,
 }
 
@@ -169,7 +169,7 @@ impl ClaimHandle {
     ///
     /// # Errors
     /// `ClaimError` when the write is not confirmed (`Lost` when another daemon has it).
-    pub async fn record_grant(&self, grant: RecordedGrant) -> Result<(), ClaimError> {
+    pub(crate) async fn record_grant(&self, grant: RecordedGrant) -> Result<(), ClaimError> {
         self.held.update(|r| r.grant = Some(grant)).await
     }
 
@@ -177,12 +177,15 @@ impl ClaimHandle {
     ///
     /// # Errors
     /// As `record_grant`.
-    pub async fn record_function(&self, function: FunctionStarted) -> Result<(), ClaimError> {
+    pub(crate) async fn record_function(
+        &self,
+        function: FunctionStarted,
+    ) -> Result<(), ClaimError> {
         self.held.update(|r| r.function = Some(function)).await
     }
 
     /// Whether the record says (confirmed) that the function may be running.
-    pub async fn function_recorded(&self) -> bool {
+    pub(crate) async fn function_recorded(&self) -> bool {
         self.held.state.lock().await.record.function.is_some()
     }
 
@@ -191,7 +194,7 @@ impl ClaimHandle {
     ///
     /// # Errors
     /// As `record_grant`; then the record may still name the grant.
-    pub async fn end_done(&self) -> Result<(), ClaimError> {
+    pub(crate) async fn end_done(&self) -> Result<(), ClaimError> {
         self.held.finish(true).await
     }
 
@@ -200,7 +203,7 @@ impl ClaimHandle {
     ///
     /// # Errors
     /// As `record_grant`; then the record may still name the grant.
-    pub async fn clear_gpus(&self) -> Result<(), ClaimError> {
+    pub(crate) async fn clear_gpus(&self) -> Result<(), ClaimError> {
         self.held
             .update(|r| {
                 r.grant = None;
@@ -238,18 +241,19 @@ impl ClaimGuard {
     }
 
     /// The claim object's key.
-    pub fn key(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn key(&self) -> &str {
         &self.held.key
     }
 
     /// What the record held when this process claimed it: a former holder's grant and
     /// function, which are now ours to finish.
-    pub fn carried(&self) -> &JobRecord {
+    pub(crate) fn carried(&self) -> &JobRecord {
         &self.carried
     }
 
     /// A handle to change the record while the work runs.
-    pub fn handle(&self) -> ClaimHandle {
+    pub(crate) fn handle(&self) -> ClaimHandle {
         ClaimHandle {
             held: self.held.clone(),
         }
@@ -263,7 +267,7 @@ impl ClaimGuard {
     /// and whether the claim was lost.
     ///
     /// Cancel safety: dropping the future drops `work`; the claim stays held.
-    pub async fn keep_while<T>(
+    pub(crate) async fn keep_while<T>(
         &self,
         lost: &CancellationToken,
         work: impl Future<Output = T>,
@@ -320,7 +324,7 @@ impl ClaimGuard {
 
     /// Ends the claim (see `Held::end`): deleted when its record holds nothing, else
     /// marked released with the record kept for the next holder.
-    pub async fn end(mut self) {
+    pub(crate) async fn end(mut self) {
         self.ended = true;
         self.held.end().await;
     }

@@ -9,7 +9,7 @@ use super::{BoxError, BoxFuture, ClaimError, Stored};
 
 /// The outcome of a conditional write.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Put {
+pub(crate) enum Put {
     /// Written; the object's new ETag.
     Written(String),
     /// The condition did not hold (412 `PreconditionFailed`, 409
@@ -19,7 +19,7 @@ pub enum Put {
 
 /// Where claims are kept: four operations on one key each. `S3Store` is the real one;
 /// tests use an in-memory store.
-pub trait ClaimStore: Send + Sync {
+pub(crate) trait ClaimStore: Send + Sync {
     /// Writes `body` at `key` only if no object is there (`If-None-Match: *`).
     fn create<'a>(&'a self, key: &'a str, body: Vec<u8>) -> BoxFuture<'a, Result<Put, ClaimError>>;
     /// Writes `body` at `key` only if the object there has ETag `etag` (`If-Match`).
@@ -35,13 +35,13 @@ pub trait ClaimStore: Send + Sync {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), ClaimError>>;
 }
 /// Claims as objects of one S3 bucket.
-pub struct S3Store {
+pub(crate) struct S3Store {
     s3: aws_sdk_s3::Client,
     bucket: String,
 }
 
 impl S3Store {
-    pub fn new(s3: aws_sdk_s3::Client, bucket: String) -> S3Store {
+    pub(crate) fn new(s3: aws_sdk_s3::Client, bucket: String) -> S3Store {
         S3Store { s3, bucket }
     }
 

@@ -36,7 +36,7 @@ pub(crate) struct ViewCache<V> {
 }
 
 impl<V: Clone> ViewCache<V> {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize) -> Self {
         ViewCache {
             slots: Mutex::new(HashMap::new()),
             capacity,
@@ -48,7 +48,7 @@ impl<V: Clone> ViewCache<V> {
     ///
     /// Cancel safety: cancelling drops this caller's wait only; a refresh cancelled
     /// midway stores nothing.
-    pub(crate) async fn get<F, Fut>(&self, key: &str, refresh: F) -> V
+    pub(super) async fn get<F, Fut>(&self, key: &str, refresh: F) -> V
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = (V, Fresh)>,

@@ -18,4 +18,4 @@ mod names;
 mod routes;
 mod status;
 
-pub use routes::{WEB_TEXT_MAX, WebSettings, router};
+pub(crate) use routes::{WEB_TEXT_MAX, WebSettings, router};

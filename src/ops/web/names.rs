@@ -153,9 +153,9 @@ pub(crate) fn output_kind(suffix: &str) -> (OutputKind, &'static str) {
 /// One detection of a function's `<id>.txt`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub(crate) struct Detection {
-    pub label: String,
+    pub(crate) label: String,
     /// The confidence in percent, as darknet printed it.
-    pub percent: u32,
+    pub(crate) percent: u32,
 }
 
 /// darknet's `label: NN%` lines from `scar/yolo/detect.sh`'s text file; comment lines (`#`)

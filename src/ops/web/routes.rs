@@ -89,7 +89,7 @@ const DETECTIONS_MAX: usize = 64 * 1024;
 /// Most files of one job listed on the page.
 const OUTPUTS_MAX: i32 = 50;
 /// Longest title and hint a deployment may set (`--web-title`, `--web-hint`).
-pub const WEB_TEXT_MAX: usize = 300;
+pub(crate) const WEB_TEXT_MAX: usize = 300;
 /// Largest body of a token request.
 const SESSION_MAX: usize = 1024;
 /// The longest an upload may take from its first byte to its last, however steadily it
@@ -103,29 +103,29 @@ const HISTORY_FRESH: Duration = Duration::from_secs(1);
 const CACHED_JOBS: usize = 1024;
 
 /// What the page needs from the daemon's configuration and clients.
-pub struct WebSettings {
-    pub s3: aws_sdk_s3::Client,
+pub(crate) struct WebSettings {
+    pub(crate) s3: aws_sdk_s3::Client,
     /// Where uploads go; `None`: the page shows jobs only.
-    pub upload_to: Option<BucketDir>,
-    pub upload_max_bytes: u64,
+    pub(crate) upload_to: Option<BucketDir>,
+    pub(crate) upload_max_bytes: u64,
     /// Uploads taken at once.
-    pub upload_max_concurrent: usize,
+    pub(crate) upload_max_concurrent: usize,
     /// Bytes of the work dir that uploads in progress may hold together.
-    pub upload_disk_budget: u64,
+    pub(crate) upload_disk_budget: u64,
     /// The token the API asks for, if any.
-    pub token: Option<String>,
-    pub output: BucketDir,
-    pub result_suffix: String,
+    pub(crate) token: Option<String>,
+    pub(crate) output: BucketDir,
+    pub(crate) result_suffix: String,
     /// The claims to look at for jobs other daemons run.
-    pub claims: Option<Claims>,
+    pub(crate) claims: Option<Claims>,
     /// Where the job history is.
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// Where an upload waits on disk before it goes to S3.
-    pub work_dir: PathBuf,
+    pub(crate) work_dir: PathBuf,
     /// The page's title: which use case this deployment serves (`--web-title`).
-    pub title: Option<String>,
+    pub(crate) title: Option<String>,
     /// A line under the title saying what to upload (`--web-hint`).
-    pub hint: Option<String>,
+    pub(crate) hint: Option<String>,
 }
 
 struct WebState {
@@ -151,7 +151,7 @@ enum Access {
 ///
 /// # Errors
 /// The operating system's random source failed (for the per-start key).
-pub fn router(settings: WebSettings) -> Result<Router, getrandom::Error> {
+pub(crate) fn router(settings: WebSettings) -> Result<Router, getrandom::Error> {
     let web: Web = Arc::new(WebState {
         keys: Keys::random()?,
         uploads: Arc::new(Semaphore::new(settings.upload_max_concurrent)),

@@ -13,43 +13,43 @@ use super::names::{Detection, OutputKind};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct OutputFile {
     /// What follows the job id, e.g. `.png`; checked by `names::is_output_suffix`.
-    pub suffix: String,
-    pub kind: OutputKind,
-    pub bytes: u64,
+    pub(crate) suffix: String,
+    pub(crate) kind: OutputKind,
+    pub(crate) bytes: u64,
 }
 
 /// What the page shows of one job.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct JobView {
-    pub job_id: String,
+    pub(crate) job_id: String,
     /// The input's key, when the history knows it (operators only).
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
     /// `queued`, `received`, `waiting_for_gpus`, `running`, `running_elsewhere`, `done`,
     /// `failed`, `retrying` or `dropped`.
-    pub state: &'static str,
+    pub(crate) state: &'static str,
     /// The state in words, for anyone: no bucket, key, owner or scheduler output.
-    pub summary: String,
+    pub(crate) summary: String,
     /// Why it failed, was returned or dropped, as the daemon recorded it (operators only).
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// The scheduler's job id while (or since) it ran on GPUs (operators only).
-    pub scheduler_job: Option<String>,
+    pub(crate) scheduler_job: Option<String>,
     /// The claim owner of a job running on another daemon (operators only).
-    pub owner: Option<String>,
+    pub(crate) owner: Option<String>,
     /// Seconds in the current state: running, since the GPUs were granted; done, from the
     /// pick-up of the attempt that succeeded to its end, both from the history, and only
     /// once the history has recorded the end.
-    pub seconds: Option<f64>,
-    pub attempts: u32,
+    pub(crate) seconds: Option<f64>,
+    pub(crate) attempts: u32,
     /// Whether the result is in the output bucket.
-    pub result: bool,
+    pub(crate) result: bool,
     /// The function's detections, when it wrote a detections file beside the result.
-    pub detections: Option<Vec<Detection>>,
+    pub(crate) detections: Option<Vec<Detection>>,
     /// Every file the function wrote for the job (the result included), once the result
     /// is there; empty when they could not be listed.
-    pub outputs: Vec<OutputFile>,
+    pub(crate) outputs: Vec<OutputFile>,
     /// Whether nothing shown can change any more: the page stops asking then.
     #[serde(rename = "final")]
-    pub is_final: bool,
+    pub(crate) is_final: bool,
 }
 
 impl JobView {
@@ -69,10 +69,10 @@ impl JobView {
 /// What S3 says about a job.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct S3View {
-    pub result: bool,
-    pub claim: Option<ClaimSeen>,
-    pub detections: Option<Vec<Detection>>,
-    pub outputs: Vec<OutputFile>,
+    pub(crate) result: bool,
+    pub(crate) claim: Option<ClaimSeen>,
+    pub(crate) detections: Option<Vec<Detection>>,
+    pub(crate) outputs: Vec<OutputFile>,
 }
 
 /// Whether the history's word on a job is one that S3 need not be asked about: this

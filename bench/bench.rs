@@ -11,22 +11,21 @@
 //! Every load loop is bounded in count and in time.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{
-    Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
-    QueueConfiguration, S3KeyFilter,
-};
-use aws_sdk_sqs::types::QueueAttributeName;
 use orchgpu::aws::{AwsClients, AwsOptions, build_clients};
 use orchgpu::event::{Notification, parse_notification};
+use orchgpu_testkit::{
+    Bins, JsonLog, Kit, MockSsgm, Stack, create_queue, job_id, message, notify, queue_arn,
+    timestamp_us,
+};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
@@ -34,8 +33,7 @@ use tokio::io::AsyncWriteExt;
 const TICKS_PER_SEC: f64 = 100.0;
 
 struct Opts {
-    endpoint: String,
-    bin_dir: PathBuf,
+    kit: Kit,
     repo: PathBuf,
     quick: bool,
     only: Option<Vec<String>>,
@@ -47,9 +45,6 @@ impl Opts {
         self.only
             .as_ref()
             .is_none_or(|names| names.iter().any(|n| n == name))
-    }
-    fn bin(&self, name: &str) -> PathBuf {
-        self.bin_dir.join(name)
     }
 }
 
@@ -177,9 +172,13 @@ fn parse_opts() -> Result<Opts> {
         }
     }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = bin_dir.unwrap_or_else(|| repo.join("target/release"));
     Ok(Opts {
-        endpoint: endpoint.ok_or_else(|| anyhow!("--endpoint or ORCHGPU_BENCH_ENDPOINT"))?,
-        bin_dir: bin_dir.unwrap_or_else(|| repo.join("target/release")),
+        kit: Kit {
+            endpoint: endpoint.ok_or_else(|| anyhow!("--endpoint or ORCHGPU_BENCH_ENDPOINT"))?,
+            bins: Bins::in_dir(&bin_dir),
+            repo: repo.clone(),
+        },
         repo,
         quick,
         only,
@@ -194,7 +193,7 @@ async fn main() -> Result<()> {
     let opts = parse_opts()?;
     let sizes = Sizes::new(opts.quick);
     let aws = build_clients(&AwsOptions {
-        endpoint_url: Some(opts.endpoint.clone()),
+        endpoint_url: Some(opts.kit.endpoint.clone()),
         region: Some("us-east-1".into()),
     })
     .await;
@@ -237,312 +236,128 @@ type Scenario = for<'a> fn(
     -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
 
 // ---------------------------------------------------------------------------------------
-// Infrastructure: stacks, processes, logs.
+// Infrastructure: the test kit's stacks and processes, with the bench's settings.
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-struct Stack {
-    input: String,
-    work: String,
-    out: String,
-    jobs: String,
-    fn_queue: String,
-    fn_url: String,
-    results: String,
+/// A stack of the test kit for one scenario, with a results queue (its name is returned);
+/// its processes' logs are not printed when it is dropped.
+async fn create_stack(opts: &Opts, tag: &str) -> Result<(Stack, String)> {
+    let mut stack = Stack::create(&opts.kit, tag, None).await?;
+    stack.set_print_logs(false);
+    let (results, _) = stack.add_results_queue().await?;
+    Ok((stack, results))
 }
 
-async fn create_stack(aws: &AwsClients, tag: &str) -> Result<Stack> {
-    let unique = format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let stack = Stack {
-        input: format!("bin-{unique}"),
-        work: format!("bwork-{unique}"),
-        out: format!("bout-{unique}"),
-        jobs: format!("bjobs-{unique}"),
-        fn_queue: format!("bfn-{unique}"),
-        fn_url: String::new(),
-        results: format!("bres-{unique}"),
-    };
-    for bucket in [&stack.input, &stack.work, &stack.out] {
-        aws.s3
-            .create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .with_context(|| format!("create bucket {bucket}"))?;
-    }
-    let jobs_url = create_queue(aws, &stack.jobs).await?;
-    let fn_url = create_queue(aws, &stack.fn_queue).await?;
-    let results_url = create_queue(aws, &stack.results).await?;
-    notify(aws, &stack.input, &jobs_url, None).await?;
-    notify(
-        aws,
-        &stack.work,
-        &fn_url,
-        Some(("bundles/".into(), ".tar.gz".into())),
-    )
-    .await?;
-    notify(
-        aws,
-        &stack.out,
-        &results_url,
-        Some(("results/".into(), ".png".into())),
-    )
-    .await?;
-    Ok(Stack { fn_url, ..stack })
+/// The mock SSGM server with `gpus` GPUs.
+fn start_ssgm(opts: &Opts, gpus: u32) -> Result<MockSsgm> {
+    MockSsgm::spawn(&opts.kit.bins.mock_ssgm, gpus)
 }
 
-async fn create_queue(aws: &AwsClients, name: &str) -> Result<String> {
-    aws.sqs
-        .create_queue()
-        .queue_name(name)
-        .send()
-        .await
-        .with_context(|| format!("create queue {name}"))?
-        .queue_url
-        .ok_or_else(|| anyhow!("no url for {name}"))
-}
-
-async fn queue_arn(aws: &AwsClients, url: &str) -> Result<String> {
-    aws.sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await?
-        .attributes
-        .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
-        .ok_or_else(|| anyhow!("no arn for {url}"))
-}
-
-async fn notify(
-    aws: &AwsClients,
-    bucket: &str,
-    queue_url: &str,
-    prefix_suffix: Option<(String, String)>,
-) -> Result<()> {
-    let mut queue = QueueConfiguration::builder()
-        .queue_arn(queue_arn(aws, queue_url).await?)
-        .events(Event::from("s3:ObjectCreated:*"));
-    if let Some((prefix, suffix)) = prefix_suffix {
-        queue = queue.filter(
-            NotificationConfigurationFilter::builder()
-                .key(
-                    S3KeyFilter::builder()
-                        .filter_rules(
-                            FilterRule::builder()
-                                .name(FilterRuleName::Prefix)
-                                .value(prefix)
-                                .build(),
-                        )
-                        .filter_rules(
-                            FilterRule::builder()
-                                .name(FilterRuleName::Suffix)
-                                .value(suffix)
-                                .build(),
-                        )
-                        .build(),
-                )
-                .build(),
-        );
-    }
-    aws.s3
-        .put_bucket_notification_configuration()
-        .bucket(bucket)
-        .notification_configuration(
-            NotificationConfiguration::builder()
-                .queue_configurations(queue.build()?)
-                .build(),
-        )
-        .send()
-        .await
-        .with_context(|| format!("notification on {bucket}"))?;
-    Ok(())
-}
-
-/// A child process killed when dropped.
-struct Proc {
-    child: Option<Child>,
-    name: String,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-    /// SIGTERM, then waits up to `timeout`, then SIGKILL.
-    async fn stop(&mut self, timeout: Duration) -> Result<()> {
-        let Some(child) = self.child.as_mut() else {
-            return Ok(());
-        };
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if child.try_wait()?.is_some() {
-                self.child = None;
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                self.child = None;
-                bail!("{} did not stop within {timeout:?}; killed", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn spawn(opts: &Opts, name: &str, mut command: Command, log: &Path) -> Result<Proc> {
-    let file = std::fs::File::create(log)?;
-    command
-        .env("ORCHGPU_ENDPOINT_URL", &opts.endpoint)
-        .env("AWS_REGION", "us-east-1")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
-    let child = command
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
-    Ok(Proc {
-        child: Some(child),
-        name: name.to_string(),
-    })
-}
-
-struct Ssgm {
-    port: u16,
-    _proc: Proc,
-    bin: PathBuf,
-}
-
-impl Ssgm {
-    fn start(opts: &Opts, gpus: u32) -> Result<Ssgm> {
-        let mut child = Command::new(opts.bin("mock-ssgm"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--gpus",
-                &gpus.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start mock-ssgm")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| anyhow!("unexpected first line from mock-ssgm: {line:?}"))?;
-        Ok(Ssgm {
-            port,
-            _proc: Proc {
-                child: Some(child),
-                name: "mock-ssgm".into(),
-            },
-            bin: opts.bin("mock-ssgm"),
-        })
-    }
-    fn stats(&self) -> Result<Value> {
-        let output = Command::new(&self.bin)
-            .args(["-S", "127.0.0.1", "-P", &self.port.to_string(), "-stats"])
-            .output()?;
-        Ok(serde_json::from_slice(&output.stdout)?)
-    }
-    fn calls(&self) -> Result<(u64, u64, u64)> {
-        let s = self.stats()?;
-        let n = |k: &str| s[k].as_u64().unwrap_or(0);
-        Ok((n("alloc_calls"), n("busy"), n("dealloc_calls")))
-    }
-}
-
-/// The daemon as a process, with its JSON log and stats file.
+/// The daemon as a process of its stack, with its JSON log and stats file.
 struct Daemon {
-    proc: Proc,
-    log: LogTail,
+    index: usize,
+    pid: u32,
+    log: JsonLog,
     stats_file: PathBuf,
 }
 
-fn start_daemon(
-    opts: &Opts,
-    stack: &Stack,
-    ssgm: &Ssgm,
-    tag: &str,
-    extra: &[&str],
-) -> Result<Daemon> {
-    let log = opts.work.path().join(format!("{tag}.daemon.log"));
-    let stats_file = opts.work.path().join(format!("{tag}.stats.json"));
-    let mut command = Command::new(opts.bin("orchgpu"));
-    command
-        .args(["-q", &stack.jobs, "-S", "127.0.0.1", "-P"])
-        .arg(ssgm.port.to_string())
-        .arg("-m")
-        .arg(&ssgm.bin)
-        .args(["-i", &format!("{}/bundles", stack.work)])
-        .args(["-o", &format!("{}/results", stack.out)])
-        .args(["-w", "20", "-u", "0", "--log-format", "json"])
-        .arg("--stats-file")
-        .arg(&stats_file)
-        .args(extra)
-        // Extra flags for every daemon of the run, to compare configurations side by
-        // side (e.g. `--no-history` against `--http-listen 127.0.0.1:0`).
-        .args(
-            std::env::var("ORCHGPU_BENCH_DAEMON_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
-        .env(
-            "ORCHGPU_LOG",
-            "info,orchgpu::daemon=debug,orchgpu::job=debug,aws_config=warn,aws_smithy_runtime=warn",
-        );
-    let proc = spawn(opts, "orchgpu", command, &log)?;
+fn start_daemon(stack: &mut Stack, ssgm: &MockSsgm, tag: &str, extra: &[&str]) -> Result<Daemon> {
+    let stats_file = stack.logs.path().join(format!("{tag}.stats.json"));
+    let mut args = stack.base_daemon_args(ssgm);
+    args.extend(
+        [
+            "-w",
+            "20",
+            "-u",
+            "0",
+            "--log-format",
+            "json",
+            "--stats-file",
+        ]
+        .map(String::from),
+    );
+    args.push(stats_file.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    // Extra flags for every daemon of the run, to compare configurations side by side
+    // (e.g. `--no-history` against `--http-listen 127.0.0.1:0`).
+    args.extend(
+        std::env::var("ORCHGPU_BENCH_DAEMON_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from),
+    );
+    let mut command = stack.daemon_command(&args);
+    command.env(
+        "ORCHGPU_LOG",
+        "info,orchgpu::daemon=debug,orchgpu::job=debug,aws_config=warn,aws_smithy_runtime=warn",
+    );
+    let name = format!("{tag}.daemon");
+    let index = stack.spawn(&name, command)?;
+    let pid = stack
+        .process(index)
+        .pid()
+        .ok_or_else(|| anyhow!("the daemon has no pid"))?;
     Ok(Daemon {
-        proc,
-        log: LogTail::new(log),
+        index,
+        pid,
+        log: JsonLog::new(stack.log_path(&name)),
         stats_file,
     })
+}
+
+fn is_deletion(line: &Value) -> bool {
+    message(line) == "Message deleted."
+}
+
+fn is_upload(line: &Value) -> bool {
+    message(line) == "Stage finished." && line["fields"]["stage"] == "upload"
 }
 
 impl Daemon {
     /// Waits until the daemon has dropped the queue's s3:TestEvent: it is then receiving.
     async fn ready(&mut self) -> Result<()> {
+        self.wait_deleted(1, Duration::from_secs(60))
+            .await
+            .context("daemon never dropped the test event")
+    }
+    /// Waits until `count` messages have been deleted in all.
+    async fn wait_deleted(&mut self, count: usize, timeout: Duration) -> Result<()> {
+        self.log.wait_count(is_deletion, count, timeout).await
+    }
+    /// Waits until `count` bundles have been uploaded in all.
+    async fn wait_uploaded(&mut self, count: usize, timeout: Duration) -> Result<()> {
+        self.log.wait_count(is_upload, count, timeout).await
+    }
+    /// When each message was deleted (µs since the epoch), in log order.
+    fn deletions(&self) -> impl Iterator<Item = i64> + '_ {
+        self.log
+            .lines
+            .iter()
+            .filter(|l| is_deletion(l))
+            .filter_map(timestamp_us)
+    }
+    /// The first deletion after `after` (µs since the epoch), waited for.
+    async fn next_deletion(&mut self, after: i64, timeout: Duration) -> Result<i64> {
         self.log
             .wait_count(
-                |l| message(l) == "Message deleted.",
+                |l| is_deletion(l) && timestamp_us(l).unwrap_or(0) > after,
                 1,
-                Duration::from_secs(60),
+                timeout,
             )
-            .await
-            .context("daemon never dropped the test event")?;
-        Ok(())
+            .await?;
+        self.deletions()
+            .find(|t| *t > after)
+            .ok_or_else(|| anyhow!("no deletion after {after}"))
     }
     fn cpu_ticks(&self) -> Result<u64> {
-        cpu_ticks(self.proc.pid())
+        cpu_ticks(self.pid)
     }
     /// Stops it and returns its request counts by operation.
-    async fn stop(&mut self, timeout: Duration) -> Result<BTreeMap<String, u64>> {
-        self.proc.stop(timeout).await?;
+    async fn stop(
+        &mut self,
+        stack: &mut Stack,
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, u64>> {
+        stack.process(self.index).stop(timeout).await?;
         let text = std::fs::read_to_string(&self.stats_file)
             .with_context(|| format!("no stats file {}", self.stats_file.display()))?;
         let value: Value = serde_json::from_str(&text)?;
@@ -556,35 +371,36 @@ impl Daemon {
     }
 }
 
+/// The function stand-in running `bench/<script>`, 8 invocations at once.
+fn start_function(opts: &Opts, stack: &mut Stack, script: &str) -> Result<usize> {
+    let mut command = stack.function_command(
+        &opts.repo.join("bench").join(script),
+        &["--wait-time", "20", "--concurrency", "8"],
+    );
+    command.env("ORCHGPU_LOG", "warn");
+    stack.spawn("function", command)
+}
+
 /// With `ORCHGPU_BENCH_PERF=DIR`, records a CPU profile of `pid` into `DIR/<tag>.data`
-/// until the returned process is stopped (SIGINT makes perf write its file).
-fn start_perf(pid: u32, tag: &str) -> Result<Option<Proc>> {
+/// until [`stop_perf`] (SIGINT makes perf write its file).
+fn start_perf(stack: &mut Stack, pid: u32, tag: &str) -> Result<Option<usize>> {
     let Ok(dir) = std::env::var("ORCHGPU_BENCH_PERF") else {
         return Ok(None);
     };
-    let child = Command::new("perf")
+    let mut command = Command::new("perf");
+    command
         .args(["record", "-F", "2999", "-g", "-p", &pid.to_string(), "-o"])
-        .arg(Path::new(&dir).join(format!("{tag}.data")))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start perf")?;
-    Ok(Some(Proc {
-        child: Some(child),
-        name: "perf".into(),
-    }))
+        .arg(Path::new(&dir).join(format!("{tag}.data")));
+    Ok(Some(stack.spawn("perf", command)?))
 }
 
-async fn stop_perf(perf: Option<Proc>) {
-    if let Some(mut perf) = perf {
-        if let Some(child) = &perf.child {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGINT,
-            );
+async fn stop_perf(stack: &mut Stack, perf: Option<usize>) {
+    if let Some(index) = perf {
+        let perf = stack.process(index);
+        let _ = perf.signal(nix::sys::signal::Signal::SIGINT);
+        if perf.wait_exit(Duration::from_secs(30)).await.is_err() {
+            perf.kill();
         }
-        let _ = perf.stop(Duration::from_secs(30)).await;
     }
 }
 
@@ -608,105 +424,6 @@ fn memory_kib(pid: u32) -> Result<(u64, u64)> {
             .unwrap_or(0)
     };
     Ok((field("VmHWM:"), field("VmRSS:")))
-}
-
-/// Reads a JSON-lines log incrementally.
-struct LogTail {
-    path: PathBuf,
-    offset: u64,
-    partial: String,
-    lines: Vec<Value>,
-}
-
-impl LogTail {
-    fn new(path: PathBuf) -> LogTail {
-        LogTail {
-            path,
-            offset: 0,
-            partial: String::new(),
-            lines: Vec::new(),
-        }
-    }
-    fn poll(&mut self) -> Result<()> {
-        let Ok(mut file) = std::fs::File::open(&self.path) else {
-            return Ok(());
-        };
-        file.seek(SeekFrom::Start(self.offset))?;
-        let mut text = String::new();
-        let read = file.read_to_string(&mut text)?;
-        self.offset += read as u64;
-        self.partial.push_str(&text);
-        while let Some(end) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=end).collect();
-            if let Ok(value) = serde_json::from_str::<Value>(line.trim()) {
-                self.lines.push(value);
-            }
-        }
-        Ok(())
-    }
-    fn count(&mut self, pred: impl Fn(&Value) -> bool) -> Result<usize> {
-        self.poll()?;
-        Ok(self.lines.iter().filter(|l| pred(l)).count())
-    }
-    async fn wait_count(
-        &mut self,
-        pred: impl Fn(&Value) -> bool,
-        count: usize,
-        timeout: Duration,
-    ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let n = self.count(&pred)?;
-            if n >= count {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "timed out after {timeout:?} with {n} of {count} log lines ({})",
-                    self.path.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn message(line: &Value) -> &str {
-    line["fields"]["message"].as_str().unwrap_or("")
-}
-
-fn job_id(line: &Value) -> Option<String> {
-    line["spans"].as_array()?.iter().find_map(|span| {
-        span.get("job_id")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    })
-}
-
-/// Microseconds since the epoch of a log line's RFC 3339 UTC timestamp.
-fn timestamp_us(line: &Value) -> Option<i64> {
-    parse_rfc3339_us(line["timestamp"].as_str()?)
-}
-
-fn parse_rfc3339_us(text: &str) -> Option<i64> {
-    // 2026-11-27T08:33:09.123456Z
-    let (date, time) = text.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>());
-    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
-    let micros: i64 = frac.parse().ok()?;
-    // Days from civil (H. Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + micros)
 }
 
 fn now_us() -> i64 {
@@ -750,23 +467,6 @@ fn ms(us: f64) -> String {
 
 fn ratio(value: f64, floor: f64) -> String {
     format!("{:.2}×", value / floor)
-}
-
-fn start_function(opts: &Opts, stack: &Stack, script: &str, tag: &str) -> Result<Proc> {
-    let mut command = Command::new(opts.bin("orchgpu-function"));
-    command
-        .args(["--queue", &stack.fn_queue])
-        .args(["--output", &format!("{}/results", stack.out)])
-        .arg("--script")
-        .arg(opts.repo.join("bench").join(script))
-        .args(["--wait-time", "20", "--concurrency", "8"])
-        .env("ORCHGPU_LOG", "warn");
-    spawn(
-        opts,
-        "orchgpu-function",
-        command,
-        &opts.work.path().join(format!("{tag}.function.log")),
-    )
 }
 
 /// Deterministic incompressible bytes (xorshift), so gzip does real work.
@@ -849,29 +549,29 @@ fn overhead<'a>(
     report: &'a mut Report,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
     Box::pin(async move {
-        let ssgm = Ssgm::start(opts, 8)?;
-        let stack = create_stack(aws, "ovh").await?;
+        let ssgm = start_ssgm(opts, 8)?;
+        let (mut stack, results) = create_stack(opts, "ovh").await?;
         let floor_bucket = format!("bfloor-{}", std::process::id());
         aws.s3.create_bucket().bucket(&floor_bucket).send().await?;
         // The floor's PUT goes to a bucket that notifies a queue, as the intermediate
         // bucket does: the same PUT, since on the emulator a notifying PUT costs more.
         let floor_out = format!("bfloorout-{}", std::process::id());
         aws.s3.create_bucket().bucket(&floor_out).send().await?;
-        let floor_events = create_queue(aws, &format!("bfloorq-{}", std::process::id())).await?;
+        let floor_events =
+            create_queue(&aws.sqs, &format!("bfloorq-{}", std::process::id()), None).await?;
         notify(
-            aws,
+            &aws.s3,
             &floor_out,
-            &floor_events,
+            &queue_arn(&aws.sqs, &floor_events).await?,
             Some(("bundles/".into(), ".tar.gz".into())),
         )
         .await?;
-        let _function = start_function(opts, &stack, "instant.sh", "overhead")?;
+        let _function = start_function(opts, &mut stack, "instant.sh")?;
         let mut daemon = start_daemon(
-            opts,
-            &stack,
+            &mut stack,
             &ssgm,
             "overhead",
-            &["--max-jobs", "1", "--results-queue", &stack.results],
+            &["--max-jobs", "1", "--results-queue", &results],
         )?;
         daemon.ready().await?;
         let mut done = 1; // the test event's deletion
@@ -892,16 +592,9 @@ fn overhead<'a>(
                 put_bytes(aws, &floor_bucket, &key, body.clone()).await?;
                 let steps = floor_job(opts, aws, &ssgm, &floor_bucket, &key, &floor_out).await?;
                 // orchgpu: the same bytes through the whole pipeline.
-                put_bytes(aws, &stack.input, &key, body).await?;
+                put_bytes(aws, &stack.input_bucket, &key, body).await?;
                 done += 1;
-                daemon
-                    .log
-                    .wait_count(
-                        |l| message(l) == "Message deleted.",
-                        done,
-                        Duration::from_secs(120),
-                    )
-                    .await?;
+                daemon.wait_deleted(done, Duration::from_secs(120)).await?;
                 if i == 0 {
                     continue;
                 }
@@ -984,7 +677,7 @@ fn overhead<'a>(
                 cpu_ticks as f64 * 1000.0 / TICKS_PER_SEC / (count + 1) as f64
             ));
         }
-        daemon.stop(Duration::from_secs(30)).await?;
+        daemon.stop(&mut stack, Duration::from_secs(30)).await?;
         Ok(())
     })
 }
@@ -994,7 +687,7 @@ fn overhead<'a>(
 async fn floor_job(
     opts: &Opts,
     aws: &AwsClients,
-    ssgm: &Ssgm,
+    ssgm: &MockSsgm,
     bucket: &str,
     key: &str,
     out_bucket: &str,
@@ -1038,7 +731,7 @@ async fn floor_job(
 
     let t = Instant::now();
     let port = ssgm.port.to_string();
-    let reply = tokio::process::Command::new(&ssgm.bin)
+    let reply = tokio::process::Command::new(ssgm.bin())
         .args(["-S", "127.0.0.1", "-P", &port, "-alloc", "-g", "1"])
         .output()
         .await?;
@@ -1050,7 +743,7 @@ async fn floor_job(
         .and_then(|f| f.split_once('='))
         .map(|(_, v)| v.trim().to_string())
     {
-        tokio::process::Command::new(&ssgm.bin)
+        tokio::process::Command::new(ssgm.bin())
             .args(["-S", "127.0.0.1", "-P", &port, "-dealloc", "-j", &job])
             .output()
             .await?;
@@ -1068,20 +761,21 @@ fn detection<'a>(
     report: &'a mut Report,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
     Box::pin(async move {
-        let ssgm = Ssgm::start(opts, 8)?;
+        let ssgm = start_ssgm(opts, 8)?;
         let mut heads = Vec::new();
         for events in [true, false] {
-            let stack = create_stack(aws, if events { "dete" } else { "detp" }).await?;
+            let (mut stack, results) =
+                create_stack(opts, if events { "dete" } else { "detp" }).await?;
             let mut extra = vec!["--max-jobs", "1"];
             if events {
-                extra.extend(["--results-queue", stack.results.as_str()]);
+                extra.extend(["--results-queue", results.as_str()]);
             }
             let tag = if events {
                 "detect-events"
             } else {
                 "detect-poll"
             };
-            let mut daemon = start_daemon(opts, &stack, &ssgm, tag, &extra)?;
+            let mut daemon = start_daemon(&mut stack, &ssgm, tag, &extra)?;
             daemon.ready().await?;
             let mut latencies = Vec::new();
             let mut to_event = Vec::new();
@@ -1090,35 +784,19 @@ fn detection<'a>(
             for i in 0..sizes.detection {
                 put_bytes(
                     aws,
-                    &stack.input,
+                    &stack.input_bucket,
                     &format!("d{i}.jpg"),
                     pseudo_random(10_000, i as u64),
                 )
                 .await?;
-                let id = next_bundle_id(aws, &stack.fn_url).await?;
+                let id = next_bundle_id(aws, &stack.function_url).await?;
                 tokio::time::sleep(Duration::from_millis(delays_ms[i % delays_ms.len()])).await;
                 let result_key = format!("results/{id}.png");
-                put_bytes(aws, &stack.out, &result_key, b"result".to_vec()).await?;
+                put_bytes(aws, &stack.output_bucket, &result_key, b"result".to_vec()).await?;
                 let written = now_us();
-                daemon
-                    .log
-                    .wait_count(
-                        |l| {
-                            message(l) == "Message deleted."
-                                && timestamp_us(l).unwrap_or(0) > written
-                        },
-                        1,
-                        Duration::from_secs(120),
-                    )
-                    .await?;
                 let deleted = daemon
-                    .log
-                    .lines
-                    .iter()
-                    .filter(|l| message(l) == "Message deleted.")
-                    .filter_map(timestamp_us)
-                    .find(|t| *t > written)
-                    .expect("waited for it");
+                    .next_deletion(written, Duration::from_secs(120))
+                    .await?;
                 latencies.push((deleted - written) as f64);
                 if let Some(event) = daemon
                     .log
@@ -1134,13 +812,13 @@ fn detection<'a>(
                 let t = Instant::now();
                 aws.s3
                     .head_object()
-                    .bucket(&stack.out)
+                    .bucket(&stack.output_bucket)
                     .key(&result_key)
                     .send()
                     .await?;
                 heads.push(t.elapsed().as_micros() as f64);
             }
-            let counts = daemon.stop(Duration::from_secs(30)).await?;
+            let counts = daemon.stop(&mut stack, Duration::from_secs(30)).await?;
             let l = median(&mut latencies);
             let h = median(&mut heads.clone());
             if events {
@@ -1234,7 +912,7 @@ fn throughput<'a>(
         let emulator = emulator_pid();
         let emu_before = emulator.map(cpu_ticks).transpose()?;
         let t = Instant::now();
-        let ceiling_before = ceiling(aws, jobs, size).await?;
+        let ceiling_before = ceiling(opts, aws, jobs, size).await?;
         let ceiling_emu =
             emulator
                 .map(cpu_ticks)
@@ -1245,38 +923,25 @@ fn throughput<'a>(
                 });
 
         // orchgpu: the whole pipeline with the instant function and a results queue.
-        let ssgm = Ssgm::start(opts, 8)?;
-        let stack = create_stack(aws, "thr").await?;
-        let _function = start_function(opts, &stack, "instant.sh", "throughput")?;
+        let ssgm = start_ssgm(opts, 8)?;
+        let (mut stack, results) = create_stack(opts, "thr").await?;
+        let _function = start_function(opts, &mut stack, "instant.sh")?;
         let mut daemon = start_daemon(
-            opts,
-            &stack,
+            &mut stack,
             &ssgm,
             "throughput",
-            &["--max-jobs", "8", "--results-queue", &stack.results],
+            &["--max-jobs", "8", "--results-queue", &results],
         )?;
         daemon.ready().await?;
-        let perf = start_perf(daemon.proc.pid(), "throughput")?;
+        let perf = start_perf(&mut stack, daemon.pid, "throughput")?;
         let cpu_before = daemon.cpu_ticks()?;
         let emu_at_start = emulator.map(cpu_ticks).transpose()?;
         let start = now_us();
-        put_many(aws, &stack.input, "t", jobs, size, 8).await?;
+        put_many(aws, &stack.input_bucket, "t", jobs, size, 8).await?;
         daemon
-            .log
-            .wait_count(
-                |l| message(l) == "Message deleted.",
-                jobs + 1,
-                Duration::from_secs(900),
-            )
+            .wait_deleted(jobs + 1, Duration::from_secs(900))
             .await?;
-        let end = daemon
-            .log
-            .lines
-            .iter()
-            .filter(|l| message(l) == "Message deleted.")
-            .filter_map(timestamp_us)
-            .max()
-            .unwrap_or(start);
+        let end = daemon.deletions().max().unwrap_or(start);
         let cpu = daemon.cpu_ticks()? - cpu_before;
         let daemon_emu =
             emulator
@@ -1287,11 +952,11 @@ fn throughput<'a>(
                     (after - before) as f64 / TICKS_PER_SEC / ((now_us() - start) as f64 / 1e6)
                         * 100.0
                 });
-        stop_perf(perf).await;
+        stop_perf(&mut stack, perf).await;
         let rate = jobs as f64 / ((end - start) as f64 / 1e6);
-        let (alloc, busy, dealloc) = ssgm.calls()?;
-        let counts = daemon.stop(Duration::from_secs(30)).await?;
-        let ceiling_after = ceiling(aws, jobs, size).await?;
+        let [alloc, busy, dealloc] = ssgm.counters(["alloc_calls", "busy", "dealloc_calls"])?;
+        let counts = daemon.stop(&mut stack, Duration::from_secs(30)).await?;
+        let ceiling_after = ceiling(opts, aws, jobs, size).await?;
         let ceiling = (ceiling_before + ceiling_after) / 2.0;
         report.row(
             format!("throughput, {jobs} jobs of 100 KB, 8 GPUs (jobs/s)"),
@@ -1353,16 +1018,9 @@ fn throughput<'a>(
 /// The emulator's own ceiling: `jobs` puts with 8 in flight to a bucket that notifies a
 /// queue, two receivers that delete each message; jobs per second, first put to last
 /// delete.
-async fn ceiling(aws: &AwsClients, jobs: usize, size: usize) -> Result<f64> {
-    let stack = create_stack(aws, "ceil").await?;
-    let jobs_url = aws
-        .sqs
-        .get_queue_url()
-        .queue_name(&stack.jobs)
-        .send()
-        .await?
-        .queue_url
-        .unwrap_or_default();
+async fn ceiling(opts: &Opts, aws: &AwsClients, jobs: usize, size: usize) -> Result<f64> {
+    let (stack, _) = create_stack(opts, "ceil").await?;
+    let jobs_url = stack.jobs_url.clone();
     let deleted = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let mut receivers = tokio::task::JoinSet::new();
@@ -1397,7 +1055,7 @@ async fn ceiling(aws: &AwsClients, jobs: usize, size: usize) -> Result<f64> {
             Ok::<_, anyhow::Error>(())
         });
     }
-    put_many(aws, &stack.input, "c", jobs, size, 8).await?;
+    put_many(aws, &stack.input_bucket, "c", jobs, size, 8).await?;
     while let Some(r) = receivers.join_next().await {
         r??;
     }
@@ -1422,28 +1080,22 @@ fn contended<'a>(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
     Box::pin(async move {
         let jobs = sizes.contended;
-        let ssgm = Ssgm::start(opts, 1)?;
-        let stack = create_stack(aws, "cont").await?;
-        let _function = start_function(opts, &stack, "two-seconds.sh", "contended")?;
+        let ssgm = start_ssgm(opts, 1)?;
+        let (mut stack, results) = create_stack(opts, "cont").await?;
+        let _function = start_function(opts, &mut stack, "two-seconds.sh")?;
         let mut daemon = start_daemon(
-            opts,
-            &stack,
+            &mut stack,
             &ssgm,
             "contended",
-            &["--results-queue", &stack.results],
+            &["--results-queue", &results],
         )?;
         daemon.ready().await?;
-        put_many(aws, &stack.input, "g", jobs, 1000, 4).await?;
+        put_many(aws, &stack.input_bucket, "g", jobs, 1000, 4).await?;
         daemon
-            .log
-            .wait_count(
-                |l| message(l) == "Message deleted.",
-                jobs + 1,
-                Duration::from_secs(30 + 5 * jobs as u64),
-            )
+            .wait_deleted(jobs + 1, Duration::from_secs(30 + 5 * jobs as u64))
             .await?;
-        let (alloc, busy, dealloc) = ssgm.calls()?;
-        daemon.stop(Duration::from_secs(30)).await?;
+        let [alloc, busy, dealloc] = ssgm.counters(["alloc_calls", "busy", "dealloc_calls"])?;
+        daemon.stop(&mut stack, Duration::from_secs(30)).await?;
         let per = (alloc + dealloc) as f64 / jobs as f64;
         report.row(
             format!("SSGM calls per job, 1 GPU, {jobs} jobs of 2 s"),
@@ -1468,8 +1120,8 @@ fn memory<'a>(
     Box::pin(async move {
         let mut peaks = Vec::new();
         for mb in [1, sizes.memory_big_mb] {
-            let stack = create_stack(aws, &format!("mem{mb}")).await?;
-            let ssgm = Ssgm::start(opts, 20)?;
+            let (mut stack, _) = create_stack(opts, &format!("mem{mb}")).await?;
+            let ssgm = start_ssgm(opts, 20)?;
             // One input file on disk, uploaded 20 times (multipart when large).
             let file = opts.work.path().join(format!("input-{mb}"));
             {
@@ -1484,7 +1136,7 @@ fn memory<'a>(
             for _ in 0..4 {
                 let (s3, bucket, file, next) = (
                     aws.s3.clone(),
-                    stack.input.clone(),
+                    stack.input_bucket.clone(),
                     file.clone(),
                     next.clone(),
                 );
@@ -1510,14 +1162,13 @@ fn memory<'a>(
             }
             let tag = format!("memory-{mb}");
             let mut daemon = start_daemon(
-                opts,
-                &stack,
+                &mut stack,
                 &ssgm,
                 &tag,
                 &["--max-jobs", "20", "-v", "300", "--shutdown-grace", "0"],
             )?;
             // RSS every 20 ms, to tell which stage the peak falls in.
-            let pid = daemon.proc.pid();
+            let pid = daemon.pid;
             let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
             let sampler = tokio::spawn({
                 let sampling = sampling.clone();
@@ -1535,14 +1186,9 @@ fn memory<'a>(
                 }
             });
             daemon
-                .log
-                .wait_count(
-                    |l| message(l) == "Stage finished." && l["fields"]["stage"] == "upload",
-                    20,
-                    Duration::from_secs(if mb > 1 { 900 } else { 120 }),
-                )
+                .wait_uploaded(20, Duration::from_secs(if mb > 1 { 900 } else { 120 }))
                 .await?;
-            let (hwm, _) = memory_kib(daemon.proc.pid())?;
+            let (hwm, _) = memory_kib(daemon.pid)?;
             sampling.store(false, Ordering::Relaxed);
             let (peak_at, _) = sampler.await?;
             let finished = |stage: &str| {
@@ -1563,8 +1209,8 @@ fn memory<'a>(
                 finished("bundle"),
                 finished("upload")
             ));
-            let max_live = ssgm.stats()?["max_live"].as_u64().unwrap_or(0);
-            daemon.stop(Duration::from_secs(60)).await?;
+            let [max_live] = ssgm.counters(["max_live"])?;
+            daemon.stop(&mut stack, Duration::from_secs(60)).await?;
             let _ = std::fs::remove_file(&file);
             peaks.push(hwm);
             report.note(format!(
@@ -1598,42 +1244,34 @@ fn waiting<'a>(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
     Box::pin(async move {
         let jobs = sizes.waiting;
-        let stack = create_stack(aws, "wait").await?;
-        let ssgm = Ssgm::start(opts, jobs as u32)?;
-        put_many(aws, &stack.input, "w", jobs, 1000, 16).await?;
+        let (mut stack, results) = create_stack(opts, "wait").await?;
+        let ssgm = start_ssgm(opts, jobs as u32)?;
+        put_many(aws, &stack.input_bucket, "w", jobs, 1000, 16).await?;
         let max_jobs = jobs.to_string();
         let mut daemon = start_daemon(
-            opts,
-            &stack,
+            &mut stack,
             &ssgm,
             "waiting",
             &[
                 "--max-jobs",
                 &max_jobs,
                 "--results-queue",
-                &stack.results,
+                &results,
                 "--shutdown-grace",
                 "0",
             ],
         )?;
         let t0 = Instant::now();
-        daemon
-            .log
-            .wait_count(
-                |l| message(l) == "Stage finished." && l["fields"]["stage"] == "upload",
-                jobs,
-                Duration::from_secs(600),
-            )
-            .await?;
+        daemon.wait_uploaded(jobs, Duration::from_secs(600)).await?;
         let fill = t0.elapsed();
-        let pid = daemon.proc.pid();
+        let pid = daemon.pid;
         let before = cpu_ticks(pid)?;
         let t = Instant::now();
         tokio::time::sleep(sizes.waiting_window).await;
         let cpu = cpu_ticks(pid)? - before;
         let window = t.elapsed().as_secs_f64();
         let (hwm, rss) = memory_kib(pid)?;
-        let stop = daemon.stop(Duration::from_secs(180)).await;
+        let stop = daemon.stop(&mut stack, Duration::from_secs(180)).await;
         let cpu_pct = cpu as f64 / TICKS_PER_SEC / window * 100.0;
         report.row(
             format!(

@@ -8,6 +8,7 @@
 #
 # Usage: deploy/aws-setup.sh --input-bucket BUCKET --intermediate BUCKET/DIR \
 #          --output BUCKET/DIR --jobs-queue NAME [options]     (see --help)
+#    or: deploy/aws-setup.sh --use-case NAME [options]   (every name from the use case's)
 set -euo pipefail
 
 prog=aws-setup.sh
@@ -19,13 +20,23 @@ Usage: deploy/aws-setup.sh [options]
 Creates (or updates to the desired state) what orchgpu needs on AWS. Running it twice
 changes nothing. Every option can also come from the environment variable in brackets.
 
-Required:
+Required (each may come from --use-case instead):
   --input-bucket BUCKET      bucket users upload to; its ObjectCreated events go to the
                              jobs queue                                [ORCHGPU_INPUT_BUCKET]
   --intermediate BUCKET/DIR  where orchgpu uploads bundles (orchgpu -i) [ORCHGPU_INTERMEDIATE]
   --output BUCKET/DIR        where the function writes results (orchgpu -o)   [ORCHGPU_OUTPUT]
   --jobs-queue NAME          SQS queue orchgpu consumes (orchgpu -q)
                                                 [ORCHGPU_JOBS_QUEUE, else ORCHGPU_QUEUE]
+
+A use case (several on one host, each served by its own orchgpu@NAME instance):
+  --use-case NAME            fills in every name not given otherwise, from PREFIX-NAME:
+                             input bucket PREFIX-NAME-input, intermediate
+                             PREFIX-NAME-work/bundles, output PREFIX-NAME-output/results,
+                             jobs queue PREFIX-NAME-jobs (scar/NAME/NAME.env.example uses
+                             the same names). NAME: 1-20 of a-z 0-9 -     [ORCHGPU_USE_CASE]
+  --name-prefix PREFIX       the first part of those names (default orchgpu; bucket names
+                             are global on AWS, so pick your own there)
+                                                                   [ORCHGPU_NAME_PREFIX]
 
 Optional:
   --dlq NAME                 dead-letter queue (default: <jobs-queue>-dlq)      [ORCHGPU_DLQ]
@@ -78,6 +89,8 @@ results_queue=${ORCHGPU_RESULTS_QUEUE:-}
 claims=${ORCHGPU_CLAIMS:-}
 region=${ORCHGPU_REGION:-${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}}
 endpoint=${ORCHGPU_ENDPOINT_URL:-${AWS_ENDPOINT_URL:-}}
+use_case=${ORCHGPU_USE_CASE:-}
+name_prefix=${ORCHGPU_NAME_PREFIX:-orchgpu}
 
 while (($#)); do
     opt=$1
@@ -111,10 +124,23 @@ while (($#)); do
         --claims) claims=$value ;;
         --region) region=$value ;;
         --endpoint-url) endpoint=$value ;;
+        --use-case) use_case=$value ;;
+        --name-prefix) name_prefix=$value ;;
         *) die "unknown option '$opt' (see --help)" ;;
     esac
 done
 
+if [[ -n $use_case ]]; then
+    [[ $use_case =~ ^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$ ]] ||
+        die "--use-case: '$use_case' is not 1-20 of a-z 0-9 - (starting and ending with a letter or digit)"
+    [[ $name_prefix =~ ^[a-z0-9]([a-z0-9-]{0,28}[a-z0-9])?$ ]] ||
+        die "--name-prefix: '$name_prefix' is not 1-30 of a-z 0-9 - (starting and ending with a letter or digit)"
+    base=$name_prefix-$use_case
+    input_bucket=${input_bucket:-$base-input}
+    intermediate=${intermediate:-$base-work/bundles}
+    output=${output:-$base-output/results}
+    jobs_queue=${jobs_queue:-$base-jobs}
+fi
 [[ -n $input_bucket ]] || die "--input-bucket is required (see --help)"
 [[ -n $intermediate ]] || die "--intermediate is required (see --help)"
 [[ -n $output ]] || die "--output is required (see --help)"

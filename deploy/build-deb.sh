@@ -42,7 +42,8 @@ fi
 
 cd -- "$repo_root"
 # The docs the package ships must exist (cargo-deb's own error is less clear).
-for f in docs/operations.md docs/inference.md scar/orchgpu-yolo.yaml docker/Dockerfile \
+for f in docs/operations.md docs/inference.md docs/functions.md scar/yolo/orchgpu-yolo.yaml \
+    scar/ocr/orchgpu-ocr.yaml docker/yolo/Dockerfile docker/ocr/Dockerfile deploy/systemd/orchgpu@.service \
     deploy/systemd/orchgpu.service deploy/systemd/orchgpu.env.example; do
     [[ -f $f ]] || die "$f is missing"
 done

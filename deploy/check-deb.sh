@@ -62,18 +62,26 @@ entry /usr/bin/mock-ssgm -rwxr-xr-x
 entry /usr/bin/orchgpu-function -rwxr-xr-x
 unit_path=$(grep -Eo '\./(usr/)?lib/systemd/system/orchgpu\.service$' "$work/contents" || true)
 [[ -n $unit_path ]] || die "the package has no lib/systemd/system/orchgpu.service"
+# The template unit (one instance per use case) beside it, from the same unit-scripts dir.
 entry "${unit_path#.}" -rw-r--r--
+entry "$(dirname -- "${unit_path#.}")/orchgpu@.service" -rw-r--r--
 entry /etc/orchgpu/orchgpu.env -rw-r-----
 entry /usr/share/doc/orchgpu/operations.md -rw-r--r--
 entry /usr/share/doc/orchgpu/inference.md -rw-r--r--
 entry /usr/share/doc/orchgpu/copyright -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/orchgpu.env.example -rw-r--r--
-entry /usr/share/doc/orchgpu/examples/scar/orchgpu-yolo.yaml -rw-r--r--
-entry /usr/share/doc/orchgpu/examples/scar/detect.sh -rwxr-xr-x
-entry /usr/share/doc/orchgpu/examples/docker/Dockerfile -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/scar/yolo/orchgpu-yolo.yaml -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/scar/yolo/detect.sh -rwxr-xr-x
+entry /usr/share/doc/orchgpu/examples/scar/yolo/yolo.env.example -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/scar/ocr/orchgpu-ocr.yaml -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/scar/ocr/recognize.sh -rwxr-xr-x
+entry /usr/share/doc/orchgpu/examples/scar/ocr/ocr.env.example -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/docker/yolo/Dockerfile -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/docker/ocr/Dockerfile -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/prometheus/orchgpu-alerts.yml -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/prometheus/prometheus.example.yml -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/grafana/orchgpu-dashboard.json -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/nginx/orchgpu.conf -rw-r--r--
 
 dpkg-deb -e "$deb" "$work/control"
 grep -qx '/etc/orchgpu/orchgpu.env' "$work/control/conffiles" ||
@@ -113,6 +121,12 @@ if command -v systemd-analyze >/dev/null; then
     verify=$(systemd-analyze verify "$unit" 2>&1) || die "systemd-analyze verify $unit: $verify"
     [[ -z $verify ]] || die "systemd-analyze verify $unit: $verify"
     ok "systemd-analyze verify $unit"
+    # The template, as an instance (verify refuses a bare template name).
+    instance=$work/orchgpu@check.service
+    cp -- "${unit%/orchgpu.service}/orchgpu@.service" "$instance"
+    verify=$(systemd-analyze verify "$instance" 2>&1) || die "systemd-analyze verify orchgpu@.service: $verify"
+    [[ -z $verify ]] || die "systemd-analyze verify orchgpu@.service: $verify"
+    ok "systemd-analyze verify orchgpu@.service (as orchgpu@check)"
 else
     printf '%s: note: systemd-analyze is not installed; the unit was not verified here\n' "$prog" >&2
 fi

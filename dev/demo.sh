@@ -1,50 +1,42 @@
 #!/usr/bin/env bash
 # Runs orchgpu's local stack end to end in one command: LocalStack (S3 + SQS), the buckets
 # and queues (deploy/aws-setup.sh), the mock rCUDA scheduler (mock-ssgm), the local SCAR
-# function stand-in running scar/detect.sh (real YOLOv3-tiny inference with Debian's darknet,
+# function stand-in running scar/yolo/detect.sh (real YOLOv3-tiny inference with Debian's darknet,
 # installed with dev/install-darknet.sh when missing), and the orchgpu daemon; then uploads a
 # few sample images with awkward names, waits for one result per image in the output
 # bucket, downloads them and shows the scheduler's view. Everything listens on 127.0.0.1.
+# With --use-case ocr the same stack runs the second use case instead: the function runs
+# scar/ocr/recognize.sh (Tesseract, installed with dev/install-tesseract.sh when missing),
+# the samples are document pages drawn here with ImageMagick in a DejaVu font, and the
+# recognised text is printed. The two use cases have their own buckets, queues, state,
+# logs and page port, so both demos can run at once.
 #
-# Usage: dev/demo.sh [--once]
-#   --once   exit (stopping everything) once the results are there, instead of running
-#            until Ctrl-C
+# Usage: dev/demo.sh [--use-case yolo|ocr] [--once]
+#   --use-case   yolo (default): object detection; ocr: text recognition
+#   --once       exit (stopping everything) once the results are there, instead of running
+#                until Ctrl-C
 # Environment:
 #   ORCHGPU_PROFILE=release       build and run release binaries (default: debug)
-#   ORCHGPU_DEMO_OUT=DIR          where results are downloaded (default ./demo-out)
+#   ORCHGPU_DEMO_OUT=DIR          where results are downloaded (default demo-out, with
+#                                 --use-case ocr demo-out-ocr)
 #   ORCHGPU_DEMO_TIMEOUT=S        how long to wait for the results (default 120)
-#   ORCHGPU_DEMO_HTTP_PORT=PORT   the web page's port on 127.0.0.1 (default 8642)
-#   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log (default ~/.cache/orchgpu)
+#   ORCHGPU_DEMO_HTTP_PORT=PORT   the web page's port on 127.0.0.1 (default 8642, ocr 8643)
+#   ORCHGPU_STATE=DIR             logs go to DIR/demo/*.log, ocr DIR/demo-ocr/*.log
+#                                 (default ~/.cache/orchgpu)
 #   ORCHGPU_EMULATOR=moto         use moto instead of LocalStack (see dev/localstack.sh)
 #   ORCHGPU_DEMO_SCRIPT=PATH      the function's script, from the repository root (default
-#                                 scar/detect.sh, darknet; dev/function/example.sh: no inference)
-#   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH)
+#                                 scar/yolo/detect.sh, darknet; dev/function/example.sh: no
+#                                 inference; with --use-case ocr scar/ocr/recognize.sh)
+#   AWS_CLI=PATH                  aws CLI (default: LocalStack venv's, else aws on PATH;
+#                                 with neither, the LocalStack venv is installed for it)
 set -euo pipefail
 
 prog=dev/demo.sh
 repo_root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 state_dir=${ORCHGPU_STATE:-$HOME/.cache/orchgpu}
-demo_dir=$state_dir/demo
-out_dir=${ORCHGPU_DEMO_OUT:-./demo-out}
-[[ $out_dir == /* ]] || out_dir=$PWD/$out_dir
 profile=${ORCHGPU_PROFILE:-debug}
 result_timeout=${ORCHGPU_DEMO_TIMEOUT:-120}
-http_port=${ORCHGPU_DEMO_HTTP_PORT:-8642}
 stop_timeout=30
-function_script=${ORCHGPU_DEMO_SCRIPT:-scar/detect.sh}
-[[ $function_script == /* ]] || function_script=$repo_root/$function_script
-if [[ $function_script == "$repo_root/scar/detect.sh" ]] &&
-    ! "$repo_root/dev/install-darknet.sh" >/dev/null; then
-    printf '%s: darknet could not be installed; falling back to dev/function/example.sh (NO inference)\n' \
-        dev/demo.sh >&2
-    function_script=$repo_root/dev/function/example.sh
-fi
-
-input_bucket=orchgpu-demo-input
-work_bucket=orchgpu-demo-work work_dir=bundles
-output_bucket=orchgpu-demo-output output_dir=results
-jobs_queue=orchgpu-demo-jobs
-function_queue=orchgpu-demo-function
 
 say() { printf '%s: %s\n' "$prog" "$*"; }
 die() {
@@ -54,16 +46,67 @@ die() {
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
 
 once=0
-for arg in "$@"; do
-    case $arg in
+use_case=yolo
+while (($#)); do
+    case $1 in
         --once) once=1 ;;
+        --use-case)
+            (($# >= 2)) || die "--use-case needs yolo or ocr"
+            use_case=$2
+            shift
+            ;;
+        --use-case=*) use_case=${1#*=} ;;
         -h | --help)
             usage
             exit 0
             ;;
-        *) die "unknown argument '$arg' (usage: dev/demo.sh [--once])" ;;
+        *) die "unknown argument '$1' (usage: dev/demo.sh [--use-case yolo|ocr] [--once])" ;;
     esac
+    shift
 done
+
+# What differs between the use cases: names, the function, the result, the page.
+case $use_case in
+    yolo)
+        tag=
+        default_script=scar/yolo/detect.sh
+        default_port=8642
+        result_suffix=.png
+        web_title="Object detection (YOLO)"
+        web_hint="Upload photos; each comes back with the objects found in it drawn and listed."
+        ;;
+    ocr)
+        tag=-ocr
+        default_script=scar/ocr/recognize.sh
+        default_port=8643
+        result_suffix=.txt
+        web_title="Text recognition (OCR)"
+        web_hint="Upload scanned pages or photos of documents (PNG, JPEG, TIFF); each comes back as text you can copy."
+        ;;
+    *) die "--use-case must be yolo or ocr, not '$use_case'" ;;
+esac
+demo_dir=$state_dir/demo$tag
+out_dir=$(realpath -m -- "${ORCHGPU_DEMO_OUT:-demo-out$tag}")
+http_port=${ORCHGPU_DEMO_HTTP_PORT:-$default_port}
+function_script=${ORCHGPU_DEMO_SCRIPT:-$default_script}
+[[ $function_script == /* ]] || function_script=$repo_root/$function_script
+if [[ $function_script == "$repo_root/scar/yolo/detect.sh" ]] &&
+    ! "$repo_root/dev/install-darknet.sh" >/dev/null; then
+    printf '%s: darknet could not be installed; falling back to dev/function/example.sh (NO inference)\n' \
+        dev/demo.sh >&2
+    function_script=$repo_root/dev/function/example.sh
+fi
+if [[ $use_case == ocr ]]; then
+    # Tesseract for the function, ImageMagick and a DejaVu font to draw the sample pages.
+    "$repo_root/dev/install-tesseract.sh" ||
+        die "Tesseract could not be installed (dev/install-tesseract.sh needs root or sudo)"
+fi
+
+input_bucket=orchgpu-demo$tag-input
+work_bucket=orchgpu-demo$tag-work work_dir=bundles
+output_bucket=orchgpu-demo$tag-output output_dir=results
+jobs_queue=orchgpu-demo$tag-jobs
+function_queue=orchgpu-demo$tag-function
 case $profile in
     debug) cargo_profile_args=() ;;
     release) cargo_profile_args=(--release) ;;
@@ -190,10 +233,28 @@ trap 'exit 143' TERM
 
 # --- aws CLI ---------------------------------------------------------------------------
 
-if [[ -z ${AWS_CLI:-} ]]; then
-    AWS_CLI=${ORCHGPU_LS_VENV:-$HOME/.cache/orchgpu/localstack-venv}/bin/aws
-    [[ -x $AWS_CLI ]] || AWS_CLI=aws
-fi
+# Found (or installed) before anything needs it: AWS_CLI, else the LocalStack venv's, else
+# aws on PATH; with none of them, the LocalStack venv is installed (it has one), even when
+# the emulator is moto.
+find_aws_cli() {
+    local venv_aws=${ORCHGPU_LS_VENV:-$HOME/.cache/orchgpu/localstack-venv}/bin/aws
+    if [[ -n ${AWS_CLI:-} ]]; then
+        command -v "$AWS_CLI" >/dev/null 2>&1 || die "AWS_CLI=$AWS_CLI is not a command"
+        return
+    fi
+    if [[ -x $venv_aws ]]; then
+        AWS_CLI=$venv_aws
+    elif command -v aws >/dev/null 2>&1; then
+        AWS_CLI=aws
+    else
+        say "no aws CLI on PATH: installing LocalStack's venv, which has one (dev/localstack.sh install)"
+        ORCHGPU_EMULATOR=localstack dev/localstack.sh install ||
+            die "could not install an aws CLI: set AWS_CLI or install one"
+        [[ -x $venv_aws ]] || die "dev/localstack.sh install left no $venv_aws"
+        AWS_CLI=$venv_aws
+    fi
+}
+find_aws_cli
 export AWS_CLI AWS_PAGER=""
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test}
 export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
@@ -207,8 +268,10 @@ mkdir -p -- "$demo_dir"
 stop_leftovers
 rm -f -- "$demo_dir"/*.log
 
-say "building the binaries (cargo build --locked ${cargo_profile_args[*]})"
-cargo build --locked "${cargo_profile_args[@]}"
+say "building the binaries (cargo build --locked${cargo_profile_args[*]/#/ }; a first build takes minutes)"
+t_build=$SECONDS
+cargo build -q --locked "${cargo_profile_args[@]}"
+say "built in $((SECONDS - t_build)) s"
 bin_dir=${CARGO_TARGET_DIR:-$repo_root/target}/$profile
 [[ $bin_dir == /* ]] || bin_dir=$repo_root/$bin_dir
 for exe in orchgpu mock-ssgm orchgpu-function; do
@@ -224,7 +287,6 @@ if [[ -n $pid_after && $pid_after != "$pid_before" ]]; then
 else
     say "reusing the running emulator (it stays up afterwards)"
 fi
-command -v "$AWS_CLI" >/dev/null 2>&1 || die "no aws CLI: set AWS_CLI or run dev/localstack.sh install"
 
 deploy/aws-setup.sh --endpoint-url "$endpoint" --region "$AWS_REGION" \
     --input-bucket "$input_bucket" --intermediate "$work_bucket/$work_dir" \
@@ -263,7 +325,8 @@ start_child orchgpu "$bin_dir/orchgpu" -q "$jobs_queue" -S 127.0.0.1 -P "$port" 
     -m "$bin_dir/mock-ssgm" -i "$work_bucket/$work_dir" -o "$output_bucket/$output_dir" \
     -b 1 -u 1 -w 2 --endpoint-url "$endpoint" --region "$AWS_REGION" --max-jobs 2 \
     --state-dir "$demo_dir/state" --http-listen "127.0.0.1:$http_port" \
-    --upload-to "$input_bucket/web"
+    --upload-to "$input_bucket/web" --result-suffix "$result_suffix" \
+    --web-title "$web_title" --web-hint "$web_hint"
 sleep 1
 check_children
 page_url=http://127.0.0.1:$http_port/
@@ -276,7 +339,27 @@ darknet_images=(/usr/share/darknet/data/*.jpg)
 shopt -u nullglob
 names=("my photo" "a+b=c" "ünïcødé ☀ 写真")
 samples=()
-if ((${#darknet_images[@]} >= ${#names[@]})); then
+if [[ $use_case == ocr ]]; then
+    # Document pages: text drawn in DejaVu Sans with ImageMagick (Debian's convert first:
+    # a bare `convert` elsewhere on PATH may be another program).
+    convert=$(command -v magick || command -v convert-im6.q16 || command -v convert) ||
+        die "no ImageMagick: run dev/install-tesseract.sh"
+    font=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+    draw_page() { # FILE LINE...
+        local file=$1 y=90 args=()
+        shift
+        for line in "$@"; do
+            args+=(-annotate "+60+$y" "$line")
+            y=$((y + 56))
+        done
+        "$convert" -size "1400x$((y + 30))" xc:white -fill black -font "$font" -pointsize 36 \
+            "${args[@]}" -colorspace Gray "$file" || die "ImageMagick could not draw $file"
+        samples+=("$file")
+    }
+    draw_page "$samples_dir/invoice 4711.png" "Invoice number 4711 from Valencia" \
+        "Remote GPUs, one job at a time" "Total due: 120 EUR"
+    draw_page "$samples_dir/scanned page ☀.png" "The quick brown fox" "jumps over the lazy dog"
+elif ((${#darknet_images[@]} >= ${#names[@]})); then
     for i in "${!names[@]}"; do
         cp -- "${darknet_images[i]}" "$samples_dir/${names[i]}.jpg"
         samples+=("$samples_dir/${names[i]}.jpg")
@@ -311,15 +394,28 @@ for sample in "${samples[@]}"; do
     say "uploaded s3://$input_bucket/$key"
 done
 
-list_results() { # keys of the PNG results, one a line
+list_results() { # keys of the results (<id><result suffix>), one a line
     awsl s3api list-objects-v2 --bucket "$output_bucket" --prefix "$output_dir/" \
-        --query "Contents[?ends_with(Key, '.png')].Key" --output text | tr '\t' '\n' |
+        --query "Contents[?ends_with(Key, '$result_suffix')].Key" --output text | tr '\t' '\n' |
         grep -v -e '^None$' -e '^$' || true
+}
+# The scheduler's live grants, while the jobs run: `-top` lists one line per grant under
+# its header (shown once, the first time a grant is live).
+top_shown=0
+show_live_grants() {
+    local top
+    ((top_shown)) && return 0
+    top=$("$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -top 2>/dev/null) || return 0
+    (($(wc -l <<<"$top") > 1)) || return 0
+    top_shown=1
+    say "the scheduler's live grants (mock-ssgm -S 127.0.0.1 -P $port -top):"
+    printf '    %s\n' "${top//$'\n'/$'\n'    }"
 }
 want=${#samples[@]}
 have=0
 deadline=$((t0 + result_timeout))
 while :; do
+    show_live_grants
     mapfile -t results < <(list_results)
     if ((${#results[@]} != have)); then
         have=${#results[@]}
@@ -328,7 +424,7 @@ while :; do
     ((have >= want)) && break
     ((SECONDS < deadline)) || die "only $have of $want results after $result_timeout s"
     check_children
-    sleep 1
+    sleep 0.5
 done
 
 # The output prefix was emptied above, so all of it is this run's: the PNGs and the
@@ -336,41 +432,83 @@ done
 mkdir -p -- "$out_dir"
 awsl s3 cp "s3://$output_bucket/$output_dir/" "$out_dir" --recursive --only-show-errors ||
     die "download of s3://$output_bucket/$output_dir/ failed"
-say "results (downloaded to $out_dir, with the function's .txt notes):"
+if [[ $use_case == ocr ]]; then
+    say "recognised text (downloaded to $out_dir, with each page's word table, .tsv):"
+else
+    say "results (downloaded to $out_dir, with the function's .txt notes):"
+fi
 # Which upload gave which result: the job history maps each key to its job id.
 "$bin_dir/orchgpu" jobs --state-dir "$demo_dir/state" --json --limit 0 >"$demo_dir/jobs.json" ||
     die "orchgpu jobs could not read the history"
-python3 - "$demo_dir/jobs.json" "$out_dir" <<'EOF' || die "could not list the results"
+python3 - "$demo_dir/jobs.json" "$out_dir" "$use_case" <<'EOF' || die "could not list the results"
 import json, os, sys
 
-jobs, out = json.load(open(sys.argv[1])), sys.argv[2]
+def summary(path):
+    """Labels by their best confidence, highest first; a label found more than once is
+    folded: `car ×2 (71%, 30%), dog 56%`."""
+    by_label = {}
+    for line in open(path, encoding="utf-8"):
+        label, _, rest = line.strip().partition(": ")
+        if not line.startswith("#") and rest.endswith("%") and rest[:-1].isdigit():
+            by_label.setdefault(label, []).append(int(rest[:-1]))
+    parts = []
+    for label, found in sorted(by_label.items(), key=lambda kv: (-max(kv[1]), kv[0])):
+        found.sort(reverse=True)
+        if len(found) == 1:
+            parts.append(f"{label} {found[0]}%")
+        else:
+            parts.append(f"{label} \u00d7{len(found)} ({', '.join(f'{c}%' for c in found)})")
+    return ", ".join(parts) or "nothing detected"
+
+jobs, out, use_case = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 for job in sorted(jobs, key=lambda j: j["key"]):
+    if use_case == "ocr":
+        # The recognised text, as the function wrote it.
+        txt = os.path.join(out, job["job_id"] + ".txt")
+        if not os.path.exists(txt):
+            continue
+        text = open(txt, encoding="utf-8").read().strip()
+        gpu = job.get("gpu_seconds")
+        took = f" ({gpu:.2f} GPU-seconds)" if gpu is not None else ""
+        print(f"  {job['key']} \u2192 {txt}{took}:")
+        for line in (text or "(no text found)").splitlines():
+            if line.strip():
+                print(f"      {line}")
+        continue
     png = os.path.join(out, job["job_id"] + ".png")
     if not os.path.exists(png):
         continue
-    found = []
     try:
-        for line in open(os.path.join(out, job["job_id"] + ".txt"), encoding="utf-8"):
-            label, _, rest = line.strip().partition(": ")
-            if not line.startswith("#") and rest.endswith("%"):
-                found.append(f"{label} {rest}")
+        found = summary(os.path.join(out, job["job_id"] + ".txt"))
     except FileNotFoundError:
-        found = ["(no detections file)"]
-    print(f"  {job['key']} \u2192 {png}: {', '.join(found) or 'nothing detected'}")
+        found = "(no detections file)"
+    print(f"  {job['key']} \u2192 {png}: {found}")
 EOF
 
-printf '\nmock-ssgm -top:\n'
-"$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -top || say "mock-ssgm -top failed"
-printf '\nmock-ssgm -stats:\n'
-"$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -stats || say "mock-ssgm -stats failed"
-printf '\n'
+((top_shown)) || say "(no grant was live at a -top call: the jobs were quicker than the polls)"
+# The scheduler's books: every grant released once the jobs are done.
+if stats=$("$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -stats); then
+    python3 - "$stats" <<'EOF' || say "mock-ssgm -stats answered: $stats"
+import json, sys
+
+s = json.loads(sys.argv[1])
+print(f"mock-ssgm: {s['granted']} granted, {s['released']} released, {s['busy']} busy, "
+      f"{s['live']} live; {s['free_gpus']} of {s['total_gpus']} GPUs free")
+EOF
+else
+    say "mock-ssgm -stats failed"
+fi
 
 if ((once)); then
     say "done (--once); stopping everything"
     exit 0
 fi
 say "everything keeps running (endpoint $endpoint, scheduler 127.0.0.1:$port);"
-say "try it in a browser: $page_url (upload images, watch them run, see what was found)"
+if [[ $use_case == ocr ]]; then
+    say "try it in a browser: $page_url (upload scanned pages, watch them run, copy their text)"
+else
+    say "try it in a browser: $page_url (upload images, watch them run, see what was found)"
+fi
 say "or upload with: $AWS_CLI --endpoint-url $endpoint s3 cp FILE s3://$input_bucket/"
 say "logs: $demo_dir/*.log. Press Ctrl-C to stop everything this script started."
 while :; do

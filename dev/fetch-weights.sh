@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the YOLOv3-tiny weights that the local function (scar/detect.sh with Debian's
+# Fetches the YOLOv3-tiny weights that the local function (scar/yolo/detect.sh with Debian's
 # darknet) and the inference test use, into a cache outside the repository, and prints
 # the path of the weights file.
 #

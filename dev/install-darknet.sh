@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what real inference needs on a Debian machine (a developer's or CI's): Debian's
 # darknet package (pjreddie's darknet, CPU build with OpenCV, with yolov3-tiny.cfg,
-# coco.names and sample images under /usr/share/darknet), netpbm (scar/detect.sh turns
+# coco.names and sample images under /usr/share/darknet), netpbm (scar/yolo/detect.sh turns
 # darknet's JPEG into the PNG orchgpu waits for), then the YOLOv3-tiny weights with
 # dev/fetch-weights.sh. Idempotent: installs only what is missing.
 #

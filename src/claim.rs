@@ -1,17 +1,39 @@
-//! The cross-daemon claim of a job id: a small S3 object that says which daemon runs a
-//! job and until when.
+//! The job's shared record: a small S3 object per job id that says which daemon holds the
+//! job, until when, from which SQS message, and what it holds (the grant, whether the
+//! function may be running).
 //!
 //! This module owns the claim object's life: creating it with a conditional write
 //! (`PutObject` with `If-None-Match: *`, so of two daemons exactly one wins), renewing it
-//! while the job runs (`If-Match` on its ETag, so a daemon that lost its claim notices),
-//! taking over an expired or released one (`If-Match` again, so of two late comers exactly
-//! one wins), and giving it back. A finished job's claim is deleted; a failed job's is
-//! marked released with `If-Match` (S3 emulators refuse a conditional `DeleteObject`), so
-//! a retry takes it over at once instead of waiting for the lease.
+//! while the job runs (`If-Match` on its ETag), recording the grant and the start of the
+//! function in it, taking over an expired or released one (`If-Match` again, so of two
+//! late comers exactly one wins; the record of what the former holder held is carried
+//! over to the new holder), and ending it.
+//!
+//! **The lease is kept on the holder's own clock.** Every store call has a timeout
+//! (`call_timeout`: a sixth of the lease, 1 to 10 s). Unless a renewal was confirmed, the
+//! holder acts `call_timeout` before the expiry it last confirmed, never only after a
+//! later call tells it that it lost: `ClaimGuard::keep_while` cancels the work then.
+//! Every write is "maybe applied" until confirmed: a write answered with a conflict or an
+//! error is read back, and one whose stored body is exactly ours counts as written (a
+//! renewal that S3 applied but whose reply was lost, then retried by the SDK and answered
+//! 412, is not a loss).
+//!
+//! **Ends.** A claim whose record holds nothing (no grant, no function) is deleted when
+//! its job ends, while the holder's lease holds; past it, it is marked released instead
+//! (`If-Match`, so a claim someone else took over is left alone). A claim whose record
+//! holds a grant for a running function is handed over: marked released with the record
+//! kept, so whoever takes the job over next adopts it at once (see `job`).
+//!
+//! Hostile or broken claim objects: a body over 4 KiB, not JSON, or of an unknown version
+//! is no claim of ours; it is taken over like an expired one (whoever can write to the
+//! claims location can stop jobs anyway). A crash at any instant leaves either no claim
+//! (the job is claimed afresh), our claim (it expires after the lease, or at once for a
+//! dead process of the same machine), or a record that says what we held.
 //!
 //! It leaves to others what a claim means for the message (`job::JobError::disposition`)
-//! and when to check for a result (`job`). The expiry is wall-clock time, shared across
-//! hosts: the hosts' clocks must agree to well under a lease (NTP does).
+//! and what to do with a recorded grant (`job`, `reservations`). The expiry is
+//! wall-clock time, shared across hosts: the hosts' clocks must agree to well under
+//! `call_timeout` (NTP does).
 
 use std::fmt;
 use std::future::Future;
@@ -19,25 +41,38 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_sdk_s3::error::SdkError;
-use aws_sdk_s3::primitives::ByteStream;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{debug, info};
+
+mod guard;
+mod store;
+pub use guard::{ClaimGuard, ClaimHandle};
+pub use store::{ClaimStore, Put, S3Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A stored claim object: its ETag and body.
 type Stored = (String, Vec<u8>);
 
-/// Longest wait between renewal attempts after one failed for a reason that may pass.
-const RENEW_RETRY: Duration = Duration::from_secs(1);
 /// Attempts at creating or taking over a claim that keeps changing under us.
 const ACQUIRE_ATTEMPTS: usize = 3;
 /// Claim bodies are written by orchgpu; anything larger is not one of ours.
 const MAX_BODY: usize = 4096;
+/// The shortest and longest timeout of one claim call (a sixth of the lease between).
+const CALL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+const CALL_TIMEOUT_MAX: Duration = Duration::from_secs(10);
+/// The shortest lease: six of the shortest call timeouts, so that a renewal (every third
+/// of the lease) and a retry both fit before the holder must act.
+pub const MIN_LEASE: Duration = Duration::from_secs(6);
+/// The claim format written now; version 1 (no record) is still read.
+const VERSION: u32 = 2;
 
-/// A claim store's failure (S3 unreachable, access denied...).
+/// The timeout of each claim call for a lease: well inside a third of it.
+pub fn call_timeout(lease: Duration) -> Duration {
+    (lease / 6).clamp(CALL_TIMEOUT_MIN, CALL_TIMEOUT_MAX)
+}
+
+/// A claim store's failure (S3 unreachable, access denied, too slow...).
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
     #[error("failed to {op} the claim s3://{bucket}/{key}")]
@@ -48,155 +83,14 @@ pub enum ClaimError {
         #[source]
         source: BoxError,
     },
-}
-
-/// The outcome of a conditional write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Put {
-    /// Written; the object's new ETag.
-    Written(String),
-    /// The condition did not hold (412 `PreconditionFailed`, 409
-    /// `ConditionalRequestConflict`, or no object for `If-Match`).
-    Conflict,
-}
-
-/// Where claims are kept: four conditional operations on one key each. `S3Store` is the
-/// real one; tests use an in-memory store.
-pub trait ClaimStore: Send + Sync {
-    /// Writes `body` at `key` only if no object is there (`If-None-Match: *`).
-    fn create<'a>(&'a self, key: &'a str, body: Vec<u8>) -> BoxFuture<'a, Result<Put, ClaimError>>;
-    /// Writes `body` at `key` only if the object there has ETag `etag` (`If-Match`).
-    fn replace<'a>(
-        &'a self,
-        key: &'a str,
-        etag: &'a str,
-        body: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Put, ClaimError>>;
-    /// Reads the object at `key`: its ETag and body, or `None` when there is none.
-    fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, ClaimError>>;
-    /// Deletes the object at `key`, whatever it holds.
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), ClaimError>>;
-}
-
-/// Claims as objects of one S3 bucket.
-pub struct S3Store {
-    s3: aws_sdk_s3::Client,
-    bucket: String,
-}
-
-impl S3Store {
-    pub fn new(s3: aws_sdk_s3::Client, bucket: String) -> S3Store {
-        S3Store { s3, bucket }
-    }
-
-    fn error(&self, op: &'static str, key: &str, source: BoxError) -> ClaimError {
-        ClaimError::Store {
-            op,
-            bucket: self.bucket.clone(),
-            key: key.to_string(),
-            source,
-        }
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        condition: Condition<'_>,
-        body: Vec<u8>,
-    ) -> Result<Put, ClaimError> {
-        let request = self
-            .s3
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type("application/json")
-            .body(ByteStream::from(body));
-        let request = match condition {
-            Condition::Absent => request.if_none_match("*"),
-            Condition::Matches(etag) => request.if_match(quoted(etag)),
-        };
-        match request.send().await {
-            Ok(output) => Ok(Put::Written(unquoted(
-                output.e_tag.as_deref().unwrap_or(""),
-            ))),
-            Err(SdkError::ServiceError(e)) if is_conflict(e.raw().status().as_u16()) => {
-                Ok(Put::Conflict)
-            }
-            Err(e) => Err(self.error("write", key, e.into())),
-        }
-    }
-}
-
-enum Condition<'a> {
-    Absent,
-    Matches(&'a str),
-}
-
-/// 412: the condition failed; 409: a concurrent conditional write won; 404: `If-Match`
-/// on an object that is gone.
-fn is_conflict(status: u16) -> bool {
-    matches!(status, 404 | 409 | 412)
-}
-
-fn quoted(etag: &str) -> String {
-    format!("\"{}\"", unquoted(etag))
-}
-
-fn unquoted(etag: &str) -> String {
-    etag.trim_matches('"').to_string()
-}
-
-impl ClaimStore for S3Store {
-    fn create<'a>(&'a self, key: &'a str, body: Vec<u8>) -> BoxFuture<'a, Result<Put, ClaimError>> {
-        Box::pin(self.put(key, Condition::Absent, body))
-    }
-
-    fn replace<'a>(
-        &'a self,
-        key: &'a str,
-        etag: &'a str,
-        body: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Put, ClaimError>> {
-        Box::pin(self.put(key, Condition::Matches(etag), body))
-    }
-
-    fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, ClaimError>> {
-        Box::pin(async move {
-            let output = match self
-                .s3
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
-                Ok(output) => output,
-                Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(None),
-                Err(e) => return Err(self.error("read", key, e.into())),
-            };
-            let etag = unquoted(output.e_tag.as_deref().unwrap_or(""));
-            let body = output
-                .body
-                .collect()
-                .await
-                .map_err(|e| self.error("read", key, e.into()))?
-                .into_bytes();
-            Ok(Some((etag, body.to_vec())))
-        })
-    }
-
-    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), ClaimError>> {
-        Box::pin(async move {
-            self.s3
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| self.error("delete", key, e.into()))?;
-            Ok(())
-        })
-    }
+    #[error("claim call to {op} {key} took longer than {timeout:?}")]
+    Timeout {
+        op: &'static str,
+        key: String,
+        timeout: Duration,
+    },
+    #[error("the claim {key} is no longer ours")]
+    Lost { key: String },
 }
 
 /// Who holds a claim: enough for an operator to find the process.
@@ -227,6 +121,9 @@ impl Owner {
             (Some(boot), Some(ns)) => format!("{}/{}", boot.trim(), ns.display()),
             _ => String::new(),
         };
+        // Debug builds only: tests play daemons of several hosts on one machine.
+        #[cfg(debug_assertions)]
+        let pid_space = std::env::var("ORCHGPU_DEBUG_PID_SPACE").unwrap_or(pid_space);
         Owner {
             host,
             pid: std::process::id(),
@@ -262,6 +159,51 @@ impl fmt::Display for Owner {
     }
 }
 
+/// What a claim records of its job beyond who holds it: what a successor needs to finish
+/// the holder's work.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The SQS message id the holder works from: a copy with another id is a duplicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// GPUs granted for the job and not released; written before the bundle is uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<RecordedGrant>,
+    /// Set just before the bundle upload: from then on the function may be running on the
+    /// grant, which is released only after its result or its deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionStarted>,
+}
+
+impl JobRecord {
+    /// Whether the record holds anything a successor must take care of.
+    pub fn holds_gpus(&self) -> bool {
+        self.grant.is_some() || self.function.is_some()
+    }
+}
+
+/// A grant as the claim records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedGrant {
+    /// `host:port` of the scheduler that granted it.
+    pub scheduler: String,
+    pub scheduler_job_id: String,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// When it was granted (unix seconds).
+    #[serde(default)]
+    pub since_unix: u64,
+}
+
+/// The bundle went (or was about to go) to the function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionStarted {
+    /// When the upload began (unix milliseconds).
+    pub started_unix_ms: u64,
+    /// After this (unix milliseconds) no result is waited for any more.
+    pub result_deadline_unix_ms: u64,
+}
+
 /// The claim object's body (JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ClaimBody {
@@ -270,6 +212,8 @@ struct ClaimBody {
     owner: Owner,
     /// Until when the claim holds (unix milliseconds); 0 once released.
     expires_unix_ms: u64,
+    #[serde(flatten)]
+    record: JobRecord,
 }
 
 /// Wall-clock time in unix milliseconds. A function so tests can drive it with tokio's
@@ -285,10 +229,16 @@ fn system_unix_ms() -> u64 {
 
 /// The outcome of `Claims::acquire`.
 pub enum Acquired {
-    /// Ours until we give it up (or fail to renew it).
+    /// Ours until we end it (or fail to keep it). Its record carries what a former holder
+    /// held (`ClaimGuard::carried`).
     Claimed(ClaimGuard),
-    /// Another daemon runs this job; its lease runs out in `remaining` unless renewed.
-    HeldElsewhere { owner: String, remaining: Duration },
+    /// Another daemon holds this job; its lease runs out in `remaining` unless renewed.
+    HeldElsewhere {
+        owner: String,
+        remaining: Duration,
+        /// The message the holder works from (`None` for a claim of an older version).
+        message_id: Option<String>,
+    },
 }
 
 struct Shared {
@@ -298,6 +248,78 @@ struct Shared {
     lease: Duration,
     owner: Owner,
     clock: Clock,
+}
+
+impl Shared {
+    fn call_timeout(&self) -> Duration {
+        call_timeout(self.lease)
+    }
+
+    /// Runs one store call within the call timeout.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        call: impl Future<Output = Result<T, ClaimError>>,
+    ) -> Result<T, ClaimError> {
+        let timeout = self.call_timeout();
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClaimError::Timeout {
+                    op,
+                    key: key.to_string(),
+                    timeout,
+                })
+            })
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<Stored>, ClaimError> {
+        self.timed("read", key, self.store.read(key)).await
+    }
+
+    /// A conditional overwrite, confirmed: a conflict or an error is read back, and a
+    /// stored body that is exactly ours counts as written (the write was applied, its
+    /// reply lost). A conflict whose read-back fails stays unknown: an error.
+    async fn replace_confirmed(
+        &self,
+        key: &str,
+        etag: &str,
+        body: Vec<u8>,
+    ) -> Result<Put, ClaimError> {
+        let first = self
+            .timed("write", key, self.store.replace(key, etag, body.clone()))
+            .await;
+        if let Ok(Put::Written(etag)) = first {
+            return Ok(Put::Written(etag));
+        }
+        match self.read(key).await {
+            Ok(Some((stored_etag, stored))) if stored == body => {
+                debug!(claim = %key, "Claim write was applied though its reply said otherwise.");
+                Ok(Put::Written(stored_etag))
+            }
+            Ok(_) => first,
+            Err(read_error) => Err(match first {
+                Err(e) => e,
+                Ok(_) => read_error,
+            }),
+        }
+    }
+
+    fn encode(&self, job_id: &str, expires_unix_ms: u64, record: &JobRecord) -> Vec<u8> {
+        let body = ClaimBody {
+            version: VERSION,
+            job_id: job_id.to_string(),
+            owner: self.owner.clone(),
+            expires_unix_ms,
+            record: record.clone(),
+        };
+        serde_json::to_vec(&body).expect("a struct of strings and numbers always serializes")
+    }
+
+    fn expiry_from_now(&self) -> u64 {
+        (self.clock)().saturating_add(duration_ms(self.lease))
+    }
 }
 
 /// Claims of job ids, in one place (bucket and prefix), held by this process.
@@ -344,15 +366,26 @@ impl Claims {
         }
     }
 
-    /// Reads a key that does not exist under the claims dir: a start-up check that the
-    /// bucket exists and may be read, so a wrong `--claims` fails at once rather than
-    /// sending every job to the dead-letter queue.
+    /// Writes and deletes a probe claim: a start-up check that jobs will be able to claim
+    /// (the bucket exists, and `s3:PutObject` and `s3:DeleteObject` are granted there),
+    /// so a wrong `--claims` or a missing permission fails at once rather than sending
+    /// every job to the dead-letter queue.
     ///
     /// # Errors
-    /// `ClaimError` when the store cannot be read.
+    /// `ClaimError` naming the operation (write or delete) that failed.
     pub async fn check(&self) -> Result<(), ClaimError> {
-        let probe = format!("{}orchgpu-start-up-check", self.shared.prefix);
-        self.shared.store.read(&probe).await.map(|_| ())
+        let shared = &self.shared;
+        let probe = format!(
+            "{}orchgpu-start-up-check-{}",
+            shared.prefix, shared.owner.pid
+        );
+        let body = shared.encode("start-up-check", 0, &JobRecord::default());
+        shared
+            .timed("write", &probe, shared.store.create(&probe, body))
+            .await?;
+        shared
+            .timed("delete", &probe, shared.store.delete(&probe))
+            .await
     }
 
     /// The lease: how long a claim holds without renewal.
@@ -365,49 +398,85 @@ impl Claims {
         format!("{}{job_id}.claim", self.shared.prefix)
     }
 
-    /// Claims `job_id` for this process: creates the claim, or takes over one that has
-    /// expired or was released. Exactly one of several daemons calling this at once gets
-    /// `Claimed`.
+    /// Claims `job_id` for this process, working from message `message_id`: creates the
+    /// claim, or takes over one that has expired, was released, was left by this very
+    /// process or by a dead process of this machine. A taken-over claim keeps the former
+    /// holder's grant and function in its record. Exactly one of several daemons calling
+    /// this at once gets `Claimed`.
     ///
     /// # Errors
     /// `ClaimError` when the store cannot be reached; the caller should retry later.
     /// Cancel safety: a claim created by a cancelled call stays until its lease runs out.
-    pub async fn acquire(&self, job_id: &str) -> Result<Acquired, ClaimError> {
+    pub async fn acquire(
+        &self,
+        job_id: &str,
+        message_id: Option<&str>,
+    ) -> Result<Acquired, ClaimError> {
         let shared = &self.shared;
         let key = self.key(job_id);
+        let mine = JobRecord {
+            message_id: message_id.map(str::to_owned),
+            ..JobRecord::default()
+        };
         for _ in 0..ACQUIRE_ATTEMPTS {
-            let (body, expires) = self.body(job_id);
-            if let Put::Written(etag) = shared.store.create(&key, body).await? {
+            let expires = shared.expiry_from_now();
+            let body = shared.encode(job_id, expires, &mine);
+            let created = shared
+                .timed("write", &key, shared.store.create(&key, body))
+                .await?;
+            if let Put::Written(etag) = created {
                 debug!(claim = %key, "Claim created.");
-                return Ok(Acquired::Claimed(self.guard(job_id, key, etag, expires)));
+                return Ok(Acquired::Claimed(
+                    self.guard(job_id, key, etag, expires, mine),
+                ));
             }
-            let Some((etag, current)) = shared.store.read(&key).await? else {
+            let Some((etag, current)) = shared.read(&key).await? else {
                 // Deleted between our write and our read: its job ended; try again.
                 continue;
             };
             let now = (shared.clock)();
             let current = parse_body(&current);
-            // A live claim of our own process is a leftover (a finished job whose claim
-            // could not be deleted): the daemon runs one job per id at a time, so no job
-            // of ours holds it now.
-            if let Some(body) = &current
-                && body.expires_unix_ms > now
-                && body.owner != shared.owner
-                && !shared.owner.is_dead_neighbour(&body.owner)
-            {
-                return Ok(Acquired::HeldElsewhere {
-                    owner: body.owner.to_string(),
-                    remaining: Duration::from_millis(body.expires_unix_ms - now),
-                });
+            let why = match &current {
+                None => "unreadable",
+                Some(body) if body.expires_unix_ms == 0 => "released",
+                Some(body) if body.owner == shared.owner => {
+                    // A claim of this very process: the daemon runs one job per id at a
+                    // time, so no job of ours holds it now (one ended without deleting it).
+                    "left by this process"
+                }
+                Some(body) if body.expires_unix_ms <= now => "expired",
+                Some(body) if shared.owner.is_dead_neighbour(&body.owner) => {
+                    "left by a dead process of this machine"
+                }
+                Some(body) => {
+                    return Ok(Acquired::HeldElsewhere {
+                        owner: body.owner.to_string(),
+                        remaining: Duration::from_millis(body.expires_unix_ms - now),
+                        message_id: body.record.message_id.clone(),
+                    });
+                }
+            };
+            // Take it over, and with it whatever the former holder held.
+            let mut record = mine.clone();
+            if let Some(body) = &current {
+                record.grant = body.record.grant.clone();
+                record.function = body.record.function.clone();
             }
-            // Expired, released or unreadable: take it over, unless someone else does first.
-            let (body, expires) = self.body(job_id);
-            match shared.store.replace(&key, &etag, body).await? {
+            let expires = shared.expiry_from_now();
+            let body = shared.encode(job_id, expires, &record);
+            match shared.replace_confirmed(&key, &etag, body).await? {
                 Put::Written(etag) => {
                     let previous =
                         current.map_or_else(|| "unknown".to_string(), |b| b.owner.to_string());
-                    info!(claim = %key, previous_owner = %previous, "Took over an expired claim.");
-                    return Ok(Acquired::Claimed(self.guard(job_id, key, etag, expires)));
+                    let holds_gpus = record.holds_gpus();
+                    if why == "released" && !holds_gpus {
+                        debug!(claim = %key, "Took over a released claim.");
+                    } else {
+                        info!(claim = %key, previous_owner = %previous, why, holds_gpus, "Took over a claim.");
+                    }
+                    return Ok(Acquired::Claimed(
+                        self.guard(job_id, key, etag, expires, record),
+                    ));
                 }
                 Put::Conflict => continue,
             }
@@ -416,6 +485,7 @@ impl Claims {
         Ok(Acquired::HeldElsewhere {
             owner: "unknown (contended)".to_string(),
             remaining: shared.lease,
+            message_id: None,
         })
     }
 
@@ -426,40 +496,59 @@ impl Claims {
     /// `ClaimError` when the store cannot be reached.
     pub async fn peek(&self, job_id: &str) -> Result<Option<ClaimSeen>, ClaimError> {
         let shared = &self.shared;
-        let Some((_, body)) = shared.store.read(&self.key(job_id)).await? else {
+        let Some((_, body)) = shared.read(&self.key(job_id)).await? else {
             return Ok(None);
         };
         let now = (shared.clock)();
         Ok(parse_body(&body).map(|body| ClaimSeen {
             live: body.expires_unix_ms > now,
+            mine: body.owner == shared.owner,
             owner: body.owner.to_string(),
         }))
     }
 
-    fn body(&self, job_id: &str) -> (Vec<u8>, u64) {
-        let expires = (self.shared.clock)().saturating_add(duration_ms(self.shared.lease));
-        (encode(&self.shared.owner, job_id, expires), expires)
+    /// Whether `job_id`'s claim records the grant `scheduler_job_id`: then the claim, not
+    /// this host's journal, holds it, and whoever takes the job over releases it.
+    ///
+    /// # Errors
+    /// `ClaimError` when the store cannot be reached (the answer is unknown).
+    pub async fn records_grant(
+        &self,
+        job_id: &str,
+        scheduler_job_id: &str,
+    ) -> Result<bool, ClaimError> {
+        let Some((_, body)) = self.shared.read(&self.key(job_id)).await? else {
+            return Ok(false);
+        };
+        Ok(parse_body(&body)
+            .and_then(|b| b.record.grant)
+            .is_some_and(|g| g.scheduler_job_id == scheduler_job_id))
     }
 
-    fn guard(&self, job_id: &str, key: String, etag: String, expires_unix_ms: u64) -> ClaimGuard {
-        ClaimGuard {
-            claims: self.clone(),
-            job_id: job_id.to_string(),
-            key,
-            etag: Some(etag),
-            expires_unix_ms,
-        }
+    fn guard(
+        &self,
+        job_id: &str,
+        key: String,
+        etag: String,
+        expires_unix_ms: u64,
+        record: JobRecord,
+    ) -> ClaimGuard {
+        ClaimGuard::new(self.clone(), job_id, key, etag, expires_unix_ms, record)
     }
 }
 
-fn encode(owner: &Owner, job_id: &str, expires_unix_ms: u64) -> Vec<u8> {
-    let body = ClaimBody {
-        version: 1,
-        job_id: job_id.to_string(),
-        owner: owner.clone(),
-        expires_unix_ms,
-    };
-    serde_json::to_vec(&body).expect("a struct of strings and numbers always serializes")
+impl crate::reservations::GrantRecords for Claims {
+    fn records_grant<'a>(
+        &'a self,
+        job_id: &'a str,
+        scheduler_job_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            Claims::records_grant(self, job_id, scheduler_job_id)
+                .await
+                .map_err(|e| crate::aws::error_chain(&e))
+        })
+    }
 }
 
 fn parse_body(bytes: &[u8]) -> Option<ClaimBody> {
@@ -468,7 +557,7 @@ fn parse_body(bytes: &[u8]) -> Option<ClaimBody> {
     }
     serde_json::from_slice::<ClaimBody>(bytes)
         .ok()
-        .filter(|body| body.version == 1)
+        .filter(|body| body.version == 1 || body.version == VERSION)
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -482,188 +571,8 @@ pub struct ClaimSeen {
     pub live: bool,
     /// Which daemon wrote it.
     pub owner: String,
-}
-
-/// A claim this process holds. End it with `finish` (the job's result exists) or
-/// `give_up` (the job did not finish); if it is dropped instead, it is given up in the
-/// background.
-pub struct ClaimGuard {
-    claims: Claims,
-    job_id: String,
-    key: String,
-    /// `None` once the claim was lost or ended.
-    etag: Option<String>,
-    expires_unix_ms: u64,
-}
-
-impl ClaimGuard {
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Runs `work` while renewing the claim every third of the lease; a renewal runs
-    /// beside the work, never pausing it. If the claim is lost (another daemon took it
-    /// over after a renewal failed to arrive in time), `lost` is cancelled and `work` is
-    /// still awaited, so it can stop cleanly. Returns the work's output and whether the
-    /// claim was lost.
-    ///
-    /// Cancel safety: dropping the future drops `work`; the claim stays held.
-    pub async fn keep_while<T>(
-        &mut self,
-        lost: &CancellationToken,
-        work: impl Future<Output = T>,
-    ) -> (T, bool) {
-        tokio::pin!(work);
-        let renew_every = self.claims.shared.lease / 3;
-        let mut next = tokio::time::Instant::now() + renew_every;
-        let mut renewal: Option<BoxFuture<'static, RenewalReply>> = None;
-        loop {
-            tokio::select! {
-                output = &mut work => {
-                    // A renewal in flight may already have changed the ETag: learn it, so
-                    // that `finish` or `give_up` acts on the claim as it is.
-                    if let Some(in_flight) = renewal.take() {
-                        self.apply_renewal(in_flight.await);
-                    }
-                    return (output, self.etag.is_none());
-                }
-                _ = tokio::time::sleep_until(next), if self.etag.is_some() && renewal.is_none() => {
-                    renewal = self.start_renewal();
-                }
-                reply = reply_of(&mut renewal), if renewal.is_some() => {
-                    renewal = None;
-                    next = match self.apply_renewal(reply) {
-                        Renewal::Renewed => tokio::time::Instant::now() + renew_every,
-                        Renewal::Failed => tokio::time::Instant::now() + RENEW_RETRY.min(renew_every),
-                        Renewal::Lost => {
-                            lost.cancel();
-                            next
-                        }
-                    };
-                }
-            }
-        }
-    }
-
-    /// A renewal request that owns what it needs, so it can run beside the work.
-    fn start_renewal(&self) -> Option<BoxFuture<'static, RenewalReply>> {
-        let etag = self.etag.clone()?;
-        let claims = self.claims.clone();
-        let (key, job_id) = (self.key.clone(), self.job_id.clone());
-        Some(Box::pin(async move {
-            let shared = &claims.shared;
-            let now = (shared.clock)();
-            let expires = now.saturating_add(duration_ms(shared.lease));
-            let body = encode(&shared.owner, &job_id, expires);
-            let result = shared.store.replace(&key, &etag, body).await;
-            RenewalReply {
-                result,
-                sent_unix_ms: now,
-                expires_unix_ms: expires,
-            }
-        }))
-    }
-
-    /// Takes in a renewal's reply: the new ETag and expiry, or the claim lost.
-    fn apply_renewal(&mut self, reply: RenewalReply) -> Renewal {
-        match reply.result {
-            Ok(Put::Written(etag)) => {
-                self.etag = Some(etag);
-                self.expires_unix_ms = reply.expires_unix_ms;
-                debug!(claim = %self.key, "Claim renewed.");
-                Renewal::Renewed
-            }
-            Ok(Put::Conflict) => {
-                warn!(claim = %self.key, "Claim lost to another daemon; stopping the job.");
-                self.etag = None;
-                Renewal::Lost
-            }
-            Err(e) if reply.sent_unix_ms >= self.expires_unix_ms => {
-                // Another daemon may have taken it over by now: stop rather than run twice.
-                warn!(claim = %self.key, error = %crate::aws::error_chain(&e), "Claim expired before it could be renewed; stopping the job.");
-                self.etag = None;
-                Renewal::Lost
-            }
-            Err(e) => {
-                warn!(claim = %self.key, error = %crate::aws::error_chain(&e), "Claim renewal failed; will retry.");
-                Renewal::Failed
-            }
-        }
-    }
-
-    /// The job's result exists: deletes the claim. A failed delete is logged; the claim
-    /// then expires by itself and a lifecycle rule removes it.
-    pub async fn finish(mut self) {
-        if self.etag.take().is_none() {
-            return;
-        }
-        let shared = &self.claims.shared;
-        if let Err(e) = shared.store.delete(&self.key).await {
-            warn!(claim = %self.key, error = %crate::aws::error_chain(&e), "Cannot delete a finished job's claim; it expires by itself.");
-        }
-    }
-
-    /// The job did not finish: marks the claim released (`If-Match` on our ETag, so a
-    /// claim another daemon took over is left alone), for a retry to take over at once.
-    pub async fn give_up(mut self) {
-        let Some(etag) = self.etag.take() else {
-            return;
-        };
-        give_up(&self.claims, &self.job_id, &self.key, &etag).await;
-    }
-
-    /// Leaves the claim to expire by itself: for a job whose function may still write the
-    /// result, so that no daemon starts it again within the lease.
-    pub fn leave(mut self) {
-        self.etag = None;
-    }
-}
-
-async fn give_up(claims: &Claims, job_id: &str, key: &str, etag: &str) {
-    let shared = &claims.shared;
-    let body = encode(&shared.owner, job_id, 0);
-    match shared.store.replace(key, etag, body).await {
-        Ok(Put::Written(_)) => debug!(claim = %key, "Claim released."),
-        Ok(Put::Conflict) => debug!(claim = %key, "Claim was no longer ours."),
-        Err(e) => {
-            warn!(claim = %key, error = %crate::aws::error_chain(&e), "Cannot release a claim; it expires by itself.")
-        }
-    }
-}
-
-impl Drop for ClaimGuard {
-    fn drop(&mut self) {
-        if let Some(etag) = self.etag.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let (claims, job_id, key) =
-                (self.claims.clone(), self.job_id.clone(), self.key.clone());
-            runtime.spawn(
-                async move { give_up(&claims, &job_id, &key, &etag).await }.in_current_span(),
-            );
-        }
-    }
-}
-
-enum Renewal {
-    Renewed,
-    Failed,
-    Lost,
-}
-
-/// What a renewal request came back with.
-struct RenewalReply {
-    result: Result<Put, ClaimError>,
-    sent_unix_ms: u64,
-    expires_unix_ms: u64,
-}
-
-/// The reply of the renewal in flight; never completes when there is none.
-async fn reply_of(renewal: &mut Option<BoxFuture<'static, RenewalReply>>) -> RenewalReply {
-    match renewal {
-        Some(in_flight) => in_flight.await,
-        None => std::future::pending().await,
-    }
+    /// This very process wrote it.
+    pub mine: bool,
 }
 
 #[cfg(test)]
@@ -672,6 +581,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use tokio_util::sync::CancellationToken;
 
     /// An in-memory claim store with S3's conditional-write semantics.
     #[derive(Default)]
@@ -680,18 +590,24 @@ mod tests {
         next_etag: AtomicU64,
         /// The next this many writes fail as if S3 were unreachable.
         failing_writes: AtomicU32,
+        /// The next this many `replace` calls are applied but answered 412 (the reply of
+        /// the applied write was lost, the SDK retried it, and the retry met our own ETag).
+        applied_then_conflict: AtomicU32,
         writes: AtomicU32,
-        /// How long each `replace` takes to answer (a slow S3).
+        /// How long each `replace` takes to answer after it was applied (a slow reply).
         replace_delay_ms: AtomicU64,
+        /// How long each `replace` is held back before it reaches the store (a slow or
+        /// partitioned S3 endpoint).
+        replace_held_ms: AtomicU64,
+    }
+
+    fn take_one(counter: &AtomicU32) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     impl MemStore {
-        fn fail_next(&self) -> bool {
-            self.failing_writes
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        }
-
         fn write(
             &self,
             key: &str,
@@ -699,7 +615,7 @@ mod tests {
             body: Vec<u8>,
         ) -> Result<Put, ClaimError> {
             self.writes.fetch_add(1, Ordering::SeqCst);
-            if self.fail_next() {
+            if take_one(&self.failing_writes) {
                 return Err(ClaimError::Store {
                     op: "write",
                     bucket: "mem".into(),
@@ -723,12 +639,13 @@ mod tests {
             Ok(Put::Written(etag))
         }
 
-        fn expiry(&self, key: &str) -> Option<u64> {
+        fn body(&self, key: &str) -> Option<ClaimBody> {
             let objects = self.objects.lock().expect("not poisoned");
-            objects
-                .get(key)
-                .and_then(|(_, body)| parse_body(body))
-                .map(|b| b.expires_unix_ms)
+            objects.get(key).and_then(|(_, body)| parse_body(body))
+        }
+
+        fn expiry(&self, key: &str) -> Option<u64> {
+            self.body(key).map(|b| b.expires_unix_ms)
         }
     }
 
@@ -747,12 +664,17 @@ mod tests {
             body: Vec<u8>,
         ) -> BoxFuture<'a, Result<Put, ClaimError>> {
             Box::pin(async move {
-                // The write lands at once; its reply is slow (as a request that S3 has
-                // carried out while the answer is still on its way).
+                let held = self.replace_held_ms.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(held)).await;
                 let written = self.write(key, Some(Some(etag)), body);
                 let delay = self.replace_delay_ms.load(Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(delay)).await;
-                written
+                match written {
+                    Ok(Put::Written(_)) if take_one(&self.applied_then_conflict) => {
+                        Ok(Put::Conflict)
+                    }
+                    other => other,
+                }
             })
         }
         fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, ClaimError>> {
@@ -762,6 +684,14 @@ mod tests {
         }
         fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), ClaimError>> {
             Box::pin(async move {
+                if take_one(&self.failing_writes) {
+                    return Err(ClaimError::Store {
+                        op: "delete",
+                        bucket: "mem".into(),
+                        key: key.into(),
+                        source: "access denied".into(),
+                    });
+                }
                 self.objects.lock().expect("not poisoned").remove(key);
                 Ok(())
             })
@@ -769,11 +699,12 @@ mod tests {
     }
 
     const LEASE: Duration = Duration::from_secs(30);
+    const T0: u64 = 1_000_000_000;
 
     /// Wall clock driven by tokio's (paused) clock.
     fn paused_clock() -> Clock {
         let start = tokio::time::Instant::now();
-        Arc::new(move || 1_000_000_000 + duration_ms(start.elapsed()))
+        Arc::new(move || T0 + duration_ms(start.elapsed()))
     }
 
     fn daemon(store: &Arc<MemStore>, pid: u32, clock: &Clock) -> Claims {
@@ -799,42 +730,66 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn one_of_two_daemons_wins_and_the_other_learns_until_when() {
-        let store = Arc::new(MemStore::default());
-        let clock = paused_clock();
-        let (a, b) = (daemon(&store, 1, &clock), daemon(&store, 2, &clock));
-        let guard = claimed(a.acquire("j1").await.expect("store works"));
-        assert_eq!(guard.key(), "claims/j1.claim");
-        tokio::time::advance(Duration::from_secs(10)).await;
-        match b.acquire("j1").await.expect("store works") {
-            Acquired::HeldElsewhere { owner, remaining } => {
-                assert!(owner.starts_with("h:1 "), "{owner}");
-                assert_eq!(remaining, LEASE - Duration::from_secs(10));
-            }
-            Acquired::Claimed(_) => panic!("both daemons won"),
+    fn grant(id: &str) -> RecordedGrant {
+        RecordedGrant {
+            scheduler: "s:1".into(),
+            scheduler_job_id: id.into(),
+            devices: vec!["gpu0".into()],
+            since_unix: 1,
         }
-        guard.finish().await;
-        assert!(
-            store.objects.lock().expect("ok").is_empty(),
-            "finished claim left behind"
-        );
-        claimed(b.acquire("j1").await.expect("store works"));
+    }
+
+    #[test]
+    fn the_call_timeout_is_well_inside_a_third_of_any_allowed_lease() {
+        assert_eq!(call_timeout(MIN_LEASE), Duration::from_secs(1));
+        assert_eq!(call_timeout(LEASE), Duration::from_secs(5));
+        assert_eq!(call_timeout(Duration::from_secs(3600)), CALL_TIMEOUT_MAX);
+        for secs in [6, 7, 10, 60, 600, 21_600] {
+            let lease = Duration::from_secs(secs);
+            assert!(call_timeout(lease) * 2 <= lease / 3, "lease {secs} s");
+        }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn peek_tells_a_live_claim_from_an_expired_or_released_one() {
+    async fn one_of_two_daemons_wins_and_the_other_learns_until_when_and_from_which_message() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let (a, b) = (daemon(&store, 1, &clock), daemon(&store, 2, &clock));
+        let guard = claimed(a.acquire("j1", Some("m-1")).await.expect("store works"));
+        assert_eq!(guard.key(), "claims/j1.claim");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        match b.acquire("j1", Some("m-2")).await.expect("store works") {
+            Acquired::HeldElsewhere {
+                owner,
+                remaining,
+                message_id,
+            } => {
+                assert!(owner.starts_with("h:1 "), "{owner}");
+                assert_eq!(remaining, LEASE - Duration::from_secs(10));
+                assert_eq!(message_id.as_deref(), Some("m-1"));
+            }
+            Acquired::Claimed(_) => panic!("both daemons won"),
+        }
+        guard.end().await;
+        assert!(
+            store.objects.lock().expect("ok").is_empty(),
+            "ended claim left behind"
+        );
+        claimed(b.acquire("j1", None).await.expect("store works"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peek_tells_a_live_claim_from_an_expired_one() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
         let (a, web) = (daemon(&store, 1, &clock), daemon(&store, 2, &clock));
         assert_eq!(web.peek("j").await.expect("store works"), None);
-        let guard = claimed(a.acquire("j").await.expect("store works"));
+        let guard = claimed(a.acquire("j", None).await.expect("store works"));
         let seen = web.peek("j").await.expect("store works").expect("a claim");
         assert!(seen.live && seen.owner.starts_with("h:1 "), "{seen:?}");
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         assert!(!web.peek("j").await.expect("ok").expect("a claim").live);
-        guard.give_up().await;
-        assert!(!web.peek("j").await.expect("ok").expect("a claim").live);
+        std::mem::forget(guard);
     }
 
     #[tokio::test(start_paused = true)]
@@ -842,12 +797,12 @@ mod tests {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
         let dead = daemon(&store, 1, &clock);
-        let stale = claimed(dead.acquire("j").await.expect("store works"));
-        // The owner dies: nothing renews or gives up its claim.
+        let stale = claimed(dead.acquire("j", None).await.expect("store works"));
+        // The owner dies: nothing renews or ends its claim.
         std::mem::forget(stale);
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         let (b, c) = (daemon(&store, 2, &clock), daemon(&store, 3, &clock));
-        let (rb, rc) = tokio::join!(b.acquire("j"), c.acquire("j"));
+        let (rb, rc) = tokio::join!(b.acquire("j", None), c.acquire("j", None));
         let winners = [rb, rc]
             .into_iter()
             .map(|r| r.expect("store works"))
@@ -857,47 +812,118 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_dead_holders_grant_and_function_pass_to_whoever_takes_the_job_over() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let dead = daemon(&store, 1, &clock);
+        let guard = claimed(dead.acquire("j", Some("m-1")).await.expect("ok"));
+        let handle = guard.handle();
+        handle.record_grant(grant("77")).await.expect("recorded");
+        let function = FunctionStarted {
+            started_unix_ms: clock(),
+            result_deadline_unix_ms: clock() + 90_000,
+        };
+        handle
+            .record_function(function.clone())
+            .await
+            .expect("recorded");
+        assert!(dead.records_grant("j", "77").await.expect("ok"));
+        assert!(!dead.records_grant("j", "78").await.expect("ok"));
+        // The host dies for good.
+        std::mem::forget(guard);
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        let survivor = daemon(&store, 2, &clock);
+        let guard = claimed(survivor.acquire("j", Some("m-2")).await.expect("ok"));
+        assert_eq!(guard.carried().grant, Some(grant("77")));
+        assert_eq!(guard.carried().function, Some(function));
+        assert_eq!(guard.carried().message_id.as_deref(), Some("m-2"));
+        // The record stays in the claim while the survivor holds it...
+        assert!(survivor.records_grant("j", "77").await.expect("ok"));
+        let record = store.body("claims/j.claim").expect("a claim").record;
+        assert_eq!(record.message_id.as_deref(), Some("m-2"));
+        // ...and an end that did not clear it hands it over instead of deleting it.
+        guard.end().await;
+        let body = store
+            .body("claims/j.claim")
+            .expect("kept for the next holder");
+        assert_eq!(body.expires_unix_ms, 0);
+        assert_eq!(body.record.grant, Some(grant("77")));
+        let next = claimed(
+            daemon(&store, 3, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
+        assert_eq!(next.carried().grant, Some(grant("77")));
+        // Cleared before the release, the claim is then deleted at its end.
+        next.handle().clear_gpus().await.expect("cleared");
+        assert!(!survivor.records_grant("j", "77").await.expect("ok"));
+        next.end().await;
+        assert!(store.objects.lock().expect("ok").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_live_claim_left_by_this_very_process_is_taken_over_at_once() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
         let a = daemon(&store, 1, &clock);
-        // A finished job whose claim could not be deleted (an S3 outage): it stays live.
-        claimed(a.acquire("j").await.expect("store works")).leave();
+        // A job whose claim could not be ended (an S3 outage): it stays live.
+        std::mem::forget(claimed(a.acquire("j", None).await.expect("store works")));
         let b = daemon(&store, 2, &clock);
         assert!(matches!(
-            b.acquire("j").await.expect("ok"),
+            b.acquire("j", None).await.expect("ok"),
             Acquired::HeldElsewhere { .. }
         ));
         // The redelivered message comes back to the same daemon: no waiting for the lease.
-        claimed(a.acquire("j").await.expect("store works")).leave();
+        claimed(a.acquire("j", None).await.expect("store works"));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_given_up_claim_is_taken_over_at_once() {
+    async fn an_ended_claim_is_deleted_within_its_lease_and_marked_released_past_it() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
         let a = daemon(&store, 1, &clock);
-        let guard = claimed(a.acquire("j").await.expect("store works"));
-        guard.give_up().await;
+        claimed(a.acquire("j", None).await.expect("ok")).end().await;
+        assert_eq!(store.expiry("claims/j.claim"), None, "deleted");
+        // A delete that fails (no s3:DeleteObject) falls back to marking it released.
+        let guard = claimed(a.acquire("j", None).await.expect("ok"));
+        store.failing_writes.store(1, Ordering::SeqCst);
+        guard.end().await;
+        assert_eq!(store.expiry("claims/j.claim"), Some(0));
+        // Past the point where the holder must act, it is never deleted unconditionally.
+        let guard = claimed(a.acquire("j", None).await.expect("ok"));
+        tokio::time::advance(LEASE - Duration::from_secs(1)).await;
+        guard.end().await;
+        assert_eq!(store.expiry("claims/j.claim"), Some(0));
         let b = daemon(&store, 2, &clock);
-        claimed(b.acquire("j").await.expect("store works"));
+        claimed(b.acquire("j", None).await.expect("store works"));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_dropped_guard_gives_its_claim_up_in_the_background() {
+    async fn a_dropped_guard_ends_its_claim_in_the_background() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(daemon(&store, 1, &clock).acquire("j").await.expect("ok"));
+        let guard = claimed(
+            daemon(&store, 1, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
         drop(guard);
         tokio::task::yield_now().await;
-        assert_eq!(store.expiry("claims/j.claim"), Some(0));
+        assert_eq!(store.expiry("claims/j.claim"), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_claim_is_renewed_every_third_of_the_lease_while_the_work_runs() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let mut guard = claimed(daemon(&store, 1, &clock).acquire("j").await.expect("ok"));
+        let guard = claimed(
+            daemon(&store, 1, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
         let lost = CancellationToken::new();
         let (_, was_lost) = guard
             .keep_while(
@@ -913,61 +939,101 @@ mod tests {
         // Another daemon sees it held all along.
         let other = daemon(&store, 2, &clock);
         assert!(matches!(
-            other.acquire("j").await.expect("ok"),
+            other.acquire("j", None).await.expect("ok"),
             Acquired::HeldElsewhere { .. }
         ));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failed_renewal_is_retried_and_the_claim_kept() {
+    async fn a_failed_renewal_is_retried_with_backoff_and_the_claim_kept() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let mut guard = claimed(daemon(&store, 1, &clock).acquire("j").await.expect("ok"));
+        let guard = claimed(
+            daemon(&store, 1, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
         store.failing_writes.store(3, Ordering::SeqCst);
         let lost = CancellationToken::new();
         let (_, was_lost) = guard
-            .keep_while(&lost, tokio::time::sleep(Duration::from_secs(15)))
+            .keep_while(&lost, tokio::time::sleep(Duration::from_secs(20)))
             .await;
-        assert!(!was_lost);
-        // Create, then at 10 s three failures 1 s apart and a success at 13 s.
+        assert!(!was_lost && !lost.is_cancelled());
+        // Create, then at 10 s three failures backing off from 1.25 s (jittered), then a
+        // success well before the holder must act (25 s).
         assert_eq!(store.writes.load(Ordering::SeqCst), 5);
-        assert_eq!(
-            store.expiry("claims/j.claim"),
-            Some(clock() - 2_000 + duration_ms(LEASE))
+        let expiry = store.expiry("claims/j.claim").expect("claim there");
+        assert!(
+            expiry > T0 + duration_ms(LEASE) + 10_000,
+            "renewed: {expiry}"
         );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_claim_taken_over_while_held_cancels_the_work() {
+    async fn a_renewal_slower_than_the_lease_makes_the_holder_act_before_its_expiry() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let mut guard = claimed(daemon(&store, 1, &clock).acquire("j").await.expect("ok"));
-        // Renewals cannot get through until after the lease: another daemon takes over.
-        store.failing_writes.store(u32::MAX, Ordering::SeqCst);
+        let guard = claimed(
+            daemon(&store, 1, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
+        let expiry = store.expiry("claims/j.claim").expect("claim there");
+        // Every renewal is held back on its way to S3 for longer than the lease.
+        store.replace_held_ms.store(60_000, Ordering::SeqCst);
         let lost = CancellationToken::new();
         let work = async {
             lost.cancelled().await;
-            "stopped"
+            clock()
         };
-        let (output, was_lost) = guard.keep_while(&lost, work).await;
-        assert_eq!(output, "stopped");
+        let (stopped_at, was_lost) = guard.keep_while(&lost, work).await;
         assert!(was_lost);
-        assert!(
-            clock() >= 1_000_000_000 + duration_ms(LEASE),
-            "gave up before the lease ran out"
+        // It acted a call timeout (5 s) before the expiry another daemon goes by.
+        assert_eq!(stopped_at, expiry - 5_000);
+        assert!(stopped_at < expiry);
+        // Another daemon takes over only once that expiry has passed.
+        let other = daemon(&store, 2, &clock);
+        assert!(matches!(
+            other.acquire("j", None).await.expect("ok"),
+            Acquired::HeldElsewhere { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_applied_but_answered_412_is_not_a_loss() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let guard = claimed(
+            daemon(&store, 1, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
         );
-        // A lost claim is neither deleted nor released by its former holder.
-        store.failing_writes.store(0, Ordering::SeqCst);
-        let expiry_before = store.expiry("claims/j.claim");
-        guard.give_up().await;
-        assert_eq!(store.expiry("claims/j.claim"), expiry_before);
+        store.applied_then_conflict.store(1, Ordering::SeqCst);
+        let lost = CancellationToken::new();
+        let (_, was_lost) = guard
+            .keep_while(&lost, tokio::time::sleep(Duration::from_secs(15)))
+            .await;
+        assert!(!was_lost && !lost.is_cancelled());
+        // The renewal at 10 s counts: the claim holds until 40 s, and the guard knows
+        // its ETag (its end deletes the claim).
+        assert_eq!(store.expiry("claims/j.claim"), Some(T0 + 40_000));
+        guard.end().await;
+        assert_eq!(store.expiry("claims/j.claim"), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_renewal_refused_by_a_new_holder_cancels_the_work() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let mut guard = claimed(daemon(&store, 1, &clock).acquire("j").await.expect("ok"));
+        let guard = claimed(
+            daemon(&store, 1, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
         // Someone else replaced the claim (say, after our lease ran out during a pause).
         store
             .objects
@@ -977,21 +1043,50 @@ mod tests {
         let lost = CancellationToken::new();
         let (_, was_lost) = guard.keep_while(&lost, lost.cancelled()).await;
         assert!(was_lost);
-        assert_eq!(clock(), 1_000_000_000 + duration_ms(LEASE / 3));
+        assert_eq!(clock(), T0 + duration_ms(LEASE / 3));
+        // A lost claim is neither deleted nor released by its former holder.
+        guard.end().await;
+        assert_eq!(
+            store.objects.lock().expect("ok")["claims/j.claim"].1,
+            b"{}".to_vec()
+        );
     }
 
     #[test]
-    fn unreadable_or_foreign_bodies_are_not_claims() {
+    fn unreadable_or_foreign_bodies_are_not_claims_and_version_1_is_read() {
         assert!(parse_body(b"not json").is_none());
-        assert!(parse_body(br#"{"version":2,"job_id":"j","owner":{"host":"h","pid":1,"started_unix":1},"expires_unix_ms":9}"#).is_none());
-        let owner = Owner {
-            host: "h".into(),
-            pid: 1,
-            started_unix: 1,
-            pid_space: String::new(),
+        assert!(parse_body(br#"{"version":3,"job_id":"j","owner":{"host":"h","pid":1,"started_unix":1},"expires_unix_ms":9}"#).is_none());
+        let v1 = parse_body(br#"{"version":1,"job_id":"j","owner":{"host":"h","pid":1,"started_unix":1},"expires_unix_ms":9}"#).expect("version 1");
+        assert_eq!((v1.expires_unix_ms, v1.record), (9, JobRecord::default()));
+        let huge = format!(
+            r#"{{"version":2,"job_id":"{}","owner":{{"host":"h","pid":1,"started_unix":1}},"expires_unix_ms":9}}"#,
+            "j".repeat(MAX_BODY)
+        );
+        assert!(parse_body(huge.as_bytes()).is_none());
+        let store = Arc::new(MemStore::default());
+        let clock: Clock = Arc::new(|| T0);
+        let claims = daemon(&store, 1, &clock);
+        let record = JobRecord {
+            message_id: Some("m".into()),
+            grant: Some(grant("5")),
+            function: None,
         };
-        let body = parse_body(&encode(&owner, "j", 42)).expect("our own body");
-        assert_eq!((body.owner, body.expires_unix_ms), (owner, 42));
+        let body = parse_body(&claims.shared.encode("j", 42, &record)).expect("our own body");
+        assert_eq!((body.version, body.expires_unix_ms), (VERSION, 42));
+        assert_eq!(body.record, record);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_start_up_check_writes_and_deletes_a_probe() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let claims = daemon(&store, 1, &clock);
+        claims.check().await.expect("a writable store");
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1);
+        assert!(store.objects.lock().expect("ok").is_empty(), "probe left");
+        store.failing_writes.store(1, Ordering::SeqCst);
+        let error = claims.check().await.expect_err("writes refused");
+        assert!(error.to_string().contains("write"), "{error}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1011,25 +1106,29 @@ mod tests {
         let claims_of = |owner: Owner| {
             Claims::with_clock(Box::new(store.clone()), "c", LEASE, owner, clock.clone())
         };
-        claimed(claims_of(dead).acquire("j").await.expect("ok")).leave();
+        std::mem::forget(claimed(
+            claims_of(dead).acquire("j", None).await.expect("ok"),
+        ));
         // Another machine (or pid namespace) cannot tell: it waits for the lease.
         let elsewhere = Owner {
             pid_space: "other-boot/pid:[1]".into(),
             ..me.clone()
         };
         assert!(matches!(
-            claims_of(elsewhere).acquire("j").await.expect("ok"),
+            claims_of(elsewhere).acquire("j", None).await.expect("ok"),
             Acquired::HeldElsewhere { .. }
         ));
         // This machine can: the owner is gone, its claim is taken over before its lease.
-        claimed(claims_of(me.clone()).acquire("j").await.expect("ok")).leave();
+        std::mem::forget(claimed(
+            claims_of(me.clone()).acquire("j", None).await.expect("ok"),
+        ));
         // A live owner's claim (ours, as seen by another daemon of this machine) holds.
         let neighbour = Owner {
             pid: 1,
             ..me.clone()
         };
         assert!(matches!(
-            claims_of(neighbour).acquire("j").await.expect("ok"),
+            claims_of(neighbour).acquire("j", None).await.expect("ok"),
             Acquired::HeldElsewhere { .. }
         ));
     }
@@ -1038,21 +1137,25 @@ mod tests {
     async fn a_slow_renewal_does_not_hold_up_the_work() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let mut guard = claimed(daemon(&store, 1, &clock).acquire("j").await.expect("ok"));
-        store.replace_delay_ms.store(5_000, Ordering::SeqCst);
+        let guard = claimed(
+            daemon(&store, 1, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
+        store.replace_delay_ms.store(3_000, Ordering::SeqCst);
         let started = tokio::time::Instant::now();
         let work = async {
             tokio::time::sleep(Duration::from_secs(12)).await;
             started.elapsed()
         };
         let lost = CancellationToken::new();
-        // The renewal starts at 10 s and takes until 15 s; the work ends at 12 s.
+        // The renewal starts at 10 s and takes until 13 s; the work ends at 12 s.
         let (work_took, was_lost) = guard.keep_while(&lost, work).await;
         assert_eq!(work_took, Duration::from_secs(12));
         assert!(!was_lost);
-        // The renewal in flight was waited for, so the guard knows the claim's new ETag:
-        // its release (If-Match) goes through.
-        guard.give_up().await;
-        assert_eq!(store.expiry("claims/j.claim"), Some(0));
+        // The renewal in flight was waited for, so the guard knows the claim's new ETag.
+        guard.end().await;
+        assert_eq!(store.expiry("claims/j.claim"), None);
     }
 }

@@ -26,10 +26,10 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
 use crate::batcher::{QueueBatcher, Reply};
-use crate::cli::MAX_VISIBILITY;
 use crate::event::{Notification, parse_notification};
 use crate::history::{self, EventKind};
 use crate::job::{Disposition, JobCancel, JobContext, JobError, JobOutcome};
+use crate::queue::MAX_VISIBILITY;
 use crate::queue::{Queue, QueueError, ReceivedMessage};
 use crate::scheduler::GpuScheduler;
 use crate::telemetry::{self, Outcome};
@@ -267,6 +267,13 @@ async fn debug_wedge(receives: u64) {
     let _ = receives;
 }
 
+/// A fault for the tests, in debug builds only: with `ORCHGPU_DEBUG_NO_HEARTBEATS=1` no
+/// message's visibility is extended, as during an SQS brownout, so a running job's
+/// message comes back to the queue.
+fn debug_no_heartbeats() -> bool {
+    cfg!(debug_assertions) && std::env::var_os("ORCHGPU_DEBUG_NO_HEARTBEATS").is_some()
+}
+
 /// Processes one message in its own task, extending its visibility meanwhile, then
 /// deletes it, returns it or leaves it according to the outcome. A panic in the job is
 /// contained here.
@@ -282,6 +289,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     let _running = telemetry::get().job_running();
     telemetry::get().jobs_progressed();
     let received_at = Instant::now();
+    let jobs_have_claims = jobs.has_claims();
     let cancel = JobCancel {
         token: shutdown.abort.child_token(),
         lost: CancellationToken::new(),
@@ -298,6 +306,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         .in_current_span(),
     );
     let heartbeat_every = heartbeat_interval(settings.visibility_timeout);
+    let heartbeats = !debug_no_heartbeats();
     let mut schedule = HeartbeatSchedule::new(
         tokio::time::Instant::now(),
         heartbeat_every,
@@ -311,7 +320,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
         tokio::select! {
             outcome = &mut work => break outcome,
             _ = progress.tick() => telemetry::get().jobs_progressed(),
-            _ = tokio::time::sleep_until(schedule.due()), if beat.is_none() && !cancel.lost.is_cancelled() => {
+            _ = tokio::time::sleep_until(schedule.due()), if heartbeats && beat.is_none() && !cancel.lost.is_cancelled() => {
                 let now = tokio::time::Instant::now();
                 schedule.sending(now);
                 // SQS refuses to keep a message hidden longer than 12 hours after it was
@@ -330,6 +339,12 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
                 let Some((_, visibility, sent_at)) = beat.take() else { continue };
                 match result {
                     Ok(()) => schedule.succeeded(sent_at, visibility),
+                    // With claims, the claim carries the job: the copy of the message that
+                    // came back waits for it to end, so the job goes on.
+                    Err(QueueError::ReceiptInvalid { .. }) if jobs_have_claims => {
+                        warn!("Message receipt lost (the message came back); the job goes on under its claim.");
+                        cancel.lost.cancel();
+                    }
                     Err(QueueError::ReceiptInvalid { .. }) => {
                         warn!("Message receipt lost; abandoning the job.");
                         cancel.lost.cancel();
@@ -511,7 +526,7 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
             Some(&message_id),
             EventKind::Received { receive_count },
         );
-        let ended = jobs.run_job(object, &cancel).await;
+        let ended = jobs.run_job(object, Some(&message_id), &cancel).await;
         match &ended {
             Ok(JobOutcome::Completed) => {
                 succeeded = true;
@@ -524,6 +539,10 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
         if let Err(e) = ended {
             let disposition = e.disposition();
             match disposition {
+                Disposition::Delete if matches!(e, JobError::Duplicate { .. }) => {
+                    info!(key = %object.key, reason = %e, "Duplicate of a job another daemon runs from its own message; deleting this copy.");
+                    continue;
+                }
                 Disposition::Delete => {
                     warn!(bucket = %object.bucket, key = %object.key, reason = %error_chain(&e), "Dropping job that can never run.");
                     continue;
@@ -658,8 +677,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn healthy_heartbeats_keep_their_phase() {
         let s = Duration::from_secs;
-        let sent = beats(&[true, true, true], s(15), s(30)).await;
-        assert_eq!(sent, [s(15), s(30), s(45)]);
+        // Each beat goes out 2 s late (a busy runtime) and its request takes 1 s: the next
+        // stays due on the 15 s grid, not an interval after the late one went out.
+        let start = tokio::time::Instant::now();
+        let mut schedule = HeartbeatSchedule::new(start, s(15), s(30));
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            tokio::time::sleep_until(schedule.due() + s(2)).await;
+            let now = tokio::time::Instant::now();
+            schedule.sending(now);
+            sent.push(now - start);
+            tokio::time::sleep(s(1)).await;
+            schedule.succeeded(now, s(30));
+        }
+        assert_eq!(sent, [s(17), s(32), s(47)]);
     }
 
     #[test]

@@ -509,6 +509,10 @@ impl History {
     /// Waits until every event recorded before this call is written (or counted lost);
     /// `false` if that takes longer than `timeout`. Blocking: for shutdown and tests, on
     /// a blocking thread.
+    ///
+    /// When the queue is full, a short-lived thread waits for room (a blocking send: no
+    /// polling) while this one waits for the answer; that thread ends once its send goes
+    /// through, or fails because the writer has stopped.
     pub fn flush(&self, timeout: Duration) -> bool {
         let Some(writer) = &self.writer else {
             return true;
@@ -738,7 +742,7 @@ pub struct ListFilter {
 }
 
 /// One job, as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobSummary {
     pub job_id: String,
     pub bucket: String,
@@ -748,7 +752,20 @@ pub struct JobSummary {
     pub first_seen: Timestamp,
     pub last_update: Timestamp,
     pub last_reason: Option<String>,
+    /// GPU time of its attempts on this daemon (GPUs × seconds from each grant to its
+    /// release, as `GPU_SECONDS` reads the timeline); `None` before any release.
+    pub gpu_seconds: Option<f64>,
 }
+
+/// A job's GPU time from its timeline, as a column: for each `released` event, the
+/// devices of the latest earlier `granted` event of the same scheduler job times the
+/// milliseconds between them. The same figure `orchgpu_gpu_seconds_total` sums, per job;
+/// a grant released by another daemon (handed over through the claim) counts there.
+const GPU_SECONDS: &str = "(SELECT SUM(json_array_length(g.detail, '$.devices') * (r.at - g.at)) \
+     / 1000.0 FROM events r JOIN events g ON g.seq = (SELECT max(seq) FROM events \
+     WHERE job_id = r.job_id AND kind = 'granted' AND seq < r.seq \
+     AND json_extract(detail, '$.scheduler_job') = json_extract(r.detail, '$.scheduler_job')) \
+     WHERE r.job_id = jobs.job_id AND r.kind = 'released')";
 
 /// One event of a job's timeline.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -847,13 +864,13 @@ impl HistoryReader {
         };
         let mut statement = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT job_id, bucket, key, state, attempts, first_seen, last_update, \
-                 last_reason FROM jobs \
+                 last_reason, {GPU_SECONDS} FROM jobs \
                  WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR instr(key, ?2) > 0) \
                  AND (?3 IS NULL OR last_update >= ?3) \
                  ORDER BY last_update DESC, job_id LIMIT ?4",
-            )
+            ))
             .map_err(self.read_error())?;
         let rows = statement
             .query_map(
@@ -876,20 +893,22 @@ impl HistoryReader {
     ///
     /// The database cannot be read.
     pub fn show(&self, id_or_key: &str) -> Result<Option<JobDetail>, HistoryError> {
-        const COLUMNS: &str = "SELECT job_id, bucket, key, state, attempts, first_seen, \
-                               last_update, last_reason, message_id FROM jobs";
+        let columns = format!(
+            "SELECT job_id, bucket, key, state, attempts, first_seen, last_update, \
+             last_reason, {GPU_SECONDS}, message_id FROM jobs"
+        );
         let read = |sql: &str| {
             self.conn
                 .query_row(sql, [id_or_key], |row| {
-                    Ok((summary_from_row(row)?, row.get::<_, Option<String>>(8)?))
+                    Ok((summary_from_row(row)?, row.get::<_, Option<String>>(9)?))
                 })
                 .optional()
         };
         let found =
-            match read(&format!("{COLUMNS} WHERE job_id = ?1")).map_err(self.read_error())? {
+            match read(&format!("{columns} WHERE job_id = ?1")).map_err(self.read_error())? {
                 Some(found) => Some(found),
                 None => read(&format!(
-                    "{COLUMNS} WHERE key = ?1 ORDER BY last_update DESC, job_id LIMIT 1"
+                    "{columns} WHERE key = ?1 ORDER BY last_update DESC, job_id LIMIT 1"
                 ))
                 .map_err(self.read_error())?,
             };
@@ -938,6 +957,7 @@ fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobSummary> {
         first_seen: Timestamp(row.get(5)?),
         last_update: Timestamp(row.get(6)?),
         last_reason: row.get(7)?,
+        gpu_seconds: row.get(8)?,
     })
 }
 
@@ -1057,6 +1077,76 @@ mod tests {
         {
             history.record(event(job, key, secs(t0 + n as u64), kind));
         }
+    }
+
+    #[test]
+    fn gpu_time_is_each_grant_to_its_release_times_its_devices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = open(dir.path());
+        // Grant 17 (1 device) at +2 s, released at +4 s; grant 18 (1 device) at +8 s,
+        // released at +12 s: 2 + 4 GPU-seconds.
+        failed_then_succeeded(&history, "job-gpu", "k", 0);
+        // Two devices from +1 s to +2.5 s, and a grant never released (not counted).
+        for (at_ms, kind) in [
+            (1_000, EventKind::Received { receive_count: 1 }),
+            (
+                1_000,
+                EventKind::Granted {
+                    scheduler_job: "30".into(),
+                    devices: vec!["a:0".into(), "a:1".into()],
+                },
+            ),
+            (
+                2_500,
+                EventKind::Released {
+                    scheduler_job: "30".into(),
+                },
+            ),
+            (
+                3_000,
+                EventKind::Granted {
+                    scheduler_job: "31".into(),
+                    devices: vec!["a:0".into()],
+                },
+            ),
+        ] {
+            history.record(event(
+                "job-two",
+                "k2",
+                secs(0) + Duration::from_millis(at_ms),
+                kind,
+            ));
+        }
+        history.record(event(
+            "job-none",
+            "k3",
+            secs(0),
+            EventKind::Received { receive_count: 1 },
+        ));
+        assert!(history.flush(WAIT));
+        let shown = |id: &str| {
+            reader(dir.path())
+                .show(id)
+                .expect("show")
+                .expect("found")
+                .job
+                .gpu_seconds
+        };
+        assert_eq!(shown("job-gpu"), Some(6.0));
+        assert_eq!(shown("job-two"), Some(3.0));
+        assert_eq!(shown("job-none"), None);
+        let listed: Vec<_> = all(dir.path())
+            .into_iter()
+            .map(|j| (j.job_id, j.gpu_seconds))
+            .collect();
+        assert!(
+            listed.contains(&("job-gpu".into(), Some(6.0))),
+            "{listed:?}"
+        );
+        assert!(
+            listed.contains(&("job-two".into(), Some(3.0))),
+            "{listed:?}"
+        );
     }
 
     #[test]

@@ -1,12 +1,23 @@
 //! One job's pipeline: one input object in, one result object out, as named stages.
 //!
-//! check for a result beside the download → allocate (for a small input, once its GET
-//! has answered, while its body downloads) → bundle → upload → await result → release. The job holds its GPU
-//! reservation for the GPU stages and hands it back to `reservations` on every path it
-//! controls (success, error, cancellation); the reservation's own drop guard covers a
+//! claim → check for a result beside the download → allocate (for a small input, once its
+//! GET has answered, while its body downloads) → bundle (the grant recorded in the claim
+//! meanwhile) → the function recorded in the claim → upload → await result → release. The
+//! job holds its GPU reservation for the GPU stages and hands it back to `reservations` on
+//! every path it controls (success, error, cancellation); the reservation's own drop guard covers a
 //! dropped or panicking task. Temporary files are `tempfile` values, removed on every
 //! path. What happens to the SQS message afterwards is decided by
 //! `JobError::disposition`, not here.
+//!
+//! With claims on, the claim is the job's shared record (see `claim`). Once the claim
+//! says the function may be running, the GPUs are released only after the result or the
+//! result deadline: any other ending (shutdown, a lost lease, an upload whose outcome is
+//! unknown) hands them over through the claim, and whoever takes the job over next
+//! *adopts* it — waits for the result until the recorded deadline, then releases. A grant
+//! recorded without the function is released by the next holder before it runs the job.
+//! A copy of the job's message that is not the holder's is deleted (the holder's message
+//! carries the job); the holder's own message coming back is kept hidden until the claim
+//! ends.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -23,15 +34,18 @@ use tracing::{debug, info, instrument, warn};
 use crate::aws::error_chain;
 use crate::backoff::Backoff;
 use crate::bundle::{self, BundleError, Manifest, ManifestSource, ReservationField};
-use crate::claim::{Acquired, ClaimError, ClaimGuard, Claims};
-use crate::cli::BucketDir;
+mod claimed;
+mod outcome;
+pub use outcome::{Disposition, JobError, JobOutcome};
+
+use crate::claim::{ClaimHandle, Claims, FunctionStarted, RecordedGrant};
 use crate::event::ObjectRef;
 use crate::history::{EventKind, History, HistoryEvent};
+use crate::location::BucketDir;
 use crate::reservations::{AllocError, Reservation, Reservations};
 use crate::results::{ResultRegistry, ResultWaiter};
 use crate::scheduler::GpuScheduler;
-use crate::storage::{self, StorageError};
-use crate::telemetry::Outcome;
+use crate::storage;
 
 /// A job's id: derived from the object's identity, so the same object version always
 /// maps to the same id (and the same result key), across deliveries, restarts and
@@ -153,6 +167,11 @@ impl<S> JobContext<S> {
         ));
     }
 
+    /// Whether jobs are claimed across daemons.
+    pub fn has_claims(&self) -> bool {
+        self.claims.is_some()
+    }
+
     /// The GPU reservations the jobs draw on.
     pub fn reservations(&self) -> &Reservations<S> {
         &self.reservations
@@ -160,126 +179,13 @@ impl<S> JobContext<S> {
 }
 
 /// What `prepare` leaves for the rest of the job.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per job, returned once: boxing the reservation would buy nothing"
+)]
 enum Prepared {
     AlreadyDone,
     Ready { reservation: Reservation, size: u64 },
-}
-
-/// The outcome of a job that did not fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobOutcome {
-    /// The result appeared in the output bucket.
-    Completed,
-    /// The result was already there (a duplicate or redelivered notification): the job
-    /// was not run again.
-    AlreadyDone,
-}
-
-/// What to do with the message after a job failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// It can never become a job: delete the message.
-    Delete,
-    /// It may work later: make the message visible again after a backoff.
-    RetryLater,
-    /// Not tried for a reason of ours (shutdown): make it visible again at once.
-    ReturnNow,
-    /// Someone else holds the message now: leave it alone.
-    Abandon,
-    /// Another daemon runs this job: make the message visible again after this long,
-    /// when the result exists or the other daemon's claim has run out.
-    ReturnAfter(Duration),
-}
-
-/// Why a job failed.
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    #[error("input s3://{bucket}/{key} no longer exists")]
-    InputGone { bucket: String, key: String },
-    /// The object changed (or went) after the event: the event is superseded, and the new
-    /// version has its own event and job id.
-    #[error("input s3://{bucket}/{key} changed since its event (superseded)")]
-    InputSuperseded { bucket: String, key: String },
-    #[error("job is held by another daemon ({owner}) for {remaining:?} more")]
-    HeldElsewhere { owner: String, remaining: Duration },
-    #[error("job's claim was taken over by another daemon")]
-    ClaimLost { lease: Duration },
-    #[error("failed to claim the job")]
-    Claim(#[source] ClaimError),
-    #[error("failed to transfer job data")]
-    Storage(#[source] StorageError),
-    #[error("failed to create a temporary file in {dir}")]
-    TempFile {
-        dir: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("failed to build the bundle")]
-    Bundle(#[source] BundleError),
-    #[error("failed to get GPUs")]
-    Allocation(#[source] AllocError),
-    #[error("no result at s3://{bucket}/{key} within {deadline:?}")]
-    ResultDeadline {
-        bucket: String,
-        key: String,
-        deadline: Duration,
-    },
-    #[error("job not started: shutting down")]
-    NotStarted,
-    #[error("job cancelled by shutdown")]
-    Cancelled,
-    /// Cancelled after the bundle went to the function, which may still write the result:
-    /// the message comes back after a backoff, by when a retry will probably find it.
-    #[error("job cancelled by shutdown while its function was running")]
-    CancelledAwaitingResult,
-    #[error("job abandoned: its message is no longer ours")]
-    Abandoned,
-}
-
-impl JobError {
-    /// How this ending is counted in `orchgpu_jobs_total{outcome}`.
-    pub fn outcome(&self) -> Outcome {
-        match self {
-            JobError::InputGone { .. } => Outcome::Dropped,
-            JobError::InputSuperseded { .. } => Outcome::Superseded,
-            JobError::HeldElsewhere { .. } | JobError::ClaimLost { .. } => Outcome::Deferred,
-            JobError::Cancelled | JobError::NotStarted | JobError::CancelledAwaitingResult => {
-                Outcome::Stopped
-            }
-            JobError::Abandoned => Outcome::Abandoned,
-            JobError::Allocation(AllocError::Deadline(_)) | JobError::ResultDeadline { .. } => {
-                Outcome::Deadline
-            }
-            JobError::Storage(_)
-            | JobError::Claim(_)
-            | JobError::TempFile { .. }
-            | JobError::Bundle(_)
-            | JobError::Allocation(_) => Outcome::Returned,
-        }
-    }
-
-    /// The lifecycle policy: only a job that can never work deletes its message.
-    pub fn disposition(&self) -> Disposition {
-        match self {
-            JobError::InputGone { .. } | JobError::InputSuperseded { .. } => Disposition::Delete,
-            // A second early; and the lease can be no longer than SQS lets a message hide.
-            JobError::HeldElsewhere { remaining, .. } => Disposition::ReturnAfter(
-                (*remaining + Duration::from_secs(1)).min(crate::cli::MAX_VISIBILITY / 2),
-            ),
-            JobError::ClaimLost { lease } => {
-                Disposition::ReturnAfter((*lease).min(crate::cli::MAX_VISIBILITY / 2))
-            }
-            JobError::Cancelled | JobError::NotStarted => Disposition::ReturnNow,
-            JobError::Abandoned => Disposition::Abandon,
-            JobError::Storage(_)
-            | JobError::Claim(_)
-            | JobError::TempFile { .. }
-            | JobError::Bundle(_)
-            | JobError::Allocation(_)
-            | JobError::CancelledAwaitingResult
-            | JobError::ResultDeadline { .. } => Disposition::RetryLater,
-        }
-    }
 }
 
 /// Why a job's cancellation token fired.
@@ -321,11 +227,7 @@ struct ActiveClaim<'a, S> {
 
 impl<S> Drop for ActiveClaim<'_, S> {
     fn drop(&mut self) {
-        self.context
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        crate::lock(&self.context.active).remove(&self.id);
         self.context.job_ended.notify_waiters();
     }
 }
@@ -340,42 +242,40 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     pub async fn run_job(
         &self,
         object: &ObjectRef,
+        message_id: Option<&str>,
         cancel: &JobCancel,
     ) -> Result<JobOutcome, JobError> {
         let id = JobId::derive(object);
         let started = Instant::now();
-        let _claim = self.claim(&id, cancel).await?;
+        let _active = self.claim(&id, cancel).await?;
         let Some(claims) = &self.claims else {
-            return self.run_stages(&id, object, started, cancel).await;
+            return self.run_stages(&id, object, started, cancel, None).await;
         };
         // The cross-daemon claim comes before the result check: of two daemons, the one
         // that loses either finds the result later or takes over an expired claim.
-        let mut guard = stage("claim", acquire_claim(claims, &id)).await?;
+        let guard = stage("claim", self.acquire_claim(claims, &id, message_id, cancel)).await?;
         self.record(object, None, EventKind::Claimed);
         let claim_lost = cancel.token.child_token();
         let stages_cancel = JobCancel {
             token: claim_lost.clone(),
             ..cancel.clone()
         };
-        let (result, lost) = guard
-            .keep_while(
-                &claim_lost,
-                self.run_stages(&id, object, started, &stages_cancel),
-            )
-            .await;
+        let handle = guard.handle();
+        let work = self.run_claimed(
+            &id,
+            object,
+            started,
+            &stages_cancel,
+            &handle,
+            guard.carried().clone(),
+        );
+        let (result, lost) = guard.keep_while(&claim_lost, work).await;
         let result = match result {
-            Err(_) if lost => Err(JobError::ClaimLost {
-                lease: claims.lease(),
-            }),
+            Err(_) if lost && !cancel.token.is_cancelled() => Err(JobError::ClaimLost),
             other => other,
         };
-        match &result {
-            Ok(_) => guard.finish().await,
-            // The function may still write the result: let the lease run out rather than
-            // have a retry start it again at once.
-            Err(JobError::CancelledAwaitingResult) => guard.leave(),
-            Err(_) => guard.give_up().await,
-        }
+        // Deleted if it records nothing; else released with its record for the next holder.
+        guard.end().await;
         result
     }
 
@@ -386,6 +286,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         object: &ObjectRef,
         started: Instant,
         cancel: &JobCancel,
+        claim: Option<&ClaimHandle>,
     ) -> Result<JobOutcome, JobError> {
         let id = id.clone();
         let input = self.temp_file(&id, "input")?;
@@ -397,12 +298,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             Prepared::Ready { reservation, size } => (reservation, size),
         };
         let result = self
-            .run_with_gpus(&id, object, size, input.path(), &reservation, cancel)
+            .run_with_gpus(&id, object, size, input.path(), &reservation, cancel, claim)
             .await;
         // The GPUs go back before anything else happens to the message.
-        let scheduler_job = reservation.grant().scheduler_job_id.clone();
-        self.reservations.release(reservation).await;
-        self.record(object, None, EventKind::Released { scheduler_job });
+        self.give_back(object, reservation, claim, claimed::GpusDone::from(&result))
+            .await;
         drop(input);
         if result.is_ok() {
             info!(
@@ -523,6 +423,10 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         Ok(reservation)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the job's stages share these; a struct would only rename them"
+    )]
     async fn run_with_gpus(
         &self,
         id: &JobId,
@@ -531,6 +435,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         input: &Path,
         reservation: &Reservation,
         cancel: &JobCancel,
+        claim: Option<&ClaimHandle>,
     ) -> Result<JobOutcome, JobError> {
         let bundle_file = self.temp_file(id, "bundle")?;
         let manifest = Manifest {
@@ -557,14 +462,30 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             allocated_unix: reservation.allocated_unix(),
         };
         let ext = bundle::sanitize_extension(&object.key);
-        stage(
+        let bundled = stage(
             "bundle",
             until_cancelled(
                 cancel,
                 write_bundle_file(input, ext, manifest, bundle_file.path()),
             ),
-        )
-        .await?;
+        );
+        // The grant goes into the claim while the bundle is written: from then on
+        // another daemon can find (and release) it.
+        let record_grant = async {
+            let Some(claim) = claim else { return Ok(()) };
+            let grant = reservation.grant();
+            let recorded = RecordedGrant {
+                scheduler: self.reservations.scheduler_address().to_owned(),
+                scheduler_job_id: grant.scheduler_job_id.clone(),
+                devices: grant.devices().into_iter().map(str::to_owned).collect(),
+                since_unix: reservation.allocated_unix(),
+            };
+            until_cancelled(cancel, async {
+                claim.record_grant(recorded).await.map_err(JobError::Claim)
+            })
+            .await
+        };
+        tokio::try_join!(bundled, record_grant)?;
         let bytes = std::fs::metadata(bundle_file.path()).map_or(0, |m| m.len());
         self.record(object, None, EventKind::Bundled { bytes });
 
@@ -575,6 +496,24 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .results
             .as_ref()
             .map(|r| r.register(&self.settings.output.bucket, &result_key));
+        let deadline = Instant::now() + self.settings.result_deadline;
+        if let Some(claim) = claim {
+            // From here on the function may run: the claim says so, with the deadline,
+            // before the bundle can reach it.
+            let now = unix_now_ms();
+            let function = FunctionStarted {
+                started_unix_ms: now,
+                result_deadline_unix_ms: now
+                    .saturating_add(self.settings.result_deadline.as_millis() as u64),
+            };
+            until_cancelled(cancel, async {
+                claim
+                    .record_function(function)
+                    .await
+                    .map_err(JobError::Claim)
+            })
+            .await?;
+        }
         stage(
             "upload",
             until_cancelled(cancel, async {
@@ -595,7 +534,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 
         let seen = stage(
             "await_result",
-            self.await_result(result_key, waiter.as_ref(), cancel),
+            self.await_result(result_key, waiter.as_ref(), cancel, deadline),
         )
         .await?;
         self.record(object, None, EventKind::ResultSeen);
@@ -651,9 +590,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         key: String,
         waiter: Option<&ResultWaiter>,
         cancel: &JobCancel,
+        deadline: Instant,
     ) -> Result<JobOutcome, JobError> {
         let output = &self.settings.output;
-        let deadline = Instant::now() + self.settings.result_deadline;
         let max_interval = self.settings.result_poll_interval;
         let first = if waiter.is_some() {
             max_interval
@@ -705,11 +644,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             let ended = self.job_ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let inserted = self
-                .active
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone());
+            let inserted = crate::lock(&self.active).insert(id.clone());
             if inserted {
                 return Ok(ActiveClaim {
                     context: self,
@@ -748,16 +683,6 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 dir: self.settings.work_dir.display().to_string(),
                 source,
             })
-    }
-}
-
-/// Claims the job across daemons; a claim held by another daemon is `HeldElsewhere`.
-async fn acquire_claim(claims: &Claims, id: &JobId) -> Result<ClaimGuard, JobError> {
-    match claims.acquire(id.as_str()).await.map_err(JobError::Claim)? {
-        Acquired::Claimed(guard) => Ok(guard),
-        Acquired::HeldElsewhere { owner, remaining } => {
-            Err(JobError::HeldElsewhere { owner, remaining })
-        }
     }
 }
 
@@ -827,6 +752,13 @@ async fn write_bundle_file(
     .map_err(|e| JobError::Bundle(BundleError::Write(std::io::Error::other(e))))?
 }
 
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -872,60 +804,5 @@ mod tests {
         let mut right = object("a", Some("bc"), None);
         right.bucket = "x".into();
         assert_ne!(JobId::derive(&left), JobId::derive(&right));
-    }
-
-    #[test]
-    fn disposition_per_error() {
-        use Disposition::*;
-        let gone = JobError::InputGone {
-            bucket: "b".into(),
-            key: "k".into(),
-        };
-        assert_eq!(gone.disposition(), Delete);
-        assert_eq!(JobError::Cancelled.disposition(), ReturnNow);
-        assert_eq!(JobError::NotStarted.disposition(), ReturnNow);
-        assert_eq!(JobError::CancelledAwaitingResult.disposition(), RetryLater);
-        assert_eq!(JobError::Abandoned.disposition(), Abandon);
-        assert_eq!(
-            JobError::Allocation(AllocError::Deadline(Duration::from_secs(1))).disposition(),
-            RetryLater
-        );
-        assert_eq!(
-            JobError::Allocation(AllocError::Rejected {
-                gpus: 9,
-                detail: "x".into()
-            })
-            .disposition(),
-            RetryLater
-        );
-        let deadline = JobError::ResultDeadline {
-            bucket: "b".into(),
-            key: "k".into(),
-            deadline: Duration::from_secs(1),
-        };
-        assert_eq!(deadline.disposition(), RetryLater);
-        let bundle = JobError::Bundle(BundleError::InvalidJobId("x/y".into()));
-        assert_eq!(bundle.disposition(), RetryLater);
-        let superseded = JobError::InputSuperseded {
-            bucket: "b".into(),
-            key: "k".into(),
-        };
-        assert_eq!(superseded.disposition(), Delete);
-        let held = JobError::HeldElsewhere {
-            owner: "h:1".into(),
-            remaining: Duration::from_secs(20),
-        };
-        assert_eq!(held.disposition(), ReturnAfter(Duration::from_secs(21)));
-        let lost = JobError::ClaimLost {
-            lease: Duration::from_secs(60),
-        };
-        assert_eq!(lost.disposition(), ReturnAfter(Duration::from_secs(60)));
-        let claim = JobError::Claim(crate::claim::ClaimError::Store {
-            op: "write",
-            bucket: "b".into(),
-            key: "k".into(),
-            source: "unreachable".into(),
-        });
-        assert_eq!(claim.disposition(), RetryLater);
     }
 }

@@ -28,6 +28,25 @@ pub enum JobsError {
 /// Longest last reason shown in the table; `show` prints it whole.
 const REASON_WIDTH: usize = 100;
 
+/// `orchgpu jobs ...` from its arguments to its exit code: 0, 1 when the history cannot
+/// be read, 2 for bad usage (as the daemon's own codes).
+pub fn main(argv: Vec<std::ffi::OsString>) -> u8 {
+    let config = match crate::cli::parse_jobs(argv) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("orchgpu jobs: error: {e}");
+            return 2;
+        }
+    };
+    match run(&config, &mut std::io::stdout().lock()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("orchgpu jobs: {}", crate::aws::error_chain(&e));
+            1
+        }
+    }
+}
+
 /// Runs `orchgpu jobs` and writes its output to `out`. A reader that went away (e.g.
 /// `| head`) is not an error.
 ///
@@ -75,23 +94,25 @@ fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> io::Result<
 }
 
 /// The table's header, one line.
-pub const TABLE_HEADER: [&str; 6] = [
+pub const TABLE_HEADER: [&str; 7] = [
     "UPDATED (UTC)",
     "STATE",
     "ATTEMPTS",
+    "GPU S",
     "JOB ID",
     "KEY",
     "LAST REASON",
 ];
 
 fn write_table(out: &mut dyn Write, jobs: &[JobSummary]) -> io::Result<()> {
-    let rows: Vec<[String; 6]> = jobs
+    let rows: Vec<[String; 7]> = jobs
         .iter()
         .map(|job| {
             [
                 job.last_update.to_string(),
                 job.state.clone(),
                 job.attempts.to_string(),
+                gpu_seconds(job),
                 one_line(&job.job_id),
                 one_line(&job.key),
                 job.last_reason
@@ -101,7 +122,7 @@ fn write_table(out: &mut dyn Write, jobs: &[JobSummary]) -> io::Result<()> {
         })
         .collect();
     let header = TABLE_HEADER.map(str::to_string);
-    let mut widths = [0; 6];
+    let mut widths = [0; 7];
     for row in std::iter::once(&header).chain(&rows) {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -132,6 +153,7 @@ fn write_detail(out: &mut dyn Write, detail: &JobDetail) -> io::Result<()> {
     )?;
     writeln!(out, "STATE       {}", job.state)?;
     writeln!(out, "ATTEMPTS    {}", job.attempts)?;
+    writeln!(out, "GPU TIME    {} GPU-seconds", gpu_seconds(job))?;
     writeln!(out, "FIRST SEEN  {} UTC", job.first_seen)?;
     writeln!(out, "UPDATED     {} UTC", job.last_update)?;
     if let Some(message_id) = &detail.message_id {
@@ -164,6 +186,12 @@ fn write_detail(out: &mut dyn Write, detail: &JobDetail) -> io::Result<()> {
 }
 
 /// `  2026-05-01 12:00:00.250  granted       scheduler_job=17 devices=gpu1:0,gpu1:1`
+/// GPUs × seconds from grant to release, over the job's attempts; `-` before a release.
+fn gpu_seconds(job: &JobSummary) -> String {
+    job.gpu_seconds
+        .map_or_else(|| "-".to_string(), |s| format!("{s:.2}"))
+}
+
 fn timeline_line(event: &EventRecord) -> String {
     let fields = match &event.detail {
         serde_json::Value::Object(fields) => fields
@@ -228,6 +256,7 @@ mod tests {
             first_seen: Timestamp(1_780_000_000_000),
             last_update: Timestamp(1_780_000_060_000),
             last_reason: reason.map(str::to_string),
+            gpu_seconds: Some(2.5),
         }
     }
 
@@ -246,11 +275,11 @@ mod tests {
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(
-            lines[0].starts_with("UPDATED (UTC)        STATE  ATTEMPTS  JOB ID  KEY"),
+            lines[0].starts_with("UPDATED (UTC)        STATE  ATTEMPTS  GPU S  JOB ID  KEY"),
             "{text}"
         );
         assert!(
-            lines[1].starts_with("2026-05-28 20:27:40  done   2         job-1"),
+            lines[1].starts_with("2026-05-28 20:27:40  done   2         2.50   job-1"),
             "{text}"
         );
         assert!(lines[1].ends_with("scheduler busy\\nthen gone"), "{text}");

@@ -3,10 +3,12 @@
 //! An SDK interceptor registered on every client (see `aws`) bumps a shared counter once
 //! per *attempt*, so retries are counted too. The daemon logs the totals at shutdown and
 //! can write them as JSON for the benchmark (`--stats-file`). This module owns no policy:
-//! it only counts.
+//! it only counts. The operations the daemon makes are counted on atomics, with no lock
+//! on the request path; any other operation goes to a locked map.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
@@ -19,7 +21,36 @@ use serde::Serialize;
 /// every client built from the same `AwsClients`.
 #[derive(Debug, Clone, Default)]
 pub struct RequestCounter {
-    counts: Arc<Mutex<BTreeMap<String, u64>>>,
+    counts: Arc<Counts>,
+}
+
+/// The operations the daemon makes, each with a lock-free count in `Counts::made`.
+const COUNTED: [(&str, &str); 17] = [
+    ("S3", "GetObject"),
+    ("S3", "PutObject"),
+    ("S3", "HeadObject"),
+    ("S3", "DeleteObject"),
+    ("S3", "ListObjectsV2"),
+    ("S3", "CreateMultipartUpload"),
+    ("S3", "UploadPart"),
+    ("S3", "CompleteMultipartUpload"),
+    ("S3", "AbortMultipartUpload"),
+    ("SQS", "ReceiveMessage"),
+    ("SQS", "DeleteMessage"),
+    ("SQS", "DeleteMessageBatch"),
+    ("SQS", "ChangeMessageVisibility"),
+    ("SQS", "ChangeMessageVisibilityBatch"),
+    ("SQS", "GetQueueUrl"),
+    ("SQS", "GetQueueAttributes"),
+    ("SQS", "SendMessage"),
+];
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// By index in `COUNTED`.
+    made: [AtomicU64; COUNTED.len()],
+    /// Any other operation, by `"<Service>.<Operation>"`.
+    other: Mutex<BTreeMap<String, u64>>,
 }
 
 impl RequestCounter {
@@ -30,20 +61,31 @@ impl RequestCounter {
     /// Counts one attempt of `service`'s `operation`.
     pub fn record(&self, service: &str, operation: &str) {
         crate::telemetry::get().aws_request(service, operation);
-        let name = format!("{service}.{operation}");
-        let mut counts = self
-            .counts
-            .lock()
-            .expect("the counter lock is never poisoned");
-        *counts.entry(name).or_insert(0) += 1;
+        match COUNTED
+            .iter()
+            .position(|&(s, o)| s == service && o == operation)
+        {
+            Some(at) => {
+                self.counts.made[at].fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                *crate::lock(&self.counts.other)
+                    .entry(format!("{service}.{operation}"))
+                    .or_insert(0) += 1;
+            }
+        }
     }
 
-    /// The counts so far, sorted by name.
+    /// The counts so far (operations made at least once), sorted by name.
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counts
-            .lock()
-            .expect("the counter lock is never poisoned")
-            .clone()
+        let mut counts = crate::lock(&self.counts.other).clone();
+        for ((service, operation), made) in COUNTED.iter().zip(&self.counts.made) {
+            let made = made.load(Ordering::Relaxed);
+            if made > 0 {
+                counts.insert(format!("{service}.{operation}"), made);
+            }
+        }
+        counts
     }
 
     /// The count of one `"<Service>.<Operation>"`, zero if never made.
@@ -169,11 +211,24 @@ mod tests {
         counter.record("SQS", "ReceiveMessage");
         let clone = counter.clone();
         clone.record("S3", "PutObject");
+        // Not one the daemon makes: counted all the same, on the locked map.
+        counter.record("S3", "CreateBucket");
         assert_eq!(counter.get("S3.GetObject"), 2);
         assert_eq!(counter.get("S3.PutObject"), 1);
         assert_eq!(counter.get("SQS.ReceiveMessage"), 1);
+        assert_eq!(counter.get("S3.CreateBucket"), 1);
         assert_eq!(counter.get("SQS.DeleteMessage"), 0);
-        assert_eq!(counter.snapshot().len(), 3);
+        assert_eq!(counter.snapshot().len(), 4);
+    }
+
+    #[test]
+    fn every_operation_the_daemon_logs_is_counted_lock_free() {
+        for name in KNOWN_OPERATIONS {
+            assert!(
+                COUNTED.iter().any(|(s, o)| format!("{s}.{o}") == name),
+                "{name} is not in COUNTED"
+            );
+        }
     }
 
     #[test]

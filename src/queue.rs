@@ -11,6 +11,9 @@ use aws_sdk_sqs::types::{BatchResultErrorEntry, MessageSystemAttributeName, Queu
 use crate::aws::error_chain;
 use crate::cli::QueueRef;
 
+/// SQS caps a message's visibility timeout at 12 hours.
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// An SQS receipt handle: proof that we hold a received message.
@@ -456,7 +459,7 @@ const RECEIPT_LOST_CODES: [&str; 3] = [
 
 /// A visibility timeout in SQS's unit, capped at its 12-hour limit.
 fn visibility_seconds(delay: Duration) -> i32 {
-    delay.as_secs().min(crate::cli::MAX_VISIBILITY.as_secs()) as i32
+    delay.as_secs().min(MAX_VISIBILITY.as_secs()) as i32
 }
 
 /// A failed batch entry's code and message, as an error cause.

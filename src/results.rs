@@ -80,9 +80,7 @@ impl ResultRegistry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
-        self.waiting
-            .lock()
-            .expect("the registry lock is never held across a panic")
+        crate::lock(&self.waiting)
     }
 
     /// Registers interest in `s3://bucket/key`. Register before the result can possibly

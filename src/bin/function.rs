@@ -256,7 +256,7 @@ fn content_type(name: &str) -> &'static str {
     match name.rsplit('.').next() {
         Some("png") => "image/png",
         Some("jpg" | "jpeg") => "image/jpeg",
-        Some("txt") => "text/plain",
+        Some("txt" | "tsv" | "csv") => "text/plain",
         Some("json") => "application/json",
         _ => "application/octet-stream",
     }

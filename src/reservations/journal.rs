@@ -220,6 +220,21 @@ impl Journal {
         Ok(())
     }
 
+    /// Records a reservation taken over from another holder (a grant found in a job's
+    /// claim), so that this host releases it after a crash too. Blocking.
+    ///
+    /// # Errors
+    /// `Io` when the journal cannot be written.
+    pub(crate) fn adopt(&self, entry: JournalEntry) -> Result<(), JournalError> {
+        self.update(|records| {
+            records
+                .reservations
+                .retain(|e| e.scheduler_job_id != entry.scheduler_job_id);
+            records.reservations.push(entry);
+            true
+        })
+    }
+
     /// Forgets call `call_id`, which granted nothing, and removes its files. Blocking.
     ///
     /// # Errors
@@ -310,7 +325,7 @@ impl Journal {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.records)
     }
 
     /// Applies `change` and writes the journal if it says something changed. The lock is

@@ -26,7 +26,7 @@ impl GrantLedger {
     }
 
     fn busy_mark(&self) -> std::sync::MutexGuard<'_, Option<(u32, Instant)>> {
-        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.busy)
     }
 
     pub(crate) fn on_grant(&self) {

@@ -1,7 +1,8 @@
 //! Every GPU from the request to the confirmed release.
 //!
 //! **Invariant: every grant the scheduler gives is, at every instant, either recorded
-//! where the next start will find it, or released.** How each instant is covered:
+//! where the next start *or another daemon* will find it, or released.** How each
+//! instant is covered:
 //! - before an `-alloc` client starts, a *call* record is written to the journal, and the
 //!   client writes its reply into a file in the state directory, in its own process
 //!   group: if orchgpu dies while it runs, or between its reply and anything after, the
@@ -10,11 +11,31 @@
 //!   `GpuScheduler::settle_orphan`);
 //! - a grant replaces its call record by a *reservation* record in one durable write
 //!   before the job uses it; a grant that cannot be recorded is released at once;
+//! - with claims on, the job then records the grant in its claim (`claim`), the job's
+//!   shared record in S3, before the bundle is uploaded. From then on the claim, not the
+//!   journal, owns it: a start-up replay (or any background release) first asks the
+//!   claim (`GrantRecords`) and leaves a grant the claim names to whoever takes the job
+//!   over — the same host after a restart, or another daemon after the lease — who
+//!   releases it, or, if the function may be running, adopts the job (`adopt`) and
+//!   releases it only after the result or the result deadline. A grant leaves the claim
+//!   (`ClaimHandle::clear_gpus`) before it is released, so it is never released twice.
+//!   **What still depends on this host alone** are two windows of about one scheduler
+//!   call each: from the `-alloc` client's start to the claim write that records its
+//!   grant (the call itself, one fsync, one small PUT), and from the claim write that
+//!   takes a grant out to the scheduler's confirmation of its `-dealloc`. A host that
+//!   dies *for good* (disk gone) inside one of them leaks that grant until the
+//!   scheduler's own clean-up; a restart on the same disk does not (the journal). Closing
+//!   them would take a scheduler that can be asked what it granted to whom (SSGM cannot),
+//!   or releasing before the claim forgets the grant, which risks a second release of a
+//!   job id the scheduler may have handed to another client (see `releaser`). The soak
+//!   (`dev/soak.sh`) kills a daemon for good outside them and counts how often they were
+//!   open;
 //! - a grant printed by a failed call (a "stray grant": non-zero exit, killed at its
 //!   timeout, broken reply) is recorded the same way and released by the releaser;
-//! - a reservation leaves the journal only once the scheduler confirmed its release. A
-//!   `Reservation` dropped without `release` (panic, cancelled task) hands itself to the
-//!   releaser from its drop guard; failed releases are retried there with backoff.
+//! - a reservation leaves the journal only once the scheduler confirmed its release, or
+//!   once its claim took it over (`hand_off`). A `Reservation` dropped without `release`
+//!   (panic, cancelled task) hands itself to the releaser from its drop guard; failed
+//!   releases are retried there with backoff.
 //!
 //! Also here: the gate (one job asks the scheduler at a time; while it waits for a busy
 //! scheduler, the others wait behind it) and the ledger (`ledger`), replay of what a
@@ -26,6 +47,8 @@ mod journal;
 mod ledger;
 mod releaser;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -78,14 +101,29 @@ pub enum AllocError {
     Journal(#[source] JournalError),
 }
 
+/// Where a grant may be recorded besides this host's journal: the jobs' claims. A grant
+/// recorded there belongs to whoever takes its job over, not to this host's releaser.
+pub trait GrantRecords: Send + Sync {
+    /// Whether job `job_id`'s shared record names the grant `scheduler_job_id`.
+    fn records_grant<'a>(
+        &'a self,
+        job_id: &'a str,
+        scheduler_job_id: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
+}
+
 /// State shared by the reservations, their drop guards and the releaser.
 struct Shared<S> {
     scheduler: Arc<S>,
+    /// The jobs' shared records (`None`: claims are off; the journal owns every grant).
+    records: Option<Arc<dyn GrantRecords>>,
     journal: Arc<Journal>,
     ledger: GrantLedger,
     /// Signalled each time one of our reservations is confirmed released.
     gpus_freed: Notify,
     scheduler_address: String,
+    /// GPUs per job, for the GPU time a release counts.
+    gpus: u32,
 }
 
 impl<S> Shared<S> {
@@ -93,6 +131,15 @@ impl<S> Shared<S> {
     fn released(&self) {
         self.ledger.on_release();
         self.gpus_freed.notify_waiters();
+    }
+
+    /// Counts a confirmed release's GPU time (`orchgpu_gpu_seconds_total`): GPUs per job
+    /// times the seconds from the grant (`granted_unix_ms`) to now. Counted by whoever
+    /// releases it, over its whole life: a grant handed over through a claim counts once,
+    /// at the daemon that adopted and released it, from its first grant.
+    fn count_gpu_time(&self, granted_unix_ms: u64) {
+        let held_s = unix_now_ms().saturating_sub(granted_unix_ms) as f64 / 1000.0;
+        telemetry::get().gpu_time_released(f64::from(self.gpus) * held_s);
     }
 }
 
@@ -116,6 +163,8 @@ pub struct Reservations<S> {
 pub struct Reservation {
     grant: Grant,
     entry: JournalEntry,
+    /// When it was granted, in Unix milliseconds (the journal keeps whole seconds).
+    granted_unix_ms: u64,
     fallback: Option<mpsc::UnboundedSender<Work>>,
 }
 
@@ -149,6 +198,7 @@ impl Drop for Reservation {
             let _ = work.send(Work::Release {
                 entry: self.entry.clone(),
                 after: Duration::ZERO,
+                check_records: true,
             });
         }
     }
@@ -179,13 +229,16 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
         leftovers: Leftovers,
         settings: ReservationSettings,
         worst_call: Duration,
+        records: Option<Arc<dyn GrantRecords>>,
     ) -> (Reservations<S>, JoinHandle<()>) {
         let shared = Arc::new(Shared {
             scheduler,
+            records,
             journal,
             ledger: GrantLedger::default(),
             gpus_freed: Notify::new(),
             scheduler_address: settings.scheduler_address.clone(),
+            gpus: settings.gpus,
         });
         let (work, inbox) = mpsc::unbounded_channel();
         if leftovers.given_up > 0 {
@@ -201,9 +254,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
             if entry.scheduler == shared.scheduler_address {
                 shared.ledger.on_grant();
             }
+            // A leftover its claim names is the claim's: the releaser asks first.
             let _ = work.send(Work::Release {
                 entry,
                 after: Duration::ZERO,
+                check_records: true,
             });
         }
         let releaser = tokio::spawn(Releaser::new(shared.clone(), inbox, worst_call).run());
@@ -217,6 +272,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
             next_call: AtomicU64::new(1),
         };
         (reservations, releaser)
+    }
+
+    /// `host:port` of the scheduler the reservations are asked from.
+    pub fn scheduler_address(&self) -> &str {
+        &self.settings.scheduler_address
     }
 
     /// Reservations held now: granted and not yet confirmed released, leftovers of a
@@ -382,6 +442,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                 );
                 Ok(Asked::Granted(Reservation {
                     grant,
+                    granted_unix_ms: unix_now_ms(),
                     entry,
                     fallback: Some(self.work.clone()),
                 }))
@@ -406,6 +467,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                         let _ = self.work.send(Work::Release {
                             entry,
                             after: Duration::ZERO,
+                            check_records: false,
                         });
                     }
                     // The call record and its output stay: the next start settles it.
@@ -433,12 +495,14 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
     /// Gives the GPUs back with one attempt and wakes a job waiting for GPUs. A failed
     /// release is logged and retried by the releaser, never fatal.
     pub async fn release(&self, reservation: Reservation) {
+        let granted_unix_ms = reservation.granted_unix_ms;
         let entry = reservation.disarm();
         let started = std::time::Instant::now();
         let released = self.shared.scheduler.dealloc(&entry.scheduler_job_id).await;
         telemetry::get().scheduler_call("dealloc", dealloc_reply_label(&released));
         match released {
             Ok(()) => {
+                self.shared.count_gpu_time(granted_unix_ms);
                 forget(&self.shared, &entry.scheduler_job_id).await;
                 telemetry::get().stage_finished("release", started.elapsed());
                 info!(
@@ -457,6 +521,85 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
                 let _ = self.work.send(Work::Retry(entry));
             }
         }
+    }
+}
+
+impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
+    /// Takes over a grant another holder recorded in job `job_id`'s claim: records it in
+    /// this host's journal (so a crash here still finds it) and counts it as held.
+    ///
+    /// # Errors
+    /// `Journal` when it cannot be recorded; `Rejected` when it was granted by another
+    /// scheduler, which this daemon cannot release it through.
+    pub async fn adopt(
+        &self,
+        job_id: &str,
+        key: &str,
+        scheduler: &str,
+        scheduler_job_id: &str,
+        devices: &[String],
+        since_unix: u64,
+    ) -> Result<Reservation, AllocError> {
+        if scheduler != self.settings.scheduler_address {
+            return Err(AllocError::Rejected {
+                gpus: self.settings.gpus,
+                detail: format!(
+                    "the claim records grant {scheduler_job_id} of scheduler {scheduler}, not {}",
+                    self.settings.scheduler_address
+                ),
+            });
+        }
+        let entry = JournalEntry {
+            scheduler_job_id: scheduler_job_id.to_owned(),
+            scheduler: scheduler.to_owned(),
+            job_id: job_id.to_owned(),
+            key: key.to_owned(),
+            since_unix,
+            release_failures: 0,
+        };
+        let recorded = entry.clone();
+        blocking(&self.shared.journal, move |j| j.adopt(recorded))
+            .await
+            .map_err(AllocError::Journal)?;
+        self.shared.ledger.on_grant();
+        info!(scheduler_job = %scheduler_job_id, "Adopted a grant from the job's claim.");
+        let settings = devices
+            .iter()
+            .enumerate()
+            .map(|(i, device)| (format!("RCUDA_DEVICE_{i}"), device.clone()))
+            .collect();
+        Ok(Reservation {
+            grant: Grant {
+                scheduler_job_id: scheduler_job_id.to_owned(),
+                job_field_name: String::new(),
+                settings,
+            },
+            entry,
+            granted_unix_ms: since_unix.saturating_mul(1000),
+            fallback: Some(self.work.clone()),
+        })
+    }
+
+    /// Gives the reservation to the job's claim instead of the scheduler: its function may
+    /// still be running, and whoever takes the job over releases it after the result. It
+    /// leaves the journal and the count of what this daemon holds.
+    pub async fn hand_off(&self, reservation: Reservation) {
+        let entry = reservation.disarm();
+        info!(scheduler_job = %entry.scheduler_job_id,
+            "Grant handed over through the job's claim; the next holder releases it after the result.");
+        forget(&self.shared, &entry.scheduler_job_id).await;
+    }
+
+    /// Releases in the background, after asking the job's claim whether it names the
+    /// grant (then it is the claim's, not ours): for a job that could not confirm that its
+    /// claim no longer names it.
+    pub fn release_in_background(&self, reservation: Reservation) {
+        let entry = reservation.disarm();
+        let _ = self.work.send(Work::Release {
+            entry,
+            after: Duration::ZERO,
+            check_records: true,
+        });
     }
 }
 

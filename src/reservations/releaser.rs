@@ -2,11 +2,16 @@
 //! left.
 //!
 //! Its work: reservations dropped without `release` (panic, aborted task), releases that
-//! failed, the journal's leftovers at start-up, and calls to settle (an `-alloc` client
+//! failed, the journal's leftovers at start-up, grants a job handed back without knowing
+//! whether its claim still names them, and calls to settle (an `-alloc` client
 //! of a previous run, or one cut short at shutdown: its reply is read from its file and a
 //! grant in it is recorded and released). Attempts run concurrently, each retried with
 //! the crate's backoff (1 s doubling to 5 min, jittered, so daemons that failed together
-//! do not retry together) until the scheduler confirms.
+//! do not retry together) until the scheduler confirms. A release marked `check_records`
+//! first asks the job's claim (`GrantRecords`): a grant the claim names is the claim's —
+//! whoever takes the job over releases it — and only leaves the journal here. While the
+//! claim cannot be read, the question is asked again (same backoff) and nothing is
+//! released: a release now could be the second one.
 //!
 //! **The give-up rule.** A release that fails `GIVE_UP_AFTER_FAILURES` times in a row,
 //! counted in the journal across restarts (about an hour of retrying at the backoff's
@@ -40,10 +45,12 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(10);
 
 /// What the releaser is asked to do.
 pub(super) enum Work {
-    /// Release this reservation, the first attempt after `after`.
+    /// Release this reservation, the first attempt after `after`; with `check_records`,
+    /// only if the job's claim does not name it.
     Release {
         entry: JournalEntry,
         after: Duration,
+        check_records: bool,
     },
     /// A release of this reservation just failed: count it and retry after a backoff.
     Retry(JournalEntry),
@@ -59,6 +66,20 @@ pub(super) enum Work {
 struct Pending {
     entry: JournalEntry,
     due: Instant,
+    /// Ask the job's claim before releasing (see the module doc).
+    check_records: bool,
+    /// Failed attempts at asking it, for the backoff.
+    check_failures: u32,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Released,
+    Failed,
+    /// The job's claim names the grant: it is the claim's now.
+    RecordedElsewhere,
+    /// The claim could not be read: ask again later.
+    Unknown,
 }
 
 pub(super) struct Releaser<S> {
@@ -67,7 +88,7 @@ pub(super) struct Releaser<S> {
     /// The longest one scheduler call can take: how long the last pass may wait.
     worst_call: Duration,
     pending: Vec<Pending>,
-    attempts: JoinSet<(JournalEntry, bool)>,
+    attempts: JoinSet<(Pending, Attempt)>,
     settles: JoinSet<Option<JournalEntry>>,
 }
 
@@ -99,8 +120,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
                     None => break,
                 },
                 Some(done) = self.attempts.join_next() => {
-                    if let Ok((entry, released)) = done {
-                        self.attempted(entry, released).await;
+                    if let Ok((pending, attempt)) = done {
+                        self.attempted(pending, attempt).await;
                     }
                 }
                 Some(settled) = self.settles.join_next() => self.settled(settled),
@@ -130,8 +151,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
 
     async fn accept(&mut self, work: Work) {
         match work {
-            Work::Retry(entry) => self.attempted(entry, false).await,
-            Work::Release { entry, after } => self.add_release(entry, after),
+            Work::Retry(entry) => {
+                self.attempted(Pending::now(entry, false), Attempt::Failed)
+                    .await
+            }
+            Work::Release {
+                entry,
+                after,
+                check_records,
+            } => self.add_release(entry, after, check_records),
             Work::Settle { call, after } => {
                 let shared = self.shared.clone();
                 self.settles.spawn(async move {
@@ -145,7 +173,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
         }
     }
 
-    fn add_release(&mut self, entry: JournalEntry, after: Duration) {
+    fn add_release(&mut self, entry: JournalEntry, after: Duration, check_records: bool) {
         if entry.scheduler != self.shared.scheduler_address {
             warn!(
                 scheduler_job = %entry.scheduler_job_id,
@@ -157,6 +185,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
         self.pending.push(Pending {
             entry,
             due: Instant::now() + after,
+            check_records,
+            check_failures: 0,
         });
     }
 
@@ -164,33 +194,46 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
         let now = Instant::now();
         let (due, waiting): (Vec<_>, Vec<_>) = self.pending.drain(..).partition(|p| p.due <= now);
         self.pending = waiting;
-        for Pending { entry, .. } in due {
+        for pending in due {
             let shared = self.shared.clone();
             self.attempts.spawn(async move {
-                let result = shared.scheduler.dealloc(&entry.scheduler_job_id).await;
-                telemetry::get().scheduler_call("dealloc", super::dealloc_reply_label(&result));
-                let released = match result {
-                    Ok(()) => true,
-                    Err(e) => {
-                        warn!(
-                            scheduler_job = %entry.scheduler_job_id,
-                            error = %error_chain(&e),
-                            "Background release failed."
-                        );
-                        false
-                    }
-                };
-                (entry, released)
+                let attempt = attempt_release(&shared, &pending).await;
+                (pending, attempt)
             });
         }
     }
 
-    async fn attempted(&mut self, entry: JournalEntry, released: bool) {
-        if released {
-            info!(scheduler_job = %entry.scheduler_job_id, job_id = %entry.job_id,
-                key = %entry.key, "Released reservation in the background.");
-            forget(&self.shared, &entry.scheduler_job_id).await;
-            return;
+    async fn attempted(&mut self, pending: Pending, attempt: Attempt) {
+        let entry = pending.entry;
+        match attempt {
+            Attempt::Released => {
+                info!(scheduler_job = %entry.scheduler_job_id, job_id = %entry.job_id,
+                    key = %entry.key, "Released reservation in the background.");
+                self.shared
+                    .count_gpu_time(entry.since_unix.saturating_mul(1000));
+                forget(&self.shared, &entry.scheduler_job_id).await;
+                return;
+            }
+            Attempt::RecordedElsewhere => {
+                info!(scheduler_job = %entry.scheduler_job_id, job_id = %entry.job_id,
+                    "The job's claim records this grant; whoever takes the job over releases it.");
+                forget(&self.shared, &entry.scheduler_job_id).await;
+                return;
+            }
+            Attempt::Unknown => {
+                let check_failures = pending.check_failures + 1;
+                let delay = retry_delay(check_failures);
+                warn!(scheduler_job = %entry.scheduler_job_id, job_id = %entry.job_id,
+                    retry_s = delay.as_secs(), "Cannot read the job's claim; asking again before releasing.");
+                self.pending.push(Pending {
+                    entry,
+                    due: Instant::now() + delay,
+                    check_records: true,
+                    check_failures,
+                });
+                return;
+            }
+            Attempt::Failed => {}
         }
         telemetry::get().release_failed();
         let job = entry.scheduler_job_id.clone();
@@ -211,12 +254,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
             retry_s = delay.as_secs(),
             "Release failed again; will retry."
         );
+        // The claim was asked already (or need not be): it never takes a grant back.
         self.pending.push(Pending {
             entry: JournalEntry {
                 release_failures: failures,
                 ..entry
             },
             due: Instant::now() + delay,
+            check_records: false,
+            check_failures: 0,
         });
     }
 
@@ -245,7 +291,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
             if entry.scheduler == self.shared.scheduler_address {
                 self.shared.ledger.on_grant();
             }
-            self.add_release(entry, Duration::ZERO);
+            self.add_release(entry, Duration::ZERO, false);
         }
     }
 
@@ -266,8 +312,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
             loop {
                 tokio::select! {
                     Some(done) = self.attempts.join_next() => {
-                        if let Ok((entry, released)) = done {
-                            self.attempted(entry, released).await;
+                        if let Ok((pending, attempt)) = done {
+                            self.attempted(pending, attempt).await;
                         }
                     }
                     Some(settled) = self.settles.join_next() => self.settled(settled),
@@ -286,6 +332,51 @@ impl<S: GpuScheduler + Send + Sync + 'static> Releaser<S> {
                 count = open,
                 "Reservations not confirmed released at exit; the journal keeps them for the next start."
             );
+        }
+    }
+}
+
+impl Pending {
+    fn now(entry: JournalEntry, check_records: bool) -> Pending {
+        Pending {
+            entry,
+            due: Instant::now(),
+            check_records,
+            check_failures: 0,
+        }
+    }
+}
+
+/// One attempt: asks the job's claim first when told to, then the scheduler.
+async fn attempt_release<S: GpuScheduler>(shared: &Shared<S>, pending: &Pending) -> Attempt {
+    let entry = &pending.entry;
+    if pending.check_records
+        && !entry.job_id.is_empty()
+        && let Some(records) = &shared.records
+    {
+        match records
+            .records_grant(&entry.job_id, &entry.scheduler_job_id)
+            .await
+        {
+            Ok(true) => return Attempt::RecordedElsewhere,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(scheduler_job = %entry.scheduler_job_id, error = %e, "Cannot read the job's claim.");
+                return Attempt::Unknown;
+            }
+        }
+    }
+    let result = shared.scheduler.dealloc(&entry.scheduler_job_id).await;
+    telemetry::get().scheduler_call("dealloc", super::dealloc_reply_label(&result));
+    match result {
+        Ok(()) => Attempt::Released,
+        Err(e) => {
+            warn!(
+                scheduler_job = %entry.scheduler_job_id,
+                error = %error_chain(&e),
+                "Background release failed."
+            );
+            Attempt::Failed
         }
     }
 }

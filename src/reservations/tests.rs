@@ -157,8 +157,14 @@ fn open_room(fake: Arc<Fake>, prepare: impl FnOnce(&Journal)) -> Room {
     let (journal, leftovers) = Journal::open(dir.path()).expect("reopen");
     let journal = Arc::new(journal);
     *fake.journal.lock().expect("journal") = Some(journal.clone());
-    let (reservations, releaser) =
-        Reservations::start(fake.clone(), journal.clone(), leftovers, settings(), S(32));
+    let (reservations, releaser) = Reservations::start(
+        fake.clone(),
+        journal.clone(),
+        leftovers,
+        settings(),
+        S(32),
+        None,
+    );
     Room {
         fake,
         journal,

@@ -818,13 +818,13 @@ esac
 
     #[tokio::test]
     async fn works_through_the_trait() {
-        async fn via<S: GpuScheduler + Send + Sync + 'static>(s: S) -> AllocReply {
-            let files = CallFiles::in_dir(&std::env::temp_dir(), "orchgpu-trait-test");
+        async fn via<S: GpuScheduler + Send + Sync + 'static>(s: S, dir: &Path) -> AllocReply {
+            let files = CallFiles::in_dir(dir, "orchgpu-trait-test");
             let fut = tokio::spawn(async move { s.alloc(1, &files).await });
             fut.await.expect("task").expect("reply")
         }
         let (ssgm, state) = fake("busy", Duration::from_secs(10));
-        assert_eq!(via(ssgm).await, AllocReply::Busy);
+        assert_eq!(via(ssgm, state.path()).await, AllocReply::Busy);
         drop(state);
     }
 

@@ -1,6 +1,6 @@
 //! Pure checks and names for the web API: the upload's object key from a user's file name,
-//! the job id a path may carry, the token comparison, the same-origin rule for writes, and
-//! the detections a function wrote.
+//! the job id a path may carry, the token comparison, the same-origin rule for writes, the
+//! names and types of the files a function wrote, and the detections among them.
 
 use sha2::{Digest, Sha256};
 
@@ -99,6 +99,57 @@ pub(crate) fn same_origin(
     }
 }
 
+/// Longest suffix of an output's name after the job id (`.png`, `.txt`, `.words.tsv`).
+const OUTPUT_SUFFIX_MAX: usize = 32;
+
+/// Whether `suffix`, what follows the job id in the name of a file a function wrote
+/// (`<id><suffix>`), may name an output on the page: a dot, then ASCII letters, digits,
+/// `.`, `-` and `_`, at most `OUTPUT_SUFFIX_MAX` in all, no `..`. It is never a path (no
+/// `/`, `\`, `%`): names listed from S3 that fail are not shown, request paths that fail
+/// get 404, and a key is only ever `<output dir>/<job id><suffix>`.
+pub(crate) fn is_output_suffix(suffix: &str) -> bool {
+    suffix.len() >= 2
+        && suffix.len() <= OUTPUT_SUFFIX_MAX
+        && suffix.starts_with('.')
+        && !suffix.contains("..")
+        && !suffix.ends_with('.')
+        && suffix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// How the page shows an output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum OutputKind {
+    /// Shown inline as a picture.
+    Image,
+    /// Shown inline as text, with a copy button.
+    Text,
+    /// A download link.
+    File,
+}
+
+/// The kind and the content type an output is served with, from its last extension.
+/// Only raster images and plain text are shown; SVG, HTML (hOCR included), PDF and
+/// anything unknown are downloads (`application/octet-stream`, as an attachment), so no
+/// file a function writes can run script or markup on the page's origin. Text types are
+/// all served as `text/plain`.
+pub(crate) fn output_kind(suffix: &str) -> (OutputKind, &'static str) {
+    let ext = suffix.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "png" => (OutputKind::Image, "image/png"),
+        "jpg" | "jpeg" => (OutputKind::Image, "image/jpeg"),
+        "gif" => (OutputKind::Image, "image/gif"),
+        "webp" => (OutputKind::Image, "image/webp"),
+        "bmp" => (OutputKind::Image, "image/bmp"),
+        "txt" | "text" | "tsv" | "csv" | "json" | "md" | "log" => {
+            (OutputKind::Text, "text/plain; charset=utf-8")
+        }
+        _ => (OutputKind::File, "application/octet-stream"),
+    }
+}
+
 /// One detection of a function's `<id>.txt`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub(crate) struct Detection {
@@ -107,10 +158,16 @@ pub(crate) struct Detection {
     pub percent: u32,
 }
 
-/// darknet's `label: NN%` lines from `scar/detect.sh`'s text file; comment lines (`#`)
-/// and anything else are skipped.
-pub(crate) fn parse_detections(text: &str) -> Vec<Detection> {
-    text.lines()
+/// darknet's `label: NN%` lines from `scar/yolo/detect.sh`'s text file; comment lines (`#`)
+/// and anything else are skipped. `None` for a text that is not a detections file (no
+/// `# detections:` line, which detect.sh writes): a recognised page's "VAT: 21%" is text,
+/// not a detection.
+pub(crate) fn parse_detections(text: &str) -> Option<Vec<Detection>> {
+    if !text.lines().any(|line| line.starts_with("# detections:")) {
+        return None;
+    }
+    let found = text
+        .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
             let (label, rest) = line.split_once(": ")?;
@@ -121,7 +178,8 @@ pub(crate) fn parse_detections(text: &str) -> Vec<Detection> {
                 percent,
             })
         })
-        .collect()
+        .collect();
+    Some(found)
 }
 
 #[cfg(test)]
@@ -200,11 +258,11 @@ mod tests {
 
     #[test]
     fn detections_are_read_from_darknet_lines() {
-        let text = "# rcuda: 1 device(s), first 127.0.0.1\ndog: 56%\nbicycle: 59%\ntruck: x%\n\
-                    # darknet_seconds: 0.8\nnoise\n";
+        let text = "# rcuda: 1 device(s), first 127.0.0.1\n# detections: 2\ndog: 56%\n\
+                    bicycle: 59%\ntruck: x%\n# darknet_seconds: 0.8\nnoise\n";
         assert_eq!(
             parse_detections(text),
-            vec![
+            Some(vec![
                 Detection {
                     label: "dog".into(),
                     percent: 56
@@ -213,7 +271,50 @@ mod tests {
                     label: "bicycle".into(),
                     percent: 59
                 },
-            ]
+            ])
         );
+        // A recognised page is no detections file, whatever its lines look like.
+        assert_eq!(parse_detections("Total: 100%\nVAT: 21%\n"), None);
+    }
+
+    #[test]
+    fn output_suffixes_are_names_never_paths() {
+        for good in [".png", ".txt", ".words.tsv", ".a-b_c", ".PNG"] {
+            assert!(is_output_suffix(good), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "png",
+            "..",
+            "../x",
+            "./x",
+            ".a/b",
+            ".a\\b",
+            ".a%2Fb",
+            ".a..b",
+            ".a.",
+            ".é",
+            ".a b",
+            ".a\nb",
+            &format!(".{}", "a".repeat(40)),
+        ] {
+            assert!(!is_output_suffix(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_raster_images_and_plain_text_are_shown() {
+        assert_eq!(output_kind(".png"), (OutputKind::Image, "image/png"));
+        assert_eq!(output_kind(".JPG"), (OutputKind::Image, "image/jpeg"));
+        assert_eq!(output_kind(".words.tsv").0, OutputKind::Text);
+        assert_eq!(output_kind(".json").1, "text/plain; charset=utf-8");
+        for download in [".svg", ".html", ".hocr", ".pdf", ".js", ".bin"] {
+            assert_eq!(
+                output_kind(download),
+                (OutputKind::File, "application/octet-stream"),
+                "{download}"
+            );
+        }
     }
 }

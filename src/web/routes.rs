@@ -1,33 +1,70 @@
 //! The web page's routes and their guard: the page and its assets, the JSON API, the
 //! upload, and the results proxied from the output bucket.
+//!
+//! Who may do what (the listener in `http` has already refused foreign host names):
+//!
+//! | request | no token set (loopback only) | token set |
+//! |---|---|---|
+//! | `/`, assets, `/api/config`, `/api/session` | anyone | anyone |
+//! | `POST /api/uploads` | anyone, same origin | token holders, same origin |
+//! | `/api/uploads/<handle>`, `/results/<handle><suffix>` | the handle's holder | token holders with the handle |
+//! | `/api/jobs`, `/api/jobs/<id>`, `/results/<id>…` | nobody (`orchgpu jobs` on the host) | token holders (operators) |
+//!
+//! A token holder is a request with the token in `X-Orchgpu-Token` or with a session
+//! cookie that `/api/session` gave for it (see `keys`). An uploader's view of a job says
+//! what happened in words: no key, bucket, error text, claim owner or scheduler job.
+//!
+//! Hostile input and limits: a request body pauses at most `--http-body-timeout`
+//! (`http`) and an upload takes at most `UPLOAD_DEADLINE`; at most
+//! `--upload-max-concurrent` uploads run at once (429 beyond) and together they hold at
+//! most `--upload-disk-budget` bytes of the work dir (507 beyond); each upload's temp
+//! file is a `tempfile` value, removed on every path, a cut-off client included (a crash
+//! leaves it to the work dir's clean-up at the next start). Status answers come from
+//! `cache`: one refresh per job at a time, S3 asked at most every `S3_FRESH`, not at all
+//! while this daemon's history has the job in hand, never again once it is over.
+//!
+//! Results: what the function wrote for a job is listed once its result is there (one
+//! `ListObjectsV2` of `<output dir>/<job id>.`, at most `OUTPUTS_MAX` names) and served
+//! as `/results/<handle><suffix>`. A listed name whose suffix is not a plain name
+//! (`names::is_output_suffix`) is not shown; a requested suffix is checked the same way
+//! and the key is rebuilt as `<output dir>/<job id><suffix>`, so neither a name in S3 nor
+//! a request path is ever used as a path or reaches another job's files. Types come from
+//! our own table (`names::output_kind`), never from S3's metadata: raster images and
+//! plain text are shown, anything else is an attachment.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::aws::error_chain;
 use crate::claim::Claims;
-use crate::cli::BucketDir;
 use crate::event::ObjectRef;
 use crate::history::{HistoryError, HistoryReader, ListFilter, Timestamp};
+use crate::http::Via;
 use crate::job::JobId;
+use crate::location::BucketDir;
 use crate::storage;
 
+use super::cache::{Fresh, ViewCache};
+use super::keys::{HANDLE_LEN, Keys};
 use super::names::{
-    is_job_id, parse_detections, same_origin, sanitise_file_name, token_matches, unique_prefix,
+    OutputKind, is_job_id, is_output_suffix, output_kind, parse_detections, same_origin,
+    sanitise_file_name, token_matches, unique_prefix,
 };
-use super::status::{S3View, job_view, summary_view};
+use super::status::{JobView, OutputFile, S3View, history_in_hand, job_view, summary_view};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -39,16 +76,31 @@ const CSP: &str = "default-src 'self'; img-src 'self' blob: data:; script-src 's
                    form-action 'self'; frame-ancestors 'none'";
 /// The header a script or curl sends the token in.
 const TOKEN_HEADER: &str = "x-orchgpu-token";
-/// The cookie the page sets once the token is entered.
-const TOKEN_COOKIE: &str = "orchgpu_token";
+/// The cookie the page gets once the token is entered.
+const SESSION_COOKIE: &str = "orchgpu_session";
+/// How long a session lasts.
+const SESSION_SECS: u64 = 12 * 60 * 60;
 /// The header carrying the uploaded file's name, percent-encoded.
 const NAME_HEADER: &str = "x-filename";
 /// Most recent jobs listed.
 const RECENT_JOBS: usize = 30;
 /// Largest detections file read into a job's view.
 const DETECTIONS_MAX: usize = 64 * 1024;
+/// Most files of one job listed on the page.
+const OUTPUTS_MAX: i32 = 50;
+/// Longest title and hint a deployment may set (`--web-title`, `--web-hint`).
+pub const WEB_TEXT_MAX: usize = 300;
 /// Largest body of a token request.
 const SESSION_MAX: usize = 1024;
+/// The longest an upload may take from its first byte to its last, however steadily it
+/// trickles: 50 MiB (the default limit) at 60 kB/s.
+const UPLOAD_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// How long a view that asked S3 serves every page that polls the job.
+const S3_FRESH: Duration = Duration::from_secs(3);
+/// How long a view from the history alone serves.
+const HISTORY_FRESH: Duration = Duration::from_secs(1);
+/// Jobs whose views are cached.
+const CACHED_JOBS: usize = 1024;
 
 /// What the page needs from the daemon's configuration and clients.
 pub struct WebSettings {
@@ -56,6 +108,10 @@ pub struct WebSettings {
     /// Where uploads go; `None`: the page shows jobs only.
     pub upload_to: Option<BucketDir>,
     pub upload_max_bytes: u64,
+    /// Uploads taken at once.
+    pub upload_max_concurrent: usize,
+    /// Bytes of the work dir that uploads in progress may hold together.
+    pub upload_disk_budget: u64,
     /// The token the API asks for, if any.
     pub token: Option<String>,
     pub output: BucketDir,
@@ -66,14 +122,44 @@ pub struct WebSettings {
     pub state_dir: PathBuf,
     /// Where an upload waits on disk before it goes to S3.
     pub work_dir: PathBuf,
+    /// The page's title: which use case this deployment serves (`--web-title`).
+    pub title: Option<String>,
+    /// A line under the title saying what to upload (`--web-hint`).
+    pub hint: Option<String>,
 }
 
-type Web = Arc<WebSettings>;
+struct WebState {
+    settings: WebSettings,
+    keys: Keys,
+    uploads: Arc<Semaphore>,
+    disk: DiskBudget,
+    views: ViewCache<Result<JobView, &'static str>>,
+}
+
+type Web = Arc<WebState>;
+
+/// Who is asking, as the guard found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// A token holder: every job.
+    Operator,
+    /// Anyone, where no token is set: their own uploads, by handle.
+    Uploader,
+}
 
 /// The page's routes with their guard, to merge into the listener's router.
-pub fn router(settings: WebSettings) -> Router {
-    let web: Web = Arc::new(settings);
-    Router::new()
+///
+/// # Errors
+/// The operating system's random source failed (for the per-start key).
+pub fn router(settings: WebSettings) -> Result<Router, getrandom::Error> {
+    let web: Web = Arc::new(WebState {
+        keys: Keys::random()?,
+        uploads: Arc::new(Semaphore::new(settings.upload_max_concurrent)),
+        disk: DiskBudget::new(settings.upload_disk_budget),
+        views: ViewCache::new(CACHED_JOBS),
+        settings,
+    });
+    Ok(Router::new()
         .route("/", get(index))
         .route("/assets/app.js", get(app_js))
         .route("/assets/style.css", get(style_css))
@@ -82,17 +168,19 @@ pub fn router(settings: WebSettings) -> Router {
         .route("/api/jobs", get(jobs))
         .route("/api/jobs/{id}", get(job))
         .route("/api/uploads", post(upload))
+        .route("/api/uploads/{handle}", get(uploaded))
         .route("/results/{file}", get(result))
         .layer(middleware::from_fn_with_state(web.clone(), guard))
-        .with_state(web)
+        .with_state(web))
 }
 
-/// Refuses cross-site writes and, with a token configured, API and result requests
-/// without it; adds the security headers to every answer.
-async fn guard(State(web): State<Web>, request: Request, next: Next) -> Response {
+/// Refuses cross-site writes and, with a token set, API and result requests without
+/// it; tells the handlers who asks; adds the security headers to every answer.
+async fn guard(State(web): State<Web>, mut request: Request, next: Next) -> Response {
     let headers = request.headers();
     let path = request.uri().path();
     let writes = !matches!(*request.method(), Method::GET | Method::HEAD);
+    let access = access(&web, headers);
     let mut response = if writes
         && !same_origin(
             header_str(headers, "sec-fetch-site"),
@@ -100,12 +188,15 @@ async fn guard(State(web): State<Web>, request: Request, next: Next) -> Response
             header_str(headers, header::HOST.as_str()),
         ) {
         error(StatusCode::FORBIDDEN, "cross-site requests are refused")
-    } else if needs_token(path) && !authorized(&web, headers) {
+    } else if needs_access(path) && access.is_none() {
         error(
             StatusCode::UNAUTHORIZED,
             "a token is needed: enter it on the page, or send it in the X-Orchgpu-Token header",
         )
     } else {
+        if let Some(access) = access {
+            request.extensions_mut().insert(access);
+        }
         next.run(request).await
     };
     let h = response.headers_mut();
@@ -129,30 +220,37 @@ async fn guard(State(web): State<Web>, request: Request, next: Next) -> Response
 }
 
 /// The page and its assets, the configuration and the token request are open; the rest
-/// of the API and the results need the token when one is set.
-fn needs_token(path: &str) -> bool {
+/// of the API and the results need access.
+fn needs_access(path: &str) -> bool {
     (path.starts_with("/api/") && path != "/api/config" && path != "/api/session")
         || path.starts_with("/results/")
 }
 
-fn authorized(web: &WebSettings, headers: &HeaderMap) -> bool {
-    let Some(expected) = &web.token else {
-        return true;
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Operator with the token (header or session cookie), uploader where no token is set,
+/// `None` otherwise.
+fn access(web: &WebState, headers: &HeaderMap) -> Option<Access> {
+    let Some(expected) = &web.settings.token else {
+        return Some(Access::Uploader);
     };
     if let Some(presented) = header_str(headers, TOKEN_HEADER) {
-        return token_matches(presented, expected);
+        return token_matches(presented, expected).then_some(Access::Operator);
     }
+    let now = unix_now();
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(name, _)| *name == TOKEN_COOKIE)
-        .any(|(_, value)| {
-            let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-            token_matches(&value, expected)
-        })
+        .filter(|(name, _)| *name == SESSION_COOKIE)
+        .any(|(_, value)| web.keys.session_valid(value, expected, now))
+        .then_some(Access::Operator)
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -170,6 +268,14 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+fn operators_only() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "the list of jobs and other people's jobs are for operators: start orchgpu with \
+         --http-token-file, or run `orchgpu jobs` on its host",
+    )
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -196,22 +302,35 @@ async fn style_css() -> Response {
 }
 
 async fn config(State(web): State<Web>, headers: HeaderMap) -> Response {
+    let access = access(&web, &headers);
+    let s = &web.settings;
     json(
         StatusCode::OK,
         serde_json::json!({
-            "uploads": web.upload_to.is_some(),
-            "upload_max_bytes": web.upload_max_bytes,
-            "token_required": web.token.is_some(),
-            "authorized": authorized(&web, &headers),
-            "result_suffix": web.result_suffix,
+            "uploads": s.upload_to.is_some(),
+            "upload_max_bytes": s.upload_max_bytes,
+            "upload_max_concurrent": s.upload_max_concurrent,
+            "token_required": s.token.is_some(),
+            "authorized": access.is_some(),
+            "operator": access == Some(Access::Operator),
+            "result_suffix": s.result_suffix,
+            "title": s.title,
+            "hint": s.hint,
         }),
     )
 }
 
-/// Takes the token as the body and, when it is right, sets it as an HTTP-only,
-/// same-site cookie so that the page's requests (images included) carry it.
-async fn session(State(web): State<Web>, body: Body) -> Response {
-    let Some(expected) = &web.token else {
+/// Takes the token as the body and, when it is right, sets a session cookie for it
+/// (HTTP-only, same-site, expiring; `Secure` when a reverse proxy named in
+/// `--http-allowed-hosts` says the request came over HTTPS) so that the page's requests,
+/// images included, carry it. The cookie holds a MAC, not the token.
+async fn session(
+    State(web): State<Web>,
+    via: Option<Extension<Via>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(expected) = &web.settings.token else {
         return StatusCode::NO_CONTENT.into_response();
     };
     let Ok(bytes) = axum::body::to_bytes(body, SESSION_MAX).await else {
@@ -221,10 +340,14 @@ async fn session(State(web): State<Web>, body: Body) -> Response {
     if !token_matches(presented.trim(), expected) {
         return error(StatusCode::UNAUTHORIZED, "wrong token");
     }
-    let value: String =
-        percent_encoding::utf8_percent_encode(expected, percent_encoding::NON_ALPHANUMERIC)
-            .collect();
-    let cookie = format!("{TOKEN_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict");
+    let value = web.keys.session(expected, unix_now() + SESSION_SECS);
+    let over_tls = via.is_some_and(|Extension(via)| via == Via::Proxy)
+        && header_str(&headers, "x-forwarded-proto")
+            .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    let secure = if over_tls { "; Secure" } else { "" };
+    let cookie = format!(
+        "{SESSION_COOKIE}={value}; Path=/; Max-Age={SESSION_SECS}; HttpOnly; SameSite=Strict{secure}"
+    );
     match HeaderValue::from_str(&cookie) {
         Ok(cookie) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response(),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot set the cookie"),
@@ -256,12 +379,15 @@ async fn read_history<T: Send + 'static>(
     }
 }
 
-async fn jobs(State(web): State<Web>) -> Response {
+async fn jobs(State(web): State<Web>, Extension(access): Extension<Access>) -> Response {
+    if access != Access::Operator {
+        return operators_only();
+    }
     let filter = ListFilter {
         limit: RECENT_JOBS,
         ..ListFilter::default()
     };
-    let listed = read_history(web.state_dir.clone(), move |r| r.list(&filter)).await;
+    let listed = read_history(web.settings.state_dir.clone(), move |r| r.list(&filter)).await;
     let history = listed.is_some();
     let rows: Vec<_> = listed
         .unwrap_or_default()
@@ -274,48 +400,145 @@ async fn jobs(State(web): State<Web>) -> Response {
     )
 }
 
-async fn job(State(web): State<Web>, Path(id): Path<String>) -> Response {
+/// `GET /api/jobs/<job id>`: any job, everything known of it, for operators.
+async fn job(
+    State(web): State<Web>,
+    Extension(access): Extension<Access>,
+    Path(id): Path<String>,
+) -> Response {
+    if access != Access::Operator {
+        return operators_only();
+    }
     if !is_job_id(&id) {
         return error(StatusCode::NOT_FOUND, "not a job id");
     }
-    let wanted = id.clone();
-    let history = read_history(web.state_dir.clone(), move |r| r.show(&wanted))
-        .await
-        .flatten()
-        .filter(|detail| detail.job.job_id == id);
-    let result_key = web.output.key_for(&format!("{id}{}", web.result_suffix));
-    let result = match storage::object_exists(&web.s3, &web.output.bucket, &result_key).await {
-        Ok(found) => found,
-        Err(e) => {
-            warn!(error = %error_chain(&e), "Web: cannot check for a result.");
-            return error(StatusCode::BAD_GATEWAY, "cannot reach the output bucket");
-        }
+    view_response(cached_view(&web, &id).await, false)
+}
+
+/// `GET /api/uploads/<handle>`: the job of one's own upload; what an uploader may see of
+/// it (operators see everything).
+async fn uploaded(
+    State(web): State<Web>,
+    Extension(access): Extension<Access>,
+    Path(handle): Path<String>,
+) -> Response {
+    let Some(id) = web.keys.job_of(&handle) else {
+        return no_such_upload();
     };
-    let mut s3 = S3View {
-        result,
-        ..S3View::default()
+    view_response(cached_view(&web, &id).await, access != Access::Operator)
+}
+
+fn no_such_upload() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such upload: its handle is wrong, or orchgpu restarted since (handles last one run)",
+    )
+}
+
+fn view_response(view: Result<JobView, &'static str>, for_uploader: bool) -> Response {
+    let view = match view {
+        Ok(view) if for_uploader => view.for_uploader(),
+        Ok(view) => view,
+        Err(message) => return error(StatusCode::BAD_GATEWAY, message),
     };
-    if result {
-        let text_key = web.output.key_for(&format!("{id}.txt"));
-        s3.detections = fetch_small(&web.s3, &web.output.bucket, &text_key)
-            .await
-            .map(|text| parse_detections(&text));
-    } else if let Some(claims) = &web.claims {
-        s3.claim = claims.peek(&id).await.unwrap_or_else(|e| {
-            warn!(error = %error_chain(&e), "Web: cannot read a claim.");
-            None
-        });
-    }
-    let view = job_view(
-        &id,
-        history.as_ref(),
-        s3,
-        Timestamp::from_system(SystemTime::now()),
-    );
     match serde_json::to_value(view) {
         Ok(body) => json(StatusCode::OK, body),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the job"),
     }
+}
+
+async fn cached_view(web: &Web, id: &str) -> Result<JobView, &'static str> {
+    web.views.get(id, || refresh_view(web, id)).await
+}
+
+/// A job's view from the history and, unless the history has it in hand here, S3: the
+/// result (a HEAD), then the detections once it is there, else a claim of another daemon.
+async fn refresh_view(web: &Web, id: &str) -> (Result<JobView, &'static str>, Fresh) {
+    let s = &web.settings;
+    let wanted = id.to_string();
+    let history = read_history(s.state_dir.clone(), move |r| r.show(&wanted))
+        .await
+        .flatten()
+        .filter(|detail| detail.job.job_id == id);
+    let in_hand = history_in_hand(history.as_ref());
+    let mut s3 = S3View::default();
+    if !in_hand {
+        let result_key = s.output.key_for(&format!("{id}{}", s.result_suffix));
+        match storage::object_exists(&s.s3, &s.output.bucket, &result_key).await {
+            Ok(found) => s3.result = found,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "Web: cannot check for a result.");
+                return (Err("cannot reach the output bucket"), Fresh::For(S3_FRESH));
+            }
+        }
+        let state = history.as_ref().map(|h| h.job.state.as_str());
+        if s3.result {
+            s3.outputs = list_outputs(&s.s3, &s.output, id).await;
+            // A listing that failed says nothing: ask for the text file all the same.
+            let has_text = s3.outputs.is_empty() || s3.outputs.iter().any(|o| o.suffix == ".txt");
+            if has_text {
+                let text_key = s.output.key_for(&format!("{id}.txt"));
+                s3.detections = fetch_small(&s.s3, &s.output.bucket, &text_key)
+                    .await
+                    .and_then(|text| parse_detections(&text));
+            }
+        } else if let Some(claims) = &s.claims
+            && matches!(state, None | Some("returned" | "failed"))
+        {
+            s3.claim = claims.peek(id).await.unwrap_or_else(|e| {
+                warn!(error = %error_chain(&e), "Web: cannot read a claim.");
+                None
+            });
+        }
+    }
+    let view = job_view(
+        id,
+        history.as_ref(),
+        s3,
+        Timestamp::from_system(SystemTime::now()),
+    );
+    let fresh = if view.is_final {
+        Fresh::Final
+    } else if in_hand {
+        Fresh::For(HISTORY_FRESH)
+    } else {
+        Fresh::For(S3_FRESH)
+    };
+    (Ok(view), fresh)
+}
+
+/// The files the function wrote for job `id`: `<output dir>/<id><suffix>` for the
+/// suffixes `is_output_suffix` accepts, at most `OUTPUTS_MAX`; empty when S3 cannot be
+/// listed (logged).
+async fn list_outputs(s3: &aws_sdk_s3::Client, output: &BucketDir, id: &str) -> Vec<OutputFile> {
+    let prefix = output.key_for(id);
+    let listed = s3
+        .list_objects_v2()
+        .bucket(&output.bucket)
+        .prefix(format!("{prefix}."))
+        .max_keys(OUTPUTS_MAX)
+        .send()
+        .await;
+    let listed = match listed {
+        Ok(listed) => listed,
+        Err(e) => {
+            warn!(error = %error_chain(&e), "Web: cannot list a job's outputs.");
+            return Vec::new();
+        }
+    };
+    listed
+        .contents
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|object| {
+            let suffix = object.key.as_deref()?.strip_prefix(prefix.as_str())?;
+            is_output_suffix(suffix).then(|| OutputFile {
+                suffix: suffix.to_string(),
+                kind: output_kind(suffix).0,
+                bytes: object.size.and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 /// A small text object, or `None` when it is missing, too large or unreadable.
@@ -328,24 +551,42 @@ async fn fetch_small(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Option
     (bytes.len() <= DETECTIONS_MAX).then(|| String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// `GET /results/<job id><suffix>` and `/results/<job id>.txt`, streamed from the output
-/// bucket. Only a well-formed job id reaches S3.
-async fn result(State(web): State<Web>, Path(file): Path<String>) -> Response {
-    let (id, content_type) = if let Some(id) = file.strip_suffix(".txt") {
-        (id, "text/plain; charset=utf-8")
-    } else if let Some(id) = file.strip_suffix(web.result_suffix.as_str()) {
-        (id, result_type(&web.result_suffix))
+/// `GET /results/<handle><suffix>`, any file the function wrote for the job (operators
+/// also by job id), streamed from the output bucket. Only a job id from a valid handle,
+/// or a well-formed one from an operator, and a suffix that is a plain name, reach S3.
+async fn result(
+    State(web): State<Web>,
+    Extension(access): Extension<Access>,
+    Path(file): Path<String>,
+) -> Response {
+    let s = &web.settings;
+    // Handles and job ids hold no dot: the suffix starts at the first one.
+    let Some(dot) = file.find('.') else {
+        return error(StatusCode::NOT_FOUND, "no such result");
+    };
+    let (stem, ext) = file.split_at(dot);
+    if !is_output_suffix(ext) {
+        return error(StatusCode::NOT_FOUND, "no such result");
+    }
+    let (kind, content_type) = output_kind(ext);
+    let id = if stem.len() == HANDLE_LEN {
+        match web.keys.job_of(stem) {
+            Some(id) => id,
+            None => return no_such_upload(),
+        }
+    } else if is_job_id(stem) {
+        if access != Access::Operator {
+            return error(StatusCode::NOT_FOUND, "no such result");
+        }
+        stem.to_string()
     } else {
         return error(StatusCode::NOT_FOUND, "no such result");
     };
-    if !is_job_id(id) {
-        return error(StatusCode::NOT_FOUND, "no such result");
-    }
-    let key = web.output.key_for(&file);
-    let output = match web
+    let key = s.output.key_for(&format!("{id}{ext}"));
+    let output = match s
         .s3
         .get_object()
-        .bucket(&web.output.bucket)
+        .bucket(&s.output.bucket)
         .key(&key)
         .send()
         .await
@@ -366,7 +607,7 @@ async fn result(State(web): State<Web>, Path(file): Path<String>) -> Response {
     if let Some(length) = output.content_length.and_then(|n| u64::try_from(n).ok()) {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    if content_type == "application/octet-stream" {
+    if kind == OutputKind::File {
         h.insert(
             header::CONTENT_DISPOSITION,
             HeaderValue::from_static("attachment"),
@@ -377,15 +618,6 @@ async fn result(State(web): State<Web>, Path(file): Path<String>) -> Response {
         HeaderValue::from_static("private, max-age=60"),
     );
     response
-}
-
-/// The content type of a result with this suffix; anything but an image is downloaded.
-fn result_type(suffix: &str) -> &'static str {
-    match suffix.to_ascii_lowercase().as_str() {
-        ".png" => "image/png",
-        ".jpg" | ".jpeg" => "image/jpeg",
-        _ => "application/octet-stream",
-    }
 }
 
 /// The content type an upload is stored with: an image type the browser named, else
@@ -406,12 +638,77 @@ fn upload_type(headers: &HeaderMap) -> &'static str {
         .unwrap_or("application/octet-stream")
 }
 
+/// The bytes of the work dir that uploads in progress hold, against their budget.
+struct DiskBudget {
+    held: AtomicU64,
+    limit: u64,
+}
+
+/// Bytes taken from a `DiskBudget`, given back on drop.
+struct Taken<'a> {
+    budget: &'a DiskBudget,
+    bytes: u64,
+}
+
+impl DiskBudget {
+    fn new(limit: u64) -> Self {
+        DiskBudget {
+            held: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// Nothing taken yet.
+    fn start(&self) -> Taken<'_> {
+        Taken {
+            budget: self,
+            bytes: 0,
+        }
+    }
+}
+
+impl Taken<'_> {
+    /// Holds `total` bytes in all (more than now); `false`, holding what it held, when
+    /// that would pass the budget.
+    fn grow_to(&mut self, total: u64) -> bool {
+        let more = total.saturating_sub(self.bytes);
+        let budget = self.budget;
+        let granted = budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(more)
+                    .filter(|after| *after <= budget.limit)
+            })
+            .is_ok();
+        if granted {
+            self.bytes += more;
+        }
+        granted
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+fn no_room() -> Response {
+    error(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "orchgpu has no room for this upload right now: other uploads fill its disk budget; \
+         try again in a minute",
+    )
+}
+
 /// `POST /api/uploads`: the raw file as the body, its name percent-encoded in
-/// `X-Filename`. Streams it to a temp file in the work dir (refusing it as soon as it
-/// passes the limit), uploads it to `--upload-to` under a clean, unique key, and answers
-/// the job id the notification will get.
+/// `X-Filename`. Takes an upload slot (429 when none is free) and disk budget (507),
+/// streams the body to a temp file in the work dir (refusing it as soon as it passes the
+/// limit), uploads it to `--upload-to` under a clean, unique key, and answers the upload's
+/// handle (and the job id the notification will get).
 async fn upload(State(web): State<Web>, headers: HeaderMap, body: Body) -> Response {
-    let Some(dest) = &web.upload_to else {
+    let s = &web.settings;
+    let Some(dest) = &s.upload_to else {
         return error(
             StatusCode::NOT_FOUND,
             "uploads are off: orchgpu runs without --upload-to",
@@ -420,13 +717,30 @@ async fn upload(State(web): State<Web>, headers: HeaderMap, body: Body) -> Respo
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the file is larger than {} bytes", web.upload_max_bytes),
+            &format!("the file is larger than {} bytes", s.upload_max_bytes),
         )
     };
     let declared =
         header_str(&headers, header::CONTENT_LENGTH.as_str()).and_then(|n| n.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > web.upload_max_bytes) {
+    if declared.is_some_and(|n| n > s.upload_max_bytes) {
         return too_large();
+    }
+    let Ok(_slot) = web.uploads.clone().try_acquire_owned() else {
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "orchgpu takes {} uploads at once and is busy with them: try again in a moment",
+                s.upload_max_concurrent
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return response;
+    };
+    let mut taken = web.disk.start();
+    if !taken.grow_to(declared.unwrap_or(0)) {
+        return no_room();
     }
     let raw_name = header_str(&headers, NAME_HEADER).unwrap_or("");
     let name =
@@ -434,7 +748,7 @@ async fn upload(State(web): State<Web>, headers: HeaderMap, body: Body) -> Respo
 
     let temp = match tempfile::Builder::new()
         .prefix("web-upload.")
-        .tempfile_in(&web.work_dir)
+        .tempfile_in(&s.work_dir)
     {
         Ok(temp) => temp,
         Err(e) => {
@@ -449,38 +763,61 @@ async fn upload(State(web): State<Web>, headers: HeaderMap, body: Body) -> Respo
             return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot store the upload");
         }
     };
-    let mut bytes: u64 = 0;
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else {
-            return error(StatusCode::BAD_REQUEST, "the upload was cut off");
-        };
-        bytes += chunk.len() as u64;
-        if bytes > web.upload_max_bytes {
-            return too_large();
+    let received = tokio::time::timeout(UPLOAD_DEADLINE, async {
+        let mut bytes: u64 = 0;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "the upload was cut off (or paused too long)",
+                ));
+            };
+            bytes += chunk.len() as u64;
+            if bytes > s.upload_max_bytes {
+                return Err(too_large());
+            }
+            if !taken.grow_to(bytes) {
+                return Err(no_room());
+            }
+            if let Err(e) = file.write_all(&chunk).await {
+                warn!(error = %e, "Web: cannot write an upload to disk.");
+                return Err(error(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "cannot store the upload",
+                ));
+            }
         }
-        if let Err(e) = file.write_all(&chunk).await {
+        if let Err(e) = file.flush().await {
             warn!(error = %e, "Web: cannot write an upload to disk.");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot store the upload");
+            return Err(error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "cannot store the upload",
+            ));
         }
-    }
-    if let Err(e) = file.flush().await {
-        warn!(error = %e, "Web: cannot write an upload to disk.");
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot store the upload");
-    }
+        Ok(bytes)
+    })
+    .await;
+    let bytes = match received {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(response)) => return response,
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the upload took too long; try again on a faster connection",
+            );
+        }
+    };
     if bytes == 0 {
         return error(StatusCode::BAD_REQUEST, "the file is empty");
     }
 
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let key = dest.key_for(&format!(
         "{}-{name}",
-        unique_prefix(unix, fastrand::u32(..))
+        unique_prefix(unix_now(), fastrand::u32(..))
     ));
     if let Err(e) = storage::upload_file(
-        &web.s3,
+        &s.s3,
         temp.path(),
         &dest.bucket,
         &key,
@@ -489,11 +826,13 @@ async fn upload(State(web): State<Web>, headers: HeaderMap, body: Body) -> Respo
     .await
     {
         warn!(error = %error_chain(&e), "Web: cannot upload to the input bucket.");
-        return error(StatusCode::BAD_GATEWAY, "cannot upload to the input bucket");
+        return error(StatusCode::BAD_GATEWAY, "cannot store the upload in S3");
     }
+    drop(temp);
+    drop(taken);
     // The job id comes from the object's ETag (or version) as S3 reports it, exactly as
     // the notification will carry it.
-    let head = match web
+    let head = match s
         .s3
         .head_object()
         .bucket(&dest.bucket)
@@ -504,7 +843,10 @@ async fn upload(State(web): State<Web>, headers: HeaderMap, body: Body) -> Respo
         Ok(head) => head,
         Err(e) => {
             warn!(error = %error_chain(&e), "Web: cannot read back an upload.");
-            return error(StatusCode::BAD_GATEWAY, "cannot read back the upload");
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "cannot read back the upload from S3",
+            );
         }
     };
     let object = ObjectRef {
@@ -520,6 +862,33 @@ async fn upload(State(web): State<Web>, headers: HeaderMap, body: Body) -> Respo
     info!(job_id = %job_id, bucket = %dest.bucket, key = %key, bytes, "Web upload stored.");
     json(
         StatusCode::CREATED,
-        serde_json::json!({ "job_id": job_id.as_str(), "key": key, "name": name, "bytes": bytes }),
+        serde_json::json!({
+            "handle": web.keys.handle(job_id.as_str()),
+            "job_id": job_id.as_str(),
+            "key": key,
+            "name": name,
+            "bytes": bytes,
+        }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_budget_is_shared_and_given_back() {
+        let budget = DiskBudget::new(100);
+        let mut a = budget.start();
+        assert!(a.grow_to(60));
+        let mut b = budget.start();
+        assert!(!b.grow_to(41), "past the budget");
+        assert!(b.grow_to(40));
+        assert!(!a.grow_to(61));
+        assert!(a.grow_to(60), "no more than held");
+        drop(a);
+        assert!(b.grow_to(100));
+        drop(b);
+        assert_eq!(budget.held.load(Ordering::Acquire), 0);
+    }
 }

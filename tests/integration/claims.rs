@@ -11,7 +11,8 @@ use orchgpu::event::{Notification, parse_notification};
 use orchgpu::job::JobId;
 use serde_json::Value;
 
-use crate::harness::{MockSsgm, Stack};
+use crate::harness::{MockSsgm, Proxy, Stack};
+use crate::reliability::{Hold, wait_for_live};
 
 /// The notification S3 sent for an object, sent again (LocalStack 4.13 and moto 5.2 both
 /// send the object's ETag, so both name the same job).
@@ -25,6 +26,10 @@ fn job_id_of(body: &str) -> Result<JobId> {
         other => Err(anyhow!("not an object event: {other:?}")),
     }
 }
+
+/// What a daemon logs when it deletes a copy of a job that another daemon runs from the
+/// job's own message.
+const DUPLICATE_DELETED: &str = "Duplicate of a job another daemon runs";
 
 fn count_in_logs(stack: &Stack, daemons: &[usize], needle: &str) -> usize {
     daemons
@@ -77,7 +82,7 @@ async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() ->
     let a = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &a_state]].concat())?;
     let b = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &b_state]].concat())?;
     let met = crate::harness::wait_for("a claim held elsewhere", Duration::from_secs(60), || {
-        let found = count_in_logs(&stack, &[a, b], "Job held elsewhere") > 0;
+        let found = count_in_logs(&stack, &[a, b], DUPLICATE_DELETED) > 0;
         async move { Ok(found.then_some(())) }
     })
     .await;
@@ -104,7 +109,7 @@ async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() ->
     }
     assert_eq!(ssgm.stat("granted")?, OBJECTS as u64, "GPU jobs run");
     assert!(
-        count_in_logs(&stack, &[a, b], "Job held elsewhere") > 0,
+        count_in_logs(&stack, &[a, b], DUPLICATE_DELETED) > 0,
         "no notification met another daemon's claim: the test did not exercise it"
     );
     // Finished jobs leave no claim.
@@ -167,7 +172,7 @@ async fn a_dead_daemons_claim_is_taken_over_by_exactly_one_daemon_when_it_expire
         "no daemon reported the dead daemon's claim"
     );
     assert_eq!(
-        count_in_logs(&stack, &[a, b], "Took over an expired claim."),
+        count_in_logs(&stack, &[a, b], "why=\"expired\""),
         1,
         "the expired claim must be taken over exactly once"
     );
@@ -182,11 +187,36 @@ async fn a_failed_job_gives_up_its_claim_so_the_retry_runs_at_once() -> Result<(
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("claimfail", 5).await?;
     stack.start_function("copy-result.sh")?;
-    // A long lease: a retry that had to wait for it would come a minute late.
-    let daemon = stack.start_daemon(&ssgm, &["--claim-lease", "60"])?;
+    // A long lease: a retry that had to wait for it would come a minute late. The retry
+    // comes 4 s after the failure: long enough to look at the claim in between.
+    let daemon = stack.start_daemon(
+        &ssgm,
+        &["--claim-lease", "60", "--retry-backoff", "4", "-v", "30"],
+    )?;
     ssgm.inject("error", 1)?;
     let started = Instant::now();
     stack.upload("retry.png", b"fails once").await?;
+    stack
+        .wait_for_log(daemon, "Job failed.", 1, Duration::from_secs(30))
+        .await?;
+    // The failed attempt ended its claim (this daemon would take over its own live claim
+    // at once, so only the claim itself shows that it was given up).
+    let ended = crate::harness::wait_for(
+        "the failed job's claim ended",
+        Duration::from_secs(3),
+        || async {
+            Ok(stack
+                .keys(&stack.output_bucket, "orchgpu-claims/")
+                .await?
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await;
+    assert!(
+        stack.log(daemon).matches("Claim lease").count() == 0 && ended.is_ok(),
+        "the failed job's claim was left: {ended:?}"
+    );
     stack.wait_for_results(1, Duration::from_secs(40)).await?;
     assert!(
         started.elapsed() < Duration::from_secs(40),
@@ -377,7 +407,7 @@ async fn claim_cost() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claims_location_that_cannot_be_read_is_fatal_at_start_up() -> Result<()> {
+async fn a_claims_location_that_cannot_be_written_is_fatal_at_start_up() -> Result<()> {
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("noclaims", 5).await?;
     let missing = format!("{}-missing/claims", stack.output_bucket);
@@ -389,8 +419,235 @@ async fn a_claims_location_that_cannot_be_read_is_fatal_at_start_up() -> Result<
     assert_eq!(status.code(), Some(1), "{status}");
     let log = stack.log(daemon);
     assert!(
-        log.contains("cannot reach the claims location") && log.contains(&missing),
+        log.contains("cannot write and delete claims in") && log.contains(&missing),
         "{log}"
     );
+    Ok(())
+}
+
+/// What a daemon logs when it takes over a job whose function may still be running.
+const ADOPTED: &str = "Adopting a job whose function may be running";
+
+/// The daemon's environment for a host of its own: claims of another pid space are
+/// never taken over before their lease, as between two machines.
+fn host(name: &str) -> [(&'static str, &std::ffi::OsStr); 1] {
+    [("ORCHGPU_DEBUG_PID_SPACE", std::ffi::OsStr::new(name))]
+}
+
+async fn dead_letters(stack: &Stack) -> Result<u64> {
+    stack.queue_depth(&stack.dlq_url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_of_a_long_job_on_another_daemon_are_deleted_not_dead_lettered() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    // Two receives and a message is dead-lettered: a duplicate returned "after the
+    // lease" twice during the job would be.
+    let mut stack = Stack::new("longdup", 2).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    let extra = ["--claim-lease", "6", "--max-jobs", "1"];
+    let a_state = stack.state_dir("a");
+    let a = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &a_state]].concat())?;
+    stack.upload("long.png", b"runs for a while").await?;
+    stack
+        .wait_for_log(a, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    // The first daemon's one slot is busy: the copies go to the second.
+    let b_state = stack.state_dir("b");
+    let b = stack.start_daemon(&ssgm, &[&extra[..], &["--state-dir", &b_state]].concat())?;
+    for _ in 0..2 {
+        let again = same_notification(&stack, "long.png").await?;
+        stack.send_raw(&again).await?;
+    }
+    // The job goes on for more than two leases: a copy returned after each lease would
+    // be received a third time, and dead-lettered, meanwhile.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(
+        dead_letters(&stack).await?,
+        0,
+        "a duplicate was dead-lettered"
+    );
+    assert_eq!(stack.log(b).matches(DUPLICATE_DELETED).count(), 2);
+    hold.release()?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(
+        dead_letters(&stack).await?,
+        0,
+        "dead-lettered after the job"
+    );
+    assert_eq!(stack.invocations().values().sum::<usize>(), 1);
+    assert_eq!(ssgm.stat("granted")?, 1, "the job ran twice");
+    ssgm.wait_all_released(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_dies_for_good_leaves_its_gpu_to_whoever_takes_its_job_over() -> Result<()> {
+    // One GPU: until the dead host's grant is released, the scheduler is busy for all.
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("deadhost", 5).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    let extra = ["--claim-lease", "6", "-v", "4"];
+    let a_state = stack.state_dir("a");
+    let a = stack.start_daemon_with_env(
+        &ssgm,
+        &[&extra[..], &["--state-dir", &a_state]].concat(),
+        &host("host-a"),
+    )?;
+    stack.upload("orphan.png", b"its host is gone").await?;
+    stack
+        .wait_for_log(a, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    // The host is terminated for good: process and state directory both gone.
+    stack.process(a).signal(nix::sys::signal::Signal::SIGKILL)?;
+    stack.process(a).wait_exit(Duration::from_secs(10)).await?;
+    std::fs::remove_dir_all(&a_state)?;
+    assert_eq!(ssgm.stat("live")?, 1);
+
+    let b_state = stack.state_dir("b");
+    let b = stack.start_daemon_with_env(
+        &ssgm,
+        &[&extra[..], &["--state-dir", &b_state]].concat(),
+        &host("host-b"),
+    )?;
+    // After the lease, the survivor takes the job over from its claim and adopts the
+    // running function: the dead host's GPU is kept until the result, then released.
+    stack
+        .wait_for_log(b, ADOPTED, 1, Duration::from_secs(40))
+        .await?;
+    assert_eq!(ssgm.stat("live")?, 1, "released under the running function");
+    hold.release()?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    wait_for_live(&ssgm, 0, Duration::from_secs(30)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(stack.invocations().values().sum::<usize>(), 1);
+    let stats = ssgm.stats()?;
+    assert_eq!(stats["granted"], 1, "the job ran again: {stats}");
+    assert_eq!(stats["released"], 1, "{stats}");
+    assert_eq!(stats["failed_releases"], 0, "released twice: {stats}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holders_own_message_coming_back_mid_job_is_kept_not_dead_lettered() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("ownmsg", 2).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    // The holder's heartbeats never get through (an SQS brownout): its message comes
+    // back every 2 s. One slot, so the copy goes to the other daemon.
+    let a_state = stack.state_dir("a");
+    let a = stack.start_daemon_with_env(
+        &ssgm,
+        &[
+            "--claim-lease",
+            "6",
+            "-v",
+            "2",
+            "--max-jobs",
+            "1",
+            "--state-dir",
+            &a_state,
+        ],
+        &[("ORCHGPU_DEBUG_NO_HEARTBEATS", std::ffi::OsStr::new("1"))],
+    )?;
+    stack
+        .upload("brownout.png", b"its message came back")
+        .await?;
+    stack
+        .wait_for_log(a, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    let b_state = stack.state_dir("b");
+    let b = stack.start_daemon(&ssgm, &["--claim-lease", "6", "--state-dir", &b_state])?;
+    // Its message comes back within 2 s and is kept hidden while the holder runs: no
+    // more receives, nothing dead-lettered (returned, it would be received a third time).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        dead_letters(&stack).await?,
+        0,
+        "the holder's message was dead-lettered"
+    );
+    assert!(stack.log(b).contains("The holder's own message came back"));
+    hold.release()?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
+    assert_eq!(dead_letters(&stack).await?, 0);
+    assert_eq!(stack.invocations().values().sum::<usize>(), 1);
+    assert_eq!(ssgm.stat("granted")?, 1, "the job ran twice");
+    ssgm.wait_all_released(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_renewals_are_held_back_stops_and_its_successor_adopts() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("slows3", 5).await?;
+    let hold = Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    // The holder's claim writes after the first two (the grant and the function) are
+    // held back 20 s on their way to S3: its renewals, and whatever it writes later.
+    let proxy = Proxy::start_holding(Some((2, Duration::from_secs(20)))).await?;
+    let a_state = stack.state_dir("a");
+    let a = stack.start_daemon_with_env(
+        &ssgm,
+        &[
+            "--endpoint-url",
+            &proxy.url(),
+            "--claim-lease",
+            "6",
+            "--max-jobs",
+            "1",
+            "--state-dir",
+            &a_state,
+        ],
+        &host("host-a"),
+    )?;
+    stack.upload("slow.png", b"renewals held back").await?;
+    stack
+        .wait_for_log(a, "stage=\"upload\"", 1, Duration::from_secs(60))
+        .await?;
+    let b_state = stack.state_dir("b");
+    let b = stack.start_daemon_with_env(
+        &ssgm,
+        &["--claim-lease", "6", "--state-dir", &b_state],
+        &host("host-b"),
+    )?;
+    // The holder acts before its lease ends, a copy of the event reaches the other daemon
+    // after it, and that daemon adopts the running function.
+    stack
+        .wait_for_log(
+            a,
+            "Claim lease about to end without a confirmed renewal",
+            1,
+            Duration::from_secs(20),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = same_notification(&stack, "slow.png").await?;
+    stack.send_raw(&again).await?;
+    stack
+        .wait_for_log(b, ADOPTED, 1, Duration::from_secs(30))
+        .await?;
+    assert_eq!(
+        ssgm.stat("live")?,
+        1,
+        "the GPU was released under its running function"
+    );
+    hold.release()?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
+    wait_for_live(&ssgm, 0, Duration::from_secs(30)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    assert_eq!(
+        stack.invocations().values().sum::<usize>(),
+        1,
+        "the function ran twice"
+    );
+    let stats = ssgm.stats()?;
+    assert_eq!(stats["granted"], 1, "{stats}");
+    assert_eq!(stats["failed_releases"], 0, "released twice: {stats}");
+    assert_eq!(dead_letters(&stack).await?, 0);
     Ok(())
 }

@@ -11,6 +11,8 @@ use anyhow::{Context, Result, bail};
 use crate::harness::repo_path;
 
 const UNIT: &str = "deploy/systemd/orchgpu.service";
+/// The template unit: one instance per use case (`orchgpu@ocr`), the plain unit otherwise.
+const TEMPLATE: &str = "deploy/systemd/orchgpu@.service";
 const ENV_EXAMPLE: &str = "deploy/systemd/orchgpu.env.example";
 
 fn help() -> Result<String> {
@@ -155,29 +157,84 @@ fn systemd_analyze(args: &[&str]) -> Result<std::process::Output> {
 
 #[test]
 fn unit_passes_systemd_analyze_verify_and_security() -> Result<()> {
-    // verify checks that ExecStart is executable, so point a copy at the binary just built.
-    let unit = std::fs::read_to_string(repo_path(UNIT))?;
-    let unit = unit.replace(
+    verify_unit(UNIT, "orchgpu.service")
+}
+
+/// The template, as an instance (`verify` refuses a bare template name).
+#[test]
+fn template_unit_passes_systemd_analyze_verify_and_security() -> Result<()> {
+    verify_unit(TEMPLATE, "orchgpu@ocr.service")
+}
+
+/// The template differs from the plain unit only in what makes instances apart: its
+/// environment file, state and cache directories, log identifier, description and head
+/// comment. Everything else (timeouts, hardening) must be the same, so the plain unit's
+/// timeout test covers both.
+#[test]
+fn template_unit_matches_the_plain_unit_but_for_the_instance() -> Result<()> {
+    let settings = |path: &str| -> Result<Vec<String>> {
+        Ok(std::fs::read_to_string(repo_path(path))?
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    };
+    let plain = settings(UNIT)?;
+    let template = settings(TEMPLATE)?;
+    let per_instance = [
+        ("Description=", "orchgpu %i: "),
+        ("EnvironmentFile=", "/etc/orchgpu/%i.env"),
+        ("StateDirectory=", "orchgpu/%i"),
+        ("CacheDirectory=", "orchgpu/%i"),
+        ("SyslogIdentifier=", "orchgpu-%i"),
+    ];
+    for (key, want) in per_instance {
+        let line = template
+            .iter()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("{TEMPLATE} has no {key}"))?;
+        assert!(line.contains(want), "{TEMPLATE}: {line} (wanted {want})");
+    }
+    let shared = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| !per_instance.iter().any(|(key, _)| l.starts_with(key)))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        shared(&plain),
+        shared(&template),
+        "{UNIT} and {TEMPLATE} drifted apart"
+    );
+    Ok(())
+}
+
+/// `systemd-analyze verify` and `security` on a copy of `unit` named `name`, its
+/// ExecStart pointed at the binary just built (verify checks that it is executable).
+fn verify_unit(unit: &str, name: &str) -> Result<()> {
+    let text = std::fs::read_to_string(repo_path(unit))?;
+    let text = text.replace(
         "ExecStart=/usr/bin/orchgpu",
         &format!("ExecStart={}", env!("CARGO_BIN_EXE_orchgpu")),
     );
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("orchgpu.service");
-    std::fs::write(&path, unit)?;
+    let path = dir.path().join(name);
+    std::fs::write(&path, text)?;
     let path = path.to_str().context("temp path is not UTF-8")?;
 
     let verify = systemd_analyze(&["verify", path])?;
     let stderr = String::from_utf8_lossy(&verify.stderr);
-    assert!(verify.status.success(), "verify failed: {stderr}");
+    assert!(verify.status.success(), "{unit}: verify failed: {stderr}");
     // verify only warns (exit 0) on unknown keys or bad values: any output is a finding.
-    assert!(stderr.trim().is_empty(), "verify found: {stderr}");
+    assert!(stderr.trim().is_empty(), "{unit}: verify found: {stderr}");
 
     // The exposure score is 0 (locked down) .. 10 (unprotected); the threshold is in tenths.
     let security = systemd_analyze(&["security", "--offline=true", "--threshold=20", path])?;
     let report = String::from_utf8_lossy(&security.stdout);
     assert!(
         security.status.success(),
-        "exposure above 2.0:\n{report}{}",
+        "{unit}: exposure above 2.0:\n{report}{}",
         String::from_utf8_lossy(&security.stderr)
     );
     Ok(())

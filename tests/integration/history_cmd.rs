@@ -320,6 +320,7 @@ fn jobs_table_has_its_header_and_one_line_per_job() {
             "UPDATED (UTC)",
             "STATE",
             "ATTEMPTS",
+            "GPU S",
             "JOB ID",
             "KEY",
             "LAST REASON"

@@ -1,5 +1,5 @@
 //! Real inference end to end: LocalStack, the mock SSGM, the real orchgpu and the function
-//! stand-in running the real `scar/detect.sh` with Debian's darknet and the YOLOv3-tiny
+//! stand-in running the real `scar/yolo/detect.sh` with Debian's darknet and the YOLOv3-tiny
 //! weights. `dev/install-darknet.sh` installs both; without them these tests fail (they
 //! are not skipped), saying so.
 
@@ -91,7 +91,7 @@ async fn start(name: &str) -> Result<(Stack, MockSsgm)> {
     let mut stack = Stack::new(name, 5).await?;
     let ssgm = MockSsgm::start(1)?;
     stack.start_function_script(
-        &repo_path("scar/detect.sh"),
+        &repo_path("scar/yolo/detect.sh"),
         &[
             ("DARKNET_HOME", DARKNET_HOME.as_ref()),
             ("DARKNET_WEIGHTS", weights.as_os_str()),

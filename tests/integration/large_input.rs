@@ -110,15 +110,9 @@ async fn a_killed_daemons_inputs_are_removed_by_the_next_start() -> Result<()> {
         "the killed daemon left nothing to clean: {left:?}"
     );
 
-    let second = stack.start_daemon(
-        &ssgm,
-        &[
-            "--work-dir",
-            &work_dir,
-            "--state-dir",
-            &stack.state_dir("second"),
-        ],
-    )?;
+    let state_dir = stack.state_dir("second");
+    let second =
+        stack.start_daemon(&ssgm, &["--work-dir", &work_dir, "--state-dir", &state_dir])?;
     stack
         .wait_for_log(second, "Work dir ready.", 1, Duration::from_secs(30))
         .await?;

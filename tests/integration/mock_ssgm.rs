@@ -5,14 +5,15 @@
 //! Each test starts its own server on a free port, so tests run in parallel.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+use crate::harness::MockSsgm;
 
 const MOCK_SSGM: &str = env!("CARGO_BIN_EXE_mock-ssgm");
 
@@ -22,49 +23,17 @@ const CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a hanging client is watched before it is judged hung.
 const HANG_WATCH: Duration = Duration::from_millis(800);
 
-/// A running `mock-ssgm serve`, stopped on drop. Its stderr log is printed if
-/// the test fails.
+/// A running `mock-ssgm serve` (the kit's), stopped on drop, with this file's client
+/// calls. Its stderr log is printed if the test fails.
 struct MockServer {
-    child: Child,
-    port: u16,
-    log: Arc<Mutex<String>>,
+    inner: MockSsgm,
 }
 
 impl MockServer {
     fn start(gpus: u32) -> Result<Self> {
-        let mut child = Command::new(MOCK_SSGM)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--gpus",
-                &gpus.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn mock-ssgm serve")?;
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().context("server stderr")?;
-        let sink = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().context("server stdout")?;
-        let port = match read_port(stdout) {
-            Ok(port) => port,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        };
-        Ok(Self { child, port, log })
+        Ok(Self {
+            inner: MockSsgm::start(gpus)?,
+        })
     }
 
     /// `mock-ssgm -S 127.0.0.1 -P <port> <args>`, which must finish in time.
@@ -144,7 +113,7 @@ impl MockServer {
 
     fn spawn_client(&self, args: &[&str]) -> Result<Child> {
         Command::new(MOCK_SSGM)
-            .args(["-S", "127.0.0.1", "-P", &self.port.to_string()])
+            .args(["-S", "127.0.0.1", "-P", &self.inner.port.to_string()])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -152,31 +121,6 @@ impl MockServer {
             .spawn()
             .with_context(|| format!("spawn mock-ssgm {args:?}"))
     }
-}
-
-impl Drop for MockServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-            eprintln!("--- mock-ssgm server log ---\n{log}---");
-        }
-    }
-}
-
-/// Reads the server's `listening on 127.0.0.1:PORT` line.
-fn read_port(stdout: ChildStdout) -> Result<u16> {
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("read the listening line")?;
-    let port = line
-        .trim()
-        .strip_prefix("listening on 127.0.0.1:")
-        .with_context(|| format!("unexpected first line {line:?}"))?;
-    port.parse()
-        .with_context(|| format!("bad port in {line:?}"))
 }
 
 /// A finished client run, printable for failure messages.
@@ -272,7 +216,7 @@ fn alloc_busy_dealloc_and_request_error() -> Result<()> {
 #[test]
 fn options_go_in_any_order() -> Result<()> {
     let server = MockServer::start(1)?;
-    let port = server.port.to_string();
+    let port = server.inner.port.to_string();
     let call = Command::new(MOCK_SSGM)
         .args(["-g", "1", "-alloc", "-P", &port, "-S", "127.0.0.1"])
         .output()?;
@@ -456,7 +400,7 @@ fn under_sh(server: &MockServer, script: &str) -> Result<(ExitStatus, String, te
         .args(["-c", script, MOCK_SSGM])
         .arg(dir.path().join("out"))
         .arg(dir.path().join("pid"))
-        .env("PORT", server.port.to_string())
+        .env("PORT", server.inner.port.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -656,12 +600,12 @@ fn unreachable_server_exits_1() -> Result<()> {
 fn server_stops_cleanly_on_sigterm() -> Result<()> {
     let mut server = MockServer::start(1)?;
     let kill = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
+        .args(["-TERM", &server.inner.pid().to_string()])
         .status()?;
     assert!(kill.success());
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = server.child.try_wait()? {
+        if let Some(status) = server.inner.try_wait()? {
             break status;
         }
         ensure!(started.elapsed() < CALL_DEADLINE, "server ignored SIGTERM");

@@ -10,26 +10,26 @@ use nix::sys::signal::Signal;
 use crate::harness::{MockSsgm, Proxy, Stack, wait_for};
 
 /// A file whose existence holds the test function before it writes its result.
-struct Hold(std::path::PathBuf);
+pub(crate) struct Hold(std::path::PathBuf);
 
 impl Hold {
-    fn new(stack: &Stack) -> Result<Hold> {
+    pub(crate) fn new(stack: &Stack) -> Result<Hold> {
         let path = stack.logs.path().join("hold");
         std::fs::write(&path, b"")?;
         Ok(Hold(path))
     }
 
-    fn env(&self) -> String {
+    pub(crate) fn env(&self) -> String {
         self.0.display().to_string()
     }
 
-    fn release(&self) -> Result<()> {
+    pub(crate) fn release(&self) -> Result<()> {
         std::fs::remove_file(&self.0)?;
         Ok(())
     }
 }
 
-async fn wait_for_live(ssgm: &MockSsgm, live: u64, timeout: Duration) -> Result<()> {
+pub(crate) async fn wait_for_live(ssgm: &MockSsgm, live: u64, timeout: Duration) -> Result<()> {
     wait_for(&format!("{live} live allocations"), timeout, || async {
         Ok((ssgm.stat("live")? == live).then_some(()))
     })
@@ -59,12 +59,13 @@ fn assert_invoked_once_each(stack: &Stack, jobs: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_while_holding_gpus_then_restart_releases_and_completes_once() -> Result<()> {
+async fn sigkill_while_the_function_runs_then_restart_releases_only_after_the_result() -> Result<()>
+{
     let ssgm = MockSsgm::start(2)?;
     let mut stack = Stack::new("sigkill", 5).await?;
     let hold = Hold::new(&stack)?;
     stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
-    let first = stack.start_daemon(&ssgm, &["-v", "10"])?;
+    let first = stack.start_daemon(&ssgm, &["-v", "4"])?;
     stack.upload("killed.png", b"survives a SIGKILL").await?;
 
     stack
@@ -78,27 +79,46 @@ async fn sigkill_while_holding_gpus_then_restart_releases_and_completes_once() -
         .await?;
     assert_eq!(ssgm.stat("live")?, 1, "the killed daemon could not release");
 
-    // Same state directory: the journal names the leaked reservation, and the new daemon
-    // releases it (nobody else talks to this scheduler): one release call, which worked.
-    let second = stack.start_daemon(&ssgm, &["-v", "10"])?;
+    // Same state directory: the journal names the reservation, but the job's claim records
+    // it with a function that may still run on it. The restart leaves it to the claim; the
+    // message comes back (-v 4) and the job is adopted: its GPU is kept until the result.
+    let second = stack.start_daemon(&ssgm, &["-v", "4"])?;
+    stack
+        .wait_for_log(
+            second,
+            "Adopting a job whose function may be running",
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
+    assert!(
+        stack
+            .log(second)
+            .contains("The job's claim records this grant"),
+        "the restart did not defer to the claim"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ssgm.stat("live")?,
+        1,
+        "the GPU was released while its function still ran"
+    );
+
+    // The function finishes the bundle it already has; then, and only then, the GPU goes
+    // back, and the job is not run again.
+    hold.release()?;
+    stack.wait_for_results(1, Duration::from_secs(60)).await?;
     wait_for_live(&ssgm, 0, Duration::from_secs(30)).await?;
+    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
+    assert_invoked_once_each(&stack, 1);
     let stats = ssgm.stats()?;
+    assert_eq!(stats["granted"], 1, "the job ran again: {stats}");
     assert_eq!(stats["released"], 1, "{stats}");
-    assert_eq!(stats["dealloc_calls"], 1, "{stats}");
-    assert_eq!(stats["failed_releases"], 0, "{stats}");
+    assert_eq!(stats["failed_releases"], 0, "released twice: {stats}");
     assert!(
         stack.process(second).try_status()?.is_none(),
         "the second daemon exited"
     );
-
-    // The function finishes the bundle it already has; when the message comes back to
-    // the new daemon, the result exists and the job is not run again.
-    hold.release()?;
-    stack.wait_for_results(1, Duration::from_secs(60)).await?;
-    stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
-    assert_invoked_once_each(&stack, 1);
-    assert_eq!(ssgm.stat("granted")?, 1, "the job ran again");
-    ssgm.assert_all_released()?;
     Ok(())
 }
 
@@ -149,14 +169,13 @@ async fn sigterm_with_a_long_grace_lets_running_jobs_finish() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_a_short_grace_releases_and_returns_then_a_new_daemon_completes() -> Result<()>
-{
+async fn sigterm_with_a_short_grace_hands_running_functions_over_then_a_new_daemon_completes()
+-> Result<()> {
     const JOBS: usize = 2;
     let ssgm = MockSsgm::start(2)?;
     let mut stack = Stack::new("shortgrace", 5).await?;
     let hold = Hold::new(&stack)?;
-    let function =
-        stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
     let first = stack.start_daemon(&ssgm, &["--shutdown-grace", "1"])?;
     for i in 0..JOBS {
         stack
@@ -173,9 +192,20 @@ async fn sigterm_with_a_short_grace_releases_and_returns_then_a_new_daemon_compl
         .wait_exit(Duration::from_secs(30))
         .await?;
     assert_eq!(status.code(), Some(0), "exit status");
-    assert_eq!(ssgm.stat("live")?, 0, "GPUs left allocated after shutdown");
-    // Their functions had the bundles: the messages come back after the retry backoff,
-    // by when a result may exist (which the next daemon would then not compute again).
+    // Their functions had the bundles and still run: the GPUs stay with them, handed over
+    // through the jobs' claims, and the messages come back after the retry backoff.
+    assert_eq!(
+        ssgm.stat("live")?,
+        JOBS as u64,
+        "GPUs released under running functions"
+    );
+    assert_eq!(
+        stack
+            .log(first)
+            .matches("Grant handed over through the job's claim")
+            .count(),
+        JOBS
+    );
     assert_eq!(
         stack
             .log(first)
@@ -185,20 +215,30 @@ async fn sigterm_with_a_short_grace_releases_and_returns_then_a_new_daemon_compl
     );
     assert_eq!(stack.queue_depth(&stack.jobs_url).await?, JOBS as u64);
 
-    // The old function invocations die with their stand-in; a new daemon and function
-    // run both jobs again from the returned messages.
-    stack.process(function).kill();
+    // A new daemon adopts both jobs and waits for their results; only then are the GPUs
+    // released, and no job runs twice.
+    let second = stack.start_daemon(&ssgm, &[])?;
+    stack
+        .wait_for_log(
+            second,
+            "Adopting a job whose function may be running",
+            JOBS,
+            Duration::from_secs(30),
+        )
+        .await?;
+    assert_eq!(
+        ssgm.stat("live")?,
+        JOBS as u64,
+        "released before the results"
+    );
     hold.release()?;
-    // A long poll of the killed stand-in may still be open on the emulator; a bundle
-    // notification arriving now would be handed to it and lost to this test.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stack.start_function("copy-result.sh")?;
-    stack.start_daemon(&ssgm, &[])?;
     stack
         .wait_for_results(JOBS, Duration::from_secs(60))
         .await?;
+    wait_for_live(&ssgm, 0, Duration::from_secs(30)).await?;
     stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
-    assert_eq!(ssgm.stat("granted")?, 2 * JOBS as u64);
+    assert_invoked_once_each(&stack, JOBS);
+    assert_eq!(ssgm.stat("granted")?, JOBS as u64, "a job ran twice");
     ssgm.assert_all_released()?;
     Ok(())
 }
@@ -232,10 +272,9 @@ async fn a_job_outliving_its_visibility_timeout_is_not_started_twice() -> Result
     assert_eq!(ssgm.stat("granted")?, 1, "the job was started twice");
     assert_invoked_once_each(&stack, 1);
     ssgm.assert_all_released()?;
-    // The input was downloaded once: a second start would have fetched it again. (The
-    // other GetObject is the start-up check of the claims location.)
+    // The input was downloaded once: a second start would have fetched it again.
     let stats = stop_for_stats(&mut stack, daemon, &stats_file).await?;
-    assert_eq!(stats["requests"]["S3.GetObject"], 2, "{stats}");
+    assert_eq!(stats["requests"]["S3.GetObject"], 1, "{stats}");
     Ok(())
 }
 

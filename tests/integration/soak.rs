@@ -1,7 +1,9 @@
 //! The reliability soak: many jobs through two daemons while faults are injected, then
 //! the figures the README's reliability section reports. Ignored by default (it takes
 //! minutes); run it with `dev/soak.sh` (ORCHGPU_SOAK_JOBS sets the job count, 500 by
-//! default).
+//! default). Each daemon plays a host of its own (`ORCHGPU_DEBUG_PID_SPACE`), each wave
+//! has two long jobs (12 s) whose notifications come again while they run, and one
+//! daemon is killed for good (its state directory deleted) and replaced by a new one.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,6 +14,8 @@ use nix::sys::signal::Signal;
 use crate::harness::{MockSsgm, Stack, wait_for};
 
 const WAVE: usize = 50;
+/// Jobs per wave whose function runs long (`long-when-asked.sh`).
+const LONG_PER_WAVE: usize = 2;
 
 fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
@@ -27,9 +31,9 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
     let started = Instant::now();
     let ssgm = MockSsgm::start(4)?;
     let mut stack = Stack::new("soak", 10).await?;
-    stack.start_function("copy-result.sh")?;
+    stack.start_function("long-when-asked.sh")?;
     let state_a = stack.state_dir("a");
-    let state_b = stack.state_dir("b");
+    let mut state_b = stack.state_dir("b");
     let daemon_args = |state: &str| -> Vec<String> {
         [
             "--state-dir",
@@ -50,9 +54,10 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
         .to_vec()
     };
     let args_a = daemon_args(&state_a);
-    let args_b = daemon_args(&state_b);
-    let mut a = stack.start_daemon(&ssgm, &as_strs(&args_a))?;
-    let mut b = stack.start_daemon(&ssgm, &as_strs(&args_b))?;
+    let mut args_b = daemon_args(&state_b);
+    let mut host_b = "host-b";
+    let mut a = start_on(&mut stack, &ssgm, &args_a, "host-a")?;
+    let mut b = start_on(&mut stack, &ssgm, &args_b, host_b)?;
 
     let mut faults: HashMap<&str, u64> = HashMap::new();
     let mut keys = Vec::new();
@@ -75,7 +80,12 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
             .map(|i| format!("soak/w{wave:03}/img {i}.png"))
             .collect();
         for (i, key) in wave_keys.iter().enumerate() {
-            stack.upload(key, format!("{key} body").as_bytes()).await?;
+            let body = if i < LONG_PER_WAVE {
+                format!("LONG {key} body")
+            } else {
+                format!("{key} body")
+            };
+            stack.upload(key, body.as_bytes()).await?;
             if i % 5 == 0 {
                 // S3's at-least-once delivery: the same notification twice at the same
                 // moment, for both daemons to take.
@@ -87,23 +97,47 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
                     .or_default() += 1;
             }
             if i == wave_keys.len() / 2 {
-                restart_if_killed(&mut stack, &ssgm, &mut a, &args_a, &mut faults).await?;
-                restart_if_killed(&mut stack, &ssgm, &mut b, &args_b, &mut faults).await?;
-                if wave % 2 == 1 {
+                restart_if_killed(&mut stack, &ssgm, &mut a, &args_a, "host-a", &mut faults)
+                    .await?;
+                restart_if_killed(&mut stack, &ssgm, &mut b, &args_b, host_b, &mut faults).await?;
+                if wave == 2 {
+                    // A host lost for good: the daemon killed, its state directory gone;
+                    // a new daemon of a new host takes its place. Its jobs' claims are
+                    // the only record of what it held.
+                    let deferred = kill_for_good(&mut stack, b, &state_b).await?;
+                    *faults
+                        .entry("daemon killed for good, state dir deleted")
+                        .or_default() += 1;
+                    *faults
+                        .entry("kills deferred: a grant only in the local journal")
+                        .or_default() += deferred;
+                    state_b = stack.state_dir("c");
+                    args_b = daemon_args(&state_b);
+                    host_b = "host-c";
+                    b = start_on(&mut stack, &ssgm, &args_b, host_b)?;
+                } else if wave % 2 == 1 {
                     // A crash: no release, no return; the journal and SQS must cope.
                     stack.process(a).signal(Signal::SIGKILL)?;
                     stack.process(a).wait_exit(Duration::from_secs(10)).await?;
-                    a = stack.start_daemon(&ssgm, &as_strs(&args_a))?;
+                    a = start_on(&mut stack, &ssgm, &args_a, "host-a")?;
                     *faults.entry("daemon SIGKILL").or_default() += 1;
                 } else {
                     // A stop with a short grace: jobs cut off, messages returned.
                     stack.process(b).signal(Signal::SIGTERM)?;
                     let status = stack.process(b).wait_exit(Duration::from_secs(60)).await?;
                     assert!(status.success(), "daemon exit after SIGTERM: {status}");
-                    b = stack.start_daemon(&ssgm, &as_strs(&args_b))?;
+                    b = start_on(&mut stack, &ssgm, &args_b, host_b)?;
                     *faults.entry("daemon SIGTERM (2 s grace)").or_default() += 1;
                 }
             }
+        }
+        // The long jobs of this wave run for a while yet: their notifications again, for
+        // whichever daemon takes them.
+        for key in wave_keys.iter().take(LONG_PER_WAVE) {
+            stack
+                .send_raw(&stack.duplicate_notification(key).await?)
+                .await?;
+            *faults.entry("late duplicate of a long job").or_default() += 1;
         }
         // Duplicate notifications of objects of the previous wave (most of them done by
         // now): a redelivered object must not run again.
@@ -119,8 +153,8 @@ async fn soak_with_faults_loses_nothing_and_leaks_nothing() -> Result<()> {
         stack
             .wait_for_results(keys.len(), Duration::from_secs(300))
             .await?;
-        restart_if_killed(&mut stack, &ssgm, &mut a, &args_a, &mut faults).await?;
-        restart_if_killed(&mut stack, &ssgm, &mut b, &args_b, &mut faults).await?;
+        restart_if_killed(&mut stack, &ssgm, &mut a, &args_a, "host-a", &mut faults).await?;
+        restart_if_killed(&mut stack, &ssgm, &mut b, &args_b, host_b, &mut faults).await?;
     }
 
     let _ = stack.wait_for_results(jobs, Duration::from_secs(600)).await;
@@ -191,11 +225,76 @@ async fn restart_if_killed(
     ssgm: &MockSsgm,
     daemon: &mut usize,
     args: &[String],
+    host: &str,
     faults: &mut HashMap<&str, u64>,
 ) -> Result<()> {
     if stack.process(*daemon).try_status()?.is_some() {
-        *daemon = stack.start_daemon(ssgm, &as_strs(args))?;
+        *daemon = start_on(stack, ssgm, args, host)?;
         *faults.entry("daemon SIGKILL at a grant").or_default() += 1;
     }
     Ok(())
+}
+
+/// Starts a daemon that plays host `host` (claims of other hosts wait for their lease).
+fn start_on(stack: &mut Stack, ssgm: &MockSsgm, args: &[String], host: &str) -> Result<usize> {
+    stack.start_daemon_with_env(
+        ssgm,
+        &as_strs(args),
+        &[("ORCHGPU_DEBUG_PID_SPACE", std::ffi::OsStr::new(host))],
+    )
+}
+
+/// Kills a daemon for good and deletes its state directory, at an instant when every
+/// grant it holds is recorded in its job's claim: the one window the claim cannot cover
+/// (an SSGM call in flight, or the milliseconds between its answer and the claim write,
+/// see `reservations`) is waited out with the daemon stopped (SIGSTOP), so nothing new
+/// starts between the look and the kill. Returns how many looks found the window open.
+async fn kill_for_good(stack: &mut Stack, daemon: usize, state_dir: &str) -> Result<u64> {
+    let mut deferred = 0;
+    loop {
+        stack.process(daemon).signal(Signal::SIGSTOP)?;
+        if grants_all_in_claims(stack, state_dir).await? {
+            break;
+        }
+        deferred += 1;
+        stack.process(daemon).signal(Signal::SIGCONT)?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.process(daemon).signal(Signal::SIGKILL)?;
+    stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(10))
+        .await?;
+    std::fs::remove_dir_all(state_dir)?;
+    Ok(deferred)
+}
+
+/// Whether the journal in `state_dir` has no SSGM call in flight and every reservation it
+/// lists is named by its job's claim.
+async fn grants_all_in_claims(stack: &Stack, state_dir: &str) -> Result<bool> {
+    let journal: serde_json::Value = match std::fs::read(format!("{state_dir}/reservations.json")) {
+        Ok(bytes) => serde_json::from_slice(&bytes)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e.into()),
+    };
+    let calls = journal["calls"].as_array().map_or(0, Vec::len);
+    if calls > 0 {
+        return Ok(false);
+    }
+    for entry in journal["reservations"].as_array().into_iter().flatten() {
+        let (Some(job), Some(grant)) =
+            (entry["job_id"].as_str(), entry["scheduler_job_id"].as_str())
+        else {
+            return Ok(false);
+        };
+        let key = format!("orchgpu-claims/{job}.claim");
+        let Ok(body) = stack.get(&stack.output_bucket, &key).await else {
+            return Ok(false);
+        };
+        let claim: serde_json::Value = serde_json::from_slice(&body)?;
+        if claim["grant"]["scheduler_job_id"].as_str() != Some(grant) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

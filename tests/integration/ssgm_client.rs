@@ -1,62 +1,30 @@
 //! The SSGM client of the library against the real mock binary: grant, busy, request
 //! error, timeouts, stray-grant release, garbage and failed releases.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::harness::MockSsgm;
 use orchgpu::scheduler::{AllocReply, CallFiles, GpuScheduler, SchedulerError, Ssgm, SsgmConfig};
 
 const MOCK: &str = env!("CARGO_BIN_EXE_mock-ssgm");
 
-struct Server(Child, u16);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start() -> MockSsgm {
+    MockSsgm::start(2).expect("mock-ssgm serve")
 }
 
-fn start() -> Server {
-    let mut child = Command::new(MOCK)
-        .args(["serve", "--gpus", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("line");
-    let port = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .expect("port")
-        .parse()
-        .expect("port");
-    Server(child, port)
+fn cli(s: &MockSsgm, args: &[&str]) -> String {
+    String::from_utf8_lossy(&s.client(args).expect("run").stdout).into_owned()
 }
 
-fn cli(s: &Server, args: &[&str]) -> String {
-    let out = Command::new(MOCK)
-        .args(["-S", "127.0.0.1", "-P", &s.1.to_string()])
-        .args(args)
-        .output()
-        .expect("run");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stat(s: &Server, name: &str) -> u64 {
-    let v: serde_json::Value = serde_json::from_str(&cli(s, &["-stats"])).expect("json");
-    v[name].as_u64().expect("number")
+fn stat(s: &MockSsgm, name: &str) -> u64 {
+    s.stat(name).expect("stat")
 }
 
 #[tokio::test]
 async fn ssgm_against_mock() {
     let server = start();
     let dir = tempfile::tempdir().expect("dir");
-    let mut config = SsgmConfig::new(MOCK, "127.0.0.1", server.1);
+    let mut config = SsgmConfig::new(MOCK, "127.0.0.1", server.port);
     config.call_timeout = Duration::from_millis(700);
     config.scratch_dir = dir.path().to_path_buf();
     let ssgm = Ssgm::new(config);

@@ -1,10 +1,17 @@
-// orchgpu's page: uploads images, then watches each job by polling /api/jobs/<id>.
-// No framework; the DOM is built with textContent only, never from HTML strings.
+// orchgpu's page: uploads files, then watches each one's job by its handle, polling
+// /api/uploads/<handle> until the figures are final, and shows what the function wrote:
+// images inline, text inline with a copy button, anything else as a download. Operators
+// (token holders) also see the recent jobs of every source. No framework; the DOM is
+// built with textContent only, never from HTML strings.
 "use strict";
 
 const POLL_MS = 1000;
 const RECENT_MS = 5000;
-const FINAL = new Set(["done", "failed", "dropped", "error"]);
+// The handles of this browser's uploads, kept across reloads (they last one daemon run).
+const STORE = "orchgpu.uploads";
+const KEEP = 20;
+// Larger text outputs are offered as downloads only.
+const TEXT_INLINE_MAX = 256 * 1024;
 const WORDS = {
   uploading: "Uploading",
   uploaded: "Uploaded",
@@ -19,9 +26,10 @@ const WORDS = {
   failed: "Failed",
   dropped: "Dropped",
   error: "Upload failed",
+  gone: "No longer known",
 };
 
-let config = { uploads: false, token_required: false, authorized: true, result_suffix: ".png", upload_max_bytes: 0 };
+let config = { uploads: false, token_required: false, authorized: true, operator: false, result_suffix: ".png", upload_max_bytes: 0, title: null, hint: null };
 const watched = new Set();
 
 function $(id) { return document.getElementById(id); }
@@ -43,15 +51,42 @@ function bytes(n) {
   return n + " B";
 }
 
+function stored() {
+  try {
+    const list = JSON.parse(localStorage.getItem(STORE) || "[]");
+    return Array.isArray(list) ? list.filter((u) => typeof u.handle === "string" && typeof u.name === "string") : [];
+  } catch (_) { return []; }
+}
+
+function remember(handle, name) {
+  const list = stored().filter((u) => u.handle !== handle);
+  list.push({ handle, name });
+  try { localStorage.setItem(STORE, JSON.stringify(list.slice(-KEEP))); } catch (_) { /* private mode */ }
+}
+
+function forget(handle) {
+  try { localStorage.setItem(STORE, JSON.stringify(stored().filter((u) => u.handle !== handle))); } catch (_) { /* ignore */ }
+}
+
 async function loadConfig() {
   const r = await fetch("/api/config", { credentials: "same-origin" });
   config = await r.json();
+  // Which use case this deployment serves, as its operator put it (plain text).
+  if (config.title) {
+    $("title").textContent = config.title;
+    document.title = config.title + " · orchgpu";
+  }
+  if (config.hint) $("hint").textContent = config.hint;
   $("token").hidden = !(config.token_required && !config.authorized);
   const canUpload = config.uploads && config.authorized;
   $("upload").hidden = !canUpload;
   $("no-upload").hidden = config.uploads || !config.authorized;
   $("limit").textContent = "Up to " + bytes(config.upload_max_bytes) + " each.";
-  if (config.authorized) refreshRecent();
+  $("recent-section").hidden = !config.operator;
+  if (config.authorized) {
+    for (const u of stored()) if (!watched.has(u.handle)) follow(makeCard(u.name), { handle: u.handle });
+  }
+  if (config.operator) refreshRecent();
 }
 
 async function enterToken(event) {
@@ -67,7 +102,7 @@ async function enterToken(event) {
 }
 
 // One card per job: its name, state, details and, once done, the result.
-function makeCard(name, jobId) {
+function makeCard(name) {
   $("none-yet").hidden = true;
   const state = el("span", { className: "state", "data-state": "uploading", text: WORDS.uploading });
   const card = el("li", { className: "card", "data-state": "uploading", "data-seen": "uploading" },
@@ -77,7 +112,6 @@ function makeCard(name, jobId) {
     el("progress", { max: 100, value: 0 }),
     el("div", { className: "result" }));
   card.stateNode = state;
-  if (jobId) card.setAttribute("data-job-id", jobId);
   $("cards").prepend(card);
   return card;
 }
@@ -111,10 +145,13 @@ function upload(file) {
     bar.remove();
     let body = {};
     try { body = JSON.parse(xhr.responseText); } catch (_) { /* shown below */ }
-    if (xhr.status === 201 && body.job_id) {
-      card.setAttribute("data-job-id", body.job_id);
-      setState(card, "uploaded", "Stored as " + body.key + " (" + bytes(body.bytes) + "); job " + body.job_id + ".");
-      watch(card, body.job_id);
+    if (xhr.status === 201 && body.handle) {
+      card.setAttribute("data-handle", body.handle);
+      remember(body.handle, file.name);
+      setState(card, "uploaded", "Uploaded " + bytes(body.bytes) + ".");
+      follow(card, { handle: body.handle });
+    } else if (xhr.status === 429 || xhr.status === 507) {
+      setState(card, "error", "Not uploaded: " + (body.error || "orchgpu is busy") + ".");
     } else {
       setState(card, "error", body.error || "The upload failed (HTTP " + xhr.status + ").");
     }
@@ -126,17 +163,82 @@ function upload(file) {
 function describe(job) {
   let text = job.summary;
   if (job.state === "running" && job.seconds != null) text += " For " + job.seconds.toFixed(0) + " s.";
-  if (job.state === "done" && job.seconds != null) text += " Took " + job.seconds.toFixed(1) + " s from pick-up.";
+  if (job.state === "done" && job.final && job.seconds != null) text += " Took " + job.seconds.toFixed(1) + " s from pick-up to result.";
+  // Operators only: the daemon's own details.
+  if (job.scheduler_job) text += " Scheduler job " + job.scheduler_job + ".";
+  if (job.owner) text += " Claimed by " + job.owner + ".";
   if (job.reason) text += " Reason: " + job.reason;
   return text;
 }
 
-function showResult(card, job) {
+// How the page shows a file with this suffix, when the server did not say (the same
+// table as the server's: raster images and plain text inline, the rest downloaded).
+function kindOf(suffix) {
+  const ext = suffix.split(".").pop().toLowerCase();
+  if (["png", "jpg", "jpeg", "gif", "webp", "bmp"].includes(ext)) return "image";
+  if (["txt", "text", "tsv", "csv", "json", "md", "log"].includes(ext)) return "text";
+  return "file";
+}
+
+// A text output, fetched and shown as text, with a button that copies it.
+function textBlock(url, title) {
+  const pre = el("pre", { className: "text", text: "Loading…" });
+  const copy = el("button", { type: "button", className: "copy", text: "Copy text", disabled: true });
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(pre.textContent);
+      copy.textContent = "Copied";
+    } catch (_) {
+      // No clipboard access (an insecure origin, a refused permission): select it instead.
+      const range = document.createRange();
+      range.selectNodeContents(pre);
+      const selection = window.getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      copy.textContent = "Selected: press Ctrl+C";
+    }
+  });
+  fetch(url, { credentials: "same-origin" })
+    .then((r) => (r.ok ? r.text() : Promise.reject(new Error("HTTP " + r.status))))
+    .then((text) => {
+      pre.textContent = text.trim() ? text : "(no text found)";
+      copy.disabled = !text.trim();
+      pre.setAttribute("data-loaded", "true");
+    })
+    .catch(() => { pre.textContent = "Cannot load the text."; });
+  return el("div", { className: "text-output" }, el("div", { className: "text-head" }, el("span", { text: title }), copy), pre);
+}
+
+// Everything the function wrote for the job: the result first, images and text shown,
+// every file also as a download link.
+function showResult(card, job, ref) {
   const box = card.querySelector(".result");
   if (box.childElementCount) return;
-  const png = "/results/" + job.job_id + config.result_suffix;
-  const txt = "/results/" + job.job_id + ".txt";
-  box.append(el("img", { src: png, alt: "The annotated result of " + card.querySelector("h3").textContent }));
+  const base = "/results/" + (ref.handle || ref.jobId);
+  const name = card.querySelector("h3").textContent;
+  let outputs = job.outputs && job.outputs.length ? job.outputs.slice() : [];
+  if (!outputs.length) {
+    // Not listed (yet, or the listing failed): the result, and the detections if any.
+    outputs.push({ suffix: config.result_suffix, kind: kindOf(config.result_suffix), bytes: 0 });
+    if (job.detections && config.result_suffix !== ".txt") outputs.push({ suffix: ".txt", kind: "text", bytes: 0 });
+  }
+  const isResult = (o) => o.suffix === config.result_suffix;
+  outputs.sort((a, b) => Number(isResult(b)) - Number(isResult(a)));
+  // A detections file is shown as the list below, not as raw text.
+  const detectionsFile = job.detections ? ".txt" : null;
+  for (const o of outputs) {
+    const url = base + o.suffix;
+    if (o.kind === "image") {
+      box.append(el("img", { src: url, alt: (isResult(o) ? "The result of " : "A picture made from ") + name }));
+    } else if (o.kind === "text" && o.suffix !== detectionsFile && o.bytes <= TEXT_INLINE_MAX) {
+      if (isResult(o)) {
+        box.append(textBlock(url, "Text:"));
+      } else {
+        // Other text (a word table, a log) folded away under its name until asked for.
+        box.append(el("details", { className: "more" }, el("summary", { text: o.suffix.slice(1) + " (" + bytes(o.bytes) + ")" }), textBlock(url, o.suffix.slice(1) + ":")));
+      }
+    }
+  }
   if (job.detections && job.detections.length) {
     const list = el("ul", { className: "detections" });
     for (const d of job.detections) list.append(el("li", { text: d.label + " " + d.percent + "%" }));
@@ -144,25 +246,39 @@ function showResult(card, job) {
   } else if (job.detections) {
     box.append(el("p", { className: "detections", text: "Nothing detected." }));
   }
-  const links = el("p", { className: "links" },
-    el("a", { href: png, download: job.job_id + config.result_suffix, text: "Download the image" }));
-  if (job.detections) links.append(el("a", { href: txt, download: job.job_id + ".txt", text: "Download the detections" }));
+  const links = el("p", { className: "links" });
+  for (const o of outputs) {
+    let label = "Download " + o.suffix.slice(1);
+    if (o.suffix === detectionsFile) label = "Download the detections";
+    else if (isResult(o) && o.kind === "image") label = "Download the image";
+    else if (isResult(o) && o.kind === "text") label = "Download the text";
+    links.append(el("a", { href: base + o.suffix, download: job.job_id + o.suffix, text: label }));
+  }
   box.append(links);
 }
 
-async function watch(card, jobId) {
-  watched.add(jobId);
+// Polls a job (by the upload's handle, or by job id for operators) until what it shows
+// is final.
+async function follow(card, ref) {
+  const key = ref.handle || ref.jobId;
+  watched.add(key);
+  const url = ref.handle ? "/api/uploads/" + ref.handle : "/api/jobs/" + ref.jobId;
   for (;;) {
     try {
-      const r = await fetch("/api/jobs/" + jobId, { credentials: "same-origin" });
+      const r = await fetch(url, { credentials: "same-origin" });
       if (r.ok) {
         const job = await r.json();
         setState(card, job.state, describe(job));
-        if (job.state === "done" && job.result) {
-          showResult(card, job);
-          return;
-        }
-        if (FINAL.has(job.state)) return;
+        if (job.result) showResult(card, job, ref);
+        if (job.final) { card.setAttribute("data-final", "true"); return; }
+      } else if (r.status === 404 && ref.handle) {
+        forget(ref.handle);
+        card.querySelector("progress")?.remove();
+        setState(card, "gone", "orchgpu restarted since this upload, so it no longer knows it; its result, if any, is still kept.");
+        return;
+      } else if (r.status === 401) {
+        await loadConfig();
+        return;
       }
     } catch (_) { /* the next poll tries again */ }
     await new Promise((done) => setTimeout(done, POLL_MS));
@@ -179,7 +295,7 @@ async function refreshRecent() {
       const show = el("button", { type: "button", text: "Show" });
       show.addEventListener("click", () => {
         if (watched.has(job.job_id)) return;
-        watch(makeCard(job.key, job.job_id), job.job_id);
+        follow(makeCard(job.key), { jobId: job.job_id });
       });
       const stateName = el("span", { className: "state", "data-state": job.state, text: WORDS[job.state] || job.state });
       return el("tr", { "data-job-id": job.job_id },
@@ -204,7 +320,7 @@ function setup() {
     for (const f of e.dataTransfer.files) upload(f);
   });
   loadConfig();
-  setInterval(() => { if (config.authorized) refreshRecent(); }, RECENT_MS);
+  setInterval(() => { if (config.operator) refreshRecent(); }, RECENT_MS);
 }
 
 document.addEventListener("DOMContentLoaded", setup);

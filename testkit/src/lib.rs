@@ -1,16 +1,22 @@
-//! Test harness: a per-test AWS stack on the emulator (buckets, queues, notifications),
-//! the real mock SSGM server, the real function stand-in and the real daemon, each as a
-//! process whose logs are printed when a test fails.
+//! orchgpu's test kit, shared by the integration tests (`tests/integration/kit.rs`) and
+//! the bench (`bench/bench.rs`): a per-test AWS stack on the emulator (buckets, queues,
+//! notifications), the real mock SSGM server, the real function stand-in and the real
+//! daemon, each as a process whose logs are printed when the stack is dropped, and
+//! readers for what they leave (JSON logs, `mock-ssgm -stats`).
 //!
-//! The emulator URL comes from `ORCHGPU_TEST_ENDPOINT` (default LocalStack on
-//! 127.0.0.1:4566); `dev/test.sh` starts one. Every test uses its own bucket and queue
-//! names, so tests run in parallel and never need an emulator reset.
+//! The kit knows no build: the caller passes the emulator's URL and the binaries' paths in
+//! a [`Kit`] (the tests from `CARGO_BIN_EXE_*`, the bench from `--bin-dir`). The tests'
+//! emulator URL comes from `ORCHGPU_TEST_ENDPOINT` (default LocalStack on 127.0.0.1:4566);
+//! `dev/test.sh` starts one. Every stack has its own bucket and queue names, so tests run
+//! in parallel and never need an emulator reset.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -24,17 +30,55 @@ use serde_json::Value;
 
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4566";
 
+/// The emulator the tests use: `ORCHGPU_TEST_ENDPOINT`, or LocalStack's default port.
 pub fn endpoint() -> String {
     std::env::var("ORCHGPU_TEST_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string())
 }
 
-pub fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+/// The binaries under test, by path: the caller knows where its build put them (the
+/// integration tests from `CARGO_BIN_EXE_*`, the bench from `--bin-dir`).
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub orchgpu: PathBuf,
+    pub mock_ssgm: PathBuf,
+    pub function: PathBuf,
 }
 
-/// SDK clients with the emulator's dummy credentials.
+impl Bins {
+    /// The three binaries as a build leaves them in one directory.
+    pub fn in_dir(dir: &Path) -> Bins {
+        Bins {
+            orchgpu: dir.join("orchgpu"),
+            mock_ssgm: dir.join("mock-ssgm"),
+            function: dir.join("orchgpu-function"),
+        }
+    }
+}
+
+/// What every stack needs from its caller: the emulator, the binaries and the checkout
+/// (for the function scripts).
+#[derive(Clone, Debug)]
+pub struct Kit {
+    pub endpoint: String,
+    pub bins: Bins,
+    pub repo: PathBuf,
+}
+
+impl Kit {
+    /// A file of the checkout.
+    pub fn repo_path(&self, relative: &str) -> PathBuf {
+        self.repo.join(relative)
+    }
+}
+
+/// SDK clients for the emulator at `endpoint()`, with its dummy credentials.
 pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
-    let shared = emulator_config().await;
+    clients_at(&endpoint()).await
+}
+
+/// SDK clients for the emulator at `endpoint`, with its dummy credentials.
+pub async fn clients_at(endpoint: &str) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
+    let shared = emulator_config_at(endpoint).await;
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(true)
@@ -44,11 +88,16 @@ pub async fn clients() -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
     (s3, sqs)
 }
 
-/// The shared SDK configuration for the emulator: its endpoint, region and dummy
-/// credentials.
+/// The shared SDK configuration for the emulator at `endpoint()`: its endpoint, region
+/// and dummy credentials.
 pub async fn emulator_config() -> aws_config::SdkConfig {
+    emulator_config_at(&endpoint()).await
+}
+
+/// The shared SDK configuration for the emulator at `endpoint`.
+pub async fn emulator_config_at(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint())
+        .endpoint_url(endpoint)
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_s3::config::Credentials::new(
             "test",
@@ -61,18 +110,22 @@ pub async fn emulator_config() -> aws_config::SdkConfig {
         .await
 }
 
-/// Environment for every spawned process: the emulator and its dummy credentials.
-fn aws_env(command: &mut Command) {
+/// Environment for every spawned process: the emulator and its dummy credentials, and a
+/// log filter unless the caller chose one.
+fn aws_env(command: &mut Command, endpoint: &str) {
+    let has_filter = command.get_envs().any(|(name, _)| name == "ORCHGPU_LOG");
     command
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
-        .env("ORCHGPU_ENDPOINT_URL", endpoint())
-        .env_remove("AWS_PROFILE")
-        .env(
+        .env("ORCHGPU_ENDPOINT_URL", endpoint)
+        .env_remove("AWS_PROFILE");
+    if !has_filter {
+        command.env(
             "ORCHGPU_LOG",
             "info,aws_config=warn,aws_smithy_runtime=warn",
         );
+    }
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout`.
@@ -108,15 +161,20 @@ pub struct Stack {
     pub jobs_url: String,
     pub dlq_url: String,
     pub function_queue: String,
+    pub function_url: String,
     pub logs: tempfile::TempDir,
+    kit: Kit,
     processes: Vec<Process>,
+    print_logs: bool,
 }
 
 impl Stack {
-    /// Creates buckets, queues (jobs with a dead-letter queue, function) and the
-    /// notifications input → jobs and intermediate → function.
-    pub async fn new(name: &str, max_receive_count: u32) -> Result<Stack> {
-        let (s3, sqs) = clients().await;
+    /// Creates buckets, queues (jobs, its dead-letter queue, function) and the
+    /// notifications input → jobs and intermediate → function, on `kit`'s emulator. The
+    /// jobs queue sends a message to the dead-letter queue after `max_receive_count`
+    /// receives; with `None` it never does (the bench's setting).
+    pub async fn create(kit: &Kit, name: &str, max_receive_count: Option<u32>) -> Result<Stack> {
+        let (s3, sqs) = clients_at(&kit.endpoint).await;
         // The pid and a counter are unique within a run; the clock tells apart runs on a
         // long-lived emulator where a pid comes round again (nextest runs each test in a
         // process of its own), whose buckets would still hold the old run's objects.
@@ -141,17 +199,17 @@ impl Stack {
                     format!(
                         "cannot create bucket {bucket} at {}: is the emulator running? \
                          (dev/test.sh starts one; or set ORCHGPU_TEST_ENDPOINT)",
-                        endpoint()
+                        kit.endpoint
                     )
                 })?;
         }
         let dlq_url = create_queue(&sqs, &format!("dlq-{unique}"), None).await?;
         let dlq_arn = queue_arn(&sqs, &dlq_url).await?;
-        let redrive = format!(
-            r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receive_count}"}}"#
-        );
+        let redrive = max_receive_count.map(|count| {
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{count}"}}"#)
+        });
         let jobs_queue = format!("jobs-{unique}");
-        let jobs_url = create_queue(&sqs, &jobs_queue, Some(redrive)).await?;
+        let jobs_url = create_queue(&sqs, &jobs_queue, redrive).await?;
         let function_queue = format!("fn-{unique}");
         let function_url = create_queue(&sqs, &function_queue, None).await?;
 
@@ -177,9 +235,33 @@ impl Stack {
             jobs_url,
             dlq_url,
             function_queue,
+            function_url,
             logs: tempfile::tempdir()?,
+            kit: kit.clone(),
             processes: Vec::new(),
+            print_logs: true,
         })
+    }
+
+    /// Whether the processes' logs are printed when the stack is dropped (they are by
+    /// default: a test's output shows only when it fails).
+    pub fn set_print_logs(&mut self, print: bool) {
+        self.print_logs = print;
+    }
+
+    /// A results queue (`res-<jobs queue>`) that the output bucket notifies of each
+    /// result (`<output dir>/….png`), for `--results-queue`; returns its name and URL.
+    pub async fn add_results_queue(&self) -> Result<(String, String)> {
+        let name = format!("res-{}", self.jobs_queue);
+        let url = create_queue(&self.sqs, &name, None).await?;
+        notify(
+            &self.s3,
+            &self.output_bucket,
+            &queue_arn(&self.sqs, &url).await?,
+            Some((format!("{}/", self.output_dir), ".png".to_string())),
+        )
+        .await?;
+        Ok((name, url))
     }
 
     pub async fn upload(&self, key: &str, body: &[u8]) -> Result<()> {
@@ -282,13 +364,28 @@ impl Stack {
         .await
     }
 
-    fn log_path(&self, name: &str) -> PathBuf {
+    /// Where the process called `name` writes its stdout and stderr.
+    pub fn log_path(&self, name: &str) -> PathBuf {
         self.logs.path().join(format!("{name}.log"))
     }
 
-    fn spawn(&mut self, name: &str, mut command: Command) -> Result<usize> {
+    /// The temporary directory of this stack's processes (their `TMPDIR`), inside
+    /// [`Self::logs`]: what a killed process or script leaves there goes with the stack.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.logs.path().join("tmp")
+    }
+
+    /// Starts `command` with the emulator's environment and the stack's `TMPDIR` (unless
+    /// the caller set one), its output to [`Self::log_path`]`(name)`; returns its process
+    /// index.
+    pub fn spawn(&mut self, name: &str, mut command: Command) -> Result<usize> {
         let log = File::create(self.log_path(name))?;
-        aws_env(&mut command);
+        aws_env(&mut command, &self.kit.endpoint);
+        if !command.get_envs().any(|(name, _)| name == "TMPDIR") {
+            let tmp_dir = self.tmp_dir();
+            std::fs::create_dir_all(&tmp_dir)?;
+            command.env("TMPDIR", tmp_dir);
+        }
         command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -312,16 +409,20 @@ impl Stack {
 
     /// Starts the function stand-in with extra environment for its script.
     pub fn start_function_with(&mut self, script: &str, env: &[(&str, &str)]) -> Result<usize> {
-        let script = repo_path(&format!("tests/fixtures/function/{script}"));
-        let mut command = self.function_command(&script, 8);
+        let script = self
+            .kit
+            .repo_path(&format!("tests/fixtures/function/{script}"));
+        let mut command =
+            self.function_command(&script, &["--wait-time", "1", "--concurrency", "8"]);
         command.envs(env.iter().copied());
         let name = format!("function-{}", self.processes.len());
         self.spawn(&name, command)
     }
 
-    /// The function stand-in's command line for this stack.
-    fn function_command(&self, script: &Path, concurrency: u32) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu-function"));
+    /// The function stand-in's command line for this stack, running `script` with
+    /// `options` (`--wait-time`, `--concurrency`: the stand-in takes each once).
+    pub fn function_command(&self, script: &Path, options: &[&str]) -> Command {
+        let mut command = Command::new(&self.kit.bins.function);
         command
             .arg("--queue")
             .arg(&self.function_queue)
@@ -329,10 +430,7 @@ impl Stack {
             .arg(format!("{}/{}", self.output_bucket, self.output_dir))
             .arg("--script")
             .arg(script)
-            .arg("--wait-time")
-            .arg("1")
-            .arg("--concurrency")
-            .arg(concurrency.to_string());
+            .args(options);
         command
     }
 
@@ -391,45 +489,60 @@ impl Stack {
     /// The daemon's arguments for this stack, with fast test timings; `extra` is appended
     /// (clap takes the last value of a repeated option).
     pub fn daemon_args(&self, ssgm: &MockSsgm, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "-q",
-            &self.jobs_queue,
-            "-S",
-            "127.0.0.1",
-            "-P",
-            &ssgm.port.to_string(),
-            "-m",
-            env!("CARGO_BIN_EXE_mock-ssgm"),
-            "-i",
-            &format!("{}/{}", self.work_bucket, self.work_dir),
-            "-o",
-            &format!("{}/{}", self.output_bucket, self.output_dir),
-            "-w",
-            "1",
-            "-u",
-            "0",
-            "-b",
-            "1",
-            "-s",
-            "60",
-            "-v",
-            "20",
-            "--retry-backoff",
-            "1",
-            "--ssgm-timeout",
-            "3",
-            "--result-deadline",
-            "90",
-            "--max-jobs",
-            "4",
-            "--state-dir",
-            &self.state_dir("default"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = self.base_daemon_args(ssgm);
+        args.extend(
+            [
+                "-w",
+                "1",
+                "-u",
+                "0",
+                "-b",
+                "1",
+                "-s",
+                "60",
+                "-v",
+                "20",
+                "--retry-backoff",
+                "1",
+                "--ssgm-timeout",
+                "3",
+                "--result-deadline",
+                "90",
+                "--max-jobs",
+                "4",
+                "--state-dir",
+                &self.state_dir("default"),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         args
+    }
+
+    /// What names this stack to the daemon: its queue, the scheduler and the buckets.
+    pub fn base_daemon_args(&self, ssgm: &MockSsgm) -> Vec<String> {
+        vec![
+            "-q".into(),
+            self.jobs_queue.clone(),
+            "-S".into(),
+            "127.0.0.1".into(),
+            "-P".into(),
+            ssgm.port.to_string(),
+            "-m".into(),
+            ssgm.bin.display().to_string(),
+            "-i".into(),
+            format!("{}/{}", self.work_bucket, self.work_dir),
+            "-o".into(),
+            format!("{}/{}", self.output_bucket, self.output_dir),
+        ]
+    }
+
+    /// The daemon's binary with `args`.
+    pub fn daemon_command(&self, args: &[String]) -> Command {
+        let mut command = Command::new(&self.kit.bins.orchgpu);
+        command.args(args);
+        command
     }
 
     /// A state directory for a daemon of this test (one journal per name).
@@ -443,8 +556,7 @@ impl Stack {
 
     /// Starts the daemon; returns its process index.
     pub fn start_daemon(&mut self, ssgm: &MockSsgm, extra: &[&str]) -> Result<usize> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu"));
-        command.args(self.daemon_args(ssgm, extra));
+        let command = self.daemon_command(&self.daemon_args(ssgm, extra));
         let name = format!("orchgpu-{}", self.processes.len());
         self.spawn(&name, command)
     }
@@ -488,9 +600,10 @@ impl Drop for Stack {
         for process in &mut self.processes {
             process.kill();
         }
-        // Always printed: the test runner shows a test's output only when it fails (a
-        // test returning `Err` is not "panicking", so that cannot be the condition).
-        {
+        // Printed unless turned off: the test runner shows a test's output only when it
+        // fails (a test returning `Err` is not "panicking", so that cannot be the
+        // condition).
+        if self.print_logs {
             for process in &self.processes {
                 let log = std::fs::read_to_string(self.log_path(&process.name)).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(80).collect();
@@ -533,6 +646,18 @@ impl Process {
         match &mut self.child {
             Some(child) => Ok(child.try_wait()?),
             None => bail!("{} was already reaped", self.name),
+        }
+    }
+
+    /// SIGTERM, then up to `timeout` for it to exit; SIGKILL and an error after that.
+    pub async fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        match self.wait_exit(timeout).await {
+            Ok(status) => Ok(status),
+            Err(e) => {
+                self.kill();
+                Err(e.context("killed"))
+            }
         }
     }
 
@@ -632,16 +757,19 @@ pub async fn notify(
     Ok(())
 }
 
-/// The mock SSGM server, as a real process.
+/// The mock SSGM server, as a real process; its stderr log is printed if the test
+/// panics.
 pub struct MockSsgm {
     pub port: u16,
+    bin: PathBuf,
     child: Child,
+    log: Arc<Mutex<String>>,
 }
 
 impl MockSsgm {
-    pub fn start(gpus: u32) -> Result<MockSsgm> {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mock-ssgm"))
+    /// Starts `bin` as a mock SSGM server with `gpus` GPUs on a free loopback port.
+    pub fn spawn(bin: &Path, gpus: u32) -> Result<MockSsgm> {
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--listen",
@@ -651,23 +779,74 @@ impl MockSsgm {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
-            .context("cannot start mock-ssgm")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| anyhow!("unexpected first line from mock-ssgm: {line:?}"))?;
-        Ok(MockSsgm { port, child })
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let sink = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let port = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout"))
+            .and_then(read_port);
+        match port {
+            Ok(port) => Ok(MockSsgm {
+                port,
+                bin: bin.to_owned(),
+                child,
+                log,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// The mock's binary, which is also its SSGM client.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The counters `names` of one `-stats` call; an error if any is missing.
+    pub fn counters<const N: usize>(&self, names: [&str; N]) -> Result<[u64; N]> {
+        let stats = self.stats()?;
+        let mut values = [0; N];
+        for (value, name) in values.iter_mut().zip(names) {
+            *value = stats[name]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no {name} in mock-ssgm stats: {stats}"))?;
+        }
+        Ok(values)
     }
 
     pub fn client(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(Command::new(env!("CARGO_BIN_EXE_mock-ssgm"))
+        Ok(Command::new(&self.bin)
             .args(["-S", "127.0.0.1", "-P", &self.port.to_string()])
             .args(args)
             .output()?)
@@ -752,7 +931,24 @@ impl Drop for MockSsgm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- mock-ssgm server log ---\n{}---", self.log());
+        }
     }
+}
+
+/// Reads the server's `listening on 127.0.0.1:PORT` line.
+fn read_port(stdout: std::process::ChildStdout) -> Result<u16> {
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("read mock-ssgm's listening line")?;
+    let port = line
+        .trim()
+        .strip_prefix("listening on 127.0.0.1:")
+        .with_context(|| format!("unexpected first line from mock-ssgm: {line:?}"))?;
+    port.parse()
+        .with_context(|| format!("bad port in mock-ssgm's line {line:?}"))
 }
 
 /// A TCP forwarder to the emulator that a test can cut and restore, to stage an outage.
@@ -764,6 +960,14 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start() -> Result<Proxy> {
+        Proxy::start_holding(None).await
+    }
+
+    /// A proxy that holds back conditional overwrites (PUT requests with an `If-Match`
+    /// header) after the first `pass`, each for `hold` before it reaches the emulator, as
+    /// a slow or partitioned S3 endpoint would; the requests still land, late, even when
+    /// the client has given up on them.
+    pub async fn start_holding(rule: Option<(usize, Duration)>) -> Result<Proxy> {
         let target = endpoint()
             .trim_start_matches("http://")
             .trim_end_matches('/')
@@ -771,6 +975,7 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let (open, watch) = tokio::sync::watch::channel(true);
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !*watch.borrow() {
@@ -779,10 +984,15 @@ impl Proxy {
                 }
                 let target = target.clone();
                 let mut cut = watch.clone();
+                let seen = seen.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
+                    if let Some((pass, hold)) = rule {
+                        hold_conditional_writes(inbound, outbound, &seen, pass, hold).await;
+                        return;
+                    }
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut.wait_for(|open| !*open) => {}
@@ -802,6 +1012,44 @@ impl Proxy {
     }
 }
 
+/// Forwards one connection, holding back each chunk from the client that carries an
+/// `If-Match` header once `pass` such requests went through (counted over every
+/// connection in `seen`). Requests on one connection are sequential (no pipelining), so
+/// a held chunk holds its request only.
+async fn hold_conditional_writes(
+    inbound: tokio::net::TcpStream,
+    outbound: tokio::net::TcpStream,
+    seen: &std::sync::atomic::AtomicUsize,
+    pass: usize,
+    hold: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = inbound.into_split();
+    let (mut from_server, mut to_server) = outbound.into_split();
+    let answers = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+    });
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(n) = from_client.read(&mut buffer).await {
+        if n == 0 {
+            break;
+        }
+        let chunk = &buffer[..n];
+        let conditional = chunk.starts_with(b"PUT ")
+            && chunk
+                .windows(11)
+                .any(|w| w.eq_ignore_ascii_case(b"\r\nif-match:"));
+        if conditional && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= pass {
+            tokio::time::sleep(hold).await;
+        }
+        if to_server.write_all(chunk).await.is_err() {
+            break;
+        }
+    }
+    // Late answers still reach the emulator's side; the client may be long gone.
+    let _ = tokio::time::timeout(Duration::from_secs(5), answers).await;
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
@@ -817,7 +1065,7 @@ impl Stack {
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<usize> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orchgpu"));
+        let mut command = Command::new(&self.kit.bins.orchgpu);
         command.args(self.daemon_args(ssgm, extra));
         for (name, value) in env {
             command.env(name, value);
@@ -833,7 +1081,8 @@ impl Stack {
         script: &Path,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<usize> {
-        let mut command = self.function_command(script, 1);
+        let mut command =
+            self.function_command(script, &["--wait-time", "1", "--concurrency", "1"]);
         for (name, value) in env {
             command.env(name, value);
         }
@@ -910,17 +1159,26 @@ impl Prometheus {
     /// Starts Prometheus scraping `target` (`host:port`, path `/metrics`) and waits until
     /// it reports ready.
     pub fn start(target: &str) -> Result<Prometheus> {
+        Prometheus::start_targets(&[(target, None)])
+    }
+
+    /// Starts Prometheus scraping several targets in job `orchgpu`, each with an optional
+    /// `use_case` label, as docs/operations.md's example for several instances on one
+    /// host does.
+    pub fn start_targets(targets: &[(&str, Option<&str>)]) -> Result<Prometheus> {
         let program = std::env::var("ORCHGPU_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: orchgpu\n    static_configs:\n      \
-                 - targets: [\"{target}\"]\n"
-            ),
-        )?;
+        let mut text = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                        scrape_configs:\n  - job_name: orchgpu\n    static_configs:\n"
+            .to_string();
+        for (target, use_case) in targets {
+            text.push_str(&format!("      - targets: [\"{target}\"]\n"));
+            if let Some(use_case) = use_case {
+                text.push_str(&format!("        labels: {{use_case: \"{use_case}\"}}\n"));
+            }
+        }
+        std::fs::write(&config, text)?;
         // A free port: bound, read and released; Prometheus binds it just after.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -1050,4 +1308,113 @@ impl Stack {
             .trim_matches('"')
             .to_string())
     }
+}
+
+/// Reads a JSON-lines log (the daemon's `--log-format json`) as it grows.
+pub struct JsonLog {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    /// Every whole line read so far that parsed as JSON.
+    pub lines: Vec<Value>,
+}
+
+impl JsonLog {
+    pub fn new(path: PathBuf) -> JsonLog {
+        JsonLog {
+            path,
+            offset: 0,
+            partial: String::new(),
+            lines: Vec::new(),
+        }
+    }
+
+    /// Reads what was appended since the last call.
+    pub fn poll(&mut self) -> Result<()> {
+        let Ok(mut file) = File::open(&self.path) else {
+            return Ok(());
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut text = String::new();
+        let read = file.read_to_string(&mut text)?;
+        self.offset += read as u64;
+        self.partial.push_str(&text);
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            if let Ok(value) = serde_json::from_str::<Value>(line.trim()) {
+                self.lines.push(value);
+            }
+        }
+        Ok(())
+    }
+
+    /// How many lines so far match `pred`.
+    pub fn count(&mut self, pred: impl Fn(&Value) -> bool) -> Result<usize> {
+        self.poll()?;
+        Ok(self.lines.iter().filter(|l| pred(l)).count())
+    }
+
+    /// Polls every 20 ms until `count` lines match `pred`, or fails after `timeout`.
+    pub async fn wait_count(
+        &mut self,
+        pred: impl Fn(&Value) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.count(&pred)?;
+            if n >= count {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} with {n} of {count} log lines ({})",
+                    self.path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A JSON log line's message.
+pub fn message(line: &Value) -> &str {
+    line["fields"]["message"].as_str().unwrap_or("")
+}
+
+/// The `job_id` of a JSON log line's spans.
+pub fn job_id(line: &Value) -> Option<String> {
+    line["spans"].as_array()?.iter().find_map(|span| {
+        span.get("job_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    })
+}
+
+/// Microseconds since the epoch of a JSON log line's RFC 3339 UTC timestamp.
+pub fn timestamp_us(line: &Value) -> Option<i64> {
+    parse_rfc3339_us(line["timestamp"].as_str()?)
+}
+
+/// Microseconds since the epoch of an RFC 3339 UTC time such as
+/// `2026-11-27T08:33:09.123456Z`.
+pub fn parse_rfc3339_us(text: &str) -> Option<i64> {
+    let (date, time) = text.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>());
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+    let micros: i64 = frac.parse().ok()?;
+    // Days from civil (H. Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000) + micros)
 }

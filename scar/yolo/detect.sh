@@ -20,7 +20,7 @@
 # RCUDA_DEVICE_0. Every RCUDA_* setting is exported for the rCUDA client library that
 # darknet's CUDA calls go through.
 #
-# Settings (environment; the defaults match docker/Dockerfile's image, and fall back to
+# Settings (environment; the defaults match docker/yolo/Dockerfile's image, and fall back to
 # Debian's darknet package so the same script runs on a developer's machine):
 #   DARKNET_HOME     darknet's folder, the working directory while it runs (pjreddie's
 #                    darknet loads data/labels/ relative to it)
@@ -200,7 +200,7 @@ log "darknet: predicted in ${seconds:-?} s"
 # --- The outputs --------------------------------------------------------------------------
 is_png() { [[ $(head -c 8 -- "$1" | od -An -tx1 | tr -d ' \n') == 89504e470d0a1a0a ]]; }
 
-# pjreddie's darknet appends ".jpg" to -out whatever it says (docker/Dockerfile patches its
+# pjreddie's darknet appends ".jpg" to -out whatever it says (docker/yolo/Dockerfile patches its
 # build to write ".png"), so take whichever it wrote and make sure the result is a PNG.
 out_png=$TMP_OUTPUT_DIR/$id.png
 tmp_png=$work/result.png

@@ -1,0 +1,198 @@
+//! A job under its claim: taking the claim (a copy of another message is a duplicate;
+//! the holder's own message waits for the claim to end), finishing what a former holder
+//! left in it (a grant to release, a running function to adopt), and giving the GPUs back
+//! in the order that never releases a grant twice.
+
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use super::{JobCancel, JobContext, JobError, JobId, JobOutcome, stage, unix_now_ms};
+use crate::aws::error_chain;
+use crate::claim::{Acquired, ClaimGuard, ClaimHandle, Claims, JobRecord};
+use crate::event::ObjectRef;
+use crate::history::EventKind;
+use crate::reservations::{AllocError, Reservation};
+use crate::scheduler::GpuScheduler;
+
+impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
+    /// A claimed job: first what a former holder left in the claim (a grant to release, or
+    /// a running function to adopt), then the stages.
+    pub(super) async fn run_claimed(
+        &self,
+        id: &JobId,
+        object: &ObjectRef,
+        started: Instant,
+        cancel: &JobCancel,
+        claim: &ClaimHandle,
+        carried: JobRecord,
+    ) -> Result<JobOutcome, JobError> {
+        if let Some(grant) = &carried.grant {
+            let adopted = self
+                .reservations
+                .adopt(
+                    id.as_str(),
+                    &object.key,
+                    &grant.scheduler,
+                    &grant.scheduler_job_id,
+                    &grant.devices,
+                    grant.since_unix,
+                )
+                .await;
+            match adopted {
+                Ok(reservation) => {
+                    if let Some(function) = &carried.function {
+                        info!(scheduler_job = %grant.scheduler_job_id,
+                            "Adopting a job whose function may be running: waiting for its result.");
+                        let result_key = self.result_key(id);
+                        let waiter = self
+                            .results
+                            .as_ref()
+                            .map(|r| r.register(&self.settings.output.bucket, &result_key));
+                        let deadline = instant_of_unix_ms(function.result_deadline_unix_ms);
+                        let seen = stage(
+                            "await_result",
+                            self.await_result(result_key, waiter.as_ref(), cancel, deadline),
+                        )
+                        .await;
+                        if seen.is_ok() {
+                            self.record(object, None, EventKind::ResultSeen);
+                        }
+                        self.give_back(object, reservation, Some(claim), GpusDone::from(&seen))
+                            .await;
+                        return seen;
+                    }
+                    info!(scheduler_job = %grant.scheduler_job_id,
+                        "Releasing the grant a former holder recorded before it uploaded.");
+                    self.give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
+                        .await;
+                }
+                Err(e) => {
+                    // Not ours to release (another scheduler) or not recordable here: say
+                    // so, and take it out of the record so the job can go on.
+                    error!(scheduler_job = %grant.scheduler_job_id, scheduler = %grant.scheduler,
+                        error = %error_chain(&e), "Cannot take over the grant the job's claim records; release it by hand.");
+                    if let AllocError::Journal(_) = e {
+                        return Err(JobError::Allocation(e));
+                    }
+                    claim.clear_gpus().await.map_err(JobError::Claim)?;
+                }
+            }
+        }
+        self.run_stages(id, object, started, cancel, Some(claim))
+            .await
+    }
+
+    /// Gives the GPUs back: released, unless the claim says the function may be running
+    /// and neither its result nor its deadline ended the wait — then they are handed over
+    /// through the claim (see the module doc). A grant the claim names leaves the claim
+    /// first; when that is not confirmed, the releaser asks the claim before releasing,
+    /// so a grant is never released twice.
+    pub(super) async fn give_back(
+        &self,
+        object: &ObjectRef,
+        reservation: Reservation,
+        claim: Option<&ClaimHandle>,
+        done: GpusDone,
+    ) {
+        let scheduler_job = reservation.grant().scheduler_job_id.clone();
+        let Some(claim) = claim else {
+            self.reservations.release(reservation).await;
+            self.record(object, None, EventKind::Released { scheduler_job });
+            return;
+        };
+        if done == GpusDone::Interrupted && claim.function_recorded().await {
+            self.reservations.hand_off(reservation).await;
+            return;
+        }
+        let cleared = match done {
+            GpusDone::ResultSeen => claim.end_done().await,
+            GpusDone::NothingRuns | GpusDone::Interrupted => claim.clear_gpus().await,
+        };
+        match cleared {
+            Ok(()) => {
+                self.reservations.release(reservation).await;
+                self.record(object, None, EventKind::Released { scheduler_job });
+            }
+            Err(e) => {
+                warn!(scheduler_job = %scheduler_job, error = %error_chain(&e),
+                    "Cannot take the grant out of the job's claim; the releaser asks the claim before releasing.");
+                self.reservations.release_in_background(reservation);
+            }
+        }
+    }
+}
+
+/// What ended a job's use of its GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GpusDone {
+    /// The result is there: the job is done (its claim ends with the release).
+    ResultSeen,
+    /// Nothing runs on them: never uploaded, or the result deadline passed.
+    NothingRuns,
+    /// Stopped before either (shutdown, a lost claim, a failed stage): the function may
+    /// still run if the claim says it started.
+    Interrupted,
+}
+
+impl GpusDone {
+    pub(super) fn from(result: &Result<JobOutcome, JobError>) -> GpusDone {
+        match result {
+            Ok(_) => GpusDone::ResultSeen,
+            Err(JobError::ResultDeadline { .. }) => GpusDone::NothingRuns,
+            Err(_) => GpusDone::Interrupted,
+        }
+    }
+}
+
+impl<S> JobContext<S> {
+    /// Claims the job across daemons. A claim another daemon holds from this very message
+    /// (the holder's message came back when its visibility lapsed) is waited out, the
+    /// message kept hidden meanwhile; one it holds from another message makes this copy a
+    /// `Duplicate`; one of an older daemon that records no message is `HeldElsewhere`.
+    pub(super) async fn acquire_claim(
+        &self,
+        claims: &Claims,
+        id: &JobId,
+        message_id: Option<&str>,
+        cancel: &JobCancel,
+    ) -> Result<ClaimGuard, JobError> {
+        let mut said = false;
+        loop {
+            let acquired = claims
+                .acquire(id.as_str(), message_id)
+                .await
+                .map_err(JobError::Claim)?;
+            let (owner, remaining, holder_message) = match acquired {
+                Acquired::Claimed(guard) => return Ok(guard),
+                Acquired::HeldElsewhere {
+                    owner,
+                    remaining,
+                    message_id,
+                } => (owner, remaining, message_id),
+            };
+            match (holder_message.as_deref(), message_id) {
+                (Some(holder), Some(ours)) if holder == ours => {
+                    if !said {
+                        info!(owner = %owner, "The holder's own message came back; keeping it hidden until the holder's claim ends.");
+                        said = true;
+                    }
+                    let wait = remaining.min(claims.lease() / 3) + Duration::from_millis(100);
+                    tokio::select! {
+                        biased;
+                        _ = cancel.token.cancelled() => return Err(cancel.error()),
+                        _ = cancel.stop.cancelled() => return Err(JobError::NotStarted),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                (Some(_), Some(_)) => return Err(JobError::Duplicate { owner }),
+                _ => return Err(JobError::HeldElsewhere { owner, remaining }),
+            }
+        }
+    }
+}
+
+/// The `Instant` at which the wall clock reads `unix_ms` (now, if that is past).
+fn instant_of_unix_ms(unix_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(unix_ms.saturating_sub(unix_now_ms()))
+}

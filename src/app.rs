@@ -23,6 +23,25 @@ use crate::ops::telemetry;
 use crate::reservations::{Journal, ReservationSettings, Reservations};
 use crate::scheduler::{Ssgm, SsgmConfig};
 
+/// Caps glibc's malloc arenas at two; call it first thing in `main`, before any thread.
+///
+/// glibc gives threads that allocate at the same time arenas of their own (up to 8 per
+/// core), and memory freed in one arena serves only that arena: after the blocking pool's
+/// threads have written a burst of inputs and bundles, each arena keeps its high-water
+/// mark. With two, 200 waiting jobs held 13–18 MB of anonymous memory instead of 22–27 MB
+/// (BENCHMARKS.md, "Memory (issue 17)"). `MALLOC_ARENA_MAX` in the environment wins.
+pub fn cap_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tunable of glibc's allocator; `main` calls this
+        // before any other thread exists, and a refused value (result 0) leaves glibc's
+        // default in place, which is harmless.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 /// Sets up logging to stderr, as text or JSON; `ORCHGPU_LOG` overrides the filter.
 pub fn init_logging(format: LogFormat) {
     // The SDK's own warnings (each failed credentials or region source, with its

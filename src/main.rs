@@ -17,6 +17,7 @@ const FATAL: u8 = 1;
 const BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    orchgpu::app::cap_malloc_arenas();
     if let Some(argv) = orchgpu::cli::jobs_argv(std::env::args_os()) {
         return ExitCode::from(orchgpu::ops::jobs_cmd::main(argv));
     }

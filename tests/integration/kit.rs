@@ -9,15 +9,20 @@ use anyhow::Result;
 pub use orchgpu_testkit::*;
 
 /// The kit for this package's integration tests: the emulator of `ORCHGPU_TEST_ENDPOINT`
-/// and the binaries cargo built for them.
+/// and the binaries cargo built for them, or those in `ORCHGPU_TEST_BIN_DIR` (to measure
+/// another build side by side with the same test, as `BENCHMARKS.md` does for the claim).
 pub fn kit() -> Kit {
-    Kit {
-        endpoint: endpoint(),
-        bins: Bins {
+    let bins = match std::env::var_os("ORCHGPU_TEST_BIN_DIR") {
+        Some(dir) => Bins::in_dir(std::path::Path::new(&dir)),
+        None => Bins {
             orchgpu: env!("CARGO_BIN_EXE_orchgpu").into(),
             mock_ssgm: env!("CARGO_BIN_EXE_mock-ssgm").into(),
             function: env!("CARGO_BIN_EXE_orchgpu-function").into(),
         },
+    };
+    Kit {
+        endpoint: endpoint(),
+        bins,
         repo: env!("CARGO_MANIFEST_DIR").into(),
     }
 }

@@ -801,34 +801,6 @@ mod tests {
     }
 
     #[test]
-    fn a_flush_ends_the_writers_wait_and_events_are_written_after_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        // A flush does not wait for the linger (here far longer than the flush's budget).
-        let history = History::open_with(dir.path(), KEEP_ALL, Duration::from_secs(30))
-            .expect("open history");
-        history.record(event("j1", "k", secs(0), EventKind::Claimed));
-        assert!(history.flush(Duration::from_secs(10)));
-        assert_eq!(
-            reader(dir.path())
-                .list(&ListFilter::default())
-                .expect("list")
-                .len(),
-            1
-        );
-        drop(history);
-        // Without a flush, events are written once the linger is over.
-        let history = History::open_with(dir.path(), KEEP_ALL, Duration::from_millis(50))
-            .expect("open history");
-        history.record(event("j2", "k", secs(1), EventKind::Claimed));
-        let reader = reader(dir.path());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while reader.list(&ListFilter::default()).expect("list").len() < 2 {
-            assert!(Instant::now() < deadline, "the event was never written");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[test]
     fn the_writer_frees_the_queue_it_takes_from() {
         let dir = tempfile::tempdir().expect("tempdir");
         let history = open(dir.path());

@@ -24,13 +24,6 @@ const QUEUE_CAPACITY: usize = 65_536;
 /// Events written in one transaction at most; one commit (one fsync of the WAL at most)
 /// per batch is what makes the writer fast.
 const MAX_BATCH: usize = 1024;
-/// How long the writer waits after an event for more before it writes them, unless a
-/// flush asks or the batch is full. A daemon records a few events per job at a time;
-/// each transaction costs SQLite the same page writes to the WAL (the jobs and events
-/// tables and their indexes) whether it holds 2 events or 200, so fewer, larger batches
-/// spare the writer thread most of its CPU. `orchgpu jobs` sees events this much later,
-/// and a crash loses at most this much more of the last events (never a job).
-const LINGER: Duration = Duration::from_millis(100);
 /// How often the writer applies retention (and once when it starts).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// At most one warning line per this interval about lost events.
@@ -117,15 +110,6 @@ impl History {
     /// The directory or the database cannot be created or opened, or it has a schema
     /// version this build does not know.
     pub fn open(state_dir: &Path, retention: Retention) -> Result<History, HistoryError> {
-        History::open_with(state_dir, retention, LINGER)
-    }
-
-    /// `open` with the writer's `linger` given (tests).
-    pub(super) fn open_with(
-        state_dir: &Path,
-        retention: Retention,
-        linger: Duration,
-    ) -> Result<History, HistoryError> {
         std::fs::create_dir_all(state_dir).map_err(|source| HistoryError::CreateDir {
             path: state_dir.to_path_buf(),
             source,
@@ -137,7 +121,7 @@ impl History {
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("orchgpu-history".into())
-            .spawn(move || run_writer(conn, receiver, &thread_shared, retention, linger))
+            .spawn(move || run_writer(conn, receiver, &thread_shared, retention))
             .map_err(HistoryError::Thread)?;
         Ok(History {
             writer: Some(Arc::new(Writer {
@@ -269,7 +253,6 @@ pub(super) fn run_writer(
     receiver: Receiver<Command>,
     shared: &Shared,
     retention: Retention,
-    linger: Duration,
 ) {
     let mut next_prune = Instant::now();
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -281,7 +264,6 @@ pub(super) fn run_writer(
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let linger_until = Instant::now() + linger;
         let mut next = first;
         while let Some(command) = next {
             match command {
@@ -291,15 +273,10 @@ pub(super) fn run_writer(
                 }
                 Command::Flush(done) => flushes.push(done),
             }
-            // A flush ends the wait: whatever was recorded before it is in the batch.
-            next = if batch.len() >= MAX_BATCH {
-                None
-            } else if flushes.is_empty() {
-                receiver
-                    .recv_timeout(linger_until.saturating_duration_since(Instant::now()))
-                    .ok()
-            } else {
+            next = if batch.len() < MAX_BATCH {
                 receiver.try_recv().ok()
+            } else {
+                None
             };
         }
         if !batch.is_empty() {

@@ -17,5 +17,6 @@ mod keys;
 mod names;
 mod routes;
 mod status;
+mod upload;
 
 pub(crate) use routes::{WEB_TEXT_MAX, WebSettings, router};

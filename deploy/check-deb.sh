@@ -70,6 +70,7 @@ entry /usr/share/doc/orchgpu/operations.md -rw-r--r--
 entry /usr/share/doc/orchgpu/inference.md -rw-r--r--
 entry /usr/share/doc/orchgpu/copyright -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/orchgpu.env.example -rw-r--r--
+entry /usr/share/doc/orchgpu/examples/scar/bundle.sh -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/scar/yolo/orchgpu-yolo.yaml -rw-r--r--
 entry /usr/share/doc/orchgpu/examples/scar/yolo/detect.sh -rwxr-xr-x
 entry /usr/share/doc/orchgpu/examples/scar/yolo/yolo.env.example -rw-r--r--

@@ -44,19 +44,19 @@ die() {
 log() { printf '%s: %s\n' "$prog" "$*"; }
 warn() { printf '%s: warning: %s\n' "$prog" "$*" >&2; }
 
-# --- The invocation -----------------------------------------------------------------------
-[[ -n ${INPUT_FILE_PATH:-} ]] || die "INPUT_FILE_PATH is not set (the bundle, <job id>.tar.gz)"
-[[ -n ${TMP_OUTPUT_DIR:-} ]] || die "TMP_OUTPUT_DIR is not set (the output directory)"
-[[ -f $INPUT_FILE_PATH ]] || die "INPUT_FILE_PATH '$INPUT_FILE_PATH' is not a file"
-[[ -d $TMP_OUTPUT_DIR && -w $TMP_OUTPUT_DIR ]] ||
-    die "TMP_OUTPUT_DIR '$TMP_OUTPUT_DIR' is not a writable directory"
-
-bundle_name=$(basename -- "$INPUT_FILE_PATH")
-id=${bundle_name%.tar.gz}
-[[ $id != "$bundle_name" && -n $id ]] || die "the bundle '$bundle_name' is not named <job id>.tar.gz"
-# orchgpu's job ids are letters, digits, '-' and '_'; orchGPU's were the same.
-[[ $id =~ ^[A-Za-z0-9_-]+$ ]] || die "unexpected job id '$id' in the bundle's name"
-log "job $id: bundle ${STORAGE_OBJECT_KEY:-$INPUT_FILE_PATH}"
+# --- The invocation and the bundle: scar/bundle.sh ------------------------------------------
+# Found beside this script, one folder up (this repository), or where the function's image
+# puts it (SCAR may run the script from a copy elsewhere); ORCHGPU_BUNDLE_LIB overrides.
+here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+for bundle_lib in "${ORCHGPU_BUNDLE_LIB:-}" "$here/bundle.sh" "$here/../bundle.sh" /opt/orchgpu/bundle.sh; do
+    [[ -n $bundle_lib && -f $bundle_lib ]] && break
+done
+[[ -f $bundle_lib ]] || die "no bundle.sh beside $here, one folder up or in /opt/orchgpu"
+# What bundle.sh sets: the job id, the unpacked bundle's folder and the input member.
+id='' work='' input=''
+# shellcheck source=/dev/null
+source "$bundle_lib"
+bundle_invocation
 
 # --- Darknet and the model ----------------------------------------------------------------
 if [[ -z ${DARKNET_HOME:-} ]]; then
@@ -99,85 +99,7 @@ names=$(sed -n 's/^[[:space:]]*names[[:space:]]*=[[:space:]]*//p' -- "$DARKNET_D
 [[ -f $names ]] || die "the class names '$names' (from $DARKNET_DATA) are missing"
 
 # --- The bundle ---------------------------------------------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/detect.XXXXXX")
-trap 'rm -rf -- "$work"' EXIT
-tar -xzf "$INPUT_FILE_PATH" -C "$work" --no-same-owner --no-same-permissions ||
-    die "cannot unpack $INPUT_FILE_PATH"
-members=$work/tmp
-[[ -d $members ]] || die "the bundle has no tmp/ folder"
-env_file=$members/$id.env
-txt_file=$members/$id.txt
-json_file=$members/$id.json
-
-# The .env member holds NAME='value' lines. Check every line before sourcing it, so a
-# damaged bundle is reported instead of run.
-if [[ -f $env_file ]]; then
-    line_re="^[A-Za-z_][A-Za-z0-9_]*=('[^']*'(\\\\''[^']*')*|[A-Za-z0-9_./:@%+,-]*)$"
-    lineno=0
-    while IFS= read -r line || [[ -n $line ]]; do
-        lineno=$((lineno + 1))
-        [[ -z ${line//[[:space:]]/} || $line == \#* ]] && continue
-        [[ $line =~ $line_re ]] || die "tmp/$id.env line $lineno is not a NAME='value' line"
-    done <"$env_file"
-    # shellcheck source=/dev/null
-    source "$env_file"
-    log "reservation: from tmp/$id.env"
-    if [[ -n ${ORCHGPU_JOB_ID:-} && $ORCHGPU_JOB_ID != "$id" ]]; then
-        die "tmp/$id.env names job '$ORCHGPU_JOB_ID', not '$id'"
-    fi
-fi
-if [[ -z ${RCUDA_DEVICE_COUNT:-} && -f $txt_file ]]; then
-    # orchGPU's bundles: line 1 the device count, line 2 the first device.
-    { IFS= read -r RCUDA_DEVICE_COUNT || true; IFS= read -r RCUDA_DEVICE_0 || true; } <"$txt_file"
-    RCUDA_DEVICE_COUNT=${RCUDA_DEVICE_COUNT//[[:space:]]/}
-    RCUDA_DEVICE_0=${RCUDA_DEVICE_0//[[:space:]]/}
-    log "reservation: from tmp/$id.txt (orchGPU layout)"
-fi
-rcuda_ok=1
-if [[ ! ${RCUDA_DEVICE_COUNT:-} =~ ^[1-9][0-9]*$ ]]; then
-    rcuda_ok=0
-    problem="RCUDA_DEVICE_COUNT is '${RCUDA_DEVICE_COUNT:-}' (neither tmp/$id.env nor tmp/$id.txt gives a device count)"
-else
-    for ((i = 0; i < RCUDA_DEVICE_COUNT; i++)); do
-        device=RCUDA_DEVICE_$i
-        if [[ -z ${!device:-} ]]; then
-            rcuda_ok=0
-            problem="RCUDA_DEVICE_COUNT is $RCUDA_DEVICE_COUNT but $device is not set"
-            break
-        fi
-    done
-fi
-if ((!rcuda_ok)); then
-    if [[ ${DETECT_REQUIRE_RCUDA:-1} == 0 ]]; then
-        warn "$problem; running without a remote GPU"
-    else
-        die "$problem"
-    fi
-fi
-mapfile -t rcuda_vars < <(compgen -v RCUDA_ || true)
-for name in "${rcuda_vars[@]}"; do
-    export "${name?}"
-    log "reservation: $name=${!name}"
-done
-
-# The image: the .env names it (ORCHGPU_INPUT_FILE); otherwise it is the one member
-# tmp/<id> or tmp/<id>.<ext> that is not the .txt, .env or .json.
-input=
-if [[ -n ${ORCHGPU_INPUT_FILE:-} ]]; then
-    input=$members/${ORCHGPU_INPUT_FILE##*/}
-    [[ -f $input ]] || die "the input member tmp/${ORCHGPU_INPUT_FILE##*/} named by tmp/$id.env is missing"
-else
-    candidates=()
-    for f in "$members/$id" "$members/$id".*; do
-        case $f in "$env_file" | "$txt_file" | "$json_file") continue ;; esac
-        [[ -f $f ]] && candidates+=("$f")
-    done
-    ((${#candidates[@]} == 1)) ||
-        die "expected one input member tmp/$id or tmp/$id.<ext>, found ${#candidates[@]}"
-    input=${candidates[0]}
-fi
-[[ -s $input ]] || die "the input member tmp/${input##*/} is empty"
-log "input: tmp/${input##*/} ($(stat -c %s -- "$input") bytes)"
+bundle_open "${DETECT_REQUIRE_RCUDA:-1}"
 
 # --- Inference ----------------------------------------------------------------------------
 prediction=$work/prediction

@@ -505,7 +505,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         if let Some(claim) = claim {
             // From here on the function may run: the claim says so, with the deadline,
             // before the bundle can reach it.
-            let now = unix_now_ms();
+            let now = crate::unix_now_ms();
             let function = FunctionStarted {
                 started_unix_ms: now,
                 result_deadline_unix_ms: now
@@ -755,13 +755,6 @@ async fn write_bundle_file(
     })
     .await
     .map_err(|e| JobError::Bundle(BundleError::Write(std::io::Error::other(e))))?
-}
-
-fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn unix_now() -> u64 {

@@ -42,6 +42,15 @@ pub mod reservations;
 pub mod scheduler;
 pub mod signal;
 
+/// Wall-clock time in unix milliseconds (0 before 1970, saturating far after): the one
+/// reading of the system clock that claims, reservations and jobs share.
+pub(crate) fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Takes `mutex`, recovering it if a thread panicked while holding it: the crate's one
 /// lock-poisoning policy.
 ///

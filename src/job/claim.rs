@@ -39,7 +39,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
@@ -127,7 +127,7 @@ impl Owner {
         Owner {
             host,
             pid: std::process::id(),
-            started_unix: system_unix_ms() / 1000,
+            started_unix: crate::unix_now_ms() / 1000,
             pid_space,
         }
     }
@@ -219,13 +219,6 @@ struct ClaimBody {
 /// Wall-clock time in unix milliseconds. A function so tests can drive it with tokio's
 /// paused clock.
 pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-fn system_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// The outcome of `Claims::acquire`.
 pub(crate) enum Acquired {
@@ -337,7 +330,7 @@ impl Claims {
             dir,
             lease,
             Owner::this_process(),
-            Arc::new(system_unix_ms),
+            Arc::new(crate::unix_now_ms),
         )
     }
 

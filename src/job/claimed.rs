@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::{JobCancel, JobContext, JobError, JobId, JobOutcome, stage, unix_now_ms};
+use super::{JobCancel, JobContext, JobError, JobId, JobOutcome, stage};
 use crate::aws::error_chain;
 use crate::job::claim::{Acquired, ClaimGuard, ClaimHandle, Claims, JobRecord};
 use crate::job::event::ObjectRef;
 use crate::ops::history::EventKind;
 use crate::reservations::{AllocError, Reservation};
 use crate::scheduler::GpuScheduler;
+use crate::unix_now_ms;
 
 impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     /// A claimed job: first what a former holder left in the claim (a grant to release, or

@@ -51,7 +51,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -67,6 +67,7 @@ use releaser::{Releaser, Work};
 use crate::aws::error_chain;
 use crate::ops::telemetry::{self, SchedulerReply};
 use crate::scheduler::{AllocReply, GpuScheduler, Grant, SchedulerError};
+use crate::unix_now_ms;
 
 /// How reservations are asked for.
 #[derive(Debug, Clone)]
@@ -667,13 +668,6 @@ async fn blocking<T: Send + 'static>(
                 source: std::io::Error::other(e),
             })
         })
-}
-
-fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use super::releaser::GIVE_UP_AFTER_FAILURES;
 use super::*;
 use crate::scheduler::CallFiles;
+use std::time::SystemTime;
 
 const ADDRESS: &str = "sched:1";
 const S: fn(u64) -> Duration = Duration::from_secs;

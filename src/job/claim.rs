@@ -723,6 +723,16 @@ mod tests {
         }
     }
 
+    /// Job "j" claimed by daemon 1.
+    async fn held_by_daemon_1(store: &Arc<MemStore>, clock: &Clock) -> ClaimGuard {
+        claimed(
+            daemon(store, 1, clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        )
+    }
+
     fn grant(id: &str) -> RecordedGrant {
         RecordedGrant {
             scheduler: "s:1".into(),
@@ -896,12 +906,7 @@ mod tests {
     async fn a_dropped_guard_ends_its_claim_in_the_background() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(
-            daemon(&store, 1, &clock)
-                .acquire("j", None)
-                .await
-                .expect("ok"),
-        );
+        let guard = held_by_daemon_1(&store, &clock).await;
         drop(guard);
         tokio::task::yield_now().await;
         assert_eq!(store.expiry("claims/j.claim"), None);
@@ -911,12 +916,7 @@ mod tests {
     async fn the_claim_is_renewed_every_third_of_the_lease_while_the_work_runs() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(
-            daemon(&store, 1, &clock)
-                .acquire("j", None)
-                .await
-                .expect("ok"),
-        );
+        let guard = held_by_daemon_1(&store, &clock).await;
         let lost = CancellationToken::new();
         let (_, was_lost) = guard
             .keep_while(
@@ -941,12 +941,7 @@ mod tests {
     async fn a_failed_renewal_is_retried_with_backoff_and_the_claim_kept() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(
-            daemon(&store, 1, &clock)
-                .acquire("j", None)
-                .await
-                .expect("ok"),
-        );
+        let guard = held_by_daemon_1(&store, &clock).await;
         store.failing_writes.store(3, Ordering::SeqCst);
         let lost = CancellationToken::new();
         let (_, was_lost) = guard
@@ -967,12 +962,7 @@ mod tests {
     async fn a_renewal_slower_than_the_lease_makes_the_holder_act_before_its_expiry() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(
-            daemon(&store, 1, &clock)
-                .acquire("j", None)
-                .await
-                .expect("ok"),
-        );
+        let guard = held_by_daemon_1(&store, &clock).await;
         let expiry = store.expiry("claims/j.claim").expect("claim there");
         // Every renewal is held back on its way to S3 for longer than the lease.
         store.replace_held_ms.store(60_000, Ordering::SeqCst);
@@ -998,12 +988,7 @@ mod tests {
     async fn a_renewal_applied_but_answered_412_is_not_a_loss() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(
-            daemon(&store, 1, &clock)
-                .acquire("j", None)
-                .await
-                .expect("ok"),
-        );
+        let guard = held_by_daemon_1(&store, &clock).await;
         store.applied_then_conflict.store(1, Ordering::SeqCst);
         let lost = CancellationToken::new();
         let (_, was_lost) = guard
@@ -1021,12 +1006,7 @@ mod tests {
     async fn a_renewal_refused_by_a_new_holder_cancels_the_work() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(
-            daemon(&store, 1, &clock)
-                .acquire("j", None)
-                .await
-                .expect("ok"),
-        );
+        let guard = held_by_daemon_1(&store, &clock).await;
         // Someone else replaced the claim (say, after our lease ran out during a pause).
         store
             .objects
@@ -1130,12 +1110,7 @@ mod tests {
     async fn a_slow_renewal_does_not_hold_up_the_work() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
-        let guard = claimed(
-            daemon(&store, 1, &clock)
-                .acquire("j", None)
-                .await
-                .expect("ok"),
-        );
+        let guard = held_by_daemon_1(&store, &clock).await;
         store.replace_delay_ms.store(3_000, Ordering::SeqCst);
         let started = tokio::time::Instant::now();
         let work = async {

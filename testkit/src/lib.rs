@@ -1,5 +1,5 @@
 //! orchgpu's test kit, shared by the integration tests (`tests/integration/kit.rs`) and
-//! the bench (`bench/bench.rs`): a per-test AWS stack on the emulator (buckets, queues,
+//! the bench (`bench/suite/`): a per-test AWS stack on the emulator (buckets, queues,
 //! notifications), the real mock SSGM server, the real function stand-in and the real
 //! daemon, each as a process whose logs are printed when the stack is dropped, and
 //! readers for what they leave (JSON logs, `mock-ssgm -stats`).

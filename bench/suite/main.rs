@@ -30,12 +30,14 @@ use orchgpu_testkit::{Bins, Kit};
 
 use report::Report;
 
+/// The command line, and the sizes it picks.
 pub(crate) struct Opts {
     pub(crate) kit: Kit,
     pub(crate) repo: PathBuf,
     pub(crate) quick: bool,
     pub(crate) only: Option<Vec<String>>,
     pub(crate) work: tempfile::TempDir,
+    pub(crate) sizes: Sizes,
 }
 
 impl Opts {
@@ -85,7 +87,8 @@ impl Sizes {
         }
     }
 }
-pub(crate) fn parse_opts() -> Result<Opts> {
+
+fn parse_opts() -> Result<Opts> {
     let mut endpoint = std::env::var("ORCHGPU_BENCH_ENDPOINT").ok();
     let mut bin_dir = None;
     let mut quick = false;
@@ -120,13 +123,13 @@ pub(crate) fn parse_opts() -> Result<Opts> {
         work: tempfile::Builder::new()
             .prefix("orchgpu-bench-")
             .tempdir()?,
+        sizes: Sizes::new(quick),
     })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let opts = parse_opts()?;
-    let sizes = Sizes::new(opts.quick);
     let aws = build_clients(&AwsOptions {
         endpoint_url: Some(opts.kit.endpoint.clone()),
         region: Some("us-east-1".into()),
@@ -134,21 +137,13 @@ async fn main() -> Result<()> {
     .await;
     let mut report = Report::default();
     let started = Instant::now();
-    let scenarios: [(&str, Scenario); 6] = [
-        ("overhead", overhead::overhead),
-        ("detection", detection::detection),
-        ("throughput", throughput::throughput),
-        ("contended", contended::contended),
-        ("memory", memory::memory),
-        ("waiting", waiting::waiting),
-    ];
-    for (name, scenario) in scenarios {
+    for name in SCENARIOS {
         if !opts.wants(name) {
             continue;
         }
         let t0 = Instant::now();
         eprintln!("bench: === {name} ===");
-        if let Err(e) = scenario(&opts, &sizes, &aws, &mut report).await {
+        if let Err(e) = run_scenario(name, &opts, &aws, &mut report).await {
             report.note(format!("scenario {name} failed: {e:#}"));
         }
         eprintln!("bench: {name} took {:.0} s", t0.elapsed().as_secs_f64());
@@ -162,10 +157,30 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-pub(crate) type Scenario =
-    for<'a> fn(
-        &'a Opts,
-        &'a Sizes,
-        &'a AwsClients,
-        &'a mut Report,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
+/// The scenarios, in the order they run (`--only` picks some of them by these names).
+const SCENARIOS: [&str; 6] = [
+    "overhead",
+    "detection",
+    "throughput",
+    "contended",
+    "memory",
+    "waiting",
+];
+
+/// Runs the scenario called `name`, adding its rows and notes to `report`.
+async fn run_scenario(
+    name: &str,
+    opts: &Opts,
+    aws: &AwsClients,
+    report: &mut Report,
+) -> Result<()> {
+    match name {
+        "overhead" => overhead::overhead(opts, aws, report).await,
+        "detection" => detection::detection(opts, aws, report).await,
+        "throughput" => throughput::throughput(opts, aws, report).await,
+        "contended" => contended::contended(opts, aws, report).await,
+        "memory" => memory::memory(opts, aws, report).await,
+        "waiting" => waiting::waiting(opts, aws, report).await,
+        other => bail!("no scenario {other:?}"),
+    }
+}

@@ -9,127 +9,120 @@ use anyhow::Result;
 use orchgpu::aws::AwsClients;
 use orchgpu::job::event::{Notification, parse_notification};
 
+use crate::Opts;
 use crate::harness::{create_stack, start_daemon, start_function, start_ssgm};
 use crate::load::put_many;
 use crate::measure::{TICKS_PER_SEC, cpu_ticks, now_us, start_perf, stop_perf};
 use crate::report::{Report, ratio, requests_text};
-use crate::{Opts, Sizes};
 
-pub(crate) fn throughput<'a>(
-    opts: &'a Opts,
-    sizes: &'a Sizes,
-    aws: &'a AwsClients,
-    report: &'a mut Report,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
-    Box::pin(async move {
-        let jobs = sizes.throughput;
-        let size = 100 * 1000;
+pub(crate) async fn throughput(opts: &Opts, aws: &AwsClients, report: &mut Report) -> Result<()> {
+    let sizes = &opts.sizes;
+    let jobs = sizes.throughput;
+    let size = 100 * 1000;
 
-        // The ceiling, measured before and after orchgpu's run (this machine is noisy).
-        let emulator = emulator_pid();
-        let emu_before = emulator.map(cpu_ticks).transpose()?;
-        let t = Instant::now();
-        let ceiling_before = ceiling(opts, aws, jobs, size).await?;
-        let ceiling_emu =
-            emulator
-                .map(cpu_ticks)
-                .transpose()?
-                .zip(emu_before)
-                .map(|(after, before)| {
-                    (after - before) as f64 / TICKS_PER_SEC / t.elapsed().as_secs_f64() * 100.0
-                });
+    // The ceiling, measured before and after orchgpu's run (this machine is noisy).
+    let emulator = emulator_pid();
+    let emu_before = emulator.map(cpu_ticks).transpose()?;
+    let t = Instant::now();
+    let ceiling_before = ceiling(opts, aws, jobs, size).await?;
+    let ceiling_emu =
+        emulator
+            .map(cpu_ticks)
+            .transpose()?
+            .zip(emu_before)
+            .map(|(after, before)| {
+                (after - before) as f64 / TICKS_PER_SEC / t.elapsed().as_secs_f64() * 100.0
+            });
 
-        // orchgpu: the whole pipeline with the instant function and a results queue.
-        let ssgm = start_ssgm(opts, 8)?;
-        let (mut stack, results) = create_stack(opts, "thr").await?;
-        let _function = start_function(opts, &mut stack, "instant.sh")?;
-        let mut daemon = start_daemon(
-            &mut stack,
-            &ssgm,
-            "throughput",
-            &["--max-jobs", "8", "--results-queue", &results],
-        )?;
-        daemon.ready().await?;
-        let perf = start_perf(&mut stack, daemon.pid, "throughput")?;
-        let cpu_before = daemon.cpu_ticks()?;
-        let emu_at_start = emulator.map(cpu_ticks).transpose()?;
-        let start = now_us();
-        put_many(aws, &stack.input_bucket, "t", jobs, size, 8).await?;
-        daemon
-            .wait_deleted(jobs + 1, Duration::from_secs(900))
-            .await?;
-        let end = daemon.deletions().max().unwrap_or(start);
-        let cpu = daemon.cpu_ticks()? - cpu_before;
-        let daemon_emu =
-            emulator
-                .map(cpu_ticks)
-                .transpose()?
-                .zip(emu_at_start)
-                .map(|(after, before)| {
-                    (after - before) as f64 / TICKS_PER_SEC / ((now_us() - start) as f64 / 1e6)
-                        * 100.0
-                });
-        stop_perf(&mut stack, perf).await;
-        let rate = jobs as f64 / ((end - start) as f64 / 1e6);
-        let [alloc, busy, dealloc] = ssgm.counters(["alloc_calls", "busy", "dealloc_calls"])?;
-        let counts = daemon.stop(&mut stack, Duration::from_secs(30)).await?;
-        let ceiling_after = ceiling(opts, aws, jobs, size).await?;
-        let ceiling = (ceiling_before + ceiling_after) / 2.0;
-        report.row(
-            format!("throughput, {jobs} jobs of 100 KB, 8 GPUs (jobs/s)"),
-            format!("{rate:.1}"),
-            format!("{ceiling:.1} (put→event→receive→delete)"),
-            ratio(rate, ceiling),
-            "≥ 0.8×",
-        );
-        report.note(format!(
+    // orchgpu: the whole pipeline with the instant function and a results queue.
+    let ssgm = start_ssgm(opts, 8)?;
+    let (mut stack, results) = create_stack(opts, "thr").await?;
+    let _function = start_function(opts, &mut stack, "instant.sh")?;
+    let mut daemon = start_daemon(
+        &mut stack,
+        &ssgm,
+        "throughput",
+        &["--max-jobs", "8", "--results-queue", &results],
+    )?;
+    daemon.ready().await?;
+    let perf = start_perf(&mut stack, daemon.pid, "throughput")?;
+    let cpu_before = daemon.cpu_ticks()?;
+    let emu_at_start = emulator.map(cpu_ticks).transpose()?;
+    let start = now_us();
+    put_many(aws, &stack.input_bucket, "t", jobs, size, 8).await?;
+    daemon
+        .wait_deleted(jobs + 1, Duration::from_secs(900))
+        .await?;
+    let end = daemon.deletions().max().unwrap_or(start);
+    let cpu = daemon.cpu_ticks()? - cpu_before;
+    let daemon_emu =
+        emulator
+            .map(cpu_ticks)
+            .transpose()?
+            .zip(emu_at_start)
+            .map(|(after, before)| {
+                (after - before) as f64 / TICKS_PER_SEC / ((now_us() - start) as f64 / 1e6) * 100.0
+            });
+    stop_perf(&mut stack, perf).await;
+    let rate = jobs as f64 / ((end - start) as f64 / 1e6);
+    let [alloc, busy, dealloc] = ssgm.counters(["alloc_calls", "busy", "dealloc_calls"])?;
+    let counts = daemon.stop(&mut stack, Duration::from_secs(30)).await?;
+    let ceiling_after = ceiling(opts, aws, jobs, size).await?;
+    let ceiling = (ceiling_before + ceiling_after) / 2.0;
+    report.row(
+        format!("throughput, {jobs} jobs of 100 KB, 8 GPUs (jobs/s)"),
+        format!("{rate:.1}"),
+        format!("{ceiling:.1} (put→event→receive→delete)"),
+        ratio(rate, ceiling),
+        "≥ 0.8×",
+    );
+    report.note(format!(
             "throughput: ceiling {ceiling_before:.1} jobs/s before and {ceiling_after:.1} after orchgpu's run; emulator CPU {} during the ceiling run, {} during orchgpu's",
             ceiling_emu.map_or("n/a".into(), |p| format!("{p:.0}%")),
             daemon_emu.map_or("n/a".into(), |p| format!("{p:.0}%")),
         ));
-        report.row(
-            format!("CPU time per job (user+sys), {jobs} jobs of 100 KB"),
-            format!(
-                "{:.2} ms",
-                cpu as f64 * 1000.0 / TICKS_PER_SEC / jobs as f64
-            ),
-            "—",
-            "—",
-            "< 5 ms",
-        );
-        let per = |op: &str| *counts.get(op).unwrap_or(&0) as f64 / jobs as f64;
-        report.row(
-            "AWS requests per job (jobs queue + results queue + S3)",
-            format!(
-                "{:.2} total",
-                counts.values().sum::<u64>() as f64 / jobs as f64
-            ),
-            "receive ≤ 1, get 1, put 1, delete 1",
-            "—",
-            "no request the job did not need",
-        );
-        report.note(format!(
+    report.row(
+        format!("CPU time per job (user+sys), {jobs} jobs of 100 KB"),
+        format!(
+            "{:.2} ms",
+            cpu as f64 * 1000.0 / TICKS_PER_SEC / jobs as f64
+        ),
+        "—",
+        "—",
+        "< 5 ms",
+    );
+    let per = |op: &str| *counts.get(op).unwrap_or(&0) as f64 / jobs as f64;
+    report.row(
+        "AWS requests per job (jobs queue + results queue + S3)",
+        format!(
+            "{:.2} total",
+            counts.values().sum::<u64>() as f64 / jobs as f64
+        ),
+        "receive ≤ 1, get 1, put 1, delete 1",
+        "—",
+        "no request the job did not need",
+    );
+    report.note(format!(
             "requests per job by operation ({jobs} jobs; receives count both queues, including empty long polls): {}",
             requests_text(&counts, jobs)
         ));
-        report.note(format!(
-            "GET {:.2}, PUT {:.2}, HEAD {:.2} per job",
-            per("S3.GetObject"),
-            per("S3.PutObject"),
-            per("S3.HeadObject")
-        ));
-        report.row(
-            "SSGM calls per job, ample GPUs",
-            format!(
-                "{:.2} (alloc {alloc}, busy {busy}, dealloc {dealloc})",
-                (alloc + dealloc) as f64 / jobs as f64
-            ),
-            "2",
-            ratio((alloc + dealloc) as f64 / jobs as f64, 2.0),
-            "exactly 2",
-        );
-        Ok(())
-    })
+    report.note(format!(
+        "GET {:.2}, PUT {:.2}, HEAD {:.2} per job",
+        per("S3.GetObject"),
+        per("S3.PutObject"),
+        per("S3.HeadObject")
+    ));
+    report.row(
+        "SSGM calls per job, ample GPUs",
+        format!(
+            "{:.2} (alloc {alloc}, busy {busy}, dealloc {dealloc})",
+            (alloc + dealloc) as f64 / jobs as f64
+        ),
+        "2",
+        ratio((alloc + dealloc) as f64 / jobs as f64, 2.0),
+        "exactly 2",
+    );
+    Ok(())
 }
 
 /// The emulator's own ceiling: `jobs` puts with 8 in flight to a bucket that notifies a

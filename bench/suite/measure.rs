@@ -42,6 +42,11 @@ pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
 }
 
+/// CPU `ticks` spent over `seconds` of wall time, in % of one core.
+pub(crate) fn cpu_percent(ticks: u64, seconds: f64) -> f64 {
+    ticks as f64 / TICKS_PER_SEC / seconds * 100.0
+}
+
 /// `VmHWM` and `VmRSS` in KiB.
 pub(crate) fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

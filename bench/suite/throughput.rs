@@ -12,7 +12,7 @@ use orchgpu::job::event::{Notification, parse_notification};
 use crate::Opts;
 use crate::harness::{create_stack, start_daemon, start_function, start_ssgm};
 use crate::load::put_many;
-use crate::measure::{TICKS_PER_SEC, cpu_ticks, now_us, start_perf, stop_perf};
+use crate::measure::{TICKS_PER_SEC, cpu_percent, cpu_ticks, now_us, start_perf, stop_perf};
 use crate::report::{Report, ratio, requests_text};
 
 pub(crate) async fn throughput(opts: &Opts, aws: &AwsClients, report: &mut Report) -> Result<()> {
@@ -25,14 +25,7 @@ pub(crate) async fn throughput(opts: &Opts, aws: &AwsClients, report: &mut Repor
     let emu_before = emulator.map(cpu_ticks).transpose()?;
     let t = Instant::now();
     let ceiling_before = ceiling(opts, aws, jobs, size).await?;
-    let ceiling_emu =
-        emulator
-            .map(cpu_ticks)
-            .transpose()?
-            .zip(emu_before)
-            .map(|(after, before)| {
-                (after - before) as f64 / TICKS_PER_SEC / t.elapsed().as_secs_f64() * 100.0
-            });
+    let ceiling_emu = emulator_cpu(emulator, emu_before, t.elapsed().as_secs_f64())?;
 
     // orchgpu: the whole pipeline with the instant function and a results queue.
     let ssgm = start_ssgm(opts, 8)?;
@@ -55,14 +48,7 @@ pub(crate) async fn throughput(opts: &Opts, aws: &AwsClients, report: &mut Repor
         .await?;
     let end = daemon.deletions().max().unwrap_or(start);
     let cpu = daemon.cpu_ticks()? - cpu_before;
-    let daemon_emu =
-        emulator
-            .map(cpu_ticks)
-            .transpose()?
-            .zip(emu_at_start)
-            .map(|(after, before)| {
-                (after - before) as f64 / TICKS_PER_SEC / ((now_us() - start) as f64 / 1e6) * 100.0
-            });
+    let daemon_emu = emulator_cpu(emulator, emu_at_start, (now_us() - start) as f64 / 1e6)?;
     stop_perf(&mut stack, perf).await;
     let rate = jobs as f64 / ((end - start) as f64 / 1e6);
     let [alloc, busy, dealloc] = ssgm.counters(["alloc_calls", "busy", "dealloc_calls"])?;
@@ -182,4 +168,13 @@ pub(crate) fn emulator_pid() -> Option<u32> {
     std::env::var("ORCHGPU_BENCH_EMULATOR_PID")
         .ok()
         .and_then(|p| p.parse().ok())
+}
+
+/// The emulator's CPU use since `before` (its ticks then) over `seconds`, in % of a core;
+/// `None` without its pid.
+fn emulator_cpu(emulator: Option<u32>, before: Option<u64>, seconds: f64) -> Result<Option<f64>> {
+    let after = emulator.map(cpu_ticks).transpose()?;
+    Ok(after
+        .zip(before)
+        .map(|(after, before)| cpu_percent(after - before, seconds)))
 }

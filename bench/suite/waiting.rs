@@ -9,7 +9,7 @@ use orchgpu::aws::AwsClients;
 use crate::Opts;
 use crate::harness::{create_stack, start_daemon, start_ssgm};
 use crate::load::put_many;
-use crate::measure::{TICKS_PER_SEC, cpu_ticks, memory_kib};
+use crate::measure::{cpu_percent, cpu_ticks, memory_kib};
 use crate::report::{Report, requests_text};
 
 pub(crate) async fn waiting(opts: &Opts, aws: &AwsClients, report: &mut Report) -> Result<()> {
@@ -43,7 +43,7 @@ pub(crate) async fn waiting(opts: &Opts, aws: &AwsClients, report: &mut Report) 
     let window = t.elapsed().as_secs_f64();
     let (hwm, rss) = memory_kib(pid)?;
     let stop = daemon.stop(&mut stack, Duration::from_secs(180)).await;
-    let cpu_pct = cpu as f64 / TICKS_PER_SEC / window * 100.0;
+    let cpu_pct = cpu_percent(cpu, window);
     report.row(
         format!("{jobs} jobs waiting on results at once (defaults -v 30, -b 60, results queue)"),
         format!(

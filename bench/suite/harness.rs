@@ -29,10 +29,10 @@ pub(crate) fn start_ssgm(opts: &Opts, gpus: u32) -> Result<MockSsgm> {
 
 /// The daemon as a process of its stack, with its JSON log and stats file.
 pub(crate) struct Daemon {
-    pub(crate) index: usize,
+    index: usize,
     pub(crate) pid: u32,
     pub(crate) log: JsonLog,
-    pub(crate) stats_file: PathBuf,
+    stats_file: PathBuf,
 }
 
 pub(crate) fn start_daemon(
@@ -84,11 +84,11 @@ pub(crate) fn start_daemon(
     })
 }
 
-pub(crate) fn is_deletion(line: &Value) -> bool {
+fn is_deletion(line: &Value) -> bool {
     message(line) == "Message deleted."
 }
 
-pub(crate) fn is_upload(line: &Value) -> bool {
+fn is_upload(line: &Value) -> bool {
     message(line) == "Stage finished." && line["fields"]["stage"] == "upload"
 }
 

@@ -5,17 +5,17 @@ use std::collections::BTreeMap;
 
 /// One line of the final table.
 pub(crate) struct Row {
-    pub(crate) what: String,
-    pub(crate) value: String,
-    pub(crate) floor: String,
-    pub(crate) ratio: String,
-    pub(crate) target: &'static str,
+    what: String,
+    value: String,
+    floor: String,
+    ratio: String,
+    target: &'static str,
 }
 
 #[derive(Default)]
 pub(crate) struct Report {
-    pub(crate) rows: Vec<Row>,
-    pub(crate) notes: Vec<String>,
+    rows: Vec<Row>,
+    notes: Vec<String>,
 }
 
 impl Report {

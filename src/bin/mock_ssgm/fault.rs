@@ -124,7 +124,7 @@ impl State {
         }
     }
 
-    pub(crate) fn take_alloc_fault(&mut self) -> Option<Fault> {
+    fn take_alloc_fault(&mut self) -> Option<Fault> {
         let (fault, left) = self.alloc_faults.front_mut()?;
         let fault = *fault;
         *left -= 1;

@@ -8,11 +8,11 @@ use crate::state::{Counters, State};
 /// The `-stats` line: the allocation state now, then the counters.
 #[derive(Debug, Serialize)]
 pub(crate) struct Stats {
-    pub(crate) total_gpus: usize,
-    pub(crate) free_gpus: usize,
-    pub(crate) live: usize,
+    total_gpus: usize,
+    free_gpus: usize,
+    live: usize,
     #[serde(flatten)]
-    pub(crate) counters: Counters,
+    counters: Counters,
 }
 
 impl State {

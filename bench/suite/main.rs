@@ -41,6 +41,7 @@ struct Opts {
 }
 
 impl Opts {
+    /// Whether `--only` (if given) names scenario `name`.
     fn wants(&self, name: &str) -> bool {
         self.only
             .as_ref()
@@ -61,6 +62,7 @@ struct Sizes {
 }
 
 impl Sizes {
+    /// The full sizes, or the quick ones.
     fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
@@ -88,6 +90,7 @@ impl Sizes {
     }
 }
 
+/// Reads the command line and `ORCHGPU_BENCH_ENDPOINT`.
 fn parse_opts() -> Result<Opts> {
     let mut endpoint = std::env::var("ORCHGPU_BENCH_ENDPOINT").ok();
     let mut bin_dir = None;

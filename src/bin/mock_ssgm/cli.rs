@@ -4,6 +4,7 @@
 use crate::fault::Fault;
 use crate::wire::Request;
 
+/// `mock-ssgm --help`.
 pub(crate) const USAGE: &str = "\
 mock-ssgm: a stand-in for the rCUDA scheduler and its SSGM client
 

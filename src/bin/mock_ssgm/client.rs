@@ -15,6 +15,7 @@ use crate::wire::{MAX_LINE, Reply};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Runs one client call and returns its exit code (or hangs, if the reply says so).
 pub(crate) fn client(args: ClientArgs) -> ExitCode {
     // Taken before any network wait, so a parent that dies meanwhile is not confused
     // with whoever adopts this process.

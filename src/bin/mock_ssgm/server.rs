@@ -89,6 +89,7 @@ async fn handle(socket: tokio::net::TcpStream, state: &Mutex<State>) -> Result<(
     Ok(())
 }
 
+/// Takes the state's lock.
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state
         .lock()

@@ -47,6 +47,7 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// `gpus` free GPUs spread over `hosts`, no job yet.
     pub(crate) fn new(gpus: usize, hosts: Vec<String>) -> Self {
         Self {
             hosts,
@@ -59,6 +60,7 @@ impl State {
         }
     }
 
+    /// Answers one request, changing the books as it says.
     pub(crate) fn apply(&mut self, request: Request) -> Reply {
         match request {
             Request::Alloc { gpus } => self.alloc(&gpus),
@@ -102,6 +104,7 @@ impl State {
         }
     }
 
+    /// An alloc call answered as the scheduler would: a request error, busy, or a grant.
     pub(crate) fn alloc_for_real(&mut self, wanted: Option<usize>, raw_gpus: &str) -> Reply {
         let total = self.owners.len();
         let n = match wanted {
@@ -149,6 +152,7 @@ impl State {
         Reply::print(line)
     }
 
+    /// A dealloc call: releases job `job`'s GPUs, unless a release fault is pending.
     fn dealloc(&mut self, job: &str) -> Reply {
         self.counters.dealloc_calls += 1;
         if self.release_faults > 0 {

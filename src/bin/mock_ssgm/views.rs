@@ -16,6 +16,7 @@ pub(crate) struct Stats {
 }
 
 impl State {
+    /// The `-top` table: a header, then one line per live allocation.
     pub(crate) fn top(&self) -> String {
         let mut out = String::from("JOB GPUS DEVICES AGE_S\n");
         for (job, allocation) in &self.allocations {
@@ -30,6 +31,7 @@ impl State {
         out
     }
 
+    /// The `-stats` line's content.
     pub(crate) fn stats(&self) -> Stats {
         Stats {
             total_gpus: self.owners.len(),

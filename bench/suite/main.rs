@@ -9,6 +9,10 @@
 //! timestamps), its `--stats-file` (exact AWS request counts from the SDK interceptor),
 //! `/proc/<pid>/status` and `/proc/<pid>/stat` (memory, CPU) and `mock-ssgm -stats`.
 //! Every load loop is bounded in count and in time.
+//!
+//! Its rooms: one file per scenario (named as `--only` names it), `harness` (the test kit's
+//! stacks and processes with the bench's settings), `load` (inputs and puts), `measure`
+//! (CPU, memory, clock, perf) and `report` (the figures and the final table).
 
 mod contended;
 mod detection;

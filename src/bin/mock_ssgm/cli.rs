@@ -212,10 +212,11 @@ impl ServeArgs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
+    /// A command line split on white space, as a shell would pass it.
+    pub(crate) fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_owned).collect()
     }
 

@@ -144,11 +144,8 @@ impl State {
 mod tests {
     use super::*;
     use crate::cli::ClientArgs;
+    use crate::cli::tests::args;
     use crate::wire::Request;
-
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_owned).collect()
-    }
 
     #[test]
     fn every_fault_parses_from_its_own_name() {

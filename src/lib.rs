@@ -17,10 +17,11 @@
 //!   `prepare` (result check, download, allocation), `with_gpus` (bundle, upload, the
 //!   wait for the result), `outcome` (how a job ends, what that means for its message),
 //!   `claimed` (a job under its claim), `event` (S3 notifications to objects), `bundle`
-//!   (the `.tar.gz`), `claim` (the job's shared record in S3), `results` (event-driven
-//!   result detection), `workdir` (this run's files on disk);
-//! - the GPUs: `reservations` (every GPU from the request to the confirmed release: gate,
-//!   ledger, crash-safe journal, releaser, replay) and `scheduler` (the `GpuScheduler`
+//!   (the `.tar.gz`), `claim` (the job's shared record in S3; `store`, its conditional
+//!   writes; `guard`, the lease on our own clock), `results` (event-driven result
+//!   detection), `workdir` (this run's files on disk);
+//! - the GPUs: `reservations` (every GPU from the request to the confirmed release: the
+//!   gate and replay, `ledger`, `journal` (crash-safe), `releaser`) and `scheduler` (the `GpuScheduler`
 //!   trait; `ssgm`, the SSGM client; `reply`, its reply parser);
 //! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the
 //!   listener), `web` (the page for uploaders: `routes`, `upload`, `status`, `names`,

@@ -21,8 +21,8 @@
 //!   writes; `guard`, the lease on our own clock), `results` (event-driven result
 //!   detection), `workdir` (this run's files on disk);
 //! - the GPUs: `reservations` (every GPU from the request to the confirmed release: the
-//!   gate and replay, `ledger`, `journal` (crash-safe), `releaser`) and `scheduler` (the `GpuScheduler`
-//!   trait; `ssgm`, the SSGM client; `reply`, its reply parser);
+//!   gate and replay, `ledger`, `journal` (crash-safe), `releaser`) and `scheduler`
+//!   (the `GpuScheduler` trait; `ssgm`, the SSGM client; `reply`, its reply parser);
 //! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the
 //!   listener), `web` (the page for uploaders: `routes`, `upload`, `status`, `names`,
 //!   `keys`, `cache`), `history` (the SQLite job timeline: `writer`, `reader`),

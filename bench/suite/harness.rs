@@ -58,6 +58,9 @@ pub(crate) fn start_daemon(
         .map(String::from),
     );
     args.push(stats_file.display().to_string());
+    // A state dir of its own: the journal and the history start empty in every run, and
+    // never touch (or trip over) the user's default dir, whatever version wrote it.
+    args.extend(["--state-dir".to_string(), stack.state_dir(tag)]);
     args.extend(extra.iter().map(|s| s.to_string()));
     // Extra flags for every daemon of the run, to compare configurations side by side
     // (e.g. `--no-history` against `--http-listen 127.0.0.1:0`).

@@ -1,0 +1,123 @@
+//! `orchgpu --drain` (`ORCHGPU_DRAIN`): runs every job the queue holds, then exits 0 by
+//! itself; a job that fails is tried once per run and its message comes back after it.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::harness::{MockSsgm, Stack, wait_for};
+
+/// Waits until SQS counts the notifications of `jobs` uploads and the emulator's
+/// s3:TestEvent on the jobs queue (they arrive asynchronously: a drain started before
+/// them would rightly find nothing).
+async fn wait_for_notifications(stack: &Stack, jobs: u64) -> Result<()> {
+    wait_for(
+        &format!("{jobs} notifications queued"),
+        Duration::from_secs(30),
+        || async { Ok((stack.queue_depth(&stack.jobs_url).await? > jobs).then_some(())) },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_runs_every_job_then_exits_0_by_itself() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("drain", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    for key in ["a.png", "dir/b c.png", "ü+%.png"] {
+        stack.upload(key, key.as_bytes()).await?;
+    }
+    wait_for_notifications(&stack, 3).await?;
+
+    // Through the environment variable, as a cron job's env file would set it.
+    let daemon = stack.start_daemon_with_env(
+        &ssgm,
+        &["--max-jobs", "2"],
+        &[("ORCHGPU_DRAIN", "true".as_ref())],
+    )?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(90))
+        .await?;
+    assert!(status.success(), "drain exit: {status}");
+
+    let results = stack.results_by_source_key().await?;
+    for key in ["a.png", "dir/b c.png", "ü+%.png"] {
+        assert_eq!(
+            results.get(key).map(Vec::len),
+            Some(1),
+            "{key}: {results:?}"
+        );
+    }
+    assert_eq!(stack.queue_depth(&stack.jobs_url).await?, 0);
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    assert_eq!(ssgm.stat("live")?, 0, "GPUs still held after the drain");
+    ssgm.assert_all_released()?;
+    let log = stack.log(daemon);
+    assert!(
+        log.contains("Drained.") && log.contains("returned=0"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_is_tried_once_per_drain_and_comes_back_after_it() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("drain-fail", 10).await?;
+    // The function never answers: the result deadline fails the job, a failure that may
+    // pass, so the message is returned for a retry with a 1 s backoff.
+    stack.start_function("never-answers.sh")?;
+    stack.upload("never.png", b"nobody answers").await?;
+    wait_for_notifications(&stack, 1).await?;
+
+    let daemon = stack.start_daemon(
+        &ssgm,
+        &["--drain", "--result-deadline", "2", "--retry-backoff", "1"],
+    )?;
+    // Were the message retried within the run, it would be back after 1 s, fail again
+    // every few seconds and never let the drain end (until the dead-letter queue).
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(60))
+        .await?;
+    assert!(status.success(), "drain exit: {status}");
+    assert_eq!(ssgm.stat("live")?, 0, "GPUs still held after the drain");
+    assert_eq!(ssgm.stat("granted")?, 1, "the job was tried more than once");
+    let log = stack.log(daemon);
+    assert!(
+        log.contains("Drained.") && log.contains("returned=1"),
+        "{log}"
+    );
+
+    // The message is back in the queue after its backoff, received once so far (by the
+    // drain), not dead-lettered.
+    let message = wait_for("the returned message", Duration::from_secs(30), || async {
+        let output = stack
+            .sqs
+            .receive_message()
+            .queue_url(&stack.jobs_url)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+            )
+            .send()
+            .await?;
+        Ok(output.messages.unwrap_or_default().into_iter().next())
+    })
+    .await?;
+    assert!(message.body().unwrap_or_default().contains("never.png"));
+    let receive_count = message
+        .attributes()
+        .and_then(|a| {
+            a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
+        })
+        .cloned();
+    assert_eq!(
+        receive_count.as_deref(),
+        Some("2"),
+        "drain's receive, then ours"
+    );
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    Ok(())
+}

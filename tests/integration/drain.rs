@@ -92,7 +92,81 @@ async fn a_failed_job_is_tried_once_per_drain_and_comes_back_after_it() -> Resul
 
     // The message is back in the queue after its backoff, received once so far (by the
     // drain), not dead-lettered.
-    let message = wait_for("the returned message", Duration::from_secs(30), || async {
+    let message = receive_returned(&stack).await?;
+    assert!(message.body().unwrap_or_default().contains("never.png"));
+    assert_eq!(
+        receive_count(&message).as_deref(),
+        Some("2"),
+        "drain's receive, then ours"
+    );
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_message_stays_out_of_the_run_while_other_jobs_keep_it_going() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("drain-held", 10).await?;
+    // The second job's result waits for the test, so the run goes on well past the
+    // failed message's 1 s backoff.
+    let hold = crate::reliability::Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    // The first alloc call is refused (SSGM_ERROR=1): that job fails, a failure that may pass.
+    ssgm.inject("error", 1)?;
+    stack.upload("one.png", b"one").await?;
+    stack.upload("two.png", b"two").await?;
+    wait_for_notifications(&stack, 2).await?;
+
+    let daemon = stack.start_daemon(&ssgm, &["--drain", "--retry-backoff", "1"])?;
+    wait_for(
+        "a refused and a granted alloc",
+        Duration::from_secs(30),
+        || async {
+            let [faults, granted] = ssgm.counters(["faults_injected", "granted"])?;
+            Ok((faults == 1 && granted == 1).then_some(()))
+        },
+    )
+    .await?;
+    // Four backoffs' worth of time (receives wait 1 s, no pause after an empty one): a
+    // run that let the message come back would have received it and called alloc again.
+    let window = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < window {
+        assert_eq!(
+            ssgm.stat("alloc_calls")?,
+            2,
+            "the failed job was tried again"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    hold.release()?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(60))
+        .await?;
+    assert!(status.success(), "drain exit: {status}");
+    let stats = ssgm.stats()?;
+    assert_eq!(stats["alloc_calls"], 2, "{stats}");
+    assert_eq!(stats["granted"], 1, "{stats}");
+    assert_eq!(stats["live"], 0, "{stats}");
+    assert_eq!(stack.results_by_source_key().await?.len(), 1);
+    // The failed job's message is in the queue for the next run, received only once by
+    // the drain (a message let back into the run is received again, which counts
+    // against maxReceiveCount though nothing tried it), nothing dead-lettered.
+    let message = receive_returned(&stack).await?;
+    assert!(message.body().unwrap_or_default().contains("one.png"));
+    assert_eq!(
+        receive_count(&message).as_deref(),
+        Some("2"),
+        "drain's receive, then ours"
+    );
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
+    Ok(())
+}
+
+/// The message a drain returned, received (within 30 s: after its retry backoff) with its
+/// receive count.
+async fn receive_returned(stack: &Stack) -> Result<aws_sdk_sqs::types::Message> {
+    wait_for("the returned message", Duration::from_secs(30), || async {
         let output = stack
             .sqs
             .receive_message()
@@ -105,19 +179,14 @@ async fn a_failed_job_is_tried_once_per_drain_and_comes_back_after_it() -> Resul
             .await?;
         Ok(output.messages.unwrap_or_default().into_iter().next())
     })
-    .await?;
-    assert!(message.body().unwrap_or_default().contains("never.png"));
-    let receive_count = message
+    .await
+}
+
+fn receive_count(message: &aws_sdk_sqs::types::Message) -> Option<String> {
+    message
         .attributes()
         .and_then(|a| {
             a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
         })
-        .cloned();
-    assert_eq!(
-        receive_count.as_deref(),
-        Some("2"),
-        "drain's receive, then ours"
-    );
-    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 0);
-    Ok(())
+        .cloned()
 }

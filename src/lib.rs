@@ -12,9 +12,12 @@
 //!   shutdown tokens), `location` (a bucket and a dir), `backoff` (the one retry policy);
 //! - the AWS side, `aws`: the SDK clients, and `queue` (SQS), `batcher` (batched deletes
 //!   and visibility changes), `storage` (S3 transfers), `metrics` (AWS request counts);
-//! - the job pipeline, `job`: one job's stages, and `event` (S3 notifications to objects),
-//!   `bundle` (the `.tar.gz`), `claim` (the job's shared record in S3), `results`
-//!   (event-driven result detection), `workdir` (this run's files on disk);
+//! - the job pipeline, `job`: one job's stages in order, and `id` (the job's id),
+//!   `prepare` (result check, download, allocation), `with_gpus` (bundle, upload, the
+//!   wait for the result), `outcome` (how a job ends, what that means for its message),
+//!   `claimed` (a job under its claim), `event` (S3 notifications to objects), `bundle`
+//!   (the `.tar.gz`), `claim` (the job's shared record in S3), `results` (event-driven
+//!   result detection), `workdir` (this run's files on disk);
 //! - the GPUs: `reservations` (every GPU from the request to the confirmed release: gate,
 //!   ledger, crash-safe journal, releaser, replay) and `scheduler` (the SSGM client);
 //! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the
@@ -36,6 +39,7 @@ pub(crate) mod backoff;
 pub mod cli;
 pub mod daemon;
 pub mod job;
+pub mod lambda;
 pub mod location;
 pub mod ops;
 pub mod reservations;

@@ -103,4 +103,4 @@ with zipfile.ZipFile(output + ".tmp", "w", zipfile.ZIP_DEFLATED) as z:
 ' "$output"
 mv -f -- "$output.tmp" "$output"
 printf '%s: wrote %s:\n' "$prog" "$output" >&2
-unzip -Z -l -- "$output" | sed -n '3,$p' | grep -v '^[0-9]* files' >&2 || true
+unzip -Z -l -- "$output" | sed -n '3,$p' | grep -v ' files\?, ' >&2 || true

@@ -190,3 +190,46 @@ fn receive_count(message: &aws_sdk_sqs::types::Message) -> Option<String> {
         })
         .cloned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_drain_and_gives_back_the_messages_it_held() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("drain-term", 10).await?;
+    let hold = crate::reliability::Hold::new(&stack)?;
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold.env())])?;
+    ssgm.inject("error", 1)?;
+    stack.upload("one.png", b"one").await?;
+    stack.upload("two.png", b"two").await?;
+    wait_for_notifications(&stack, 2).await?;
+
+    let daemon = stack.start_daemon(&ssgm, &["--drain", "--retry-backoff", "1"])?;
+    wait_for(
+        "a refused and a granted alloc",
+        Duration::from_secs(30),
+        || async {
+            let [faults, granted] = ssgm.counters(["faults_injected", "granted"])?;
+            Ok((faults == 1 && granted == 1).then_some(()))
+        },
+    )
+    .await?;
+    // The failed job's message is held; the other job waits for its result.
+    stack
+        .process(daemon)
+        .signal(nix::sys::signal::Signal::SIGTERM)?;
+    hold.release()?;
+    let status = stack
+        .process(daemon)
+        .wait_exit(Duration::from_secs(60))
+        .await?;
+    assert!(status.success(), "drain exit: {status}");
+    assert_eq!(ssgm.stat("live")?, 0);
+    // Given back with its 1 s backoff, not left hidden for the 15 min hold.
+    let message = receive_returned(&stack).await?;
+    assert!(message.body().unwrap_or_default().contains("one.png"));
+    assert!(
+        stack
+            .log(daemon)
+            .contains("Drain stopped before the queue was empty.")
+    );
+    Ok(())
+}

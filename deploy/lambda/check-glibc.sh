@@ -42,4 +42,8 @@ if ((${#too_new[@]})); then
     printf '  %s\n' "${too_new[@]}" >&2
     exit 1
 fi
-printf '%s: %s: newest glibc version needed %s (<= %s): ok\n' "$prog" "$binary" "$worst" "$max" >&2
+if [[ $worst == 0 ]]; then
+    printf '%s: %s: needs no versioned glibc symbol (static, or no libc): ok\n' "$prog" "$binary" >&2
+else
+    printf '%s: %s: newest glibc version needed %s (<= %s): ok\n' "$prog" "$binary" "$worst" "$max" >&2
+fi

@@ -247,6 +247,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             empty_pause: config.empty_pause,
             retry_backoff: config.retry_backoff,
             shutdown_grace: config.shutdown_grace,
+            drain: config.drain,
         },
         shutdown,
     )

@@ -209,6 +209,17 @@ pub struct Args {
     )]
     pub(crate) shutdown_grace: String,
 
+    /// Run until the queue is drained, then exit 0 (for cron, CI, a batch system): the run
+    /// ends at the first long-poll receive (at least 1 s, whatever -w says) that brings
+    /// nothing new while none of its jobs runs. Each message is tried at most once per run:
+    /// a job that fails is not retried by the same run; its message stays hidden until the
+    /// run ends (at most 15 min if the run is killed), then comes back after the usual
+    /// retry backoff for the next run. Messages hidden at the start (another consumer's, a
+    /// failed job's backoff) are not waited for; the `Drained.` log line counts what was
+    /// tried, what was returned and what SQS still hides. Exit 0 with failures too.
+    #[arg(long = "drain", env = "ORCHGPU_DRAIN")]
+    pub(crate) drain: bool,
+
     /// Directory for the reservation journal and its lock [default: $STATE_DIRECTORY set by
     /// systemd, else $XDG_STATE_HOME/orchgpu, else ~/.local/state/orchgpu].
     #[arg(long = "state-dir", env = "ORCHGPU_STATE_DIR", value_name = "DIR")]
@@ -458,6 +469,8 @@ pub struct Config {
     pub(crate) claims: Option<BucketDir>,
     pub(crate) claim_lease: Duration,
     pub(crate) work_dir: PathBuf,
+    /// `--drain`: end once the queue is drained.
+    pub(crate) drain: bool,
 }
 
 /// A line of the page's text (`--web-title`, `--web-hint`): trimmed, `None` when empty,
@@ -665,6 +678,7 @@ impl TryFrom<Args> for Config {
                 6 * 60 * 60,
             )?,
             work_dir: resolve_work_dir(args.work_dir, |name| std::env::var_os(name))?,
+            drain: args.drain,
         })
     }
 }
@@ -745,6 +759,12 @@ mod tests {
         assert_eq!(c.result_suffix, ".png");
         assert_eq!(c.max_jobs.get(), 4);
         assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn drain_is_off_unless_asked_for() {
+        assert!(!config(&[]).expect("valid").drain);
+        assert!(config(&["--drain"]).expect("valid").drain);
     }
 
     #[test]

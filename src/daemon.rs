@@ -14,6 +14,12 @@
 //! Shutdown follows two tokens: `stop` (stop receiving, let running jobs finish) and
 //! `abort` (cancel running jobs: they release their GPUs and return their messages).
 //! `stop` is a child of `abort`. Signals are wired in `main`, not here.
+//!
+//! With `--drain` the loop also ends by itself, once the queue has nothing new for it and
+//! no job runs, and a failed job's message is held hidden until the run ends instead of
+//! coming back into it; the rules and what a crash does then are in `drain`.
+
+mod drain;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +71,8 @@ pub(crate) struct DaemonSettings {
     pub(crate) empty_pause: Duration,
     pub(crate) retry_backoff: Duration,
     pub(crate) shutdown_grace: Duration,
+    /// `--drain`: end once the queue has nothing new and no job runs (see `drain`).
+    pub(crate) drain: bool,
 }
 
 /// How the daemon is told to stop.
@@ -113,8 +121,14 @@ pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
         Backoff::new(RECEIVE_BACKOFF_FIRST, MAX_RECEIVE_BACKOFF).with_jitter();
     let mut last_failure_log: Option<Instant> = None;
     let stop = shutdown.stop.clone();
+    let drain = settings.drain.then(|| Arc::new(drain::Drain::default()));
+    let wait_time = match drain {
+        Some(_) => drain::wait_time(settings.wait_time),
+        None => settings.wait_time,
+    };
+    let mut drained = false;
 
-    info!(queue = %queue.url(), max_jobs = settings.max_jobs, "Receiving jobs.");
+    info!(queue = %queue.url(), max_jobs = settings.max_jobs, drain = settings.drain, "Receiving jobs.");
     let mut receives: u64 = 0;
     loop {
         telemetry::get().loop_progressed();
@@ -136,7 +150,7 @@ pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
         let received = tokio::select! {
             biased;
             _ = shutdown.abort.cancelled() => break,
-            received = ticking(queue.receive(wanted, settings.wait_time, settings.visibility_timeout)) => received,
+            received = ticking(queue.receive(wanted, wait_time, settings.visibility_timeout)) => received,
         };
         receives += 1;
         debug_wedge(receives).await;
@@ -169,8 +183,20 @@ pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
                 continue;
             }
         };
+        let messages = match &drain {
+            Some(drain) => {
+                let (new, again) = drain.sort(messages);
+                hold(&batcher, drain, &again, settings.retry_backoff).await;
+                new
+            }
+            None => messages,
+        };
         if messages.is_empty() {
             drop(permit);
+            if drain.is_some() && drain::finished(messages.len(), tracker.len()) {
+                drained = true;
+                break;
+            }
             if sleep_or_stop(settings.empty_pause, &stop).await {
                 break;
             }
@@ -196,6 +222,7 @@ pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
                     message,
                     permit,
                     shutdown.clone(),
+                    drain.clone(),
                 )
                 .instrument(span),
             );
@@ -219,6 +246,9 @@ pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
     }
     tracker.wait().await;
     info!("All jobs ended.");
+    if let Some(drain) = &drain {
+        end_drain(&queue, &batcher, drain, drained).await;
+    }
     // The jobs held the other handles: the lanes send what is queued, then stop.
     drop(batcher);
     lanes.finish().await;
@@ -285,6 +315,7 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
     message: ReceivedMessage,
     permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
+    drain: Option<Arc<drain::Drain>>,
 ) {
     let _permit = permit;
     let _running = telemetry::get().job_running();
@@ -383,6 +414,24 @@ async fn handle_message<S: GpuScheduler + Send + Sync + 'static>(
                 warn!(error = %error_chain(&e), "Delete failed; the message will be redelivered.")
             }
         },
+        Disposition::RetryLater if drain.is_some() => {
+            let delay = retry_delay(settings.retry_backoff, message.receive_count);
+            let left = MAX_VISIBILITY.saturating_sub(received_at.elapsed() + VISIBILITY_MARGIN);
+            info!(
+                delay_s = delay.as_secs(),
+                receive_count = message.receive_count,
+                "Message held until the drain ends, then returned for a retry."
+            );
+            if let Err(e) = batcher
+                .set_visibility(&message, drain::HOLD.min(left))
+                .await
+            {
+                warn!(error = %error_chain(&e), "Could not hold the message; it reappears after its visibility timeout.");
+            }
+            if let Some(drain) = &drain {
+                drain.hold(message, delay);
+            }
+        }
         Disposition::RetryLater => {
             let delay = retry_delay(settings.retry_backoff, message.receive_count);
             info!(
@@ -464,6 +513,78 @@ impl HeartbeatSchedule {
             .max(HEARTBEAT_RETRY_MIN);
         self.next = now + wait;
         wait
+    }
+}
+
+/// In a drain, puts back messages the run already tried, untried: hidden until the run
+/// ends, then visible after the usual retry backoff.
+async fn hold(
+    batcher: &QueueBatcher,
+    drain: &drain::Drain,
+    messages: &[ReceivedMessage],
+    retry_backoff: Duration,
+) {
+    let replies: Vec<Reply> = messages
+        .iter()
+        .map(|message| batcher.set_visibility(message, drain::HOLD))
+        .collect();
+    for (message, reply) in messages.iter().zip(replies) {
+        info!(message_id = %message.message_id, receive_count = message.receive_count,
+            "Message already tried in this drain; held until it ends.");
+        if let Err(e) = reply.await {
+            warn!(message_id = %message.message_id, error = %error_chain(&e), "Could not hold the message; it reappears after its visibility timeout.");
+        }
+        drain.hold(
+            message.clone(),
+            retry_delay(retry_backoff, message.receive_count),
+        );
+    }
+}
+
+/// The end of a drain run: the held messages become visible after their retry backoff,
+/// and one line says how the run went.
+async fn end_drain(queue: &Queue, batcher: &QueueBatcher, drain: &drain::Drain, drained: bool) {
+    let totals = drain.totals();
+    let held = drain.take_held();
+    let replies: Vec<Reply> = held
+        .iter()
+        .map(|(message, delay)| batcher.set_visibility(message, *delay))
+        .collect();
+    for ((message, delay), reply) in held.iter().zip(replies) {
+        match reply.await {
+            Ok(()) => {
+                info!(message_id = %message.message_id, delay_s = delay.as_secs(), "Message returned for a retry.")
+            }
+            Err(e) => {
+                warn!(message_id = %message.message_id, error = %error_chain(&e), "Could not return the message; it reappears when its hold ends.")
+            }
+        }
+    }
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let not_visible = match queue
+        .attribute(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .await
+    {
+        Ok(count) => count.unwrap_or_default(),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "Cannot read the queue's hidden message count.");
+            "unknown".to_string()
+        }
+    };
+    if drained {
+        info!(
+            tried = totals.tried,
+            returned = totals.held,
+            not_visible = %not_visible,
+            "Drained."
+        );
+    } else {
+        info!(
+            tried = totals.tried,
+            returned = totals.held,
+            not_visible = %not_visible,
+            "Drain stopped before the queue was empty."
+        );
     }
 }
 

@@ -43,6 +43,7 @@ pub(crate) mod backoff;
 pub mod cli;
 pub mod daemon;
 pub mod job;
+pub mod lambda;
 pub mod location;
 pub mod ops;
 pub mod reservations;

@@ -239,3 +239,38 @@ fn verify_unit(unit: &str, name: &str) -> Result<()> {
     );
     Ok(())
 }
+
+const LAMBDA_TEMPLATE: &str = "deploy/lambda/template.yaml";
+
+/// The Lambda template's function environment is made of the daemon's own variables: each
+/// `ORCHGPU_*:` key it sets is one `orchgpu --help` knows (a renamed flag cannot leave the
+/// template setting a variable nothing reads), and it sets the five required ones.
+#[test]
+fn lambda_template_sets_only_variables_of_help() -> Result<()> {
+    let from_help = help_env_vars(&help()?);
+    let template = std::fs::read_to_string(repo_path(LAMBDA_TEMPLATE))?;
+    let set: BTreeSet<String> = template
+        .lines()
+        .filter_map(|line| line.trim_start().split_once(':'))
+        .map(|(key, _)| key.to_string())
+        .filter(|key| key.starts_with("ORCHGPU_"))
+        .collect();
+    let unknown: Vec<_> = set.difference(&from_help).collect();
+    assert!(
+        unknown.is_empty(),
+        "{LAMBDA_TEMPLATE} sets variables orchgpu does not know: {unknown:?}"
+    );
+    for required in [
+        "ORCHGPU_QUEUE",
+        "ORCHGPU_SCHEDULER_HOST",
+        "ORCHGPU_SCHEDULER_PORT",
+        "ORCHGPU_INTERMEDIATE",
+        "ORCHGPU_OUTPUT",
+    ] {
+        assert!(
+            set.contains(required),
+            "{LAMBDA_TEMPLATE} does not set {required}"
+        );
+    }
+    Ok(())
+}

@@ -6,6 +6,7 @@ mod claims;
 mod crash_windows;
 mod deadlines;
 mod deploy_files;
+mod drain;
 mod history_cmd;
 mod inference;
 // The tests' door to the test kit (testkit/); the tests name it `harness`.

@@ -30,10 +30,6 @@ use crate::reservations::{Journal, ReservationSettings, Reservations};
 use crate::scheduler::{Ssgm, SsgmConfig};
 
 /// What one sandbox shares between its invocations.
-#[expect(
-    dead_code,
-    reason = "the skeleton's handlers do not use every part yet"
-)]
 pub(crate) struct Lambda {
     pub(crate) config: LambdaConfig,
     pub(crate) s3: aws_sdk_s3::Client,
@@ -59,7 +55,6 @@ pub(crate) struct Invocation {
     pub(crate) deadline_unix_ms: u64,
 }
 
-#[expect(dead_code, reason = "the skeleton's handlers do not use it yet")]
 impl Invocation {
     /// How long the invocation has left.
     pub(crate) fn remaining(&self) -> Duration {
@@ -138,6 +133,7 @@ impl Lambda {
                 result_poll_interval: c.result_poll_interval,
                 result_deadline: c.result_deadline,
                 work_dir: work_dir.path().to_path_buf(),
+                serverless: true,
             },
             None,
             Some(claims.clone()),

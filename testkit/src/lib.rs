@@ -15,6 +15,7 @@ mod function;
 mod http;
 mod json_log;
 mod kit;
+mod lambda;
 mod mock_ssgm;
 mod process;
 mod prometheus;
@@ -27,6 +28,9 @@ pub use http::{http_address, http_get, metric_sum};
 pub use json_log::{JsonLog, job_id, message, parse_rfc3339_us, timestamp_us};
 pub use kit::{
     Bins, DEFAULT_ENDPOINT, Kit, clients, clients_at, emulator_config, emulator_config_at, endpoint,
+};
+pub use lambda::{
+    Mapping, Outcome, Poll, RuntimeApi, lambda_env, response, scheduled_event, visible_messages,
 };
 pub use mock_ssgm::MockSsgm;
 pub use process::Process;

@@ -1,0 +1,476 @@
+//! `orchgpu-lambda` as Lambda runs it, without Docker: the real binary polls a Runtime API
+//! of the tests' own (`RuntimeApi`), and the test plays the event source mappings
+//! (`Mapping`: receive a batch, invoke, delete what succeeded, leave the failures) and
+//! the schedule (a scheduled event), against the emulator, the mock SSGM and the
+//! function stand-in. The mock's books (`granted`, `released`, `live`) are the judge of
+//! every GPU.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+
+use crate::harness::{
+    Mapping, MockSsgm, Outcome, RuntimeApi, Stack, lambda_env, response, scheduled_event, wait_for,
+};
+
+const LAMBDA: &str = env!("CARGO_BIN_EXE_orchgpu-lambda");
+/// The function's timeout (each invocation's deadline) in these tests.
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// The stable phrase of a possibly lost grant (`job::serverless::LOST_GRANT`).
+const LOST_GRANT: &str = "GPU grant possibly lost with its sandbox";
+
+/// One sandbox: a Runtime API and the `orchgpu-lambda` process polling it.
+struct Sandbox {
+    api: RuntimeApi,
+    process: usize,
+}
+
+async fn sandbox(
+    stack: &mut Stack,
+    ssgm: &MockSsgm,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> Result<Sandbox> {
+    let api = RuntimeApi::start().await?;
+    let env = lambda_env(stack, ssgm.port, ssgm.bin(), &api, name);
+    let process = stack.start_lambda(Path::new(LAMBDA), &env, extra)?;
+    Ok(Sandbox { api, process })
+}
+
+/// Invokes `sandbox` with `event`; `NoAnswer` as soon as its process is gone.
+async fn invoke(stack: &mut Stack, sandbox: &Sandbox, event: Value) -> Outcome {
+    let index = sandbox.process;
+    let mut alive = || matches!(stack.process(index).try_status(), Ok(None));
+    sandbox.api.invoke(event, TIMEOUT, &mut alive).await
+}
+
+/// One poll of `mapping` into `sandbox`.
+async fn poll(
+    stack: &mut Stack,
+    mapping: &Mapping,
+    sandbox: &Sandbox,
+) -> Result<Option<crate::harness::Poll>> {
+    let sqs = stack.sqs.clone();
+    let index = sandbox.process;
+    let mut alive = || matches!(stack.process(index).try_status(), Ok(None));
+    mapping.poll(&sqs, &sandbox.api, TIMEOUT, &mut alive).await
+}
+
+/// Deletes S3's `s3:TestEvent` (sent when the stack set up its notification) from the
+/// jobs queue, so that the first batch a test plays is its own.
+async fn drain_test_event(stack: &Stack) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let output = stack
+            .sqs
+            .receive_message()
+            .queue_url(&stack.jobs_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await?;
+        for m in output.messages.unwrap_or_default() {
+            if m.body().unwrap_or_default().contains("s3:TestEvent") {
+                stack
+                    .sqs
+                    .delete_message()
+                    .queue_url(&stack.jobs_url)
+                    .set_receipt_handle(m.receipt_handle)
+                    .send()
+                    .await?;
+                return Ok(());
+            }
+        }
+    }
+    bail!("no s3:TestEvent on the jobs queue")
+}
+
+/// Polls until a batch comes (or `timeout`).
+async fn next_batch(
+    stack: &mut Stack,
+    mapping: &Mapping,
+    sandbox: &Sandbox,
+    timeout: Duration,
+) -> Result<crate::harness::Poll> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(polled) = poll(stack, mapping, sandbox).await? {
+            return Ok(polled);
+        }
+        if Instant::now() >= deadline {
+            bail!("no batch within {timeout:?}");
+        }
+    }
+}
+
+/// Runs one schedule pass in `sandbox`; its summary.
+async fn schedule(stack: &mut Stack, sandbox: &Sandbox) -> Result<Value> {
+    let outcome = invoke(stack, sandbox, scheduled_event()).await;
+    Ok(response(&outcome)?.clone())
+}
+
+fn claims_prefix() -> &'static str {
+    "orchgpu-claims/"
+}
+
+async fn claims_left(stack: &Stack) -> Result<Vec<String>> {
+    stack.keys(&stack.output_bucket, claims_prefix()).await
+}
+
+async fn claim_body(stack: &Stack) -> Result<Value> {
+    let keys = claims_left(stack).await?;
+    let [key] = keys.as_slice() else {
+        bail!("expected one claim, found {keys:?}");
+    };
+    Ok(serde_json::from_slice(
+        &stack.get(&stack.output_bucket, key).await?,
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_with_awkward_keys_run_once_through_the_handlers_and_release_every_gpu() -> Result<()>
+{
+    // A GPU per job: no record meets a busy scheduler here.
+    let ssgm = MockSsgm::start(3)?;
+    let mut stack = Stack::new("lhappy", 5).await?;
+    let (results_queue, results_url) = stack.add_results_queue().await?;
+    stack.start_function("copy-result.sh")?;
+    let lambda = sandbox(
+        &mut stack,
+        &ssgm,
+        "a",
+        &[("ORCHGPU_RESULTS_QUEUE", &results_queue)],
+    )
+    .await?;
+    let keys = ["a b+c.png", "dir/ü ñ%20x.png", "q?x#y&z=1;'\".png"];
+    for (i, key) in keys.iter().enumerate() {
+        stack.upload(key, format!("input {i}").as_bytes()).await?;
+    }
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, TIMEOUT).await?;
+    let results = Mapping::new(&sqs, &results_url, 10, Duration::from_secs(5)).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(polled) = poll(&mut stack, &jobs, &lambda).await? {
+            response(&polled.outcome)?;
+            assert!(polled.failed.is_empty(), "jobs failed: {polled:?}");
+        }
+        poll(&mut stack, &results, &lambda).await?;
+        let done = stack
+            .output_keys()
+            .await?
+            .iter()
+            .filter(|k| k.ends_with(".png"))
+            .count();
+        if done == keys.len()
+            && stack.queue_depth(&stack.jobs_url).await? == 0
+            && stack.queue_depth(&results_url).await? == 0
+            && claims_left(&stack).await?.is_empty()
+        {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "not done in time: {done} results, claims {:?}",
+                claims_left(&stack).await?
+            );
+        }
+    }
+    let results = stack.results_by_source_key().await?;
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(
+            results.get(*key),
+            Some(&vec![format!("input {i}").into_bytes()]),
+            "{key}: {:?}",
+            results.keys()
+        );
+    }
+    assert!(stack.invocations().values().all(|&n| n == 1));
+    assert_eq!(ssgm.stat("granted")?, keys.len() as u64);
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_scheduler_is_a_batch_item_failure_and_the_record_comes_back() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lbusy", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let lambda = sandbox(
+        &mut stack,
+        &ssgm,
+        "a",
+        &[("ORCHGPU_ALLOC_RETRY_INTERVAL", "1")],
+    )
+    .await?;
+    ssgm.inject("busy", 1)?;
+    drain_test_event(&stack).await?;
+    stack.upload("busy.png", b"wait for it").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, Duration::from_secs(2)).await?;
+    let first = next_batch(&mut stack, &jobs, &lambda, Duration::from_secs(30)).await?;
+    response(&first.outcome)?;
+    assert_eq!(
+        first.failed, first.received,
+        "the busy record must come back"
+    );
+    assert_eq!(ssgm.stat("busy")?, 1);
+    // Nothing was deleted: the same message comes back after its visibility and runs.
+    let second = next_batch(&mut stack, &jobs, &lambda, Duration::from_secs(30)).await?;
+    assert_eq!(second.received, first.failed);
+    assert!(second.failed.is_empty(), "{second:?}");
+    stack.wait_for_results(1, Duration::from_secs(30)).await?;
+    assert_eq!(ssgm.stat("granted")?, 1);
+    // No results queue: the schedule finds the result and releases the GPUs.
+    let summary = schedule(&mut stack, &lambda).await?;
+    assert_eq!(summary["finished"], 1, "{summary}");
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    assert!(claims_left(&stack).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_in_one_batch_and_across_concurrent_invocations_run_once() -> Result<()> {
+    let ssgm = MockSsgm::start(4)?;
+    let mut stack = Stack::new("ldup", 5).await?;
+    let hold = stack.logs.path().join("hold");
+    std::fs::write(&hold, b"")?;
+    let hold_env = hold.display().to_string();
+    // The function holds its results until the test says so: every copy meets the claim.
+    stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold_env)])?;
+    let a = sandbox(&mut stack, &ssgm, "a", &[]).await?;
+    let b = sandbox(&mut stack, &ssgm, "b", &[]).await?;
+    // One object notified three times: S3's event and two copies.
+    drain_test_event(&stack).await?;
+    stack.upload("twice.png", b"one object").await?;
+    for _ in 0..2 {
+        let again = stack.duplicate_notification("twice.png").await?;
+        stack.send_raw(&again).await?;
+    }
+    let sqs = stack.sqs.clone();
+    // Two mappings of one message each, invoked at the same time, then the third copy.
+    let one = Mapping::new(&sqs, &stack.jobs_url, 1, TIMEOUT).await?;
+    let (ea, ra) = one
+        .receive(&sqs)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no message"))?;
+    let (eb, rb) = one
+        .receive(&sqs)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no message"))?;
+    let (mut alive_a, mut alive_b) = (|| true, || true);
+    let (oa, ob) = tokio::join!(
+        a.api.invoke(ea, TIMEOUT, &mut alive_a),
+        b.api.invoke(eb, TIMEOUT, &mut alive_b)
+    );
+    let failed_a = one.settle(&sqs, &ra, &oa).await?;
+    let failed_b = one.settle(&sqs, &rb, &ob).await?;
+    // The loser either found the winner's live claim (a failure: it comes back) or its
+    // parked claim (done): never a second grant.
+    assert!(failed_a.is_empty() || failed_b.is_empty(), "{oa:?} {ob:?}");
+    let batch = Mapping::new(&sqs, &stack.jobs_url, 10, Duration::from_secs(2)).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.queue_depth(&stack.jobs_url).await? > 0 {
+        if let Some(polled) = poll(&mut stack, &batch, &a).await? {
+            response(&polled.outcome)?;
+        }
+        if Instant::now() >= deadline {
+            bail!("copies left on the jobs queue");
+        }
+    }
+    std::fs::remove_file(&hold)?;
+    stack.wait_for_results(1, Duration::from_secs(30)).await?;
+    assert_eq!(ssgm.stat("granted")?, 1, "one GPU job for one object");
+    let summary = schedule(&mut stack, &a).await?;
+    assert_eq!(summary["finished"], 1, "{summary}");
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    assert_eq!(stack.invocations().len(), 1);
+    assert!(stack.invocations().values().all(|&n| n == 1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_the_grant_and_the_claim_write_the_lost_grant_is_reported() -> Result<()> {
+    let ssgm = MockSsgm::start(2)?;
+    let mut stack = Stack::new("lkill1", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let doomed = sandbox(
+        &mut stack,
+        &ssgm,
+        "doomed",
+        &[("ORCHGPU_DEBUG_ABORT_AT", "granted")],
+    )
+    .await?;
+    drain_test_event(&stack).await?;
+    stack.upload("lost.png", b"granted as it died").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, Duration::from_secs(3)).await?;
+    let polled = next_batch(&mut stack, &jobs, &doomed, Duration::from_secs(30)).await?;
+    assert_eq!(polled.outcome, Outcome::NoAnswer, "the sandbox was to die");
+    assert_eq!(
+        ssgm.stat("live")?,
+        1,
+        "the scheduler granted before the death"
+    );
+    let claim = claim_body(&stack).await?;
+    assert!(
+        claim["serverless"]["alloc_started_unix_ms"].is_u64(),
+        "{claim}"
+    );
+    assert!(claim.get("grant").is_none(), "{claim}");
+    // A new sandbox; the schedule names the claim in the line an alert keys on.
+    let fresh = sandbox(&mut stack, &ssgm, "fresh", &[]).await?;
+    let summary = schedule(&mut stack, &fresh).await?;
+    assert_eq!(summary["lost_grants"], 1, "{summary}");
+    let log = stack.log(fresh.process);
+    let line = log
+        .lines()
+        .find(|l| l.contains(LOST_GRANT))
+        .ok_or_else(|| anyhow::anyhow!("no lost-grant line:\n{log}"))?;
+    assert!(
+        line.contains("orchgpu-claims/") && line.contains(".claim"),
+        "{line}"
+    );
+    assert!(log.contains(r#""LostGrants":1"#), "no metric line:\n{log}");
+    // The record comes back and the job runs on the other GPU; the lost one stays lost.
+    let again = next_batch(&mut stack, &jobs, &fresh, Duration::from_secs(30)).await?;
+    assert!(again.failed.is_empty(), "{again:?}");
+    stack.wait_for_results(1, Duration::from_secs(30)).await?;
+    schedule(&mut stack, &fresh).await?;
+    wait_for(
+        "the job's own grant released",
+        Duration::from_secs(10),
+        || async { Ok((ssgm.stat("released")? == 1).then_some(())) },
+    )
+    .await?;
+    assert_eq!(
+        ssgm.stat("live")?,
+        1,
+        "the lost grant (the scheduler's clean-up frees it)"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_the_grant_write_the_schedule_releases_the_recorded_grant() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lkill2", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let doomed = sandbox(
+        &mut stack,
+        &ssgm,
+        "doomed",
+        &[("ORCHGPU_DEBUG_ABORT_AT", "grant-recorded")],
+    )
+    .await?;
+    drain_test_event(&stack).await?;
+    stack.upload("recorded.png", b"recorded as it died").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, Duration::from_secs(3)).await?;
+    let polled = next_batch(&mut stack, &jobs, &doomed, Duration::from_secs(30)).await?;
+    assert_eq!(polled.outcome, Outcome::NoAnswer);
+    assert_eq!(ssgm.stat("live")?, 1);
+    let claim = claim_body(&stack).await?;
+    assert!(claim["grant"]["scheduler_job_id"].is_string(), "{claim}");
+    let fresh = sandbox(&mut stack, &ssgm, "fresh", &[]).await?;
+    let summary = schedule(&mut stack, &fresh).await?;
+    assert_eq!(summary["grants_released"], 1, "{summary}");
+    assert_eq!(ssgm.stat("live")?, 0, "the recorded grant is released");
+    assert!(claims_left(&stack).await?.is_empty());
+    // The record comes back and runs on the only GPU: nothing leaked.
+    let again = next_batch(&mut stack, &jobs, &fresh, Duration::from_secs(30)).await?;
+    assert!(again.failed.is_empty(), "{again:?}");
+    stack.wait_for_results(1, Duration::from_secs(30)).await?;
+    schedule(&mut stack, &fresh).await?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    assert_eq!(ssgm.stat("granted")?, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_never_comes_releases_the_gpus_retries_then_dead_letters() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    // maxReceiveCount 2: two attempts, then the dead-letter queue.
+    let mut stack = Stack::new("lnever", 2).await?;
+    // No function: the result never comes.
+    let lambda = sandbox(&mut stack, &ssgm, "a", &[("ORCHGPU_RESULT_DEADLINE", "2")]).await?;
+    drain_test_event(&stack).await?;
+    stack.upload("never.png", b"nobody answers").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, TIMEOUT).await?;
+    for attempt in 1..=2u64 {
+        let polled = next_batch(&mut stack, &jobs, &lambda, Duration::from_secs(30)).await?;
+        assert!(polled.failed.is_empty(), "{polled:?}");
+        let claim = claim_body(&stack).await?;
+        assert_eq!(claim["serverless"]["attempts"], attempt, "{claim}");
+        assert_eq!(claim["owner"]["host"], "serverless", "parked: {claim}");
+        assert_eq!(ssgm.stat("live")?, 1, "held while the function may run");
+        // Before the deadline the schedule leaves it; after it, it acts.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let summary = schedule(&mut stack, &lambda).await?;
+        assert_eq!(ssgm.stat("live")?, 0, "released at the deadline: {summary}");
+        if attempt == 1 {
+            assert_eq!(summary["retried"], 1, "{summary}");
+        } else {
+            assert_eq!(summary["dead_lettered"], 1, "{summary}");
+        }
+    }
+    assert_eq!(stack.queue_depth(&stack.jobs_url).await?, 0);
+    assert_eq!(stack.queue_depth(&stack.dlq_url).await?, 1);
+    assert!(claims_left(&stack).await?.is_empty());
+    ssgm.assert_all_released()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_results_handler_run_twice_for_one_result_releases_once() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("ltwice", 5).await?;
+    let (results_queue, results_url) = stack.add_results_queue().await?;
+    stack.start_function("copy-result.sh")?;
+    let lambda = sandbox(
+        &mut stack,
+        &ssgm,
+        "a",
+        &[("ORCHGPU_RESULTS_QUEUE", &results_queue)],
+    )
+    .await?;
+    drain_test_event(&stack).await?;
+    stack.upload("once.png", b"one result").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, TIMEOUT).await?;
+    let polled = next_batch(&mut stack, &jobs, &lambda, Duration::from_secs(30)).await?;
+    assert!(polled.failed.is_empty(), "{polled:?}");
+    let results = Mapping::new(&sqs, &results_url, 10, Duration::from_secs(5)).await?;
+    // The result's event, received once and given to the handler twice.
+    let (event, receipts) = loop {
+        if let Some((event, receipts)) = results.receive(&sqs).await?
+            && event.to_string().contains(".png")
+        {
+            break (event, receipts);
+        }
+    };
+    for round in 0..2 {
+        let outcome = invoke(&mut stack, &lambda, event.clone()).await;
+        let answer = response(&outcome)?;
+        assert_eq!(
+            answer["batchItemFailures"],
+            Value::Array(vec![]),
+            "round {round}"
+        );
+    }
+    results
+        .settle(&sqs, &receipts, &Outcome::Response(Value::Null))
+        .await?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    assert_eq!(ssgm.stat("released")?, 1);
+    assert_eq!(ssgm.stat("failed_releases")?, 0);
+    assert!(claims_left(&stack).await?.is_empty());
+    assert_eq!(
+        stack.log(lambda.process).matches("Job completed.").count(),
+        1
+    );
+    Ok(())
+}

@@ -1026,6 +1026,86 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_parked_claim_carries_its_job_until_its_deadline_and_only_parked_takers_skip_it() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let invocation = daemon(&store, 1, &clock);
+        let guard = claimed(invocation.acquire("j", Some("m-1")).await.expect("ok"));
+        let handle = guard.handle();
+        handle
+            .update_serverless(|s| {
+                s.event = "{}".into();
+                s.attempts = 1;
+                s.alloc_started_unix_ms = Some(clock());
+            })
+            .await
+            .expect("recorded");
+        handle.record_grant(grant("9")).await.expect("recorded");
+        let deadline = clock() + 600_000;
+        handle
+            .record_function(FunctionStarted {
+                started_unix_ms: clock(),
+                result_deadline_unix_ms: deadline,
+            })
+            .await
+            .expect("recorded");
+        guard.park(deadline).await.expect("parked");
+        let body = store.body("claims/j.claim").expect("kept");
+        assert!(body.owner.is_serverless(), "{:?}", body.owner);
+        assert_eq!(body.expires_unix_ms, deadline);
+        let serverless = body.record.serverless.expect("serverless record");
+        assert_eq!(
+            serverless.alloc_started_unix_ms, None,
+            "the grant ends the intent"
+        );
+        // Long past any lease, a daemon (or a duplicate record) still meets a holder...
+        tokio::time::advance(LEASE * 4).await;
+        let other = daemon(&store, 2, &clock);
+        match other.acquire("j", Some("m-2")).await.expect("ok") {
+            Acquired::HeldElsewhere {
+                parked, message_id, ..
+            } => {
+                assert!(parked);
+                assert_eq!(message_id.as_deref(), Some("m-1"));
+            }
+            Acquired::Claimed(_) => panic!("a parked claim taken before its deadline"),
+        }
+        let seen = other.inspect("j").await.expect("ok").expect("a claim");
+        assert!(seen.parked && !seen.holder_gone, "{seen:?}");
+        assert_eq!(other.list().await.expect("ok"), vec!["j".to_string()]);
+        // ...while the results handler or the schedule takes it over with its record.
+        let taken = claimed(other.acquire_parked("j", None).await.expect("ok"));
+        assert_eq!(taken.carried().grant, Some(grant("9")));
+        assert_eq!(
+            taken.carried().serverless.as_ref().map(|s| s.attempts),
+            Some(1)
+        );
+        taken.handle().end_done().await.expect("ended");
+        assert!(store.objects.lock().expect("ok").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_claim_past_its_deadline_is_taken_over_by_anyone() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let guard = held_by_daemon_1(&store, &clock).await;
+        guard.park(clock() + 1_000).await.expect("parked");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let seen = daemon(&store, 2, &clock)
+            .inspect("j")
+            .await
+            .expect("ok")
+            .expect("a claim");
+        assert!(seen.parked && seen.holder_gone, "{seen:?}");
+        claimed(
+            daemon(&store, 2, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_live_claim_left_by_this_very_process_is_taken_over_at_once() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();

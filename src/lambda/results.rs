@@ -161,6 +161,8 @@ mod tests {
         assert_eq!(job("out", &format!("{id}.png")), None);
         assert_eq!(job("out", &format!("results/x/{id}.png")), None);
         assert_eq!(job("out", "results/0123456789ABCDEF0123.png"), None);
+        assert_eq!(job("out", "results/0123456789abcdef.png"), None);
+        assert_eq!(job("out", "results/.png"), None);
         assert_eq!(job("out", "results/../claims/x.png"), None);
         let root = BucketDir {
             bucket: "out".into(),

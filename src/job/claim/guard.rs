@@ -208,15 +208,26 @@ impl ClaimHandle {
     /// # Errors
     /// `ClaimError` when the write is not confirmed (`Lost` when another daemon has it).
     pub(crate) async fn record_grant(&self, grant: RecordedGrant) -> Result<(), ClaimError> {
+        let mut intent = None;
         self.held
             .update(|r| {
                 r.grant = Some(grant);
                 // The `-alloc` call the intent announced is over: its grant is here.
                 if let Some(serverless) = &mut r.serverless {
-                    serverless.alloc_started_unix_ms = None;
+                    intent = serverless.alloc_started_unix_ms.take();
                 }
             })
-            .await
+            .await?;
+        if let Some(started) = intent {
+            // The widest the lost-grant window was for this job: from just before the
+            // `-alloc` call to the confirmed claim write (docs/serverless.md).
+            info!(
+                claim = %self.held.key,
+                window_ms = crate::unix_now_ms().saturating_sub(started),
+                "Grant recorded in the claim."
+            );
+        }
+        Ok(())
     }
 
     /// Records that the function may run from now until `result_deadline_unix_ms`.

@@ -15,9 +15,13 @@
 //! - the job pipeline, `job`: one job's stages in order, and `id` (the job's id),
 //!   `prepare` (result check, download, allocation), `with_gpus` (bundle, upload, the
 //!   wait for the result), `outcome` (how a job ends, what that means for its message),
-//!   `claimed` (a job under its claim), `event` (S3 notifications to objects), `bundle`
-//!   (the `.tar.gz`), `claim` (the job's shared record in S3), `results` (event-driven
-//!   result detection), `workdir` (this run's files on disk);
+//!   `claimed` (a job under its claim), `serverless` (a job as the Lambda jobs handler
+//!   runs it), `event` (S3 notifications to objects), `bundle` (the `.tar.gz`), `claim`
+//!   (the job's shared record in S3), `results` (event-driven result detection),
+//!   `workdir` (this run's files on disk);
+//! - the Lambda front end, `lambda` (`orchgpu-lambda`): `config` (the daemon's `ORCHGPU_*`
+//!   variables), `route` (which handler an event is for), `handler` (one sandbox's parts),
+//!   `jobs`, `results` and `schedule` (the three handlers), `finish` (what they share);
 //! - the GPUs: `reservations` (every GPU from the request to the confirmed release: gate,
 //!   ledger, crash-safe journal, releaser, replay) and `scheduler` (the SSGM client);
 //! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the

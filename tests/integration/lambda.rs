@@ -474,3 +474,77 @@ async fn the_results_handler_run_twice_for_one_result_releases_once() -> Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_too_little_time_left_no_record_is_started_and_all_come_back() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lshort", 5).await?;
+    let lambda = sandbox(&mut stack, &ssgm, "a", &[]).await?;
+    drain_test_event(&stack).await?;
+    stack.upload("late.png", b"too late").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, Duration::from_secs(2)).await?;
+    let (event, receipts) = loop {
+        if let Some(batch) = jobs.receive(&sqs).await? {
+            break batch;
+        }
+    };
+    // A deadline 20 s away: less than one record's budget (one SSGM call of 3 s with its
+    // kill grace, four claim calls of 10 s, 15 s of upload).
+    let index = lambda.process;
+    let mut alive = || matches!(stack.process(index).try_status(), Ok(None));
+    let outcome = lambda
+        .api
+        .invoke(event, Duration::from_secs(20), &mut alive)
+        .await;
+    let failed = jobs.settle(&sqs, &receipts, &outcome).await?;
+    assert_eq!(failed.len(), receipts.len(), "{outcome:?}");
+    assert_eq!(ssgm.stat("alloc_calls")?, 0);
+    assert!(claims_left(&stack).await?.is_empty());
+    assert!(
+        stack
+            .log(lambda.process)
+            .contains("Remaining invocation time is short; not starting more records."),
+        "{}",
+        stack.log(lambda.process)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_by_nothing_is_removed_and_a_foreign_object_left_alone() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lorphan", 5).await?;
+    let lambda = sandbox(&mut stack, &ssgm, "a", &[]).await?;
+    // A claim whose holder's lease ran out with nothing recorded (a holder that died
+    // before its intent), and an object that is no claim of ours.
+    let stale = serde_json::json!({
+        "version": 2,
+        "job_id": "00112233445566778899",
+        "owner": {"host": "gone", "pid": 1, "started_unix": 1},
+        "expires_unix_ms": 1_000,
+        "message_id": "m-1"
+    });
+    for (key, body) in [
+        ("00112233445566778899.claim", stale.to_string()),
+        ("aabbccddeeff00112233.claim", "not a claim".to_string()),
+    ] {
+        stack
+            .s3
+            .put_object()
+            .bucket(&stack.output_bucket)
+            .key(format!("{}{key}", claims_prefix()))
+            .body(body.into_bytes().into())
+            .send()
+            .await?;
+    }
+    let summary = schedule(&mut stack, &lambda).await?;
+    assert_eq!(summary["claims"], 2, "{summary}");
+    assert_eq!(summary["removed"], 1, "{summary}");
+    let left = claims_left(&stack).await?;
+    assert_eq!(
+        left,
+        vec![format!("{}aabbccddeeff00112233.claim", claims_prefix())]
+    );
+    Ok(())
+}

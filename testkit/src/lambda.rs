@@ -86,7 +86,7 @@ impl RuntimeApi {
         &self,
         event: Value,
         timeout: Duration,
-        alive: &mut dyn FnMut() -> bool,
+        alive: &mut (dyn FnMut() -> bool + Send),
     ) -> Outcome {
         let n = self
             .next_id
@@ -445,7 +445,7 @@ impl Mapping {
         sqs: &aws_sdk_sqs::Client,
         api: &RuntimeApi,
         timeout: Duration,
-        alive: &mut dyn FnMut() -> bool,
+        alive: &mut (dyn FnMut() -> bool + Send),
     ) -> Result<Option<Poll>> {
         let Some((event, receipts)) = self.receive(sqs).await? else {
             return Ok(None);

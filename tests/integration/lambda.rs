@@ -548,3 +548,138 @@ async fn a_claim_left_by_nothing_is_removed_and_a_foreign_object_left_alone() ->
     );
     Ok(())
 }
+
+/// Median of `values` (milliseconds).
+fn median(values: &mut [u64]) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; see BENCHMARKS.md"]
+async fn measure_lambda_against_the_daemon() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const JOBS: usize = 10;
+    let mut report = Vec::new();
+    for mode in ["daemon", "lambda"] {
+        let ssgm = MockSsgm::start(1)?;
+        let mut stack = Stack::new(&format!("lbench-{mode}"), 5).await?;
+        stack.set_print_logs(false);
+        let (results_queue, results_url) = stack.add_results_queue().await?;
+        stack.start_function("copy-result.sh")?;
+        drain_test_event(&stack).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        // Billed milliseconds of each invocation, by handler.
+        let billed: Arc<Mutex<Vec<(&'static str, u64)>>> = Arc::default();
+        let mut players = Vec::new();
+        if mode == "daemon" {
+            stack.start_daemon(&ssgm, &["--results-queue", &results_queue, "-b", "60"])?;
+        } else {
+            let lambda = sandbox(
+                &mut stack,
+                &ssgm,
+                "bench",
+                &[("ORCHGPU_RESULTS_QUEUE", &results_queue)],
+            )
+            .await?;
+            let api = Arc::new(lambda.api);
+            let sqs = stack.sqs.clone();
+            // One player per mapping, as Lambda polls each queue on its own.
+            for (kind, url) in [
+                ("jobs", stack.jobs_url.clone()),
+                ("results", results_url.clone()),
+            ] {
+                let mapping = Mapping::new(&sqs, &url, 10, Duration::from_secs(5)).await?;
+                let (api, sqs, stop, billed) =
+                    (api.clone(), sqs.clone(), stop.clone(), billed.clone());
+                players.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let Ok(Some((event, receipts))) = mapping.receive(&sqs).await else {
+                            continue;
+                        };
+                        let started = Instant::now();
+                        let outcome = api.invoke(event, TIMEOUT, &mut || true).await;
+                        let took = started.elapsed().as_millis() as u64;
+                        billed.lock().expect("not poisoned").push((kind, took));
+                        let _ = mapping.settle(&sqs, &receipts, &outcome).await;
+                    }
+                }));
+            }
+        }
+        let (mut to_bundle, mut to_release) = (Vec::new(), Vec::new());
+        for i in 0..JOBS {
+            let started = Instant::now();
+            stack
+                .upload(&format!("bench-{i}.png"), format!("job {i}").as_bytes())
+                .await?;
+            let prefix = format!("{}/", stack.work_dir);
+            let poll = Duration::from_millis(10);
+            let deadline = started + Duration::from_secs(60);
+            while stack.keys(&stack.work_bucket, &prefix).await?.len() <= i {
+                if Instant::now() > deadline {
+                    bail!("{mode}: no bundle for job {i}");
+                }
+                tokio::time::sleep(poll).await;
+            }
+            to_bundle.push(started.elapsed().as_millis() as u64);
+            loop {
+                let pngs = stack
+                    .output_keys()
+                    .await?
+                    .iter()
+                    .filter(|k| k.ends_with(".png"))
+                    .count();
+                if pngs > i {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{mode}: no result for job {i}");
+                }
+                tokio::time::sleep(poll).await;
+            }
+            let result_seen = Instant::now();
+            while ssgm.stat("released")? <= i as u64 {
+                if Instant::now() > deadline {
+                    bail!("{mode}: job {i}'s GPUs not released");
+                }
+                tokio::time::sleep(poll).await;
+            }
+            to_release.push(result_seen.elapsed().as_millis() as u64);
+        }
+        stop.store(true, Ordering::SeqCst);
+        for player in players {
+            let _ = player.await;
+        }
+        let billed = billed.lock().expect("not poisoned").clone();
+        let per_job = |kind: &str| {
+            billed
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, ms)| ms)
+                .sum::<u64>() as f64
+                / JOBS as f64
+        };
+        report.push(format!(
+            "{mode}: upload -> bundle uploaded median {} ms (max {}), result -> GPUs released median {} ms (max {}){}",
+            median(&mut to_bundle.clone()),
+            to_bundle.iter().max().unwrap_or(&0),
+            median(&mut to_release.clone()),
+            to_release.iter().max().unwrap_or(&0),
+            if mode == "lambda" {
+                format!(
+                    "; billed per job: jobs handler {:.0} ms, results handler {:.0} ms",
+                    per_job("jobs"),
+                    per_job("results")
+                )
+            } else {
+                String::new()
+            }
+        ));
+        ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    }
+    for line in &report {
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aws_lambda_events::sqs::SqsBatchResponse;
-use lambda_runtime::{LambdaEvent, service_fn};
+use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use serde_json::Value;
 use tracing::{error, info, warn};
 
@@ -158,7 +158,7 @@ impl Lambda {
     }
 
     /// One invocation.
-    async fn handle(&self, event: LambdaEvent<Value>) -> Result<Value, lambda_runtime::Error> {
+    async fn handle(&self, event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
         let invocation = Invocation {
             request_id: event.context.request_id.clone(),
             deadline_unix_ms: event.context.deadline,
@@ -167,7 +167,10 @@ impl Lambda {
             Ok(route) => route,
             Err(e) => {
                 error!(request_id = %invocation.request_id, error = %e, "Event refused.");
-                return Err(Box::new(e));
+                return Err(Diagnostic {
+                    error_type: "orchgpu.EventRefused".to_string(),
+                    error_message: e.to_string(),
+                });
             }
         };
         let response = match route {
@@ -178,7 +181,7 @@ impl Lambda {
                 batch_response(super::results::handle(self, &invocation, records).await)
             }
             Route::Schedule => serde_json::to_value(super::schedule::run(self, &invocation).await)
-                .map_err(|e| Box::new(e) as lambda_runtime::Error)?,
+                .expect("a struct of numbers always serializes"),
         };
         Ok(response)
     }

@@ -242,15 +242,16 @@ async fn duplicates_in_one_batch_and_across_concurrent_invocations_run_once() ->
     stack.start_function_with("held-copy.sh", &[("ORCHGPU_TEST_HOLD", &hold_env)])?;
     let a = sandbox(&mut stack, &ssgm, "a", &[]).await?;
     let b = sandbox(&mut stack, &ssgm, "b", &[]).await?;
-    // One object notified three times: S3's event and two copies.
+    // One object notified four times: S3's event and three copies.
     drain_test_event(&stack).await?;
     stack.upload("twice.png", b"one object").await?;
-    for _ in 0..2 {
+    for _ in 0..3 {
         let again = stack.duplicate_notification("twice.png").await?;
         stack.send_raw(&again).await?;
     }
     let sqs = stack.sqs.clone();
-    // Two mappings of one message each, invoked at the same time, then the third copy.
+    // Two mappings of one message each, invoked at the same time, then the two other
+    // copies in one batch.
     let one = Mapping::new(&sqs, &stack.jobs_url, 1, TIMEOUT).await?;
     let (ea, ra) = one
         .receive(&sqs)
@@ -272,14 +273,20 @@ async fn duplicates_in_one_batch_and_across_concurrent_invocations_run_once() ->
     assert!(failed_a.is_empty() || failed_b.is_empty(), "{oa:?} {ob:?}");
     let batch = Mapping::new(&sqs, &stack.jobs_url, 10, Duration::from_secs(2)).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut largest_batch = 0;
     while stack.queue_depth(&stack.jobs_url).await? > 0 {
         if let Some(polled) = poll(&mut stack, &batch, &a).await? {
             response(&polled.outcome)?;
+            largest_batch = largest_batch.max(polled.received.len());
         }
         if Instant::now() >= deadline {
             bail!("copies left on the jobs queue");
         }
     }
+    assert_eq!(
+        largest_batch, 2,
+        "the two last copies were to share a batch"
+    );
     std::fs::remove_file(&hold)?;
     stack.wait_for_results(1, Duration::from_secs(30)).await?;
     assert_eq!(ssgm.stat("granted")?, 1, "one GPU job for one object");
@@ -681,5 +688,33 @@ async fn measure_lambda_against_the_daemon() -> Result<()> {
     for line in &report {
         println!("{line}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_another_kind_fails_the_invocation_and_names_it() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lroute", 5).await?;
+    let lambda = sandbox(&mut stack, &ssgm, "a", &[]).await?;
+    // An S3 event sent straight to the function, and a batch of another queue.
+    let s3_event: Value = serde_json::from_str(include_str!("../fixtures/events/aws_put.json"))?;
+    let other_queue = serde_json::json!({"Records": [{
+        "messageId": "m", "receiptHandle": "r", "body": "{}", "attributes": {},
+        "messageAttributes": {}, "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:someone-elses-queue",
+    }]});
+    for (event, named) in [
+        (s3_event, "not of SQS"),
+        (other_queue, "someone-elses-queue"),
+    ] {
+        match invoke(&mut stack, &lambda, event).await {
+            Outcome::Error(error) => {
+                assert_eq!(error["errorType"], "orchgpu.EventRefused", "{error}");
+                assert!(error.to_string().contains(named), "{error}");
+            }
+            other => bail!("not refused: {other:?}"),
+        }
+    }
+    assert_eq!(ssgm.stat("alloc_calls")?, 0);
     Ok(())
 }

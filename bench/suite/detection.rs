@@ -115,7 +115,7 @@ pub(crate) async fn detection(opts: &Opts, aws: &AwsClients, report: &mut Report
 }
 
 /// Receives the function queue until a bundle event arrives; returns its job id.
-pub(crate) async fn next_bundle_id(aws: &AwsClients, fn_url: &str) -> Result<String> {
+async fn next_bundle_id(aws: &AwsClients, fn_url: &str) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let output = aws

@@ -29,12 +29,14 @@ pub(crate) fn start_ssgm(opts: &Opts, gpus: u32) -> Result<MockSsgm> {
 
 /// The daemon as a process of its stack, with its JSON log and stats file.
 pub(crate) struct Daemon {
-    pub(crate) index: usize,
+    index: usize,
     pub(crate) pid: u32,
     pub(crate) log: JsonLog,
-    pub(crate) stats_file: PathBuf,
+    stats_file: PathBuf,
 }
 
+/// Starts the daemon with the bench's settings (`-w 20 -u 0`, JSON log, a stats file, any
+/// `ORCHGPU_BENCH_DAEMON_ARGS`) and `extra`.
 pub(crate) fn start_daemon(
     stack: &mut Stack,
     ssgm: &MockSsgm,
@@ -56,6 +58,9 @@ pub(crate) fn start_daemon(
         .map(String::from),
     );
     args.push(stats_file.display().to_string());
+    // A state dir of its own: the journal and the history start empty in every run, and
+    // never touch (or trip over) the user's default dir, whatever version wrote it.
+    args.extend(["--state-dir".to_string(), stack.state_dir(tag)]);
     args.extend(extra.iter().map(|s| s.to_string()));
     // Extra flags for every daemon of the run, to compare configurations side by side
     // (e.g. `--no-history` against `--http-listen 127.0.0.1:0`).
@@ -84,11 +89,13 @@ pub(crate) fn start_daemon(
     })
 }
 
-pub(crate) fn is_deletion(line: &Value) -> bool {
+/// A JSON log line saying a message was deleted.
+fn is_deletion(line: &Value) -> bool {
     message(line) == "Message deleted."
 }
 
-pub(crate) fn is_upload(line: &Value) -> bool {
+/// A JSON log line saying a bundle upload finished.
+fn is_upload(line: &Value) -> bool {
     message(line) == "Stage finished." && line["fields"]["stage"] == "upload"
 }
 
@@ -128,6 +135,7 @@ impl Daemon {
             .find(|t| *t > after)
             .ok_or_else(|| anyhow!("no deletion after {after}"))
     }
+    /// Its CPU time so far, user + system, in ticks.
     pub(crate) fn cpu_ticks(&self) -> Result<u64> {
         cpu_ticks(self.pid)
     }

@@ -21,6 +21,7 @@ pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Puts `body` as `bucket/key`.
 pub(crate) async fn put_bytes(
     aws: &AwsClients,
     bucket: &str,

@@ -9,6 +9,10 @@
 //! timestamps), its `--stats-file` (exact AWS request counts from the SDK interceptor),
 //! `/proc/<pid>/status` and `/proc/<pid>/stat` (memory, CPU) and `mock-ssgm -stats`.
 //! Every load loop is bounded in count and in time.
+//!
+//! Its rooms: one file per scenario (named as `--only` names it), `harness` (the test kit's
+//! stacks and processes with the bench's settings), `load` (inputs and puts), `measure`
+//! (CPU, memory, clock, perf) and `report` (the figures and the final table).
 
 mod contended;
 mod detection;
@@ -31,17 +35,18 @@ use orchgpu_testkit::{Bins, Kit};
 use report::Report;
 
 /// The command line, and the sizes it picks.
-pub(crate) struct Opts {
-    pub(crate) kit: Kit,
-    pub(crate) repo: PathBuf,
-    pub(crate) quick: bool,
-    pub(crate) only: Option<Vec<String>>,
-    pub(crate) work: tempfile::TempDir,
-    pub(crate) sizes: Sizes,
+struct Opts {
+    kit: Kit,
+    repo: PathBuf,
+    quick: bool,
+    only: Option<Vec<String>>,
+    work: tempfile::TempDir,
+    sizes: Sizes,
 }
 
 impl Opts {
-    pub(crate) fn wants(&self, name: &str) -> bool {
+    /// Whether `--only` (if given) names scenario `name`.
+    fn wants(&self, name: &str) -> bool {
         self.only
             .as_ref()
             .is_none_or(|names| names.iter().any(|n| n == name))
@@ -49,19 +54,20 @@ impl Opts {
 }
 
 /// Sizes of each scenario, full or `--quick`.
-pub(crate) struct Sizes {
-    pub(crate) overhead_small: usize,
-    pub(crate) overhead_large: usize,
-    pub(crate) detection: usize,
-    pub(crate) throughput: usize,
-    pub(crate) contended: usize,
-    pub(crate) memory_big_mb: usize,
-    pub(crate) waiting: usize,
-    pub(crate) waiting_window: Duration,
+struct Sizes {
+    overhead_small: usize,
+    overhead_large: usize,
+    detection: usize,
+    throughput: usize,
+    contended: usize,
+    memory_big_mb: usize,
+    waiting: usize,
+    waiting_window: Duration,
 }
 
 impl Sizes {
-    pub(crate) fn new(quick: bool) -> Sizes {
+    /// The full sizes, or the quick ones.
+    fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
                 overhead_small: 8,
@@ -88,6 +94,7 @@ impl Sizes {
     }
 }
 
+/// Reads the command line and `ORCHGPU_BENCH_ENDPOINT`.
 fn parse_opts() -> Result<Opts> {
     let mut endpoint = std::env::var("ORCHGPU_BENCH_ENDPOINT").ok();
     let mut bin_dir = None;

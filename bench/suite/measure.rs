@@ -24,6 +24,7 @@ pub(crate) fn start_perf(stack: &mut Stack, pid: u32, tag: &str) -> Result<Optio
     Ok(Some(stack.spawn("perf", command)?))
 }
 
+/// Stops the profile [`start_perf`] started, if any, so perf writes its file.
 pub(crate) async fn stop_perf(stack: &mut Stack, perf: Option<usize>) {
     if let Some(index) = perf {
         let perf = stack.process(index);
@@ -34,6 +35,7 @@ pub(crate) async fn stop_perf(stack: &mut Stack, perf: Option<usize>) {
     }
 }
 
+/// The CPU time of `pid` so far, user + system, in ticks ([`TICKS_PER_SEC`]).
 pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat.rsplit_once(") ").ok_or_else(|| anyhow!("odd stat"))?.1;
@@ -61,6 +63,7 @@ pub(crate) fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmHWM:"), field("VmRSS:")))
 }
 
+/// The wall clock in µs since the epoch, as the daemon's log timestamps are.
 pub(crate) fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -149,7 +149,7 @@ pub(crate) async fn overhead(opts: &Opts, aws: &AwsClients, report: &mut Report)
 
 /// One floor job: GET to a file, gzip file to file, PUT from the file, one SSGM alloc
 /// (released afterwards, untimed). Returns each step's time in µs.
-pub(crate) async fn floor_job(
+async fn floor_job(
     opts: &Opts,
     aws: &AwsClients,
     ssgm: &MockSsgm,

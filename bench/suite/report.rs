@@ -5,20 +5,21 @@ use std::collections::BTreeMap;
 
 /// One line of the final table.
 pub(crate) struct Row {
-    pub(crate) what: String,
-    pub(crate) value: String,
-    pub(crate) floor: String,
-    pub(crate) ratio: String,
-    pub(crate) target: &'static str,
+    what: String,
+    value: String,
+    floor: String,
+    ratio: String,
+    target: &'static str,
 }
 
 #[derive(Default)]
 pub(crate) struct Report {
-    pub(crate) rows: Vec<Row>,
-    pub(crate) notes: Vec<String>,
+    rows: Vec<Row>,
+    notes: Vec<String>,
 }
 
 impl Report {
+    /// Adds a row of the table (and says it on stderr).
     pub(crate) fn row(
         &mut self,
         what: impl Into<String>,
@@ -40,11 +41,13 @@ impl Report {
         );
         self.rows.push(row);
     }
+    /// Adds a note under the table (and says it on stderr).
     pub(crate) fn note(&mut self, text: impl Into<String>) {
         let text = text.into();
         eprintln!("bench: note: {text}");
         self.notes.push(text);
     }
+    /// The table and its notes, in Markdown.
     pub(crate) fn print(&self) -> String {
         let mut out = String::new();
         out.push_str("| what | orchgpu | floor (same run) | ratio | target |\n");
@@ -80,6 +83,7 @@ pub(crate) fn covered_us(intervals: &mut [(i64, i64)]) -> i64 {
     total
 }
 
+/// The median of `values` (NaN for none); sorts them.
 pub(crate) fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -93,14 +97,17 @@ pub(crate) fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// µs as milliseconds, to 0.1 ms.
 pub(crate) fn ms(us: f64) -> String {
     format!("{:.1} ms", us / 1000.0)
 }
 
+/// `value / floor`, as `1.23×`.
 pub(crate) fn ratio(value: f64, floor: f64) -> String {
     format!("{:.2}×", value / floor)
 }
 
+/// Requests per job by operation, for those made at all: `<operation> <per job>, ...`.
 pub(crate) fn requests_text(counts: &BTreeMap<String, u64>, jobs: usize) -> String {
     counts
         .iter()

@@ -114,12 +114,7 @@ pub(crate) async fn throughput(opts: &Opts, aws: &AwsClients, report: &mut Repor
 /// The emulator's own ceiling: `jobs` puts with 8 in flight to a bucket that notifies a
 /// queue, two receivers that delete each message; jobs per second, first put to last
 /// delete.
-pub(crate) async fn ceiling(
-    opts: &Opts,
-    aws: &AwsClients,
-    jobs: usize,
-    size: usize,
-) -> Result<f64> {
+async fn ceiling(opts: &Opts, aws: &AwsClients, jobs: usize, size: usize) -> Result<f64> {
     let (stack, _) = create_stack(opts, "ceil").await?;
     let jobs_url = stack.jobs_url.clone();
     let deleted = Arc::new(AtomicUsize::new(0));
@@ -164,7 +159,7 @@ pub(crate) async fn ceiling(
 }
 
 /// The emulator's pid, when `bench/run.sh` started it (for its CPU use).
-pub(crate) fn emulator_pid() -> Option<u32> {
+fn emulator_pid() -> Option<u32> {
     std::env::var("ORCHGPU_BENCH_EMULATOR_PID")
         .ok()
         .and_then(|p| p.parse().ok())

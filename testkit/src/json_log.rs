@@ -19,6 +19,7 @@ pub struct JsonLog {
 }
 
 impl JsonLog {
+    /// A reader of the log at `path`, from its start (the file may not exist yet).
     pub fn new(path: PathBuf) -> JsonLog {
         JsonLog {
             path,

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// LocalStack's usual address, the emulator the tests use unless told otherwise.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4566";
 
 /// The emulator the tests use: `ORCHGPU_TEST_ENDPOINT`, or LocalStack's default port.

@@ -1,8 +1,10 @@
 //! orchgpu's test kit, shared by the integration tests (`tests/integration/kit.rs`) and
 //! the bench (`bench/suite/`): a per-test AWS stack on the emulator (buckets, queues,
-//! notifications), the real mock SSGM server, the real function stand-in and the real
-//! daemon, each as a process whose logs are printed when the stack is dropped, and
-//! readers for what they leave (JSON logs, `mock-ssgm -stats`).
+//! notifications); the real daemon and the real function stand-in as processes of that
+//! stack, whose logs are printed when it is dropped (unless turned off); the real mock
+//! SSGM server, whose log is printed if the test panics; a proxy that stages outages, a
+//! real Prometheus; and readers for what they leave (JSON logs, `mock-ssgm -stats`,
+//! metrics). Each file owns one of these parts; this root only re-exports them.
 //!
 //! The kit knows no build: the caller passes the emulator's URL and the binaries' paths in
 //! a [`Kit`] (the tests from `CARGO_BIN_EXE_*`, the bench from `--bin-dir`). The tests'

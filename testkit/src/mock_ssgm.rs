@@ -100,6 +100,7 @@ impl MockSsgm {
         Ok(values)
     }
 
+    /// Runs the mock's client against this server with `args` (`-alloc -g 1`, `-top`...).
     pub fn client(&self, args: &[&str]) -> Result<std::process::Output> {
         Ok(Command::new(&self.bin)
             .args(["-S", "127.0.0.1", "-P", &self.port.to_string()])
@@ -107,6 +108,7 @@ impl MockSsgm {
             .output()?)
     }
 
+    /// The `-stats` line as JSON; an error if the call fails (never a zero count).
     pub fn stats(&self) -> Result<Value> {
         let output = self.client(&["-stats"])?;
         if !output.status.success() {
@@ -118,12 +120,14 @@ impl MockSsgm {
         Ok(serde_json::from_slice(&output.stdout)?)
     }
 
+    /// One counter of `-stats`; an error if it is missing.
     pub fn stat(&self, name: &str) -> Result<u64> {
         self.stats()?[name]
             .as_u64()
             .ok_or_else(|| anyhow!("no {name} in mock-ssgm stats"))
     }
 
+    /// Arms fault `kind` (see `mock-ssgm --help`) for the next `count` matching calls.
     pub fn inject(&self, kind: &str, count: u32) -> Result<()> {
         let output = self.client(&["-inject", kind, "-n", &count.to_string()])?;
         if !output.status.success() {

@@ -51,6 +51,7 @@ impl Stack {
         Ok(self.processes.len() - 1)
     }
 
+    /// The process started with index `index`.
     pub fn process(&mut self, index: usize) -> &mut Process {
         &mut self.processes[index]
     }
@@ -119,10 +120,12 @@ pub struct Process {
 }
 
 impl Process {
+    /// Its pid, unless it has been reaped.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `signal` to it; an error if it was reaped.
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
         let pid = self
             .pid()
@@ -151,6 +154,7 @@ impl Process {
         }
     }
 
+    /// Waits up to `timeout` for it to exit, without signalling it.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -164,6 +168,7 @@ impl Process {
         }
     }
 
+    /// SIGKILL and reap, if it is still ours; then it counts as reaped.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

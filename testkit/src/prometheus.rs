@@ -83,6 +83,7 @@ impl Prometheus {
         }
     }
 
+    /// What Prometheus wrote so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }

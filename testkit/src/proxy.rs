@@ -14,6 +14,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A plain forwarder, open until [`Proxy::set_open`] cuts it.
     pub async fn start() -> Result<Proxy> {
         Proxy::start_holding(None).await
     }
@@ -58,10 +59,13 @@ impl Proxy {
         Ok(Proxy { port, open, task })
     }
 
+    /// The URL to give the daemon instead of the emulator's.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Cuts it (`false`: open connections are dropped, and new ones as soon as they are
+    /// accepted) or restores it.
     pub fn set_open(&self, open: bool) {
         self.open.send_replace(open);
     }

@@ -7,6 +7,7 @@ use aws_sdk_s3::types::{
 };
 use aws_sdk_sqs::types::QueueAttributeName;
 
+/// Creates queue `name` (with `redrive`, a JSON redrive policy, if given); returns its URL.
 pub async fn create_queue(
     sqs: &aws_sdk_sqs::Client,
     name: &str,
@@ -25,6 +26,7 @@ pub async fn create_queue(
         .ok_or_else(|| anyhow!("no URL for queue {name}"))
 }
 
+/// The ARN of the queue at `url`.
 pub async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String> {
     let output = sqs
         .get_queue_attributes()
@@ -38,6 +40,8 @@ pub async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("queue {url} has no ARN"))
 }
 
+/// Makes `bucket` send its `ObjectCreated` events to the queue `queue_arn` (only for keys
+/// with the given prefix and suffix, if any), replacing its notification configuration.
 pub async fn notify(
     s3: &aws_sdk_s3::Client,
     bucket: &str,

@@ -133,6 +133,7 @@ impl Stack {
         Ok((name, url))
     }
 
+    /// Uploads `body` to the input bucket as `key`.
     pub async fn upload(&self, key: &str, body: &[u8]) -> Result<()> {
         self.s3
             .put_object()
@@ -186,6 +187,7 @@ impl Stack {
             .await
     }
 
+    /// The whole body of `bucket/key`.
     pub async fn get(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
         let output = self.s3.get_object().bucket(bucket).key(key).send().await?;
         Ok(output.body.collect().await?.into_bytes().to_vec())
@@ -226,6 +228,7 @@ impl Stack {
         .await
     }
 
+    /// Waits until the jobs queue holds no message at all (visible, in flight or delayed).
     pub async fn wait_for_empty_queues(&self, timeout: Duration) -> Result<()> {
         wait_for("empty jobs queue", timeout, || async {
             Ok((self.queue_depth(&self.jobs_url).await? == 0).then_some(()))

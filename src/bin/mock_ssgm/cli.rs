@@ -4,6 +4,7 @@
 use crate::fault::Fault;
 use crate::wire::Request;
 
+/// `mock-ssgm --help`.
 pub(crate) const USAGE: &str = "\
 mock-ssgm: a stand-in for the rCUDA scheduler and its SSGM client
 
@@ -211,10 +212,11 @@ impl ServeArgs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
+    /// A command line split on white space, as a shell would pass it.
+    pub(crate) fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_owned).collect()
     }
 

@@ -12,9 +12,10 @@ use crate::cli::ClientArgs;
 use crate::wire::{MAX_LINE, Reply};
 
 /// How long the client waits to connect, then for the reply.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Runs one client call and returns its exit code (or hangs, if the reply says so).
 pub(crate) fn client(args: ClientArgs) -> ExitCode {
     // Taken before any network wait, so a parent that dies meanwhile is not confused
     // with whoever adopts this process.
@@ -47,7 +48,7 @@ pub(crate) fn client(args: ClientArgs) -> ExitCode {
 
 /// Sends SIGKILL to `parent`, the process this client started under, unless it is gone
 /// already: then `getppid()` names an adopter (init or a subreaper), which must live.
-pub(crate) fn kill_parent(parent: nix::unistd::Pid) {
+fn kill_parent(parent: nix::unistd::Pid) {
     use nix::sys::signal::{Signal, kill};
 
     if parent.as_raw() <= 1 || nix::unistd::getppid() != parent {
@@ -61,7 +62,7 @@ pub(crate) fn kill_parent(parent: nix::unistd::Pid) {
 }
 
 /// Sends the request and reads the reply.
-pub(crate) fn exchange(args: &ClientArgs) -> Result<Reply> {
+fn exchange(args: &ClientArgs) -> Result<Reply> {
     let addrs = (args.host.as_str(), args.port)
         .to_socket_addrs()
         .context("cannot resolve host")?;

@@ -24,6 +24,7 @@ pub(crate) enum Fault {
 }
 
 impl Fault {
+    /// The fault named `s` on the command line.
     pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "busy" => Self::Busy,
@@ -41,6 +42,7 @@ impl Fault {
         })
     }
 
+    /// Its name on the command line and on the wire.
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Busy => "busy",
@@ -59,6 +61,8 @@ impl Fault {
 }
 
 impl State {
+    /// An alloc call: the next pending fault is carried out if there is one, else the
+    /// call is answered for real.
     pub(crate) fn alloc(&mut self, raw_gpus: &str) -> Reply {
         self.counters.alloc_calls += 1;
         let wanted = raw_gpus.trim().parse::<usize>().ok();
@@ -124,7 +128,8 @@ impl State {
         }
     }
 
-    pub(crate) fn take_alloc_fault(&mut self) -> Option<Fault> {
+    /// Takes one use of the oldest pending alloc fault.
+    fn take_alloc_fault(&mut self) -> Option<Fault> {
         let (fault, left) = self.alloc_faults.front_mut()?;
         let fault = *fault;
         *left -= 1;
@@ -139,11 +144,8 @@ impl State {
 mod tests {
     use super::*;
     use crate::cli::ClientArgs;
+    use crate::cli::tests::args;
     use crate::wire::Request;
-
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_owned).collect()
-    }
 
     #[test]
     fn every_fault_parses_from_its_own_name() {

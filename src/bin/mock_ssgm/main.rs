@@ -16,6 +16,10 @@
 //! process, the one orchgpu's timeout must kill, as with a real SSGM.
 //!
 //! This binary is self-contained: it does not use the orchgpu library.
+//!
+//! Its rooms: `cli` (the usage text and both command lines), `wire` (the request and reply
+//! lines), `client` and `server` (the two roles), `state` (the books: GPUs, allocations,
+//! counters), `fault` (the injected faults), `views` (`-top` and `-stats`).
 
 mod cli;
 mod client;

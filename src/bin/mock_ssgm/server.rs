@@ -21,7 +21,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         .block_on(serve_async(args))
 }
 
-pub(crate) async fn serve_async(args: ServeArgs) -> Result<()> {
+async fn serve_async(args: ServeArgs) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -69,7 +69,7 @@ pub(crate) async fn serve_async(args: ServeArgs) -> Result<()> {
 }
 
 /// Answers one connection: one request line, one reply line.
-pub(crate) async fn handle(socket: tokio::net::TcpStream, state: &Mutex<State>) -> Result<()> {
+async fn handle(socket: tokio::net::TcpStream, state: &Mutex<State>) -> Result<()> {
     let (read, mut write) = socket.into_split();
     let mut line = String::new();
     tokio::io::BufReader::new(read.take(MAX_LINE))
@@ -89,7 +89,8 @@ pub(crate) async fn handle(socket: tokio::net::TcpStream, state: &Mutex<State>) 
     Ok(())
 }
 
-pub(crate) fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+/// Takes the state's lock.
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state
         .lock()
         .expect("no code panics while holding the state lock")

@@ -19,22 +19,22 @@ pub(crate) struct Allocation {
 /// Counters reported by `-stats`, cleared by `-reset`.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub(crate) struct Counters {
-    pub(crate) max_live: usize,
-    pub(crate) max_gpus_in_use: usize,
+    max_live: usize,
+    max_gpus_in_use: usize,
     pub(crate) alloc_calls: u64,
     pub(crate) granted: u64,
     pub(crate) busy: u64,
     pub(crate) request_errors: u64,
-    pub(crate) dealloc_calls: u64,
-    pub(crate) released: u64,
-    pub(crate) failed_releases: u64,
+    dealloc_calls: u64,
+    released: u64,
+    failed_releases: u64,
     pub(crate) faults_injected: u64,
 }
 
 /// Everything the scheduler knows.
 #[derive(Debug)]
 pub(crate) struct State {
-    pub(crate) hosts: Vec<String>,
+    hosts: Vec<String>,
     /// The job holding each GPU, if any.
     pub(crate) owners: Vec<Option<u64>>,
     pub(crate) allocations: BTreeMap<u64, Allocation>,
@@ -43,10 +43,11 @@ pub(crate) struct State {
     /// Pending alloc faults, oldest first, with the calls each has left.
     pub(crate) alloc_faults: VecDeque<(Fault, u32)>,
     /// Dealloc calls still to fail.
-    pub(crate) release_faults: u32,
+    release_faults: u32,
 }
 
 impl State {
+    /// `gpus` free GPUs spread over `hosts`, no job yet.
     pub(crate) fn new(gpus: usize, hosts: Vec<String>) -> Self {
         Self {
             hosts,
@@ -59,6 +60,7 @@ impl State {
         }
     }
 
+    /// Answers one request, changing the books as it says.
     pub(crate) fn apply(&mut self, request: Request) -> Reply {
         match request {
             Request::Alloc { gpus } => self.alloc(&gpus),
@@ -102,6 +104,7 @@ impl State {
         }
     }
 
+    /// An alloc call answered as the scheduler would: a request error, busy, or a grant.
     pub(crate) fn alloc_for_real(&mut self, wanted: Option<usize>, raw_gpus: &str) -> Reply {
         let total = self.owners.len();
         let n = match wanted {
@@ -149,7 +152,8 @@ impl State {
         Reply::print(line)
     }
 
-    pub(crate) fn dealloc(&mut self, job: &str) -> Reply {
+    /// A dealloc call: releases job `job`'s GPUs, unless a release fault is pending.
+    fn dealloc(&mut self, job: &str) -> Reply {
         self.counters.dealloc_calls += 1;
         if self.release_faults > 0 {
             self.release_faults -= 1;

@@ -8,14 +8,15 @@ use crate::state::{Counters, State};
 /// The `-stats` line: the allocation state now, then the counters.
 #[derive(Debug, Serialize)]
 pub(crate) struct Stats {
-    pub(crate) total_gpus: usize,
-    pub(crate) free_gpus: usize,
-    pub(crate) live: usize,
+    total_gpus: usize,
+    free_gpus: usize,
+    live: usize,
     #[serde(flatten)]
-    pub(crate) counters: Counters,
+    counters: Counters,
 }
 
 impl State {
+    /// The `-top` table: a header, then one line per live allocation.
     pub(crate) fn top(&self) -> String {
         let mut out = String::from("JOB GPUS DEVICES AGE_S\n");
         for (job, allocation) in &self.allocations {
@@ -30,6 +31,7 @@ impl State {
         out
     }
 
+    /// The `-stats` line's content.
     pub(crate) fn stats(&self) -> Stats {
         Stats {
             total_gpus: self.owners.len(),

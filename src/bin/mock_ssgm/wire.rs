@@ -43,6 +43,7 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
+    /// Print `stdout` and exit 0.
     pub(crate) fn print(stdout: impl Into<String>) -> Self {
         Self {
             stdout: stdout.into(),
@@ -50,6 +51,7 @@ impl Reply {
         }
     }
 
+    /// Print `stderr` and exit 1.
     pub(crate) fn fail(stderr: impl Into<String>) -> Self {
         Self {
             stderr: stderr.into(),

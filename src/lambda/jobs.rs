@@ -50,8 +50,7 @@ pub(crate) async fn handle(
         stop: CancellationToken::new(),
     };
     // Cancelled before Lambda's deadline, leaving time to release and end claims.
-    let cleanup = crate::job::claim::call_timeout(lambda.config.config.claim_lease) * 2
-        + Duration::from_secs(1);
+    let cleanup = cleanup_margin(lambda.config.config.claim_lease);
     let timer = tokio::spawn({
         let token = cancel.token.clone();
         let left = invocation.remaining().saturating_sub(cleanup);
@@ -152,7 +151,45 @@ async fn handle_record(
 /// calls (the claim, the intent, the grant, the function; the park rides on the upload
 /// allowance) and the upload.
 pub(crate) fn record_budget(lambda: &Lambda) -> Duration {
-    lambda.worst_ssgm_call
-        + crate::job::claim::call_timeout(lambda.config.config.claim_lease) * 4
-        + UPLOAD_ALLOWANCE
+    budget(lambda.worst_ssgm_call, lambda.config.config.claim_lease)
+}
+
+/// `record_budget` from the longest SSGM call and the claim lease.
+fn budget(worst_ssgm_call: Duration, lease: Duration) -> Duration {
+    worst_ssgm_call + crate::job::claim::call_timeout(lease) * 4 + UPLOAD_ALLOWANCE
+}
+
+/// How long before the invocation's deadline the jobs still running are cancelled: two
+/// claim calls (the grant out, the claim ended) and a second for the release's first try.
+fn cleanup_margin(lease: Duration) -> Duration {
+    crate::job::claim::call_timeout(lease) * 2 + Duration::from_secs(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_started_records_ssgm_call_ends_before_the_cleanup_cancels_it() {
+        let grace = crate::scheduler::KILL_GRACE;
+        for (ssgm_s, lease_s) in [(30, 60), (3, 60), (1, 6), (300, 21_600), (10, 30)] {
+            let (ssgm, lease) = (
+                Duration::from_secs(ssgm_s) + grace,
+                Duration::from_secs(lease_s),
+            );
+            let call = crate::job::claim::call_timeout(lease);
+            // Started with exactly the budget left: after the claim and the intent (one
+            // claim call each at worst) and the SSGM call, the cleanup is still ahead.
+            let left_after_alloc = budget(ssgm, lease) - call * 2 - ssgm;
+            assert!(
+                left_after_alloc > cleanup_margin(lease),
+                "ssgm {ssgm_s} s, lease {lease_s} s"
+            );
+        }
+        // The defaults (SSGM 30 s, lease 60 s), as docs/serverless.md says.
+        assert_eq!(
+            budget(Duration::from_secs(30) + grace, Duration::from_secs(60)),
+            Duration::from_secs(87)
+        );
+    }
 }

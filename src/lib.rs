@@ -30,7 +30,8 @@
 //! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the
 //!   listener), `web` (the page for uploaders: `routes`, `upload`, `status`, `names`,
 //!   `keys`, `cache`), `history` (the SQLite job timeline: `writer`, `reader`),
-//!   `jobs_cmd` (`orchgpu jobs`), `notify` (systemd notify).
+//!   `jobs_cmd` (`orchgpu jobs`), `notify` (systemd notify), `emf` (CloudWatch metric
+//!   lines, for the Lambda function).
 //!
 //! Where a change goes: a new flag in `cli` (and `cli/values.rs` for its parser), wired in
 //! `app`; a new metric in `ops::telemetry`; a new stage in `job`; what happens to a

@@ -110,6 +110,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         {
             warn!(claim = %claims.key(id.as_str()), alloc_started_unix_ms = at,
                 request_id = %previous.request_id, "{}", LOST_GRANT);
+            crate::ops::emf::count("LostGrants", 1);
         }
         let handle = guard.handle();
         let attempts = previous.attempts.max(start.attempts_before) + 1;

@@ -1,10 +1,10 @@
 //! What the results handler, the schedule and the jobs handler share once they hold a
 //! job's claim: releasing the grant it records in the daemon's order (adopted into this
 //! sandbox's journal, taken out of the claim, then released: never released twice), the
-//! job's one-record S3 event, and the CloudWatch metric lines.
+//! job's one-record S3 event.
 
 use serde_json::json;
-use tracing::{error, info};
+use tracing::error;
 
 use super::handler::Lambda;
 use crate::aws::error_chain;
@@ -108,25 +108,6 @@ pub(crate) fn event_for(object: &ObjectRef, body: &str, objects_in_body: usize) 
         record["eventTime"] = json!(time);
     }
     json!({"Records": [record]}).to_string()
-}
-
-/// Counts `value` of metric `name` in CloudWatch through the Embedded Metric Format: one
-/// JSON line on stdout, which Lambda's log stream turns into a metric (namespace
-/// `orchgpu`), no API call and no permission needed.
-pub(crate) fn count_metric(name: &str, value: u64) {
-    let line = json!({
-        "_aws": {
-            "Timestamp": crate::unix_now_ms(),
-            "CloudWatchMetrics": [{
-                "Namespace": "orchgpu",
-                "Dimensions": [[]],
-                "Metrics": [{"Name": name, "Unit": "Count"}]
-            }]
-        },
-        name: value
-    });
-    println!("{line}");
-    info!(metric = name, value, "Metric counted.");
 }
 
 #[cfg(test)]

@@ -19,12 +19,13 @@
 use aws_lambda_events::sqs::SqsMessage;
 use tracing::{debug, info, warn};
 
-use super::finish::{count_metric, release_recorded};
+use super::finish::release_recorded;
 use super::handler::{Invocation, Lambda};
 use crate::aws::error_chain;
 use crate::job::claim::Acquired;
 use crate::job::event::{Notification, parse_notification};
 use crate::location::BucketDir;
+use crate::ops::emf;
 
 /// Handles a batch; returns the message ids of the records that failed.
 pub(crate) async fn handle(
@@ -139,7 +140,7 @@ pub(crate) async fn finish(lambda: &Lambda, job_id: &str) -> Result<(), FinishEr
         scheduler_job = released.as_deref().unwrap_or(""),
         "Job completed."
     );
-    count_metric("JobsCompleted", 1);
+    emf::count("JobsCompleted", 1);
     Ok(())
 }
 

@@ -22,12 +22,13 @@
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use super::finish::{count_metric, release_recorded};
+use super::finish::release_recorded;
 use super::handler::{Invocation, Lambda};
 use super::results::finish;
 use crate::aws::{error_chain, storage};
 use crate::job::claim::{Acquired, ClaimView};
 use crate::job::serverless::LOST_GRANT;
+use crate::ops::emf;
 
 /// What the schedule does with one claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +182,7 @@ async fn visit(lambda: &Lambda, id: &str, pass: &mut Pass) -> Result<(), String>
                     warn!(claim = %claims.key(id), job_id = id,
                         alloc_started_unix_ms = serverless.alloc_started_unix_ms,
                         request_id = %serverless.request_id, "{}", LOST_GRANT);
-                    count_metric("LostGrants", 1);
+                    emf::count("LostGrants", 1);
                     pass.lost_grants += 1;
                     Ok(())
                 }
@@ -241,14 +242,14 @@ async fn retry(lambda: &Lambda, id: &str, pass: &mut Pass) -> Result<(), String>
         if dead {
             warn!(job_id = id, attempts, queue = %queue.url(),
                 "No result within the deadline, attempts exhausted; the job goes to the dead-letter queue.");
-            count_metric("JobsDeadLettered", 1);
+            emf::count("JobsDeadLettered", 1);
             pass.dead_lettered += 1;
         } else {
             warn!(
                 job_id = id,
                 attempts, "No result within the deadline; the job goes back to the jobs queue."
             );
-            count_metric("JobsRetried", 1);
+            emf::count("JobsRetried", 1);
             pass.retried += 1;
         }
     }

@@ -3,8 +3,10 @@
 //! notifications); the real daemon and the real function stand-in as processes of that
 //! stack, whose logs are printed when it is dropped (unless turned off); the real mock
 //! SSGM server, whose log is printed if the test panics; a proxy that stages outages, a
-//! real Prometheus; and readers for what they leave (JSON logs, `mock-ssgm -stats`,
-//! metrics). Each file owns one of these parts; this root only re-exports them.
+//! real Prometheus; a Lambda Runtime API and a player of the SQS event source mapping for
+//! `orchgpu-lambda` (`lambda`; the binary `orchgpu-lambda-local` runs them by hand); and
+//! readers for what they leave (JSON logs, `mock-ssgm -stats`, metrics). Each file owns
+//! one of these parts; this root only re-exports them.
 //!
 //! The kit knows no build: the caller passes the emulator's URL and the binaries' paths in
 //! a [`Kit`] (the tests from `CARGO_BIN_EXE_*`, the bench from `--bin-dir`). The tests'

@@ -98,6 +98,15 @@ impl Lambda {
             &place.dir,
             c.claim_lease,
         );
+        // As the daemon does at start-up: a claims location the function cannot write
+        // fails the init, not every record.
+        claims.check().await.with_context(|| {
+            format!(
+                "cannot write and delete claims in s3://{}/{} (ORCHGPU_CLAIMS): the function \
+                 needs s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket there",
+                place.bucket, place.dir
+            )
+        })?;
         let (work_dir, _) = WorkDir::open(&c.work_dir).context("cannot prepare the work dir")?;
         let (journal, leftovers) =
             Journal::open(config.state_dir()).context("cannot open the reservation journal")?;

@@ -718,3 +718,27 @@ async fn an_event_of_another_kind_fails_the_invocation_and_names_it() -> Result<
     assert_eq!(ssgm.stat("alloc_calls")?, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_location_the_function_cannot_write_fails_its_init() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("linit", 5).await?;
+    let lambda = sandbox(
+        &mut stack,
+        &ssgm,
+        "a",
+        &[("ORCHGPU_CLAIMS", "orchgpu-no-such-bucket-for-claims/c")],
+    )
+    .await?;
+    let status = stack
+        .process(lambda.process)
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = stack.log(lambda.process);
+    assert!(
+        log.contains("cannot write and delete claims in s3://orchgpu-no-such-bucket-for-claims/c"),
+        "{log}"
+    );
+    Ok(())
+}

@@ -10,9 +10,15 @@
 # the samples are document pages drawn here with ImageMagick in a DejaVu font, and the
 # recognised text is printed. The two use cases have their own buckets, queues, state,
 # logs and page port, so both demos can run at once.
+# With --lambda the jobs run through orchgpu-lambda instead of the daemon: the function
+# polls a Runtime API of the test kit's own (orchgpu-lambda-local, which plays the event
+# source mappings of the jobs and results queues and the schedule), same configuration
+# (the daemon's ORCHGPU_* variables), no web page; it prints the time each invocation
+# would be billed.
 #
-# Usage: dev/demo.sh [--use-case yolo|ocr] [--once]
+# Usage: dev/demo.sh [--use-case yolo|ocr] [--lambda] [--once]
 #   --use-case   yolo (default): object detection; ocr: text recognition
+#   --lambda     run the jobs through orchgpu-lambda (docs/serverless.md)
 #   --once       exit (stopping everything) once the results are there, instead of running
 #                until Ctrl-C
 # Environment:
@@ -46,10 +52,12 @@ die() {
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
 
 once=0
+lambda=0
 use_case=yolo
 while (($#)); do
     case $1 in
         --once) once=1 ;;
+        --lambda) lambda=1 ;;
         --use-case)
             (($# >= 2)) || die "--use-case needs yolo or ocr"
             use_case=$2
@@ -60,7 +68,7 @@ while (($#)); do
             usage
             exit 0
             ;;
-        *) die "unknown argument '$1' (usage: dev/demo.sh [--use-case yolo|ocr] [--once])" ;;
+        *) die "unknown argument '$1' (usage: dev/demo.sh [--use-case yolo|ocr] [--lambda] [--once])" ;;
     esac
     shift
 done
@@ -85,6 +93,7 @@ case $use_case in
         ;;
     *) die "--use-case must be yolo or ocr, not '$use_case'" ;;
 esac
+((lambda)) && tag=$tag-lambda
 demo_dir=$state_dir/demo$tag
 out_dir=$(realpath -m -- "${ORCHGPU_DEMO_OUT:-demo-out$tag}")
 http_port=${ORCHGPU_DEMO_HTTP_PORT:-$default_port}
@@ -107,6 +116,8 @@ work_bucket=orchgpu-demo$tag-work work_dir=bundles
 output_bucket=orchgpu-demo$tag-output output_dir=results
 jobs_queue=orchgpu-demo$tag-jobs
 function_queue=orchgpu-demo$tag-function
+results_queue=
+((lambda)) && results_queue=orchgpu-demo$tag-results
 case $profile in
     debug) cargo_profile_args=() ;;
     release) cargo_profile_args=(--release) ;;
@@ -177,7 +188,7 @@ stop_leftovers() {
         read -r pid 2>/dev/null <"$pid_file" || pid=
         rm -f -- "$pid_file"
         if ! [[ $pid =~ ^[0-9]+$ ]] || ! pid_alive "$pid"; then continue; fi
-        case $name in mock-ssgm | function | orchgpu) ;; *) continue ;; esac
+        case $name in mock-ssgm | function | orchgpu | orchgpu-lambda-local) ;; *) continue ;; esac
         [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) == *"$name"* ]] || continue
         say "stopping $name (pid $pid) left over from an earlier demo"
         kill -TERM "$pid" 2>/dev/null || true
@@ -274,7 +285,7 @@ cargo build -q --locked "${cargo_profile_args[@]}"
 say "built in $((SECONDS - t_build)) s"
 bin_dir=${CARGO_TARGET_DIR:-$repo_root/target}/$profile
 [[ $bin_dir == /* ]] || bin_dir=$repo_root/$bin_dir
-for exe in orchgpu mock-ssgm orchgpu-function; do
+for exe in orchgpu mock-ssgm orchgpu-function orchgpu-lambda orchgpu-lambda-local; do
     [[ -x $bin_dir/$exe ]] || die "cargo build did not produce $bin_dir/$exe"
 done
 
@@ -291,7 +302,8 @@ fi
 deploy/aws-setup.sh --endpoint-url "$endpoint" --region "$AWS_REGION" \
     --input-bucket "$input_bucket" --intermediate "$work_bucket/$work_dir" \
     --output "$output_bucket/$output_dir" --jobs-queue "$jobs_queue" \
-    --function-queue "$function_queue" >"$demo_dir/aws-setup.log" 2>&1 ||
+    --function-queue "$function_queue" ${results_queue:+--results-queue "$results_queue"} \
+    >"$demo_dir/aws-setup.log" 2>&1 ||
     die "deploy/aws-setup.sh failed; see $demo_dir/aws-setup.log"
 say "buckets and queues ready (details in $demo_dir/aws-setup.log)"
 
@@ -301,7 +313,7 @@ for location in "$input_bucket" "$work_bucket/$work_dir/" "$output_bucket/$outpu
     awsl s3 rm "s3://$location" --recursive --only-show-errors >/dev/null ||
         die "could not empty s3://$location"
 done
-for queue in "$jobs_queue" "$jobs_queue-dlq" "$function_queue"; do
+for queue in "$jobs_queue" "$jobs_queue-dlq" "$function_queue" $results_queue; do
     queue_url=$(awsl sqs get-queue-url --queue-name "$queue" --query QueueUrl --output text)
     awsl sqs purge-queue --queue-url "$queue_url" ||
         say "warning: could not purge queue $queue; orchgpu drops stale messages it finds"
@@ -321,16 +333,32 @@ say "mock-ssgm listens on 127.0.0.1:$port"
 start_child function "$bin_dir/orchgpu-function" --queue "$function_queue" \
     --output "$output_bucket/$output_dir" --script "$function_script" \
     --endpoint-url "$endpoint" --region "$AWS_REGION"
-start_child orchgpu "$bin_dir/orchgpu" -q "$jobs_queue" -S 127.0.0.1 -P "$port" \
-    -m "$bin_dir/mock-ssgm" -i "$work_bucket/$work_dir" -o "$output_bucket/$output_dir" \
-    -b 1 -u 1 -w 2 --endpoint-url "$endpoint" --region "$AWS_REGION" --max-jobs 2 \
-    --state-dir "$demo_dir/state" --http-listen "127.0.0.1:$http_port" \
-    --upload-to "$input_bucket/web" --result-suffix "$result_suffix" \
-    --web-title "$web_title" --web-hint "$web_hint"
-sleep 1
-check_children
-page_url=http://127.0.0.1:$http_port/
-say "the web page: $page_url"
+if ((lambda)); then
+    # The same settings as the daemon's below, as the function's environment.
+    start_child orchgpu-lambda-local env ORCHGPU_QUEUE="$jobs_queue" \
+        ORCHGPU_SCHEDULER_HOST=127.0.0.1 ORCHGPU_SCHEDULER_PORT="$port" \
+        ORCHGPU_SSGM="$bin_dir/mock-ssgm" ORCHGPU_INTERMEDIATE="$work_bucket/$work_dir" \
+        ORCHGPU_OUTPUT="$output_bucket/$output_dir" ORCHGPU_ENDPOINT_URL="$endpoint" \
+        ORCHGPU_REGION="$AWS_REGION" ORCHGPU_RESULT_SUFFIX="$result_suffix" \
+        ORCHGPU_RESULTS_QUEUE="$results_queue" ORCHGPU_SSGM_TIMEOUT=10 \
+        ORCHGPU_STATE_DIR="$demo_dir/state" ORCHGPU_WORK_DIR="$demo_dir/work" \
+        "$bin_dir/orchgpu-lambda-local" --function "$bin_dir/orchgpu-lambda" \
+        --results-queue "$results_queue" --schedule-every 5 --timeout 120 --visibility 5
+    sleep 1
+    check_children
+    say "no web page with --lambda (a function serves no listener)"
+else
+    start_child orchgpu "$bin_dir/orchgpu" -q "$jobs_queue" -S 127.0.0.1 -P "$port" \
+        -m "$bin_dir/mock-ssgm" -i "$work_bucket/$work_dir" -o "$output_bucket/$output_dir" \
+        -b 1 -u 1 -w 2 --endpoint-url "$endpoint" --region "$AWS_REGION" --max-jobs 2 \
+        --state-dir "$demo_dir/state" --http-listen "127.0.0.1:$http_port" \
+        --upload-to "$input_bucket/web" --result-suffix "$result_suffix" \
+        --web-title "$web_title" --web-hint "$web_hint"
+    sleep 1
+    check_children
+    page_url=http://127.0.0.1:$http_port/
+    say "the web page: $page_url"
+fi
 
 # Sample images: darknet's when installed, else small PNGs made with python3's stdlib.
 samples_dir=$(mktemp -d)
@@ -437,9 +465,20 @@ if [[ $use_case == ocr ]]; then
 else
     say "results (downloaded to $out_dir, with the function's .txt notes):"
 fi
-# Which upload gave which result: the job history maps each key to its job id.
-"$bin_dir/orchgpu" jobs --state-dir "$demo_dir/state" --json --limit 0 >"$demo_dir/jobs.json" ||
-    die "orchgpu jobs could not read the history"
+# Which upload gave which result: the job history maps each key to its job id (the
+# function keeps none: there each result is listed by its job id).
+if ((lambda)); then
+    python3 - "$out_dir" "$result_suffix" >"$demo_dir/jobs.json" <<'EOF' ||
+import json, os, sys
+out, suffix = sys.argv[1], sys.argv[2]
+ids = sorted(f[: -len(suffix)] for f in os.listdir(out) if f.endswith(suffix))
+print(json.dumps([{"job_id": i, "key": i} for i in ids]))
+EOF
+        die "could not list the results"
+else
+    "$bin_dir/orchgpu" jobs --state-dir "$demo_dir/state" --json --limit 0 >"$demo_dir/jobs.json" ||
+        die "orchgpu jobs could not read the history"
+fi
 python3 - "$demo_dir/jobs.json" "$out_dir" "$use_case" <<'EOF' || die "could not list the results"
 import json, os, sys
 
@@ -486,7 +525,18 @@ for job in sorted(jobs, key=lambda j: j["key"]):
 EOF
 
 ((top_shown)) || say "(no grant was live at a -top call: the jobs were quicker than the polls)"
-# The scheduler's books: every grant released once the jobs are done.
+# The scheduler's books: every grant released once the jobs are done (with --lambda by
+# the results handler, once the results queue's events have been played).
+if ((lambda)); then
+    deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        stats=$("$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -stats) || break
+        python3 -c 'import json, sys; sys.exit(json.loads(sys.argv[1])["live"] != 0)' "$stats" && break
+        sleep 0.5
+    done
+    say "invocations (orchgpu-lambda-local):"
+    grep -h 'billed_ms' "$demo_dir/orchgpu-lambda-local.log" | sed 's/^/    /' || true
+fi
 if stats=$("$bin_dir/mock-ssgm" -S 127.0.0.1 -P "$port" -stats); then
     python3 - "$stats" <<'EOF' || say "mock-ssgm -stats answered: $stats"
 import json, sys
@@ -504,7 +554,9 @@ if ((once)); then
     exit 0
 fi
 say "everything keeps running (endpoint $endpoint, scheduler 127.0.0.1:$port);"
-if [[ $use_case == ocr ]]; then
+if ((lambda)); then
+    :
+elif [[ $use_case == ocr ]]; then
     say "try it in a browser: $page_url (upload scanned pages, watch them run, copy their text)"
 else
     say "try it in a browser: $page_url (upload images, watch them run, see what was found)"

@@ -198,6 +198,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             result_poll_interval: config.result_poll_interval,
             result_deadline: config.result_deadline,
             work_dir: work_dir.path().to_path_buf(),
+            serverless: false,
         },
         results,
         claims,

@@ -654,7 +654,10 @@ async fn process_message<S: GpuScheduler + Send + Sync + 'static>(
                 succeeded = true;
                 telemetry.job_ended(Outcome::Succeeded);
             }
-            Ok(JobOutcome::AlreadyDone) => telemetry.job_ended(Outcome::Duplicate),
+            // Handed and Carried come only from the Lambda jobs handler, never from here.
+            Ok(JobOutcome::AlreadyDone | JobOutcome::Handed | JobOutcome::Carried) => {
+                telemetry.job_ended(Outcome::Duplicate)
+            }
             Err(e) => telemetry.job_ended(e.outcome()),
         }
         jobs.record(object, Some(&message_id), history_ending(&ended));
@@ -697,9 +700,11 @@ fn history_ending(ended: &Result<JobOutcome, JobError>) -> EventKind {
         Ok(JobOutcome::Completed) => EventKind::Deleted {
             outcome: history::SUCCEEDED.to_owned(),
         },
-        Ok(JobOutcome::AlreadyDone) => EventKind::Deleted {
-            outcome: "duplicate".to_owned(),
-        },
+        Ok(JobOutcome::AlreadyDone | JobOutcome::Handed | JobOutcome::Carried) => {
+            EventKind::Deleted {
+                outcome: "duplicate".to_owned(),
+            }
+        }
         Err(e) => match e.disposition() {
             Disposition::Delete => EventKind::Deleted {
                 outcome: format!("dropped: {}", error_chain(e)),

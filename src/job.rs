@@ -41,6 +41,7 @@ mod id;
 mod outcome;
 mod prepare;
 pub mod results;
+pub(crate) mod serverless;
 mod with_gpus;
 pub mod workdir;
 pub use id::JobId;
@@ -65,6 +66,10 @@ pub(crate) struct JobSettings {
     pub(crate) result_deadline: Duration,
     /// Where temporary input and bundle files go.
     pub(crate) work_dir: PathBuf,
+    /// Lambda mode (`serverless`): the intent is recorded in the claim before the
+    /// `-alloc` call, and the job ends once its bundle is uploaded, its grant handed to
+    /// the claim (`JobOutcome::Handed`) instead of waited on.
+    pub(crate) serverless: bool,
 }
 
 /// What every job shares: the S3 client, the GPU reservations and the bookkeeping of
@@ -231,7 +236,10 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     ) -> Result<JobOutcome, JobError> {
         let id = id.clone();
         let input = self.temp_file(&id, "input")?;
-        let (reservation, size) = match self.prepare(&id, object, input.path(), cancel).await? {
+        let (reservation, size) = match self
+            .prepare(&id, object, input.path(), cancel, claim)
+            .await?
+        {
             Prepared::AlreadyDone => {
                 info!("Result already exists; not running the job again.");
                 return Ok(JobOutcome::AlreadyDone);
@@ -245,7 +253,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         self.give_back(object, reservation, claim, claimed::GpusDone::from(&result))
             .await;
         drop(input);
-        if result.is_ok() {
+        if matches!(result, Ok(JobOutcome::Completed)) {
             info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "Job completed."

@@ -16,17 +16,22 @@
 //! - the job pipeline, `job`: one job's stages in order, and `id` (the job's id),
 //!   `prepare` (result check, download, allocation), `with_gpus` (bundle, upload, the
 //!   wait for the result), `outcome` (how a job ends, what that means for its message),
-//!   `claimed` (a job under its claim), `event` (S3 notifications to objects), `bundle`
-//!   (the `.tar.gz`), `claim` (the job's shared record in S3; `store`, its conditional
-//!   writes; `guard`, the lease on our own clock), `results` (event-driven result
-//!   detection), `workdir` (this run's files on disk);
+//!   `claimed` (a job under its claim), `serverless` (a job as the Lambda jobs handler
+//!   runs it), `event` (S3 notifications to objects), `bundle` (the `.tar.gz`), `claim`
+//!   (the job's shared record in S3; `store`, its conditional writes; `guard`, the lease
+//!   on our own clock), `results` (event-driven result detection), `workdir` (this run's
+//!   files on disk);
+//! - the Lambda front end, `lambda` (`orchgpu-lambda`): `config` (the daemon's `ORCHGPU_*`
+//!   variables), `route` (which handler an event is for), `handler` (one sandbox's parts),
+//!   `jobs`, `results` and `schedule` (the three handlers), `finish` (what they share);
 //! - the GPUs: `reservations` (every GPU from the request to the confirmed release: the
 //!   gate and replay, `ledger`, `journal` (crash-safe), `releaser`) and `scheduler`
 //!   (the `GpuScheduler` trait; `ssgm`, the SSGM client; `reply`, its reply parser);
 //! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the
 //!   listener), `web` (the page for uploaders: `routes`, `upload`, `status`, `names`,
 //!   `keys`, `cache`), `history` (the SQLite job timeline: `writer`, `reader`),
-//!   `jobs_cmd` (`orchgpu jobs`), `notify` (systemd notify).
+//!   `jobs_cmd` (`orchgpu jobs`), `notify` (systemd notify), `emf` (CloudWatch metric
+//!   lines, for the Lambda function).
 //!
 //! Where a change goes: a new flag in `cli` (and `cli/values.rs` for its parser), wired in
 //! `app`; a new metric in `ops::telemetry`; a new stage in `job`; what happens to a

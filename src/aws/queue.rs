@@ -11,6 +11,10 @@ use aws_sdk_sqs::types::{BatchResultErrorEntry, MessageSystemAttributeName, Queu
 use crate::aws::error_chain;
 use crate::cli::QueueRef;
 
+/// The message attribute that carries how many times a job was already started, on a
+/// job the Lambda schedule sent back (a new message starts SQS's receive count afresh).
+pub(crate) const ATTEMPTS_ATTRIBUTE: &str = "orchgpu-attempts";
+
 /// SQS caps a message's visibility timeout at 12 hours.
 pub(crate) const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 
@@ -47,6 +51,15 @@ pub enum QueueError {
     #[error("failed to receive from {url}")]
     /// A receive failed.
     Receive {
+        /// The queue's URL.
+        url: String,
+        #[source]
+        /// What went wrong underneath.
+        source: BoxError,
+    },
+    #[error("failed to send a message to {url}")]
+    /// A send failed.
+    Send {
         /// The queue's URL.
         url: String,
         #[source]
@@ -198,6 +211,33 @@ impl Queue {
             })
             .collect();
         Ok(messages)
+    }
+
+    /// Sends `body` as a new message, with the number of times its job was already
+    /// started as the message attribute `ATTEMPTS_ATTRIBUTE` (Lambda mode: the schedule
+    /// sends a job back, or on to the dead-letter queue).
+    ///
+    /// # Errors
+    /// `QueueError::Send`.
+    pub(crate) async fn send(&self, body: &str, attempts: u32) -> Result<(), QueueError> {
+        use aws_sdk_sqs::types::MessageAttributeValue;
+        let attempts = MessageAttributeValue::builder()
+            .data_type("Number")
+            .string_value(attempts.to_string())
+            .build()
+            .expect("data type is set");
+        self.sqs
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body)
+            .message_attributes(ATTEMPTS_ATTRIBUTE, attempts)
+            .send()
+            .await
+            .map_err(|e| QueueError::Send {
+                url: self.url.clone(),
+                source: e.into(),
+            })?;
+        Ok(())
     }
 
     /// Deletes a message for good.

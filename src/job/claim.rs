@@ -56,16 +56,23 @@ type Stored = (String, Vec<u8>);
 
 /// Attempts at creating or taking over a claim that keeps changing under us.
 const ACQUIRE_ATTEMPTS: usize = 3;
-/// Claim bodies are written by orchgpu; anything larger is not one of ours.
-const MAX_BODY: usize = 4096;
+/// Claim bodies are written by orchgpu; anything larger is not one of ours. A serverless
+/// claim carries its job's S3 event (one record; a key is at most 1 KiB, 3 KiB escaped),
+/// so this is larger than any claim we write. (Daemons before Lambda mode read at most
+/// 4 KiB: sharing a claims location with one, a serverless claim of a key over about
+/// 2 KiB would look foreign to it; see docs/serverless.md.)
+const MAX_BODY: usize = 16 * 1024;
 /// The shortest and longest timeout of one claim call (a sixth of the lease between).
 const CALL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 const CALL_TIMEOUT_MAX: Duration = Duration::from_secs(10);
 /// The shortest lease: six of the shortest call timeouts, so that a renewal (every third
 /// of the lease) and a retry both fit before the holder must act.
 pub(crate) const MIN_LEASE: Duration = Duration::from_secs(6);
-/// The claim format written now; version 1 (no record) is still read.
+/// The claim format written now; version 1 (no record) is still read. Version 2 gained
+/// `serverless` (Lambda mode) as an optional field: older readers ignore it.
 const VERSION: u32 = 2;
+/// The host name of a parked serverless claim's holder (pid 0: no process).
+const SERVERLESS_HOST: &str = "serverless";
 
 /// The timeout of each claim call for a lease: well inside a third of it.
 pub(crate) fn call_timeout(lease: Duration) -> Duration {
@@ -107,6 +114,22 @@ pub(crate) struct Owner {
 }
 
 impl Owner {
+    /// The holder of a parked serverless claim: no process. Its claim holds until its
+    /// function's result deadline, when the schedule (or any daemon) takes it over.
+    pub(crate) fn serverless() -> Owner {
+        Owner {
+            host: SERVERLESS_HOST.to_string(),
+            pid: 0,
+            started_unix: 0,
+            pid_space: String::new(),
+        }
+    }
+
+    /// Whether this is the holder of a parked serverless claim.
+    pub(crate) fn is_serverless(&self) -> bool {
+        self.host == SERVERLESS_HOST && self.pid == 0
+    }
+
     /// This process.
     pub(crate) fn this_process() -> Owner {
         // The kernel's host name (what gethostname returns), without a new dependency.
@@ -173,6 +196,28 @@ pub(crate) struct JobRecord {
     /// grant, which is released only after its result or its deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) function: Option<FunctionStarted>,
+    /// Lambda mode: what the job's only record must hold once the jobs handler returned
+    /// (its SQS record is gone then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) serverless: Option<ServerlessRecord>,
+}
+
+/// What a serverless job's claim carries beyond the daemon's record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ServerlessRecord {
+    /// The S3 event (one record, this object) to send back to the jobs queue when the job
+    /// must run again.
+    pub(crate) event: String,
+    /// How many times the job was started (sent to a jobs handler), this time included.
+    pub(crate) attempts: u32,
+    /// The Lambda request id of the invocation that last wrote the claim.
+    #[serde(default)]
+    pub(crate) request_id: String,
+    /// Set just before the `-alloc` call (unix milliseconds), cleared with it: an intent
+    /// without a grant in a claim whose holder died means a grant may have been printed
+    /// and lost with the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) alloc_started_unix_ms: Option<u64>,
 }
 
 impl JobRecord {
@@ -231,6 +276,9 @@ pub(crate) enum Acquired {
         remaining: Duration,
         /// The message the holder works from (`None` for a claim of an older version).
         message_id: Option<String>,
+        /// A parked serverless claim: no process holds it; it carries its job (and the
+        /// function that may be running) until `remaining` runs out.
+        parked: bool,
     },
 }
 
@@ -300,10 +348,20 @@ impl Shared {
     }
 
     fn encode(&self, job_id: &str, expires_unix_ms: u64, record: &JobRecord) -> Vec<u8> {
+        self.encode_as(&self.owner, job_id, expires_unix_ms, record)
+    }
+
+    fn encode_as(
+        &self,
+        owner: &Owner,
+        job_id: &str,
+        expires_unix_ms: u64,
+        record: &JobRecord,
+    ) -> Vec<u8> {
         let body = ClaimBody {
             version: VERSION,
             job_id: job_id.to_string(),
-            owner: self.owner.clone(),
+            owner: owner.clone(),
             expires_unix_ms,
             record: record.clone(),
         };
@@ -405,6 +463,29 @@ impl Claims {
         job_id: &str,
         message_id: Option<&str>,
     ) -> Result<Acquired, ClaimError> {
+        self.acquire_inner(job_id, message_id, false).await
+    }
+
+    /// As `acquire`, and also takes over a parked serverless claim before its result
+    /// deadline: for the results handler (the result is there) and the schedule (it
+    /// checked the result).
+    ///
+    /// # Errors
+    /// As `acquire`.
+    pub(crate) async fn acquire_parked(
+        &self,
+        job_id: &str,
+        message_id: Option<&str>,
+    ) -> Result<Acquired, ClaimError> {
+        self.acquire_inner(job_id, message_id, true).await
+    }
+
+    async fn acquire_inner(
+        &self,
+        job_id: &str,
+        message_id: Option<&str>,
+        take_parked: bool,
+    ) -> Result<Acquired, ClaimError> {
         let shared = &self.shared;
         let key = self.key(job_id);
         let mine = JobRecord {
@@ -438,6 +519,7 @@ impl Claims {
                     "left by this process"
                 }
                 Some(body) if body.expires_unix_ms <= now => "expired",
+                Some(body) if take_parked && body.owner.is_serverless() => "parked",
                 Some(body) if shared.owner.is_dead_neighbour(&body.owner) => {
                     "left by a dead process of this machine"
                 }
@@ -446,6 +528,7 @@ impl Claims {
                         owner: body.owner.to_string(),
                         remaining: Duration::from_millis(body.expires_unix_ms - now),
                         message_id: body.record.message_id.clone(),
+                        parked: body.owner.is_serverless(),
                     });
                 }
             };
@@ -454,6 +537,7 @@ impl Claims {
             if let Some(body) = &current {
                 record.grant = body.record.grant.clone();
                 record.function = body.record.function.clone();
+                record.serverless = body.record.serverless.clone();
             }
             let expires = shared.expiry_from_now();
             let body = shared.encode(job_id, expires, &record);
@@ -479,6 +563,7 @@ impl Claims {
             owner: "unknown (contended)".to_string(),
             remaining: shared.lease,
             message_id: None,
+            parked: false,
         })
     }
 
@@ -497,6 +582,53 @@ impl Claims {
             live: body.expires_unix_ms > now,
             mine: body.owner == shared.owner,
             owner: body.owner.to_string(),
+        }))
+    }
+
+    /// The job ids of every claim object under the claims dir (the start-up probe and
+    /// foreign objects left out), for the schedule's pass.
+    ///
+    /// # Errors
+    /// `ClaimError` when the store cannot be listed.
+    pub(crate) async fn list(&self) -> Result<Vec<String>, ClaimError> {
+        let shared = &self.shared;
+        let keys = shared
+            .timed("list", &shared.prefix, shared.store.list(&shared.prefix))
+            .await?;
+        Ok(keys
+            .iter()
+            .filter_map(|key| key.strip_prefix(&shared.prefix)?.strip_suffix(".claim"))
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The whole of `job_id`'s claim as stored, changing nothing: `None` when there is
+    /// none, or one that is not ours to read (`unreadable` then says so).
+    ///
+    /// # Errors
+    /// `ClaimError` when the store cannot be reached.
+    pub(crate) async fn inspect(&self, job_id: &str) -> Result<Option<ClaimView>, ClaimError> {
+        let shared = &self.shared;
+        let Some((_, body)) = shared.read(&self.key(job_id)).await? else {
+            return Ok(None);
+        };
+        let now = (shared.clock)();
+        Ok(Some(match parse_body(&body) {
+            None => ClaimView {
+                unreadable: true,
+                ..ClaimView::default()
+            },
+            Some(body) => ClaimView {
+                unreadable: false,
+                parked: body.owner.is_serverless(),
+                holder_gone: body.expires_unix_ms == 0
+                    || body.expires_unix_ms <= now
+                    || shared.owner.is_dead_neighbour(&body.owner),
+                expires_unix_ms: body.expires_unix_ms,
+                owner: body.owner.to_string(),
+                record: body.record,
+            },
         }))
     }
 
@@ -555,6 +687,22 @@ fn parse_body(bytes: &[u8]) -> Option<ClaimBody> {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A claim as read by `Claims::inspect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ClaimView {
+    /// Not a claim body of ours (too large, not JSON, unknown version).
+    pub(crate) unreadable: bool,
+    /// A parked serverless claim: no process holds it; it holds until `expires_unix_ms`,
+    /// its function's result deadline.
+    pub(crate) parked: bool,
+    /// Its holder is gone: released, expired, or a dead process of this machine. (A
+    /// parked claim's holder is "gone" only past its result deadline.)
+    pub(crate) holder_gone: bool,
+    pub(crate) expires_unix_ms: u64,
+    pub(crate) owner: String,
+    pub(crate) record: JobRecord,
 }
 
 /// A claim as read by `Claims::peek`.
@@ -675,6 +823,16 @@ mod tests {
                 async move { Ok(self.objects.lock().expect("not poisoned").get(key).cloned()) },
             )
         }
+        fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, ClaimError>> {
+            Box::pin(async move {
+                let objects = self.objects.lock().expect("not poisoned");
+                Ok(objects
+                    .keys()
+                    .filter(|k| k.starts_with(prefix))
+                    .cloned()
+                    .collect())
+            })
+        }
         fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), ClaimError>> {
             Box::pin(async move {
                 if take_one(&self.failing_writes) {
@@ -766,7 +924,9 @@ mod tests {
                 owner,
                 remaining,
                 message_id,
+                parked,
             } => {
+                assert!(!parked);
                 assert!(owner.starts_with("h:1 "), "{owner}");
                 assert_eq!(remaining, LEASE - Duration::from_secs(10));
                 assert_eq!(message_id.as_deref(), Some("m-1"));
@@ -863,6 +1023,86 @@ mod tests {
         assert!(!survivor.records_grant("j", "77").await.expect("ok"));
         next.end().await;
         assert!(store.objects.lock().expect("ok").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_claim_carries_its_job_until_its_deadline_and_only_parked_takers_skip_it() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let invocation = daemon(&store, 1, &clock);
+        let guard = claimed(invocation.acquire("j", Some("m-1")).await.expect("ok"));
+        let handle = guard.handle();
+        handle
+            .update_serverless(|s| {
+                s.event = "{}".into();
+                s.attempts = 1;
+                s.alloc_started_unix_ms = Some(clock());
+            })
+            .await
+            .expect("recorded");
+        handle.record_grant(grant("9")).await.expect("recorded");
+        let deadline = clock() + 600_000;
+        handle
+            .record_function(FunctionStarted {
+                started_unix_ms: clock(),
+                result_deadline_unix_ms: deadline,
+            })
+            .await
+            .expect("recorded");
+        guard.park(deadline).await.expect("parked");
+        let body = store.body("claims/j.claim").expect("kept");
+        assert!(body.owner.is_serverless(), "{:?}", body.owner);
+        assert_eq!(body.expires_unix_ms, deadline);
+        let serverless = body.record.serverless.expect("serverless record");
+        assert_eq!(
+            serverless.alloc_started_unix_ms, None,
+            "the grant ends the intent"
+        );
+        // Long past any lease, a daemon (or a duplicate record) still meets a holder...
+        tokio::time::advance(LEASE * 4).await;
+        let other = daemon(&store, 2, &clock);
+        match other.acquire("j", Some("m-2")).await.expect("ok") {
+            Acquired::HeldElsewhere {
+                parked, message_id, ..
+            } => {
+                assert!(parked);
+                assert_eq!(message_id.as_deref(), Some("m-1"));
+            }
+            Acquired::Claimed(_) => panic!("a parked claim taken before its deadline"),
+        }
+        let seen = other.inspect("j").await.expect("ok").expect("a claim");
+        assert!(seen.parked && !seen.holder_gone, "{seen:?}");
+        assert_eq!(other.list().await.expect("ok"), vec!["j".to_string()]);
+        // ...while the results handler or the schedule takes it over with its record.
+        let taken = claimed(other.acquire_parked("j", None).await.expect("ok"));
+        assert_eq!(taken.carried().grant, Some(grant("9")));
+        assert_eq!(
+            taken.carried().serverless.as_ref().map(|s| s.attempts),
+            Some(1)
+        );
+        taken.handle().end_done().await.expect("ended");
+        assert!(store.objects.lock().expect("ok").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_claim_past_its_deadline_is_taken_over_by_anyone() {
+        let store = Arc::new(MemStore::default());
+        let clock = paused_clock();
+        let guard = held_by_daemon_1(&store, &clock).await;
+        guard.park(clock() + 1_000).await.expect("parked");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let seen = daemon(&store, 2, &clock)
+            .inspect("j")
+            .await
+            .expect("ok")
+            .expect("a claim");
+        assert!(seen.parked && seen.holder_gone, "{seen:?}");
+        claimed(
+            daemon(&store, 2, &clock)
+                .acquire("j", None)
+                .await
+                .expect("ok"),
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1043,6 +1283,7 @@ mod tests {
             message_id: Some("m".into()),
             grant: Some(grant("5")),
             function: None,
+            serverless: None,
         };
         let body = parse_body(&claims.shared.encode("j", 42, &record)).expect("our own body");
         assert_eq!((body.version, body.expires_unix_ms), (VERSION, 42));

@@ -19,7 +19,7 @@ use crate::unix_now_ms;
 impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     /// A claimed job: first what a former holder left in the claim (a grant to release, or
     /// a running function to adopt), then the stages.
-    pub(super) async fn run_claimed(
+    pub(crate) async fn run_claimed(
         &self,
         id: &JobId,
         object: &ObjectRef,
@@ -61,12 +61,18 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                         }
                         self.give_back(object, reservation, Some(claim), GpusDone::from(&seen))
                             .await;
-                        return seen;
+                        // Lambda mode adopts only a function whose deadline has passed
+                        // (one still running is parked again, see `serverless`): the job
+                        // runs again now.
+                        if !(self.settings.serverless && seen.is_err()) {
+                            return seen;
+                        }
+                    } else {
+                        info!(scheduler_job = %grant.scheduler_job_id,
+                            "Releasing the grant a former holder recorded before it uploaded.");
+                        self.give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
+                            .await;
                     }
-                    info!(scheduler_job = %grant.scheduler_job_id,
-                        "Releasing the grant a former holder recorded before it uploaded.");
-                    self.give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
-                        .await;
                 }
                 Err(e) => {
                     // Not ours to release (another scheduler) or not recordable here: say
@@ -102,13 +108,17 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             self.record(object, None, EventKind::Released { scheduler_job });
             return;
         };
-        if done == GpusDone::Interrupted && claim.function_recorded().await {
+        if done == GpusDone::Handed
+            || (done == GpusDone::Interrupted && claim.function_recorded().await)
+        {
             self.reservations.hand_off(reservation).await;
             return;
         }
         let cleared = match done {
             GpusDone::ResultSeen => claim.end_done().await,
-            GpusDone::NothingRuns | GpusDone::Interrupted => claim.clear_gpus().await,
+            GpusDone::NothingRuns | GpusDone::Interrupted | GpusDone::Handed => {
+                claim.clear_gpus().await
+            }
         };
         match cleared {
             Ok(()) => {
@@ -134,11 +144,14 @@ pub(super) enum GpusDone {
     /// Stopped before either (shutdown, a lost claim, a failed stage): the function may
     /// still run if the claim says it started.
     Interrupted,
+    /// Lambda mode: the bundle is uploaded and the claim carries the grant on.
+    Handed,
 }
 
 impl GpusDone {
     pub(super) fn from(result: &Result<JobOutcome, JobError>) -> GpusDone {
         match result {
+            Ok(JobOutcome::Handed) => GpusDone::Handed,
             Ok(_) => GpusDone::ResultSeen,
             Err(JobError::ResultDeadline { .. }) => GpusDone::NothingRuns,
             Err(_) => GpusDone::Interrupted,
@@ -166,10 +179,13 @@ impl<S> JobContext<S> {
                 .map_err(JobError::Claim)?;
             let (owner, remaining, holder_message) = match acquired {
                 Acquired::Claimed(guard) => return Ok(guard),
+                // A parked serverless claim records its invocation's message: another
+                // copy is a duplicate, as of any holder.
                 Acquired::HeldElsewhere {
                     owner,
                     remaining,
                     message_id,
+                    ..
                 } => (owner, remaining, message_id),
             };
             match (holder_message.as_deref(), message_id) {

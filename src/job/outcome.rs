@@ -18,6 +18,12 @@ pub(crate) enum JobOutcome {
     /// The result was already there (a duplicate or redelivered notification): the job
     /// was not run again.
     AlreadyDone,
+    /// Lambda mode: the bundle is uploaded and the claim, parked until the result
+    /// deadline, carries the job and its grant from here on.
+    Handed,
+    /// Lambda mode: the job's claim already carries it (parked by an earlier invocation,
+    /// its function may be running): this copy is not needed.
+    Carried,
 }
 
 /// What to do with the message after a job failed.

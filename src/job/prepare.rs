@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::claim::ClaimHandle;
 use super::event::ObjectRef;
 use super::{JobCancel, JobContext, JobError, JobId, stage, until_cancelled};
 use crate::aws::storage;
@@ -51,6 +52,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         object: &ObjectRef,
         input: &Path,
         cancel: &JobCancel,
+        claim: Option<&ClaimHandle>,
     ) -> Result<Prepared, JobError> {
         // Each stage boxes its own future (see `stage`): the SDK's futures are large.
         let check = stage("check_result", self.result_exists(id));
@@ -64,7 +66,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 return Ok(Prepared::AlreadyDone);
             }
             let size = downloaded?;
-            let reservation = self.allocate_unless_stopping(id, object, cancel).await?;
+            let reservation = self
+                .allocate_unless_stopping(id, object, cancel, claim)
+                .await?;
             return Ok(Prepared::Ready { reservation, size });
         }
 
@@ -100,7 +104,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 // object; its own error is the job's (see below), not this one.
                 return Err(cancel.error());
             }
-            self.allocate_unless_stopping(id, object, &allocation)
+            self.allocate_unless_stopping(id, object, &allocation, claim)
                 .await
                 .map(Some)
         };
@@ -124,9 +128,25 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         id: &JobId,
         object: &ObjectRef,
         cancel: &JobCancel,
+        claim: Option<&ClaimHandle>,
     ) -> Result<Reservation, JobError> {
         if cancel.stop.is_cancelled() {
             return Err(JobError::NotStarted);
+        }
+        if self.settings.serverless
+            && let Some(claim) = claim
+        {
+            // Lambda mode: a sandbox killed between the client's reply and the claim
+            // write that records its grant leaves no journal anyone reads again; the
+            // intent tells the schedule that a grant may have been lost there.
+            let now = crate::unix_now_ms();
+            until_cancelled(cancel, async {
+                claim
+                    .update_serverless(|s| s.alloc_started_unix_ms = Some(now))
+                    .await
+                    .map_err(JobError::Claim)
+            })
+            .await?;
         }
         self.record(object, None, EventKind::WaitingForGpus);
         let allocate = async {

@@ -74,6 +74,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         // another daemon can find (and release) it.
         let record_grant = async {
             let Some(claim) = claim else { return Ok(()) };
+            super::serverless::debug_abort_at("granted");
             let grant = reservation.grant();
             let recorded = RecordedGrant {
                 scheduler: self.reservations.scheduler_address().to_owned(),
@@ -87,6 +88,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .await
         };
         tokio::try_join!(bundled, record_grant)?;
+        if claim.is_some() {
+            super::serverless::debug_abort_at("grant-recorded");
+        }
         let bytes = std::fs::metadata(bundle_file.path()).map_or(0, |m| m.len());
         self.record(object, None, EventKind::Bundled { bytes });
 
@@ -132,6 +136,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         .await?;
         drop(bundle_file);
         self.record(object, None, EventKind::Uploaded);
+        if self.settings.serverless {
+            // The claim carries the job from here: its grant, its function, its deadline.
+            super::serverless::debug_abort_at("uploaded");
+            return Ok(JobOutcome::Handed);
+        }
 
         let seen = stage(
             "await_result",

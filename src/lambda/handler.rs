@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aws_lambda_events::sqs::SqsBatchResponse;
-use lambda_runtime::{LambdaEvent, service_fn};
+use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use serde_json::Value;
 use tracing::{error, info, warn};
 
@@ -30,10 +30,6 @@ use crate::reservations::{Journal, ReservationSettings, Reservations};
 use crate::scheduler::{Ssgm, SsgmConfig};
 
 /// What one sandbox shares between its invocations.
-#[expect(
-    dead_code,
-    reason = "the skeleton's handlers do not use every part yet"
-)]
 pub(crate) struct Lambda {
     pub(crate) config: LambdaConfig,
     pub(crate) s3: aws_sdk_s3::Client,
@@ -59,7 +55,6 @@ pub(crate) struct Invocation {
     pub(crate) deadline_unix_ms: u64,
 }
 
-#[expect(dead_code, reason = "the skeleton's handlers do not use it yet")]
 impl Invocation {
     /// How long the invocation has left.
     pub(crate) fn remaining(&self) -> Duration {
@@ -103,6 +98,15 @@ impl Lambda {
             &place.dir,
             c.claim_lease,
         );
+        // As the daemon does at start-up: a claims location the function cannot write
+        // fails the init, not every record.
+        claims.check().await.with_context(|| {
+            format!(
+                "cannot write and delete claims in s3://{}/{} (ORCHGPU_CLAIMS): the function \
+                 needs s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket there",
+                place.bucket, place.dir
+            )
+        })?;
         let (work_dir, _) = WorkDir::open(&c.work_dir).context("cannot prepare the work dir")?;
         let (journal, leftovers) =
             Journal::open(config.state_dir()).context("cannot open the reservation journal")?;
@@ -138,6 +142,7 @@ impl Lambda {
                 result_poll_interval: c.result_poll_interval,
                 result_deadline: c.result_deadline,
                 work_dir: work_dir.path().to_path_buf(),
+                serverless: true,
             },
             None,
             Some(claims.clone()),
@@ -162,7 +167,7 @@ impl Lambda {
     }
 
     /// One invocation.
-    async fn handle(&self, event: LambdaEvent<Value>) -> Result<Value, lambda_runtime::Error> {
+    async fn handle(&self, event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
         let invocation = Invocation {
             request_id: event.context.request_id.clone(),
             deadline_unix_ms: event.context.deadline,
@@ -171,7 +176,10 @@ impl Lambda {
             Ok(route) => route,
             Err(e) => {
                 error!(request_id = %invocation.request_id, error = %e, "Event refused.");
-                return Err(Box::new(e));
+                return Err(Diagnostic {
+                    error_type: "orchgpu.EventRefused".to_string(),
+                    error_message: e.to_string(),
+                });
             }
         };
         let response = match route {
@@ -182,7 +190,7 @@ impl Lambda {
                 batch_response(super::results::handle(self, &invocation, records).await)
             }
             Route::Schedule => serde_json::to_value(super::schedule::run(self, &invocation).await)
-                .map_err(|e| Box::new(e) as lambda_runtime::Error)?,
+                .expect("a struct of numbers always serializes"),
         };
         Ok(response)
     }

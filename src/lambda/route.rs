@@ -63,7 +63,19 @@ pub(crate) struct QueueNames {
 /// # Errors
 /// `RouteError` for anything but a batch of one of our queues or a scheduled event.
 pub(crate) fn route(event: Value, queues: &QueueNames) -> Result<Route, RouteError> {
-    if event.get("Records").is_some() {
+    if let Some(records) = event.get("Records") {
+        // Another service's records (an S3 event sent straight to the function, say).
+        let source = records
+            .get(0)
+            .and_then(|r| r.get("eventSource").or_else(|| r.get("EventSource")))
+            .and_then(Value::as_str);
+        if let Some(source) = source
+            && source != "aws:sqs"
+        {
+            return Err(RouteError::Unknown(format!(
+                "records of {source:?}, not of SQS: the function takes S3 events only through the jobs queue"
+            )));
+        }
         let batch: SqsEvent = serde_json::from_value(event)
             .map_err(|e| RouteError::Unknown(format!("Records that are not SQS records: {e}")))?;
         return route_batch(batch.records, queues);

@@ -3,8 +3,10 @@
 //! notifications); the real daemon and the real function stand-in as processes of that
 //! stack, whose logs are printed when it is dropped (unless turned off); the real mock
 //! SSGM server, whose log is printed if the test panics; a proxy that stages outages, a
-//! real Prometheus; and readers for what they leave (JSON logs, `mock-ssgm -stats`,
-//! metrics). Each file owns one of these parts; this root only re-exports them.
+//! real Prometheus; a Lambda Runtime API and a player of the SQS event source mapping for
+//! `orchgpu-lambda` (`lambda`; the binary `orchgpu-lambda-local` runs them by hand); and
+//! readers for what they leave (JSON logs, `mock-ssgm -stats`, metrics). Each file owns
+//! one of these parts; this root only re-exports them.
 //!
 //! The kit knows no build: the caller passes the emulator's URL and the binaries' paths in
 //! a [`Kit`] (the tests from `CARGO_BIN_EXE_*`, the bench from `--bin-dir`). The tests'
@@ -17,6 +19,7 @@ mod function;
 mod http;
 mod json_log;
 mod kit;
+mod lambda;
 mod mock_ssgm;
 mod process;
 mod prometheus;
@@ -29,6 +32,9 @@ pub use http::{http_address, http_get, metric_sum};
 pub use json_log::{JsonLog, job_id, message, parse_rfc3339_us, timestamp_us};
 pub use kit::{
     Bins, DEFAULT_ENDPOINT, Kit, clients, clients_at, emulator_config, emulator_config_at, endpoint,
+};
+pub use lambda::{
+    Mapping, Outcome, Poll, RuntimeApi, lambda_env, response, scheduled_event, visible_messages,
 };
 pub use mock_ssgm::MockSsgm;
 pub use process::Process;

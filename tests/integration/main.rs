@@ -11,6 +11,7 @@ mod history_cmd;
 mod inference;
 // The tests' door to the test kit (testkit/); the tests name it `harness`.
 mod kit;
+mod lambda;
 use kit as harness;
 mod large_input;
 mod mock_ssgm;

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::{
-    BoxFuture, ClaimError, Claims, FunctionStarted, JobRecord, Put, RecordedGrant, Shared,
-    duration_ms,
+    BoxFuture, ClaimError, Claims, FunctionStarted, JobRecord, Owner, Put, RecordedGrant,
+    ServerlessRecord, Shared, duration_ms,
 };
 use crate::backoff::Backoff;
 
@@ -104,6 +104,11 @@ impl Held {
             state.record.grant = None;
             state.record.function = None;
         }
+        // Whatever `-alloc` call an intent announced is over, and this live process's
+        // reservations (journal, releaser) own its outcome.
+        if let Some(serverless) = &mut state.record.serverless {
+            serverless.alloc_started_unix_ms = None;
+        }
         let shared = self.shared();
         let key = &self.key;
         if !state.record.holds_gpus() && !self.is_lost() && !self.time_to_act().is_zero() {
@@ -133,6 +138,39 @@ impl Held {
                 debug!(claim = %key, "Claim was no longer ours.");
                 state.etag = None;
                 Err(ClaimError::Lost { key: key.clone() })
+            }
+        }
+    }
+
+    /// Hands the claim to no process: written with the serverless holder and `until` as
+    /// its expiry (the function's result deadline), the record as it is. Nobody takes it
+    /// over before then but the results handler and the schedule (`acquire_parked`).
+    async fn park(&self, until_unix_ms: u64) -> Result<(), ClaimError> {
+        let mut state = self.state.lock().await;
+        let Some(etag) = state.etag.clone() else {
+            return Err(ClaimError::Lost {
+                key: self.key.clone(),
+            });
+        };
+        let shared = self.shared();
+        let body = shared.encode_as(
+            &Owner::serverless(),
+            &self.job_id,
+            until_unix_ms,
+            &state.record,
+        );
+        match shared.replace_confirmed(&self.key, &etag, body).await? {
+            Put::Written(_) => {
+                state.etag = None;
+                debug!(claim = %self.key, until_unix_ms, "Claim parked until the result deadline.");
+                Ok(())
+            }
+            Put::Conflict => {
+                state.etag = None;
+                self.lost.store(true, Ordering::SeqCst);
+                Err(ClaimError::Lost {
+                    key: self.key.clone(),
+                })
             }
         }
     }
@@ -170,7 +208,26 @@ impl ClaimHandle {
     /// # Errors
     /// `ClaimError` when the write is not confirmed (`Lost` when another daemon has it).
     pub(crate) async fn record_grant(&self, grant: RecordedGrant) -> Result<(), ClaimError> {
-        self.held.update(|r| r.grant = Some(grant)).await
+        let mut intent = None;
+        self.held
+            .update(|r| {
+                r.grant = Some(grant);
+                // The `-alloc` call the intent announced is over: its grant is here.
+                if let Some(serverless) = &mut r.serverless {
+                    intent = serverless.alloc_started_unix_ms.take();
+                }
+            })
+            .await?;
+        if let Some(started) = intent {
+            // The widest the lost-grant window was for this job: from just before the
+            // `-alloc` call to the confirmed claim write (docs/serverless.md).
+            info!(
+                claim = %self.held.key,
+                window_ms = crate::unix_now_ms().saturating_sub(started),
+                "Grant recorded in the claim."
+            );
+        }
+        Ok(())
     }
 
     /// Records that the function may run from now until `result_deadline_unix_ms`.
@@ -182,6 +239,24 @@ impl ClaimHandle {
         function: FunctionStarted,
     ) -> Result<(), ClaimError> {
         self.held.update(|r| r.function = Some(function)).await
+    }
+
+    /// Changes the serverless part of the record (Lambda mode), confirmed.
+    ///
+    /// # Errors
+    /// As `record_grant`.
+    pub(crate) async fn update_serverless(
+        &self,
+        change: impl FnOnce(&mut ServerlessRecord),
+    ) -> Result<(), ClaimError> {
+        self.held
+            .update(|r| change(r.serverless.get_or_insert_with(ServerlessRecord::default)))
+            .await
+    }
+
+    /// The record as last confirmed.
+    pub(crate) async fn record(&self) -> JobRecord {
+        self.held.state.lock().await.record.clone()
     }
 
     /// Whether the record says (confirmed) that the function may be running.
@@ -320,6 +395,17 @@ impl ClaimGuard {
                 }
             }
         }
+    }
+
+    /// Parks the claim until `until_unix_ms` (see `Held::park`): the serverless jobs
+    /// handler's end once the bundle is uploaded. On an error the claim stays ours until
+    /// its lease runs out, when the schedule finds its record.
+    ///
+    /// # Errors
+    /// `ClaimError` when the write is not confirmed.
+    pub(crate) async fn park(mut self, until_unix_ms: u64) -> Result<(), ClaimError> {
+        self.ended = true;
+        self.held.park(until_unix_ms).await
     }
 
     /// Ends the claim (see `Held::end`): deleted when its record holds nothing, else

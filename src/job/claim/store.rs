@@ -33,6 +33,8 @@ pub(crate) trait ClaimStore: Send + Sync {
     fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, ClaimError>>;
     /// Deletes the object at `key`, whatever it holds.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), ClaimError>>;
+    /// The keys of every object under `prefix` (the schedule's pass over the claims).
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, ClaimError>>;
 }
 /// Claims as objects of one S3 bucket.
 pub(crate) struct S3Store {
@@ -144,6 +146,29 @@ impl ClaimStore for S3Store {
                 .map_err(|e| self.error("read", key, e.into()))?
                 .into_bytes();
             Ok(Some((etag, body.to_vec())))
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, ClaimError>> {
+        Box::pin(async move {
+            let mut keys = Vec::new();
+            let mut pages = self
+                .s3
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| self.error("list", prefix, e.into()))?;
+                keys.extend(
+                    page.contents
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|o| o.key),
+                );
+            }
+            Ok(keys)
         })
     }
 

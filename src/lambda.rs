@@ -8,6 +8,7 @@
 //! the reservations, the bundle and the SSGM client are the daemon's.
 
 mod config;
+mod finish;
 mod handler;
 mod jobs;
 mod results;

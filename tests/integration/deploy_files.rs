@@ -272,5 +272,12 @@ fn lambda_template_sets_only_variables_of_help() -> Result<()> {
             "{LAMBDA_TEMPLATE} does not set {required}"
         );
     }
+    // The lost-grant alarm keys on the phrase the function logs (the lambda tests check
+    // the function logs it).
+    let filter = format!("FilterPattern: '\"{}\"'", crate::lambda::LOST_GRANT);
+    assert!(
+        template.contains(&filter),
+        "{LAMBDA_TEMPLATE}'s lost-grant metric filter is not {filter}"
+    );
     Ok(())
 }

@@ -19,7 +19,7 @@ const LAMBDA: &str = env!("CARGO_BIN_EXE_orchgpu-lambda");
 /// The function's timeout (each invocation's deadline) in these tests.
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// The stable phrase of a possibly lost grant (`job::serverless::LOST_GRANT`).
-const LOST_GRANT: &str = "GPU grant possibly lost with its sandbox";
+pub(crate) const LOST_GRANT: &str = "GPU grant possibly lost with its sandbox";
 
 /// One sandbox: a Runtime API and the `orchgpu-lambda` process polling it.
 struct Sandbox {

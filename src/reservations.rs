@@ -592,6 +592,37 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
         forget(&self.shared, &entry.scheduler_job_id).await;
     }
 
+    /// One `-dealloc` attempt for a grant that a claim records and keeps recording until
+    /// this returns `Ok` (Lambda mode: the claim, not this sandbox's journal, is the
+    /// grant's record, so nothing is written to the journal and nothing is retried here;
+    /// whoever takes the claim next retries a failure). Counts the GPU time on success
+    /// and wakes a job waiting for GPUs.
+    ///
+    /// # Errors
+    /// The scheduler call's failure (the outcome is unknown after a timeout).
+    pub(crate) async fn release_recorded(
+        &self,
+        scheduler_job_id: &str,
+        granted_unix_ms: u64,
+    ) -> Result<(), SchedulerError> {
+        let started = std::time::Instant::now();
+        let released = self.shared.scheduler.dealloc(scheduler_job_id).await;
+        telemetry::get().scheduler_call("dealloc", dealloc_reply_label(&released));
+        if released.is_ok() {
+            self.shared.count_gpu_time(granted_unix_ms);
+            self.shared.gpus_freed.notify_waiters();
+            info!(
+                stage = "release",
+                scheduler_job = %scheduler_job_id,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Stage finished."
+            );
+        } else {
+            telemetry::get().release_failed();
+        }
+        released
+    }
+
     /// Releases in the background, after asking the job's claim whether it names the
     /// grant (then it is the claim's, not ours): for a job that could not confirm that its
     /// claim no longer names it.

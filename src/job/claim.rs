@@ -218,6 +218,17 @@ pub(crate) struct ServerlessRecord {
     /// and lost with the sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) alloc_started_unix_ms: Option<u64>,
+    /// `-dealloc` attempts at the recorded grant that failed in a row (the grant stays
+    /// recorded until one is confirmed; see `lambda::finish`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) release_failures: u32,
+    /// When the first of those failed (unix milliseconds): the give-up rule counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) release_failing_since_unix_ms: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl JobRecord {

@@ -119,6 +119,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             attempts,
             request_id: start.request_id,
             alloc_started_unix_ms: None,
+            // A failed release a former holder counted is this run's to settle
+            // (`run_claimed` releases the carried grant first).
+            ..ServerlessRecord::default()
         };
         handle
             .update_serverless(|s| *s = record)
@@ -163,7 +166,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 /// process kills itself (SIGKILL, as Lambda ends a sandbox) when a claimed job reaches
 /// `point`: `granted` (GPUs granted, the claim not yet told), `grant-recorded` (the claim
 /// names the grant, nothing uploaded), `uploaded` (the bundle is up, the claim not yet
-/// parked).
+/// parked), `dealloc-confirmed` (a recorded grant's `-dealloc` confirmed, the claim not
+/// yet ended: `lambda::finish`).
 pub(crate) fn debug_abort_at(point: &str) {
     #[cfg(debug_assertions)]
     if std::env::var("ORCHGPU_DEBUG_ABORT_AT").is_ok_and(|at| at == point) {

@@ -1,77 +1,150 @@
 //! What the results handler, the schedule and the jobs handler share once they hold a
-//! job's claim: releasing the grant it records in the daemon's order (adopted into this
-//! sandbox's journal, taken out of the claim, then released: never released twice), the
-//! job's one-record S3 event.
+//! job's claim: releasing the grant it records, and the job's one-record S3 event.
+//!
+//! **The rule: a recorded grant leaves the claim only once the scheduler confirmed its
+//! release.** A sandbox's `/tmp` (its journal) dies with it, so in Lambda mode the claim
+//! is the grant's only durable record. `release_recorded` runs while its caller holds
+//! the claim (a live claim under its lease: nobody else acts on it) and:
+//!
+//! 1. calls `-dealloc` once, the grant still recorded;
+//! 2. confirmed: ends the claim (deleted; the grant with it);
+//! 3. failed (non-zero exit, timeout, no client): writes the claim with the grant kept,
+//!    the function taken out (the job is done, or was sent back: no result is awaited)
+//!    and the failure counted (`release_failures`, `release_failing_since_unix_ms`), then
+//!    the caller's end marks it released: the **release pending** state. The schedule's
+//!    next pass (holder gone, a grant, no function: `ReleaseGrant`), a retried results
+//!    record, a redelivered jobs record or a daemon sharing the claims, whoever takes it
+//!    first, releases it again. The caller reports the failure (the results handler: a
+//!    batch item failure, so its record comes back);
+//! 4. the give-up rule: a release still failing `GIVE_UP_AFTER` after its first failure
+//!    (the daemon's releaser retries about as long) is given up: an error names the claim
+//!    and the scheduler job (`RELEASE_GIVEN_UP`, metric `ReleasesGivenUp`), and the claim
+//!    ends. The scheduler's own clean-up is then the only way back for those GPUs.
+//!
+//! **Releasing twice.** A caller killed after a confirmed `-dealloc` and before the claim
+//! write (2.) leaves the grant recorded; whoever takes the claim next calls `-dealloc`
+//! again for a job id the scheduler no longer knows. The SSGM client reports that as a
+//! failure (the mock SSGM exits 1, "unknown job", and frees nothing; its job ids only
+//! increase, so an old id never names a new job), which is counted as in 3. until it
+//! succeeds or is given up: a second release frees nothing as long as the scheduler does
+//! not hand the same job id to another client within the give-up time. That is the
+//! assumption the daemon's releaser already makes when it retries a `-dealloc` that
+//! timed out (which the scheduler may have applied). We choose it over the old order
+//! (the grant taken out of the claim before the `-dealloc`), which never released twice
+//! but leaked every grant whose release failed in a sandbox that was then recycled.
+//!
+//! A crash at each instant: before the `-dealloc`, during it, or after it and before the
+//! claim write: the claim is live with the grant (and the function, if it had one) until
+//! its lease runs out; then the schedule (a function: its result is there, or its
+//! deadline passed; no function: `ReleaseGrant`) or a redelivered record takes it and
+//! releases again (a second `-dealloc` if the first was applied: see above). During the
+//! failure write (3.): the write is confirmed or not; not confirmed, the claim is as it
+//! was, with the grant. Between that write and the end: the claim is live with the
+//! grant, no function, until its lease runs out: `ReleaseGrant`. No instant leaves the
+//! grant recorded nowhere.
 
 use serde_json::json;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::handler::Lambda;
 use crate::aws::error_chain;
 use crate::job::claim::{ClaimError, ClaimHandle, JobRecord};
-use crate::job::event::{Notification, ObjectRef, parse_notification};
+use crate::job::event::ObjectRef;
+use crate::job::serverless::debug_abort_at;
+use crate::ops::emf;
 
-/// Releases the grant `carried` records, if any, after ending the claim (which takes it
-/// out). Returns the scheduler job id released.
+/// How long a recorded grant's release is retried after its first failure before it is
+/// given up (the daemon's releaser gives up after 20 failures at a backoff doubling from
+/// 1 s to 5 min: a little over an hour, `reservations::releaser`).
+pub(crate) const GIVE_UP_AFTER_MS: u64 = 60 * 60 * 1000;
+
+/// The stable phrase of the log line an alert keys on (with the metric
+/// `ReleasesGivenUp`): a recorded grant's release kept failing and was given up.
+pub(crate) const RELEASE_GIVEN_UP: &str =
+    "GPU release given up; the scheduler may still hold the grant";
+
+/// Whether a release failing since `since_unix_ms` is given up at `now`.
+pub(crate) fn give_up(since_unix_ms: u64, now: u64) -> bool {
+    now.saturating_sub(since_unix_ms) >= GIVE_UP_AFTER_MS
+}
+
+/// Why a recorded grant is still recorded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReleaseError {
+    /// The claim could not be changed: it records the grant as it did.
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    /// The `-dealloc` failed: the claim keeps the grant (release pending), or, when the
+    /// failure write was not confirmed, is as it was.
+    #[error(
+        "the release of scheduler job {scheduler_job} failed ({failures} in a row); the claim keeps the grant"
+    )]
+    Failed {
+        scheduler_job: String,
+        failures: u32,
+    },
+}
+
+/// Releases the grant `carried` records, if any, then ends the claim (see the module doc:
+/// the grant stays recorded until the release is confirmed). Returns the scheduler job
+/// id released. The caller holds the claim through `handle` and ends its guard after.
 ///
 /// # Errors
-/// `ClaimError` when the claim could not be changed: the grant then stays recorded in it
-/// (and in this sandbox's journal, whose releaser asks the claim before it releases).
+/// `ReleaseError` when the grant is still recorded: the release failed, or the claim
+/// could not be changed.
 pub(crate) async fn release_recorded(
     lambda: &Lambda,
     job_id: &str,
     handle: &ClaimHandle,
     carried: &JobRecord,
-) -> Result<Option<String>, ClaimError> {
-    let clear = || handle.end_done();
+) -> Result<Option<String>, ReleaseError> {
     let Some(grant) = &carried.grant else {
-        clear().await?;
+        handle.end_done().await?;
         return Ok(None);
     };
     let reservations = lambda.jobs.reservations();
-    let key = carried
-        .serverless
-        .as_ref()
-        .and_then(|s| object_of_event(&s.event))
-        .map(|o| o.key)
-        .unwrap_or_default();
-    let adopted = reservations
-        .adopt(
-            job_id,
-            &key,
-            &grant.scheduler,
+    if grant.scheduler != reservations.scheduler_address() {
+        error!(job_id, scheduler_job = %grant.scheduler_job_id, scheduler = %grant.scheduler,
+            "Cannot take over the grant the job's claim records (another scheduler); release it by hand.");
+        handle.end_done().await?;
+        return Ok(None);
+    }
+    let released = reservations
+        .release_recorded(
             &grant.scheduler_job_id,
-            &grant.devices,
-            grant.since_unix,
+            grant.since_unix.saturating_mul(1000),
         )
         .await;
-    match adopted {
-        Ok(reservation) => match clear().await {
-            Ok(()) => {
-                reservations.release(reservation).await;
-                Ok(Some(grant.scheduler_job_id.clone()))
+    let failure = match released {
+        Ok(()) => {
+            debug_abort_at("dealloc-confirmed");
+            if let Err(e) = handle.end_done().await {
+                // Released, still recorded: the next taker's `-dealloc` is a second one
+                // (see the module doc), answered "unknown job" and counted until given up.
+                warn!(job_id, scheduler_job = %grant.scheduler_job_id, error = %error_chain(&e),
+                    "GPUs released, but the claim still records them.");
             }
-            Err(e) => {
-                // Still named by the claim: the releaser asks it first and leaves it.
-                reservations.release_in_background(reservation);
-                Err(e)
-            }
-        },
-        Err(e) => {
-            error!(job_id, scheduler_job = %grant.scheduler_job_id, scheduler = %grant.scheduler,
-                error = %error_chain(&e), "Cannot take over the grant the job's claim records; release it by hand.");
-            clear().await?;
-            Ok(None)
+            return Ok(Some(grant.scheduler_job_id.clone()));
         }
+        Err(e) => e,
+    };
+    let now = crate::unix_now_ms();
+    let (failures, since) = handle.record_release_failure(now).await?;
+    if give_up(since, now) {
+        error!(claim = %lambda.claims.key(job_id), job_id, scheduler_job = %grant.scheduler_job_id,
+            scheduler = %grant.scheduler, failures, failing_since_unix_ms = since,
+            error = %error_chain(&failure), "{}", RELEASE_GIVEN_UP);
+        emf::count("ReleasesGivenUp", 1);
+        handle.end_done().await?;
+        return Ok(None);
     }
-}
-
-/// The one object of a job's stored S3 event.
-pub(crate) fn object_of_event(event: &str) -> Option<ObjectRef> {
-    match parse_notification(event) {
-        Notification::Objects { mut objects, .. } if objects.len() == 1 => objects.pop(),
-        _ => None,
-    }
+    warn!(claim = %lambda.claims.key(job_id), job_id, scheduler_job = %grant.scheduler_job_id,
+        failures, error = %error_chain(&failure),
+        "Cannot release the GPUs the claim records; the claim keeps them for a retry.");
+    Err(ReleaseError::Failed {
+        scheduler_job: grant.scheduler_job_id.clone(),
+        failures,
+    })
 }
 
 /// Bodies up to this size are kept as they came; a larger one (or one naming several
@@ -113,6 +186,15 @@ pub(crate) fn event_for(object: &ObjectRef, body: &str, objects_in_body: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::event::{Notification, parse_notification};
+
+    /// The one object of a job's stored S3 event.
+    fn object_of_event(event: &str) -> Option<ObjectRef> {
+        match parse_notification(event) {
+            Notification::Objects { mut objects, .. } if objects.len() == 1 => objects.pop(),
+            _ => None,
+        }
+    }
 
     fn object(key: &str) -> ObjectRef {
         ObjectRef {
@@ -132,6 +214,16 @@ mod tests {
             let event = event_for(&object(key), "not this body", 2);
             assert_eq!(object_of_event(&event), Some(object(key)), "{event}");
         }
+    }
+
+    #[test]
+    fn a_failing_release_is_given_up_an_hour_after_its_first_failure() {
+        let since = 1_000_000;
+        assert!(!give_up(since, since));
+        assert!(!give_up(since, since + GIVE_UP_AFTER_MS - 1));
+        assert!(give_up(since, since + GIVE_UP_AFTER_MS));
+        // A clock behind the first failure (another sandbox's) never gives up early.
+        assert!(!give_up(since, since - 5_000));
     }
 
     #[test]

@@ -11,10 +11,16 @@
 //! Anything else in the bucket (other keys, test events, foreign bodies) is dropped with
 //! a line; it can never name a job.
 //!
-//! A crash at any instant: before the claim write that takes the grant out, the claim
-//! still names it and a redelivered event (or the schedule, which checks parked claims
-//! for their result) finishes the job; after it, the grant is in this sandbox's journal
-//! only until its `-dealloc` is confirmed — the window docs/serverless.md measures.
+//! A release that fails leaves the grant in the claim (release pending, see
+//! `finish`) and is a batch item failure: the event comes back and tries again, and the
+//! schedule retries it too; whichever is first releases it, the other finds it done.
+//!
+//! A crash at any instant: until the claim is ended, after the `-dealloc` is confirmed,
+//! the claim names the grant, and a redelivered event (or the schedule, which checks
+//! parked claims for their result and releases the grants of claims whose holder is
+//! gone) finishes the job; one killed between the confirmed `-dealloc` and the claim
+//! write makes the next one call `-dealloc` a second time (`finish` says why that is
+//! safe).
 
 use aws_lambda_events::sqs::SqsMessage;
 use tracing::{debug, info, warn};
@@ -126,7 +132,9 @@ pub(crate) async fn finish(lambda: &Lambda, job_id: &str) -> Result<(), FinishEr
     let handle = guard.handle();
     let released = release_recorded(lambda, job_id, &handle, &carried).await;
     guard.end().await;
-    let released = released.map_err(claim_error)?;
+    // Still recorded (release pending, or the claim unchanged): a batch item failure,
+    // so the result's record comes back; the schedule retries too.
+    let released = released.map_err(|e| FinishError::Claim(error_chain(&e)))?;
     let now = crate::unix_now_ms();
     let result_after_ms = carried
         .function

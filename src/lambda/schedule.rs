@@ -7,7 +7,7 @@
 //! | held by a live process                            | left alone |
 //! | parked (or holder gone) with a function, before its deadline | its result looked for (HEAD): there → finished as by the results handler |
 //! | ... past its deadline                              | grant released, the job's event sent back to the jobs queue with its attempt count, or to the dead-letter queue once `maxReceiveCount` attempts were made; claim removed |
-//! | holder gone, a grant without a function           | grant released, claim removed (the dead invocation's SQS record brings the job back) |
+//! | holder gone, a grant without a function           | grant released, claim removed (the dead invocation's SQS record brings the job back); also a *release pending* claim (an earlier release failed, `finish`), retried every pass until confirmed or given up |
 //! | holder gone, an intent without a grant            | `LOST_GRANT` logged with the claim's key and counted (`LostGrants`); claim removed |
 //! | holder gone, nothing recorded                     | removed |
 //! | not a claim body of ours                          | left alone |
@@ -16,7 +16,9 @@
 //! passes (or a pass and an invocation) on one claim, one acts and the other skips it.
 //! Sending back comes before the release and the removal: a pass killed in between leaves
 //! the claim as it was, and the next pass sends it again (a second copy of a job is
-//! a duplicate the claim absorbs, never a second run). The pass stops when the
+//! a duplicate the claim absorbs, never a second run). Every release keeps the grant in
+//! the claim until the scheduler confirms it (`finish::release_recorded`): a failed one
+//! leaves the claim release pending for the next pass. The pass stops when the
 //! invocation's time gets short and says so; the next pass goes on.
 
 use serde::Serialize;
@@ -169,11 +171,24 @@ async fn visit(lambda: &Lambda, id: &str, pass: &mut Pass) -> Result<(), String>
                 Action::ReleaseGrant => release_recorded(lambda, id, &guard.handle(), &carried)
                     .await
                     .map(|released| {
-                        info!(
-                            job_id = id,
-                            scheduler_job = released.as_deref().unwrap_or(""),
-                            "Released the grant of an invocation that died before its upload."
-                        );
+                        let retried = carried
+                            .serverless
+                            .as_ref()
+                            .map_or(0, |s| s.release_failures);
+                        if retried > 0 {
+                            info!(
+                                job_id = id,
+                                scheduler_job = released.as_deref().unwrap_or(""),
+                                failed_before = retried,
+                                "Released a grant whose earlier release failed."
+                            );
+                        } else {
+                            info!(
+                                job_id = id,
+                                scheduler_job = released.as_deref().unwrap_or(""),
+                                "Released the grant of an invocation that died before its upload."
+                            );
+                        }
                         pass.grants_released += 1;
                     })
                     .map_err(|e| error_chain(&e)),
@@ -325,6 +340,17 @@ mod tests {
             serverless: intent(),
             ..JobRecord::default()
         };
+        // An earlier release failed: the claim kept the grant, took the function out and
+        // was marked released (holder gone).
+        let release_pending = JobRecord {
+            grant: grant(),
+            serverless: Some(ServerlessRecord {
+                release_failures: 2,
+                release_failing_since_unix_ms: Some(NOW - 60_000),
+                ..ServerlessRecord::default()
+            }),
+            ..JobRecord::default()
+        };
         let intended = JobRecord {
             serverless: intent(),
             ..JobRecord::default()
@@ -337,6 +363,11 @@ mod tests {
             (view(false, true, overdue), Action::Retry),
             (view(false, true, granted.clone()), Action::ReleaseGrant),
             (view(false, false, granted), Action::Leave),
+            (
+                view(false, true, release_pending.clone()),
+                Action::ReleaseGrant,
+            ),
+            (view(false, false, release_pending), Action::Leave),
             (view(false, true, intended.clone()), Action::ReportLostGrant),
             (view(false, false, intended), Action::Leave),
             (view(false, true, JobRecord::default()), Action::Remove),

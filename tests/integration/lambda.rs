@@ -483,6 +483,64 @@ async fn the_results_handler_run_twice_for_one_result_releases_once() -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_release_keeps_the_grant_in_the_claim_until_a_retry_releases_it_once() -> Result<()>
+{
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lrelfail", 5).await?;
+    let (results_queue, results_url) = stack.add_results_queue().await?;
+    stack.start_function("copy-result.sh")?;
+    let env = [("ORCHGPU_RESULTS_QUEUE", results_queue.as_str())];
+    let first = sandbox(&mut stack, &ssgm, "first", &env).await?;
+    drain_test_event(&stack).await?;
+    stack.upload("release.png", b"released later").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, TIMEOUT).await?;
+    let polled = next_batch(&mut stack, &jobs, &first, Duration::from_secs(30)).await?;
+    assert!(polled.failed.is_empty(), "{polled:?}");
+    stack.wait_for_results(1, Duration::from_secs(30)).await?;
+    // The scheduler fails the next `-dealloc`.
+    ssgm.inject("fail-release", 1)?;
+    let results = Mapping::new(&sqs, &results_url, 10, Duration::from_secs(3)).await?;
+    // (Batches before the result's, such as S3's test event, succeed.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let polled = next_batch(&mut stack, &results, &first, Duration::from_secs(30)).await?;
+        response(&polled.outcome)?;
+        if !polled.failed.is_empty() {
+            assert_eq!(polled.failed.len(), 1, "{polled:?}");
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("the result's record never failed (the release's failure is lost)");
+        }
+    }
+    assert_eq!(ssgm.stat("failed_releases")?, 1);
+    assert_eq!(ssgm.stat("live")?, 1);
+    // The claim keeps the grant, without the function, released for the next taker.
+    let claim = claim_body(&stack).await?;
+    assert!(claim["grant"]["scheduler_job_id"].is_string(), "{claim}");
+    assert!(claim.get("function").is_none(), "{claim}");
+    assert_eq!(claim["expires_unix_ms"], 0, "{claim}");
+    assert_eq!(claim["serverless"]["release_failures"], 1, "{claim}");
+    // The sandbox is recycled: whatever it kept in /tmp is gone with it.
+    stack.process(first.process).kill();
+    // The scheduler answers again; a fresh sandbox's schedule releases the grant.
+    let fresh = sandbox(&mut stack, &ssgm, "fresh", &env).await?;
+    let summary = schedule(&mut stack, &fresh).await?;
+    assert_eq!(summary["grants_released"], 1, "{summary}");
+    assert_eq!(ssgm.stat("live")?, 0, "released once the scheduler answers");
+    assert!(claims_left(&stack).await?.is_empty());
+    // The result's record comes back and finds the job finished.
+    let again = next_batch(&mut stack, &results, &fresh, Duration::from_secs(30)).await?;
+    assert!(again.failed.is_empty(), "{again:?}");
+    assert_eq!(stack.queue_depth(&results_url).await?, 0);
+    assert_eq!(ssgm.stat("released")?, 1, "released exactly once");
+    assert_eq!(ssgm.stat("failed_releases")?, 1);
+    assert_eq!(ssgm.stat("dealloc_calls")?, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_too_little_time_left_no_record_is_started_and_all_come_back() -> Result<()> {
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("lshort", 5).await?;

@@ -273,6 +273,28 @@ impl ClaimHandle {
         self.held.finish(true).await
     }
 
+    /// A `-dealloc` of the recorded grant failed at `now` (unix milliseconds): the grant
+    /// stays recorded, the function is taken out (the job is done or was sent back: no
+    /// result is waited for any more), and the failure is counted. Returns the count and
+    /// when the failures began. End the claim afterwards (`ClaimGuard::end` marks it
+    /// released with the grant kept, for whoever takes it next to release).
+    ///
+    /// # Errors
+    /// As `record_grant`; then the record is as it was (grant included).
+    pub(crate) async fn record_release_failure(&self, now: u64) -> Result<(u32, u64), ClaimError> {
+        let mut counted = (0, now);
+        self.held
+            .update(|r| {
+                r.function = None;
+                let s = r.serverless.get_or_insert_with(ServerlessRecord::default);
+                s.release_failures = s.release_failures.saturating_add(1);
+                let since = *s.release_failing_since_unix_ms.get_or_insert(now);
+                counted = (s.release_failures, since);
+            })
+            .await?;
+        Ok(counted)
+    }
+
     /// Removes the grant and function from the record: before the GPUs are released, so
     /// that no successor releases them again.
     ///

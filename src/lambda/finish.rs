@@ -48,7 +48,9 @@ use tracing::{error, warn};
 
 use super::handler::Lambda;
 use crate::aws::error_chain;
-use crate::job::claim::{ClaimError, ClaimHandle, JobRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::job::claim::{ClaimError, ClaimGuard, JobRecord};
 use crate::job::event::ObjectRef;
 use crate::job::serverless::debug_abort_at;
 use crate::ops::emf;
@@ -87,7 +89,9 @@ pub(crate) enum ReleaseError {
 
 /// Releases the grant `carried` records, if any, then ends the claim (see the module doc:
 /// the grant stays recorded until the release is confirmed). Returns the scheduler job
-/// id released. The caller holds the claim through `handle` and ends its guard after.
+/// id released. The caller holds the claim (`guard`) and ends it after; the claim is
+/// renewed while the `-dealloc` runs, so that nobody else takes it (and releases the
+/// same grant) however long the call takes.
 ///
 /// # Errors
 /// `ReleaseError` when the grant is still recorded: the release failed, or the claim
@@ -95,9 +99,10 @@ pub(crate) enum ReleaseError {
 pub(crate) async fn release_recorded(
     lambda: &Lambda,
     job_id: &str,
-    handle: &ClaimHandle,
+    guard: &ClaimGuard,
     carried: &JobRecord,
 ) -> Result<Option<String>, ReleaseError> {
+    let handle = guard.handle();
     let Some(grant) = &carried.grant else {
         handle.end_done().await?;
         return Ok(None);
@@ -109,12 +114,13 @@ pub(crate) async fn release_recorded(
         handle.end_done().await?;
         return Ok(None);
     }
-    let released = reservations
-        .release_recorded(
-            &grant.scheduler_job_id,
-            grant.since_unix.saturating_mul(1000),
-        )
-        .await;
+    let dealloc = reservations.release_recorded(
+        &grant.scheduler_job_id,
+        grant.since_unix.saturating_mul(1000),
+    );
+    // A lease that runs out meanwhile does not stop the call (its outcome must be known):
+    // the claim writes after it then fail, and the grant stays recorded.
+    let (released, _) = guard.keep_while(&CancellationToken::new(), dealloc).await;
     let failure = match released {
         Ok(()) => {
             debug_abort_at("dealloc-confirmed");

@@ -129,8 +129,7 @@ pub(crate) async fn finish(lambda: &Lambda, job_id: &str) -> Result<(), FinishEr
         Acquired::HeldElsewhere { owner, .. } => return Err(FinishError::Held { owner }),
     };
     let carried = guard.carried().clone();
-    let handle = guard.handle();
-    let released = release_recorded(lambda, job_id, &handle, &carried).await;
+    let released = release_recorded(lambda, job_id, &guard, &carried).await;
     guard.end().await;
     // Still recorded (release pending, or the claim unchanged): a batch item failure,
     // so the result's record comes back; the schedule retries too.

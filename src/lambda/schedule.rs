@@ -168,7 +168,7 @@ async fn visit(lambda: &Lambda, id: &str, pass: &mut Pass) -> Result<(), String>
             };
             let now_action = decide(&taken, crate::unix_now_ms());
             let result = match now_action {
-                Action::ReleaseGrant => release_recorded(lambda, id, &guard.handle(), &carried)
+                Action::ReleaseGrant => release_recorded(lambda, id, &guard, &carried)
                     .await
                     .map(|released| {
                         let retried = carried
@@ -268,7 +268,7 @@ async fn retry(lambda: &Lambda, id: &str, pass: &mut Pass) -> Result<(), String>
             pass.retried += 1;
         }
     }
-    let released = release_recorded(lambda, id, &guard.handle(), &carried).await;
+    let released = release_recorded(lambda, id, &guard, &carried).await;
     guard.end().await;
     released.map(|_| ()).map_err(|e| error_chain(&e))
 }

@@ -541,6 +541,62 @@ async fn a_failed_release_keeps_the_grant_in_the_claim_until_a_retry_releases_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_a_confirmed_release_the_second_dealloc_frees_nothing() -> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lrelkill", 5).await?;
+    let (results_queue, results_url) = stack.add_results_queue().await?;
+    stack.start_function("copy-result.sh")?;
+    let env = [("ORCHGPU_RESULTS_QUEUE", results_queue.as_str())];
+    let lambda = sandbox(&mut stack, &ssgm, "a", &env).await?;
+    drain_test_event(&stack).await?;
+    stack.upload("twice.png", b"released, then killed").await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, TIMEOUT).await?;
+    let polled = next_batch(&mut stack, &jobs, &lambda, Duration::from_secs(30)).await?;
+    assert!(polled.failed.is_empty(), "{polled:?}");
+    stack.wait_for_results(1, Duration::from_secs(30)).await?;
+    // The result's handler dies between the confirmed `-dealloc` and the claim write.
+    let doomed = sandbox(
+        &mut stack,
+        &ssgm,
+        "doomed",
+        &[
+            ("ORCHGPU_RESULTS_QUEUE", results_queue.as_str()),
+            ("ORCHGPU_DEBUG_ABORT_AT", "dealloc-confirmed"),
+        ],
+    )
+    .await?;
+    let results = Mapping::new(&sqs, &results_url, 10, Duration::from_secs(3)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while next_batch(&mut stack, &results, &doomed, Duration::from_secs(30))
+        .await?
+        .outcome
+        != Outcome::NoAnswer
+    {
+        if Instant::now() >= deadline {
+            bail!("the doomed sandbox never reached the release");
+        }
+    }
+    assert_eq!(ssgm.stat("released")?, 1);
+    assert_eq!(ssgm.stat("live")?, 0);
+    let claim = claim_body(&stack).await?;
+    assert!(claim["grant"]["scheduler_job_id"].is_string(), "{claim}");
+    // The schedule finds the grant still recorded and calls `-dealloc` again: the
+    // scheduler no longer knows the job (exit 1) and frees nothing; the claim keeps the
+    // grant, release pending, counted towards the give-up rule.
+    let summary = schedule(&mut stack, &lambda).await?;
+    assert_eq!(summary["errors"], 1, "{summary}");
+    let [released, failed, calls] =
+        ssgm.counters(["released", "failed_releases", "dealloc_calls"])?;
+    assert_eq!((released, failed, calls), (1, 1, 2));
+    let claim = claim_body(&stack).await?;
+    assert_eq!(claim["serverless"]["release_failures"], 1, "{claim}");
+    assert!(claim.get("function").is_none(), "{claim}");
+    assert_eq!(claim["expires_unix_ms"], 0, "{claim}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_too_little_time_left_no_record_is_started_and_all_come_back() -> Result<()> {
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("lshort", 5).await?;

@@ -592,6 +592,31 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
         forget(&self.shared, &entry.scheduler_job_id).await;
     }
 
+    /// One `-dealloc` attempt for a reservation whose job's claim records it (Lambda mode:
+    /// the claim keeps the grant until the release is confirmed). Confirmed: it leaves the
+    /// journal, as `release` does. Failed: it is given back, still journalled and armed,
+    /// for the caller to decide (`hand_off` once the claim keeps it for a retry).
+    ///
+    /// # Errors
+    /// The reservation itself, with the scheduler call's failure.
+    pub(crate) async fn release_once(
+        &self,
+        reservation: Reservation,
+    ) -> Result<(), (Reservation, SchedulerError)> {
+        let job = reservation.grant.scheduler_job_id.clone();
+        match self
+            .release_recorded(&job, reservation.granted_unix_ms)
+            .await
+        {
+            Ok(()) => {
+                let entry = reservation.disarm();
+                forget(&self.shared, &entry.scheduler_job_id).await;
+                Ok(())
+            }
+            Err(e) => Err((reservation, e)),
+        }
+    }
+
     /// One `-dealloc` attempt for a grant that a claim records and keeps recording until
     /// this returns `Ok` (Lambda mode: the claim, not this sandbox's journal, is the
     /// grant's record, so nothing is written to the journal and nothing is retried here;

@@ -1,7 +1,12 @@
 //! A job under its claim: taking the claim (a copy of another message is a duplicate;
 //! the holder's own message waits for the claim to end), finishing what a former holder
 //! left in it (a grant to release, a running function to adopt), and giving the GPUs back
-//! in the order that never releases a grant twice.
+//! in the order that never releases a grant twice (the daemon: the grant leaves the claim
+//! first, its journal survives a restart). Lambda mode keeps a grant the claim records in
+//! the claim until its `-dealloc` is confirmed instead (`give_back_recorded`; a sandbox's
+//! journal dies with it): a crash after a confirmed `-dealloc` and before the claim write
+//! makes the next holder call `-dealloc` a second time, which `lambda::finish` explains
+//! is safe.
 
 use std::time::{Duration, Instant};
 
@@ -59,8 +64,14 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                         if seen.is_ok() {
                             self.record(object, None, EventKind::ResultSeen);
                         }
-                        self.give_back(object, reservation, Some(claim), GpusDone::from(&seen))
+                        let kept = self
+                            .give_back(object, reservation, Some(claim), GpusDone::from(&seen))
                             .await;
+                        if kept {
+                            // Lambda mode: the claim keeps the unreleased grant; the job
+                            // must not record another over it. Its record comes back.
+                            return Err(JobError::ReleasePending);
+                        }
                         // Lambda mode adopts only a function whose deadline has passed
                         // (one still running is parked again, see `serverless`): the job
                         // runs again now.
@@ -70,8 +81,12 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     } else {
                         info!(scheduler_job = %grant.scheduler_job_id,
                             "Releasing the grant a former holder recorded before it uploaded.");
-                        self.give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
-                            .await;
+                        if self
+                            .give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
+                            .await
+                        {
+                            return Err(JobError::ReleasePending);
+                        }
                     }
                 }
                 Err(e) => {
@@ -101,18 +116,29 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         reservation: Reservation,
         claim: Option<&ClaimHandle>,
         done: GpusDone,
-    ) {
+    ) -> bool {
         let scheduler_job = reservation.grant().scheduler_job_id.clone();
         let Some(claim) = claim else {
             self.reservations.release(reservation).await;
             self.record(object, None, EventKind::Released { scheduler_job });
-            return;
+            return false;
         };
         if done == GpusDone::Handed
             || (done == GpusDone::Interrupted && claim.function_recorded().await)
         {
             self.reservations.hand_off(reservation).await;
-            return;
+            return false;
+        }
+        if self.settings.serverless
+            && claim
+                .record()
+                .await
+                .grant
+                .is_some_and(|g| g.scheduler_job_id == scheduler_job)
+        {
+            return self
+                .give_back_recorded(object, reservation, claim, done)
+                .await;
         }
         let cleared = match done {
             GpusDone::ResultSeen => claim.end_done().await,
@@ -129,6 +155,70 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 warn!(scheduler_job = %scheduler_job, error = %error_chain(&e),
                     "Cannot take the grant out of the job's claim; the releaser asks the claim before releasing.");
                 self.reservations.release_in_background(reservation);
+            }
+        }
+        false
+    }
+
+    /// Lambda mode, a grant the claim records: released with the grant still recorded, and
+    /// taken out of the claim only once the scheduler confirmed (this sandbox's journal
+    /// dies with it; the claim is the durable record, see `lambda::finish`). A failed
+    /// release leaves the grant in the claim with the failure counted (release pending:
+    /// whoever takes the claim next releases it) and lets this sandbox's journal forget
+    /// it. Returns whether the claim still records the grant, unreleased.
+    async fn give_back_recorded(
+        &self,
+        object: &ObjectRef,
+        reservation: Reservation,
+        claim: &ClaimHandle,
+        done: GpusDone,
+    ) -> bool {
+        let scheduler_job = reservation.grant().scheduler_job_id.clone();
+        let failure = match self.reservations.release_once(reservation).await {
+            Ok(()) => {
+                self.record(
+                    object,
+                    None,
+                    EventKind::Released {
+                        scheduler_job: scheduler_job.clone(),
+                    },
+                );
+                let cleared = match done {
+                    GpusDone::ResultSeen => claim.end_done().await,
+                    _ => claim.clear_gpus().await,
+                };
+                if let Err(e) = cleared {
+                    // The next taker's `-dealloc` is a second one (see `lambda::finish`).
+                    warn!(scheduler_job = %scheduler_job, error = %error_chain(&e),
+                        "GPUs released, but the claim still records them.");
+                }
+                return false;
+            }
+            Err(failure) => failure,
+        };
+        let (reservation, error) = failure;
+        let now = crate::unix_now_ms();
+        match claim.record_release_failure(now).await {
+            Ok((failures, since)) if super::serverless::give_up(since, now) => {
+                error!(scheduler_job = %scheduler_job, failures, failing_since_unix_ms = since,
+                    error = %error_chain(&error), "{}", super::serverless::RELEASE_GIVEN_UP);
+                crate::ops::emf::count("ReleasesGivenUp", 1);
+                self.reservations.hand_off(reservation).await;
+                let _ = claim.clear_gpus().await;
+                false
+            }
+            Ok((failures, _)) => {
+                warn!(scheduler_job = %scheduler_job, failures, error = %error_chain(&error),
+                    "Cannot release the GPUs the claim records; the claim keeps them for a retry.");
+                self.reservations.hand_off(reservation).await;
+                true
+            }
+            Err(e) => {
+                // Whether the claim still names it is unknown: the releaser asks it first.
+                warn!(scheduler_job = %scheduler_job, error = %error_chain(&e),
+                    "Cannot release the GPUs nor count the failure in the claim; the releaser asks the claim before retrying.");
+                self.reservations.release_in_background(reservation);
+                true
             }
         }
     }

@@ -57,6 +57,10 @@ pub(crate) enum JobError {
     /// copy is not needed.
     #[error("duplicate of a job held by {owner} from another message")]
     Duplicate { owner: String },
+    /// Lambda mode: a grant a former holder left in the claim could not be released; the
+    /// claim keeps it, and the job waits until it is.
+    #[error("the grant the job's claim records is not released yet (release pending)")]
+    ReleasePending,
     #[error("job's claim was lost (its lease ran out or another daemon took it over)")]
     ClaimLost,
     #[error("failed to claim the job")]
@@ -110,7 +114,8 @@ impl JobError {
             | JobError::Claim(_)
             | JobError::TempFile { .. }
             | JobError::Bundle(_)
-            | JobError::Allocation(_) => Outcome::Returned,
+            | JobError::Allocation(_)
+            | JobError::ReleasePending => Outcome::Returned,
         }
     }
 
@@ -135,6 +140,7 @@ impl JobError {
             | JobError::TempFile { .. }
             | JobError::Bundle(_)
             | JobError::Allocation(_)
+            | JobError::ReleasePending
             | JobError::CancelledAwaitingResult
             | JobError::ResultDeadline { .. } => Disposition::RetryLater,
         }

@@ -30,6 +30,21 @@ use crate::scheduler::GpuScheduler;
 /// scheduler may hold GPUs for the claim's job that nobody will release.
 pub(crate) const LOST_GRANT: &str = "GPU grant possibly lost with its sandbox";
 
+/// How long a recorded grant's release is retried after its first failure before it is
+/// given up (the daemon's releaser gives up after 20 failures at a backoff doubling from
+/// 1 s to 5 min: a little over an hour, `reservations::releaser`).
+pub(crate) const GIVE_UP_AFTER_MS: u64 = 60 * 60 * 1000;
+
+/// The stable phrase of the log line an alert keys on (with the metric
+/// `ReleasesGivenUp`): a recorded grant's release kept failing and was given up.
+pub(crate) const RELEASE_GIVEN_UP: &str =
+    "GPU release given up; the scheduler may still hold the grant";
+
+/// Whether a release failing since `since_unix_ms` is given up at `now`.
+pub(crate) fn give_up(since_unix_ms: u64, now: u64) -> bool {
+    now.saturating_sub(since_unix_ms) >= GIVE_UP_AFTER_MS
+}
+
 /// What the jobs handler knows of a job beyond its object.
 #[derive(Debug, Clone)]
 pub(crate) struct ServerlessStart {
@@ -176,4 +191,19 @@ pub(crate) fn debug_abort_at(point: &str) {
     }
     #[cfg(not(debug_assertions))]
     let _ = point;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_release_is_given_up_an_hour_after_its_first_failure() {
+        let since = 1_000_000;
+        assert!(!give_up(since, since));
+        assert!(!give_up(since, since + GIVE_UP_AFTER_MS - 1));
+        assert!(give_up(since, since + GIVE_UP_AFTER_MS));
+        // A clock behind the first failure (another sandbox's) never gives up early.
+        assert!(!give_up(since, since - 5_000));
+    }
 }

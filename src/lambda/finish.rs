@@ -52,23 +52,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::claim::{ClaimError, ClaimGuard, JobRecord};
 use crate::job::event::ObjectRef;
-use crate::job::serverless::debug_abort_at;
+use crate::job::serverless::{RELEASE_GIVEN_UP, debug_abort_at, give_up};
 use crate::ops::emf;
-
-/// How long a recorded grant's release is retried after its first failure before it is
-/// given up (the daemon's releaser gives up after 20 failures at a backoff doubling from
-/// 1 s to 5 min: a little over an hour, `reservations::releaser`).
-pub(crate) const GIVE_UP_AFTER_MS: u64 = 60 * 60 * 1000;
-
-/// The stable phrase of the log line an alert keys on (with the metric
-/// `ReleasesGivenUp`): a recorded grant's release kept failing and was given up.
-pub(crate) const RELEASE_GIVEN_UP: &str =
-    "GPU release given up; the scheduler may still hold the grant";
-
-/// Whether a release failing since `since_unix_ms` is given up at `now`.
-pub(crate) fn give_up(since_unix_ms: u64, now: u64) -> bool {
-    now.saturating_sub(since_unix_ms) >= GIVE_UP_AFTER_MS
-}
 
 /// Why a recorded grant is still recorded.
 #[derive(Debug, thiserror::Error)]
@@ -220,16 +205,6 @@ mod tests {
             let event = event_for(&object(key), "not this body", 2);
             assert_eq!(object_of_event(&event), Some(object(key)), "{event}");
         }
-    }
-
-    #[test]
-    fn a_failing_release_is_given_up_an_hour_after_its_first_failure() {
-        let since = 1_000_000;
-        assert!(!give_up(since, since));
-        assert!(!give_up(since, since + GIVE_UP_AFTER_MS - 1));
-        assert!(give_up(since, since + GIVE_UP_AFTER_MS));
-        // A clock behind the first failure (another sandbox's) never gives up early.
-        assert!(!give_up(since, since - 5_000));
     }
 
     #[test]

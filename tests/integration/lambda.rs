@@ -541,6 +541,57 @@ async fn a_failed_release_keeps_the_grant_in_the_claim_until_a_retry_releases_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_carried_grant_whose_release_fails_stays_in_the_claim_and_the_record_comes_back()
+-> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("lcarryfail", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let doomed = sandbox(
+        &mut stack,
+        &ssgm,
+        "doomed",
+        &[("ORCHGPU_DEBUG_ABORT_AT", "grant-recorded")],
+    )
+    .await?;
+    drain_test_event(&stack).await?;
+    stack
+        .upload("carried.png", b"carried, then refused")
+        .await?;
+    let sqs = stack.sqs.clone();
+    let jobs = Mapping::new(&sqs, &stack.jobs_url, 10, Duration::from_secs(3)).await?;
+    let polled = next_batch(&mut stack, &jobs, &doomed, Duration::from_secs(30)).await?;
+    assert_eq!(polled.outcome, Outcome::NoAnswer);
+    // The redelivered record meets the grant the dead sandbox recorded, and the
+    // scheduler refuses its release: the claim keeps it, the record comes back.
+    ssgm.inject("fail-release", 1)?;
+    let fresh = sandbox(&mut stack, &ssgm, "fresh", &[]).await?;
+    let again = next_batch(&mut stack, &jobs, &fresh, Duration::from_secs(30)).await?;
+    assert_eq!(again.failed.len(), 1, "{again:?}");
+    assert_eq!(ssgm.stat("live")?, 1);
+    assert_eq!(ssgm.stat("granted")?, 1, "no second grant over the first");
+    let claim = claim_body(&stack).await?;
+    assert!(claim["grant"]["scheduler_job_id"].is_string(), "{claim}");
+    assert_eq!(claim["serverless"]["release_failures"], 1, "{claim}");
+    assert_eq!(claim["expires_unix_ms"], 0, "{claim}");
+    // The fresh sandbox is recycled too; a third one's schedule releases the grant.
+    stack.process(fresh.process).kill();
+    let third = sandbox(&mut stack, &ssgm, "third", &[]).await?;
+    let summary = schedule(&mut stack, &third).await?;
+    assert_eq!(summary["grants_released"], 1, "{summary}");
+    assert_eq!(ssgm.stat("live")?, 0);
+    assert!(claims_left(&stack).await?.is_empty());
+    // The record runs the job on the only GPU: nothing leaked, nothing released twice.
+    let last = next_batch(&mut stack, &jobs, &third, Duration::from_secs(30)).await?;
+    assert!(last.failed.is_empty(), "{last:?}");
+    stack.wait_for_results(1, Duration::from_secs(30)).await?;
+    schedule(&mut stack, &third).await?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
+    let [granted, released, failed] = ssgm.counters(["granted", "released", "failed_releases"])?;
+    assert_eq!((granted, released, failed), (2, 2, 1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_a_confirmed_release_the_second_dealloc_frees_nothing() -> Result<()> {
     let ssgm = MockSsgm::start(1)?;
     let mut stack = Stack::new("lrelkill", 5).await?;

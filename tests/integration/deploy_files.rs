@@ -279,5 +279,10 @@ fn lambda_template_sets_only_variables_of_help() -> Result<()> {
         template.contains(&filter),
         "{LAMBDA_TEMPLATE}'s lost-grant metric filter is not {filter}"
     );
+    let filter = format!("FilterPattern: '\"{}\"'", crate::lambda::RELEASE_GIVEN_UP);
+    assert!(
+        template.contains(&filter),
+        "{LAMBDA_TEMPLATE}'s release-given-up metric filter is not {filter}"
+    );
     Ok(())
 }

@@ -20,6 +20,9 @@ const LAMBDA: &str = env!("CARGO_BIN_EXE_orchgpu-lambda");
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// The stable phrase of a possibly lost grant (`job::serverless::LOST_GRANT`).
 pub(crate) const LOST_GRANT: &str = "GPU grant possibly lost with its sandbox";
+/// The stable phrase of a release given up (`job::serverless::RELEASE_GIVEN_UP`).
+pub(crate) const RELEASE_GIVEN_UP: &str =
+    "GPU release given up; the scheduler may still hold the grant";
 
 /// One sandbox: a Runtime API and the `orchgpu-lambda` process polling it.
 struct Sandbox {
@@ -640,10 +643,37 @@ async fn killed_after_a_confirmed_release_the_second_dealloc_frees_nothing() -> 
     let [released, failed, calls] =
         ssgm.counters(["released", "failed_releases", "dealloc_calls"])?;
     assert_eq!((released, failed, calls), (1, 1, 2));
-    let claim = claim_body(&stack).await?;
+    let mut claim = claim_body(&stack).await?;
     assert_eq!(claim["serverless"]["release_failures"], 1, "{claim}");
     assert!(claim.get("function").is_none(), "{claim}");
     assert_eq!(claim["expires_unix_ms"], 0, "{claim}");
+    // An hour of failures later (the first one moved back in the claim), the next failed
+    // attempt gives the release up, names the claim, and removes it.
+    let since = claim["serverless"]["release_failing_since_unix_ms"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no failing-since in {claim}"))?;
+    claim["serverless"]["release_failing_since_unix_ms"] = (since - 3_600_000).into();
+    let [key] = claims_left(&stack)
+        .await?
+        .try_into()
+        .map_err(|k| anyhow::anyhow!("{k:?}"))?;
+    stack
+        .s3
+        .put_object()
+        .bucket(&stack.output_bucket)
+        .key(&key)
+        .body(serde_json::to_vec(&claim)?.into())
+        .send()
+        .await?;
+    schedule(&mut stack, &lambda).await?;
+    assert_eq!(ssgm.stat("dealloc_calls")?, 3);
+    assert!(claims_left(&stack).await?.is_empty());
+    let log = stack.log(lambda.process);
+    let given_up = log
+        .lines()
+        .find(|l| l.contains(RELEASE_GIVEN_UP))
+        .ok_or_else(|| anyhow::anyhow!("no give-up line in the log"))?;
+    assert!(given_up.contains(&key), "{given_up}");
     Ok(())
 }
 

@@ -29,7 +29,9 @@
 //!   or releasing before the claim forgets the grant, which risks a second release of a
 //!   job id the scheduler may have handed to another client (see `releaser`). The soak
 //!   (`dev/soak.sh`) kills a daemon for good outside them and counts how often they were
-//!   open;
+//!   open. (Lambda mode, whose journal dies with its sandbox, takes the other side of
+//!   that choice for the second window: a grant stays in its claim until its `-dealloc`
+//!   is confirmed, `release_once`/`release_recorded`; `lambda::finish` says why);
 //! - a grant printed by a failed call (a "stray grant": non-zero exit, killed at its
 //!   timeout, broken reply) is recorded the same way and released by the releaser;
 //! - a reservation leaves the journal only once the scheduler confirmed its release, or

@@ -1,8 +1,8 @@
 //! The results handler: one batch of the results queue's records (the output bucket's
 //! `ObjectCreated` events, as `--results-queue` receives them in the daemon). For each
 //! result `<output dir>/<job id><suffix>`, the job's claim is taken over (parked or not
-//! held by a live invocation), its grant taken out of it and released, the claim ended,
-//! and the outcome logged ("Job completed.", with its attempts and how long the result
+//! held by a live invocation), its grant released while the claim still records it, the
+//! claim ended once the scheduler confirmed (`finish`), and the outcome logged ("Job completed.", with its attempts and how long the result
 //! took) and counted (the CloudWatch metric `JobsCompleted`).
 //!
 //! Idempotent: a second event for one result finds no claim and does nothing (a

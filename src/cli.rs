@@ -33,7 +33,8 @@ use values::*;
     long_about = "Receives S3 ObjectCreated notifications from an SQS queue, asks the rCUDA \
 scheduler for GPUs through its SSGM client, uploads a bundle (input + reservation) to the \
 intermediate bucket for a SCAR function, waits for the function's result in the output bucket, \
-releases the GPUs and only then deletes the message.\n\nDurations are whole seconds.",
+then releases the GPUs (kept in a journal until the scheduler confirms) while it deletes the \
+message.\n\nDurations are whole seconds.",
     after_help = "The job history: orchgpu jobs --help"
 )]
 pub struct Args {

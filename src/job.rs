@@ -2,7 +2,8 @@
 //!
 //! claim → check for a result beside the download → allocate (for a small input, once its
 //! GET has answered, while its body downloads) → bundle (the grant recorded in the claim
-//! meanwhile) → the function recorded in the claim → upload → await result → release. The
+//! meanwhile) → the function recorded in the claim → upload → await result → release (after
+//! a result, once the claim no longer names the grant, beside the message's delete). The
 //! job holds its GPU reservation for the GPU stages and hands it back to `reservations` on
 //! every path it controls (success, error, cancellation); the reservation's own drop guard
 //! covers a dropped or panicking task. Temporary files are `tempfile` values, removed on
@@ -241,7 +242,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let result = self
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel, claim)
             .await;
-        // The GPUs go back before anything else happens to the message.
+        // The GPUs go back (after a result, beside the message's delete: see `claimed`).
         self.give_back(object, reservation, claim, claimed::GpusDone::from(&result))
             .await;
         drop(input);

@@ -2,16 +2,48 @@
 //! the holder's own message waits for the claim to end), finishing what a former holder
 //! left in it (a grant to release, a running function to adopt), and giving the GPUs back
 //! in the order that never releases a grant twice.
+//!
+//! **After the result.** Once the result is there, the claim ends first (deleted, or marked
+//! released with nothing recorded), confirmed; then the GPUs' release and the message's
+//! delete run at once: the release in a task of its own (`release_beside_delete`), the job
+//! returns and the daemon deletes the message meanwhile. Without claims the release starts
+//! at once. Before issue 17 the three ran one after another. Why each instant is safe
+//! (a crash here is a SIGKILL or a power cut; "for good" means the host never comes back):
+//! - *Before the claim's end is confirmed*: as before, the claim names the grant and the
+//!   function, the message is still there. A restart on the same disk finds the grant in
+//!   its journal, asks the claim, leaves it to the claim; whoever takes the message next
+//!   adopts the job, finds the result at its first check and releases. Nothing released twice, and
+//!   nothing under a function that has not written its result.
+//! - *Claim ended, neither the release nor the delete done*: the journal holds the grant
+//!   (a reservation leaves it only once the scheduler confirms the `-dealloc`); a restart
+//!   asks the claim, finds it gone, releases. The message comes back to someone, whose
+//!   result check finds the result: one HEAD, no GPU. The job is not lost: its result is
+//!   written.
+//! - *Message deleted, release not confirmed* (the new window): the same journal entry,
+//!   the same release at the restart or by the live releaser's retries. The message was
+//!   never what kept a grant: a failed first `-dealloc` went to the background releaser
+//!   before issue 17 as well, and the message was deleted right after.
+//! - *Released, message not deleted*: the message comes back and finds the result.
+//! - *The host gone for good after the claim's end*: the grant leaks until the
+//!   scheduler's own clean-up, exactly as in the window `docs/operations.md` §6 names ("the
+//!   claim write that takes a grant out until the scheduler confirms its `-dealloc`"); the
+//!   delete beside the release neither widens that window nor adds one.
+//!
+//! The message is never deleted before the claim's end is confirmed: a claim that still
+//! named the grant with no message left to bring a successor would keep the grant
+//! (a restart leaves grants the claim names to the claim). A graceful exit waits for a
+//! release in flight: its task holds the reservations, so the releaser, which `app` waits
+//! for, outlives it.
 
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use super::{JobCancel, JobContext, JobError, JobId, JobOutcome, stage};
 use crate::aws::error_chain;
 use crate::job::claim::{Acquired, ClaimGuard, ClaimHandle, Claims, JobRecord};
 use crate::job::event::ObjectRef;
-use crate::ops::history::EventKind;
+use crate::ops::history::{EventKind, HistoryEvent};
 use crate::reservations::{AllocError, Reservation};
 use crate::scheduler::GpuScheduler;
 use crate::unix_now_ms;
@@ -98,6 +130,10 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     ) {
         let scheduler_job = reservation.grant().scheduler_job_id.clone();
         let Some(claim) = claim else {
+            if done == GpusDone::ResultSeen {
+                self.release_beside_delete(object, reservation);
+                return;
+            }
             self.reservations.release(reservation).await;
             self.record(object, None, EventKind::Released { scheduler_job });
             return;
@@ -111,6 +147,11 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             GpusDone::NothingRuns | GpusDone::Interrupted => claim.clear_gpus().await,
         };
         match cleared {
+            // The claim no longer names the grant: the release may run beside the
+            // message's delete (see the module doc).
+            Ok(()) if done == GpusDone::ResultSeen => {
+                self.release_beside_delete(object, reservation);
+            }
             Ok(()) => {
                 self.reservations.release(reservation).await;
                 self.record(object, None, EventKind::Released { scheduler_job });
@@ -121,6 +162,34 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 self.reservations.release_in_background(reservation);
             }
         }
+    }
+}
+
+impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
+    /// Releases a finished job's GPUs in a task of their own, so that the job ends (and
+    /// its message is deleted) while the scheduler's `-dealloc` runs. For a job whose
+    /// result is there and whose claim, if any, no longer names the grant: see the
+    /// module doc for why that order is safe at every instant.
+    ///
+    /// The task holds the reservations, whose releaser therefore outlives it: at exit,
+    /// `app` waits for the releaser, hence for this release, before the process ends.
+    fn release_beside_delete(&self, object: &ObjectRef, reservation: Reservation) {
+        let reservations = self.reservations.clone();
+        let history = self.history.clone();
+        let job_id = JobId::derive(object);
+        let (bucket, key) = (object.bucket.clone(), object.key.clone());
+        let scheduler_job = reservation.grant().scheduler_job_id.clone();
+        let release = async move {
+            reservations.release(reservation).await;
+            history.record(HistoryEvent::now(
+                job_id.as_str(),
+                &bucket,
+                &key,
+                None,
+                EventKind::Released { scheduler_job },
+            ));
+        };
+        tokio::spawn(release.in_current_span());
     }
 }
 

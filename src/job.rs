@@ -217,7 +217,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             other => other,
         };
         // Deleted if it records nothing; else released with its record for the next holder.
-        guard.end().await;
+        Box::pin(guard.end()).await;
         result
     }
 
@@ -232,7 +232,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     ) -> Result<JobOutcome, JobError> {
         let id = id.clone();
         let input = self.temp_file(&id, "input")?;
-        let (reservation, size) = match self.prepare(&id, object, input.path(), cancel).await? {
+        let prepared = Box::pin(self.prepare(&id, object, input.path(), cancel)).await?;
+        let (reservation, size) = match prepared {
             Prepared::AlreadyDone => {
                 info!("Result already exists; not running the job again.");
                 return Ok(JobOutcome::AlreadyDone);
@@ -243,8 +244,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel, claim)
             .await;
         // The GPUs go back (after a result, beside the message's delete: see `claimed`).
-        self.give_back(object, reservation, claim, claimed::GpusDone::from(&result))
-            .await;
+        let done = claimed::GpusDone::from(&result);
+        Box::pin(self.give_back(object, reservation, claim, done)).await;
         drop(input);
         if result.is_ok() {
             info!(
@@ -302,7 +303,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 /// for its whole life, so a job waiting for its result would otherwise keep room for its
 /// largest stage (an SDK request is several KB; with them inline a waiting job's task
 /// took 83 KB, see BENCHMARKS.md, "Memory"). One allocation per stage costs nothing next
-/// to the stage itself.
+/// to the stage itself. The job's other requests (the claim's writes and its end, the
+/// release, an adoption) and the `prepare` and `give_back` steps are boxed where they are
+/// awaited, for the same reason.
 async fn stage<T>(
     name: &'static str,
     fut: impl Future<Output = Result<T, JobError>>,

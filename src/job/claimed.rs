@@ -61,17 +61,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         carried: JobRecord,
     ) -> Result<JobOutcome, JobError> {
         if let Some(grant) = &carried.grant {
-            let adopted = self
-                .reservations
-                .adopt(
-                    id.as_str(),
-                    &object.key,
-                    &grant.scheduler,
-                    &grant.scheduler_job_id,
-                    &grant.devices,
-                    grant.since_unix,
-                )
-                .await;
+            let adopted = Box::pin(self.reservations.adopt(
+                id.as_str(),
+                &object.key,
+                &grant.scheduler,
+                &grant.scheduler_job_id,
+                &grant.devices,
+                grant.since_unix,
+            ))
+            .await;
             match adopted {
                 Ok(reservation) => {
                     if let Some(function) = &carried.function {
@@ -91,14 +89,14 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                         if seen.is_ok() {
                             self.record(object, None, EventKind::ResultSeen);
                         }
-                        self.give_back(object, reservation, Some(claim), GpusDone::from(&seen))
-                            .await;
+                        let done = GpusDone::from(&seen);
+                        Box::pin(self.give_back(object, reservation, Some(claim), done)).await;
                         return seen;
                     }
                     info!(scheduler_job = %grant.scheduler_job_id,
                         "Releasing the grant a former holder recorded before it uploaded.");
-                    self.give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
-                        .await;
+                    let done = GpusDone::NothingRuns;
+                    Box::pin(self.give_back(object, reservation, Some(claim), done)).await;
                 }
                 Err(e) => {
                     // Not ours to release (another scheduler) or not recordable here: say
@@ -108,7 +106,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     if let AllocError::Journal(_) = e {
                         return Err(JobError::Allocation(e));
                     }
-                    claim.clear_gpus().await.map_err(JobError::Claim)?;
+                    Box::pin(claim.clear_gpus())
+                        .await
+                        .map_err(JobError::Claim)?;
                 }
             }
         }
@@ -134,17 +134,17 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 self.release_beside_delete(object, reservation);
                 return;
             }
-            self.reservations.release(reservation).await;
+            Box::pin(self.reservations.release(reservation)).await;
             self.record(object, None, EventKind::Released { scheduler_job });
             return;
         };
         if done == GpusDone::Interrupted && claim.function_recorded().await {
-            self.reservations.hand_off(reservation).await;
+            Box::pin(self.reservations.hand_off(reservation)).await;
             return;
         }
         let cleared = match done {
-            GpusDone::ResultSeen => claim.end_done().await,
-            GpusDone::NothingRuns | GpusDone::Interrupted => claim.clear_gpus().await,
+            GpusDone::ResultSeen => Box::pin(claim.end_done()).await,
+            GpusDone::NothingRuns | GpusDone::Interrupted => Box::pin(claim.clear_gpus()).await,
         };
         match cleared {
             // The claim no longer names the grant: the release may run beside the
@@ -153,7 +153,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 self.release_beside_delete(object, reservation);
             }
             Ok(()) => {
-                self.reservations.release(reservation).await;
+                Box::pin(self.reservations.release(reservation)).await;
                 self.record(object, None, EventKind::Released { scheduler_job });
             }
             Err(e) => {

@@ -366,7 +366,7 @@ pub struct Args {
     )]
     pub(crate) claims: Option<String>,
 
-    /// How long a job's claim holds without renewal; renewed every third of it, each claim
+    /// How long a job's claim holds without renewal; renewed every half of it, each claim
     /// call timed out after a sixth of it (1 to 10 s), and a holder whose renewals do
     /// not get through stops a call timeout before the lease ends. At least 6 s. A
     /// crashed daemon's jobs wait this long before a daemon of another host takes them

@@ -33,7 +33,8 @@ use values::*;
     long_about = "Receives S3 ObjectCreated notifications from an SQS queue, asks the rCUDA \
 scheduler for GPUs through its SSGM client, uploads a bundle (input + reservation) to the \
 intermediate bucket for a SCAR function, waits for the function's result in the output bucket, \
-releases the GPUs and only then deletes the message.\n\nDurations are whole seconds.",
+then releases the GPUs (kept in a journal until the scheduler confirms) while it deletes the \
+message.\n\nDurations are whole seconds.",
     after_help = "The job history: orchgpu jobs --help"
 )]
 pub struct Args {
@@ -376,7 +377,7 @@ pub struct Args {
     )]
     pub(crate) claims: Option<String>,
 
-    /// How long a job's claim holds without renewal; renewed every third of it, each claim
+    /// How long a job's claim holds without renewal; renewed every half of it, each claim
     /// call timed out after a sixth of it (1 to 10 s), and a holder whose renewals do
     /// not get through stops a call timeout before the lease ends. At least 6 s. A
     /// crashed daemon's jobs wait this long before a daemon of another host takes them

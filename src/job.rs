@@ -2,7 +2,8 @@
 //!
 //! claim → check for a result beside the download → allocate (for a small input, once its
 //! GET has answered, while its body downloads) → bundle (the grant recorded in the claim
-//! meanwhile) → the function recorded in the claim → upload → await result → release. The
+//! meanwhile) → the function recorded in the claim → upload → await result → release (after
+//! a result, once the claim no longer names the grant, beside the message's delete). The
 //! job holds its GPU reservation for the GPU stages and hands it back to `reservations` on
 //! every path it controls (success, error, cancellation); the reservation's own drop guard
 //! covers a dropped or panicking task. Temporary files are `tempfile` values, removed on
@@ -221,7 +222,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             other => other,
         };
         // Deleted if it records nothing; else released with its record for the next holder.
-        guard.end().await;
+        Box::pin(guard.end()).await;
         result
     }
 
@@ -236,10 +237,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     ) -> Result<JobOutcome, JobError> {
         let id = id.clone();
         let input = self.temp_file(&id, "input")?;
-        let (reservation, size) = match self
-            .prepare(&id, object, input.path(), cancel, claim)
-            .await?
-        {
+        let prepared = Box::pin(self.prepare(&id, object, input.path(), cancel, claim)).await?;
+        let (reservation, size) = match prepared {
             Prepared::AlreadyDone => {
                 info!("Result already exists; not running the job again.");
                 return Ok(JobOutcome::AlreadyDone);
@@ -249,9 +248,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         let result = self
             .run_with_gpus(&id, object, size, input.path(), &reservation, cancel, claim)
             .await;
-        // The GPUs go back before anything else happens to the message.
-        self.give_back(object, reservation, claim, claimed::GpusDone::from(&result))
-            .await;
+        // The GPUs go back (after a result, beside the message's delete: see `claimed`).
+        let done = claimed::GpusDone::from(&result);
+        Box::pin(self.give_back(object, reservation, claim, done)).await;
         drop(input);
         if matches!(result, Ok(JobOutcome::Completed)) {
             info!(
@@ -309,7 +308,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
 /// for its whole life, so a job waiting for its result would otherwise keep room for its
 /// largest stage (an SDK request is several KB; with them inline a waiting job's task
 /// took 83 KB, see BENCHMARKS.md, "Memory"). One allocation per stage costs nothing next
-/// to the stage itself.
+/// to the stage itself. The job's other requests (the claim's writes and its end, the
+/// release, an adoption) and the `prepare` and `give_back` steps are boxed where they are
+/// awaited, for the same reason.
 async fn stage<T>(
     name: &'static str,
     fut: impl Future<Output = Result<T, JobError>>,

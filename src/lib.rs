@@ -3,7 +3,8 @@
 //! An S3 `ObjectCreated` notification arrives on an SQS queue; orchgpu asks the rCUDA
 //! scheduler for GPUs through its SSGM client, uploads a bundle (input + reservation) to
 //! the intermediate bucket, where a SCAR function picks it up, waits for the function's
-//! result in the output bucket, releases the GPUs and only then deletes the message.
+//! result in the output bucket, then releases the GPUs (kept in a journal until the
+//! scheduler confirms) while it deletes the message.
 //!
 //! The map, one room per concern, in layers:
 //! - the daemon: `app` (builds and runs it from a `Config` and a shutdown signal), `cli`

@@ -65,7 +65,7 @@ const MAX_BODY: usize = 16 * 1024;
 /// The shortest and longest timeout of one claim call (a sixth of the lease between).
 const CALL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 const CALL_TIMEOUT_MAX: Duration = Duration::from_secs(10);
-/// The shortest lease: six of the shortest call timeouts, so that a renewal (every third
+/// The shortest lease: six of the shortest call timeouts, so that a renewal (every half
 /// of the lease) and a retry both fit before the holder must act.
 pub(crate) const MIN_LEASE: Duration = Duration::from_secs(6);
 /// The claim format written now; version 1 (no record) is still read. Version 2 gained
@@ -74,7 +74,8 @@ const VERSION: u32 = 2;
 /// The host name of a parked serverless claim's holder (pid 0: no process).
 const SERVERLESS_HOST: &str = "serverless";
 
-/// The timeout of each claim call for a lease: well inside a third of it.
+/// The timeout of each claim call for a lease: a sixth of it (1 to 10 s), so that two fit
+/// between a renewal and the instant the holder must act.
 pub(crate) fn call_timeout(lease: Duration) -> Duration {
     (lease / 6).clamp(CALL_TIMEOUT_MIN, CALL_TIMEOUT_MAX)
 }
@@ -912,13 +913,15 @@ mod tests {
     }
 
     #[test]
-    fn the_call_timeout_is_well_inside_a_third_of_any_allowed_lease() {
+    fn a_renewal_and_a_retry_fit_before_the_holder_must_act_for_any_allowed_lease() {
         assert_eq!(call_timeout(MIN_LEASE), Duration::from_secs(1));
         assert_eq!(call_timeout(LEASE), Duration::from_secs(5));
         assert_eq!(call_timeout(Duration::from_secs(3600)), CALL_TIMEOUT_MAX);
         for secs in [6, 7, 10, 60, 600, 21_600] {
             let lease = Duration::from_secs(secs);
-            assert!(call_timeout(lease) * 2 <= lease / 3, "lease {secs} s");
+            // Renewed at lease / RENEW_EVERY, acting at lease - call_timeout.
+            let room = lease - call_timeout(lease) - lease / guard::RENEW_EVERY;
+            assert!(call_timeout(lease) * 2 <= room, "lease {secs} s");
         }
     }
 
@@ -1164,7 +1167,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_claim_is_renewed_every_third_of_the_lease_while_the_work_runs() {
+    async fn the_claim_is_renewed_every_half_of_the_lease_while_the_work_runs() {
         let store = Arc::new(MemStore::default());
         let clock = paused_clock();
         let guard = held_by_daemon_1(&store, &clock).await;
@@ -1176,8 +1179,8 @@ mod tests {
             )
             .await;
         assert!(!was_lost && !lost.is_cancelled());
-        // 1 create + 9 renewals (at 10, 20, ... 90 s).
-        assert_eq!(store.writes.load(Ordering::SeqCst), 10);
+        // 1 create + 6 renewals (at 15, 30, ... 90 s).
+        assert_eq!(store.writes.load(Ordering::SeqCst), 7);
         let expiry = store.expiry("claims/j.claim").expect("claim there");
         assert!(expiry > clock(), "the claim must still hold");
         // Another daemon sees it held all along.
@@ -1196,15 +1199,15 @@ mod tests {
         store.failing_writes.store(3, Ordering::SeqCst);
         let lost = CancellationToken::new();
         let (_, was_lost) = guard
-            .keep_while(&lost, tokio::time::sleep(Duration::from_secs(20)))
+            .keep_while(&lost, tokio::time::sleep(Duration::from_secs(24)))
             .await;
         assert!(!was_lost && !lost.is_cancelled());
-        // Create, then at 10 s three failures backing off from 1.25 s (jittered), then a
-        // success well before the holder must act (25 s).
+        // Create, then at 15 s three failures backing off from 0.94 s (jittered, at most
+        // 6.6 s in all), then a success before the holder must act (25 s).
         assert_eq!(store.writes.load(Ordering::SeqCst), 5);
         let expiry = store.expiry("claims/j.claim").expect("claim there");
         assert!(
-            expiry > T0 + duration_ms(LEASE) + 10_000,
+            expiry > T0 + duration_ms(LEASE) + 15_000,
             "renewed: {expiry}"
         );
     }
@@ -1243,12 +1246,12 @@ mod tests {
         store.applied_then_conflict.store(1, Ordering::SeqCst);
         let lost = CancellationToken::new();
         let (_, was_lost) = guard
-            .keep_while(&lost, tokio::time::sleep(Duration::from_secs(15)))
+            .keep_while(&lost, tokio::time::sleep(Duration::from_secs(20)))
             .await;
         assert!(!was_lost && !lost.is_cancelled());
-        // The renewal at 10 s counts: the claim holds until 40 s, and the guard knows
+        // The renewal at 15 s counts: the claim holds until 45 s, and the guard knows
         // its ETag (its end deletes the claim).
-        assert_eq!(store.expiry("claims/j.claim"), Some(T0 + 40_000));
+        assert_eq!(store.expiry("claims/j.claim"), Some(T0 + 45_000));
         guard.end().await;
         assert_eq!(store.expiry("claims/j.claim"), None);
     }
@@ -1267,7 +1270,7 @@ mod tests {
         let lost = CancellationToken::new();
         let (_, was_lost) = guard.keep_while(&lost, lost.cancelled()).await;
         assert!(was_lost);
-        assert_eq!(clock(), T0 + duration_ms(LEASE / 3));
+        assert_eq!(clock(), T0 + duration_ms(LEASE / guard::RENEW_EVERY));
         // A lost claim is neither deleted nor released by its former holder.
         guard.end().await;
         assert_eq!(

@@ -7,16 +7,48 @@
 //! journal dies with it): a crash after a confirmed `-dealloc` and before the claim write
 //! makes the next holder call `-dealloc` a second time, which `lambda::finish` explains
 //! is safe.
+//!
+//! **After the result.** Once the result is there, the claim ends first (deleted, or marked
+//! released with nothing recorded), confirmed; then the GPUs' release and the message's
+//! delete run at once: the release in a task of its own (`release_beside_delete`), the job
+//! returns and the daemon deletes the message meanwhile. Without claims the release starts
+//! at once. Before issue 17 the three ran one after another. Why each instant is safe
+//! (a crash here is a SIGKILL or a power cut; "for good" means the host never comes back):
+//! - *Before the claim's end is confirmed*: as before, the claim names the grant and the
+//!   function, the message is still there. A restart on the same disk finds the grant in
+//!   its journal, asks the claim, leaves it to the claim; whoever takes the message next
+//!   adopts the job, finds the result at its first check and releases. Nothing released twice, and
+//!   nothing under a function that has not written its result.
+//! - *Claim ended, neither the release nor the delete done*: the journal holds the grant
+//!   (a reservation leaves it only once the scheduler confirms the `-dealloc`); a restart
+//!   asks the claim, finds it gone, releases. The message comes back to someone, whose
+//!   result check finds the result: one HEAD, no GPU. The job is not lost: its result is
+//!   written.
+//! - *Message deleted, release not confirmed* (the new window): the same journal entry,
+//!   the same release at the restart or by the live releaser's retries. The message was
+//!   never what kept a grant: a failed first `-dealloc` went to the background releaser
+//!   before issue 17 as well, and the message was deleted right after.
+//! - *Released, message not deleted*: the message comes back and finds the result.
+//! - *The host gone for good after the claim's end*: the grant leaks until the
+//!   scheduler's own clean-up, exactly as in the window `docs/operations.md` §6 names ("the
+//!   claim write that takes a grant out until the scheduler confirms its `-dealloc`"); the
+//!   delete beside the release neither widens that window nor adds one.
+//!
+//! The message is never deleted before the claim's end is confirmed: a claim that still
+//! named the grant with no message left to bring a successor would keep the grant
+//! (a restart leaves grants the claim names to the claim). A graceful exit waits for a
+//! release in flight: its task holds the reservations, so the releaser, which `app` waits
+//! for, outlives it.
 
 use std::time::{Duration, Instant};
 
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use super::{JobCancel, JobContext, JobError, JobId, JobOutcome, stage};
 use crate::aws::error_chain;
 use crate::job::claim::{Acquired, ClaimGuard, ClaimHandle, Claims, JobRecord};
 use crate::job::event::ObjectRef;
-use crate::ops::history::EventKind;
+use crate::ops::history::{EventKind, HistoryEvent};
 use crate::reservations::{AllocError, Reservation};
 use crate::scheduler::GpuScheduler;
 use crate::unix_now_ms;
@@ -34,17 +66,15 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
         carried: JobRecord,
     ) -> Result<JobOutcome, JobError> {
         if let Some(grant) = &carried.grant {
-            let adopted = self
-                .reservations
-                .adopt(
-                    id.as_str(),
-                    &object.key,
-                    &grant.scheduler,
-                    &grant.scheduler_job_id,
-                    &grant.devices,
-                    grant.since_unix,
-                )
-                .await;
+            let adopted = Box::pin(self.reservations.adopt(
+                id.as_str(),
+                &object.key,
+                &grant.scheduler,
+                &grant.scheduler_job_id,
+                &grant.devices,
+                grant.since_unix,
+            ))
+            .await;
             match adopted {
                 Ok(reservation) => {
                     if let Some(function) = &carried.function {
@@ -64,9 +94,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                         if seen.is_ok() {
                             self.record(object, None, EventKind::ResultSeen);
                         }
-                        let kept = self
-                            .give_back(object, reservation, Some(claim), GpusDone::from(&seen))
-                            .await;
+                        let done = GpusDone::from(&seen);
+                        let kept =
+                            Box::pin(self.give_back(object, reservation, Some(claim), done)).await;
                         if kept {
                             // Lambda mode: the claim keeps the unreleased grant; the job
                             // must not record another over it. Its record comes back.
@@ -81,10 +111,8 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     } else {
                         info!(scheduler_job = %grant.scheduler_job_id,
                             "Releasing the grant a former holder recorded before it uploaded.");
-                        if self
-                            .give_back(object, reservation, Some(claim), GpusDone::NothingRuns)
-                            .await
-                        {
+                        let done = GpusDone::NothingRuns;
+                        if Box::pin(self.give_back(object, reservation, Some(claim), done)).await {
                             return Err(JobError::ReleasePending);
                         }
                     }
@@ -97,7 +125,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     if let AllocError::Journal(_) = e {
                         return Err(JobError::Allocation(e));
                     }
-                    claim.clear_gpus().await.map_err(JobError::Claim)?;
+                    Box::pin(claim.clear_gpus())
+                        .await
+                        .map_err(JobError::Claim)?;
                 }
             }
         }
@@ -119,14 +149,18 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
     ) -> bool {
         let scheduler_job = reservation.grant().scheduler_job_id.clone();
         let Some(claim) = claim else {
-            self.reservations.release(reservation).await;
+            if done == GpusDone::ResultSeen {
+                self.release_beside_delete(object, reservation);
+                return false;
+            }
+            Box::pin(self.reservations.release(reservation)).await;
             self.record(object, None, EventKind::Released { scheduler_job });
             return false;
         };
         if done == GpusDone::Handed
             || (done == GpusDone::Interrupted && claim.function_recorded().await)
         {
-            self.reservations.hand_off(reservation).await;
+            Box::pin(self.reservations.hand_off(reservation)).await;
             return false;
         }
         if self.settings.serverless
@@ -136,19 +170,22 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 .grant
                 .is_some_and(|g| g.scheduler_job_id == scheduler_job)
         {
-            return self
-                .give_back_recorded(object, reservation, claim, done)
-                .await;
+            return Box::pin(self.give_back_recorded(object, reservation, claim, done)).await;
         }
         let cleared = match done {
-            GpusDone::ResultSeen => claim.end_done().await,
+            GpusDone::ResultSeen => Box::pin(claim.end_done()).await,
             GpusDone::NothingRuns | GpusDone::Interrupted | GpusDone::Handed => {
-                claim.clear_gpus().await
+                Box::pin(claim.clear_gpus()).await
             }
         };
         match cleared {
+            // The claim no longer names the grant: the release may run beside the
+            // message's delete (see the module doc).
+            Ok(()) if done == GpusDone::ResultSeen => {
+                self.release_beside_delete(object, reservation);
+            }
             Ok(()) => {
-                self.reservations.release(reservation).await;
+                Box::pin(self.reservations.release(reservation)).await;
                 self.record(object, None, EventKind::Released { scheduler_job });
             }
             Err(e) => {
@@ -221,6 +258,34 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 true
             }
         }
+    }
+}
+
+impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
+    /// Releases a finished job's GPUs in a task of their own, so that the job ends (and
+    /// its message is deleted) while the scheduler's `-dealloc` runs. For a job whose
+    /// result is there and whose claim, if any, no longer names the grant: see the
+    /// module doc for why that order is safe at every instant.
+    ///
+    /// The task holds the reservations, whose releaser therefore outlives it: at exit,
+    /// `app` waits for the releaser, hence for this release, before the process ends.
+    fn release_beside_delete(&self, object: &ObjectRef, reservation: Reservation) {
+        let reservations = self.reservations.clone();
+        let history = self.history.clone();
+        let job_id = JobId::derive(object);
+        let (bucket, key) = (object.bucket.clone(), object.key.clone());
+        let scheduler_job = reservation.grant().scheduler_job_id.clone();
+        let release = async move {
+            reservations.release(reservation).await;
+            history.record(HistoryEvent::now(
+                job_id.as_str(),
+                &bucket,
+                &key,
+                None,
+                EventKind::Released { scheduler_job },
+            ));
+        };
+        tokio::spawn(release.in_current_span());
     }
 }
 

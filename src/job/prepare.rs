@@ -112,7 +112,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
             (Ok(None), _) => Ok(Prepared::AlreadyDone),
             (Ok(Some(reservation)), Ok(size)) => Ok(Prepared::Ready { reservation, size }),
             (Ok(Some(reservation)), Err(e)) => {
-                self.reservations.release(reservation).await;
+                Box::pin(self.reservations.release(reservation)).await;
                 Err(e)
             }
             // When both failed, the download's error says more: an input that is gone

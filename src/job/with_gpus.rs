@@ -83,7 +83,9 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                 since_unix: reservation.allocated_unix(),
             };
             until_cancelled(cancel, async {
-                claim.record_grant(recorded).await.map_err(JobError::Claim)
+                Box::pin(claim.record_grant(recorded))
+                    .await
+                    .map_err(JobError::Claim)
             })
             .await
         };
@@ -112,8 +114,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> JobContext<S> {
                     .saturating_add(self.settings.result_deadline.as_millis() as u64),
             };
             until_cancelled(cancel, async {
-                claim
-                    .record_function(function)
+                Box::pin(claim.record_function(function))
                     .await
                     .map_err(JobError::Claim)
             })

@@ -115,7 +115,7 @@ async fn two_daemons_with_every_object_notified_twice_at_once_run_each_once() ->
     // Finished jobs leave no claim.
     let left = stack.keys(&stack.work_bucket, "claims/").await?;
     assert!(left.is_empty(), "claims left behind: {left:?}");
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -178,7 +178,7 @@ async fn a_dead_daemons_claim_is_taken_over_by_exactly_one_daemon_when_it_expire
     );
     let left = stack.keys(&stack.output_bucket, "orchgpu-claims/").await?;
     assert!(left.is_empty(), "claims left behind: {left:?}");
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -230,7 +230,7 @@ async fn a_failed_job_gives_up_its_claim_so_the_retry_runs_at_once() -> Result<(
     assert!(!stack.log(daemon).contains("Job held elsewhere"));
     let left = stack.keys(&stack.output_bucket, "orchgpu-claims/").await?;
     assert!(left.is_empty(), "claims left behind: {left:?}");
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 

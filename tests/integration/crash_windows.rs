@@ -3,7 +3,14 @@
 //! hung client that outlives its killed daemon. The mock scheduler has one GPU, so a
 //! leaked grant would answer "busy" to every later request and the job would never
 //! complete; each test also checks the mock's books.
+//!
+//! And the window the job's end opened on purpose: once the result is there and the
+//! claim no longer names the grant, the message's delete does not wait for the
+//! scheduler's `-dealloc`; a daemon killed before that release is confirmed leaves it to
+//! its journal, and the restart releases it, once.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -93,5 +100,65 @@ async fn an_orphaned_hung_client_is_waited_out_killed_and_its_grant_released() -
     stack.wait_for_results(1, Duration::from_secs(90)).await?;
     stack.wait_for_empty_queues(Duration::from_secs(60)).await?;
     ssgm.wait_all_released(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// A scheduler client whose `-dealloc` hangs (30 s, without reaching the scheduler) while
+/// the file `hold` exists; every other call goes to the mock's client.
+fn client_with_held_deallocs(stack: &Stack, ssgm: &MockSsgm, hold: &Path) -> Result<PathBuf> {
+    let dir = stack.tmp_dir();
+    std::fs::create_dir_all(&dir)?;
+    let wrapper = dir.join("ssgm-held-deallocs.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" -dealloc \"*) [ -e '{hold}' ] && exec sleep 30;; esac\nexec '{bin}' \"$@\"\n",
+            hold = hold.display(),
+            bin = ssgm.bin().display()
+        ),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    Ok(wrapper)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_goes_while_the_release_runs_and_a_kill_then_leaves_it_to_the_journal()
+-> Result<()> {
+    let ssgm = MockSsgm::start(1)?;
+    let mut stack = Stack::new("beside", 5).await?;
+    stack.start_function("copy-result.sh")?;
+    let hold = stack.tmp_dir().join("hold-deallocs");
+    let client = client_with_held_deallocs(&stack, &ssgm, &hold)?;
+    std::fs::write(&hold, b"")?;
+    let client = client.display().to_string();
+    // A scheduler call may take 20 s: a delete that waited for the release would come
+    // after the 10 s this test gives it.
+    let args = ["-m", client.as_str(), "--ssgm-timeout", "20", "-v", "5"];
+    let first = stack.start_daemon(&ssgm, &args)?;
+    stack
+        .upload("beside.png", b"released beside the delete")
+        .await?;
+    stack.wait_for_results(1, Duration::from_secs(90)).await?;
+
+    // The message is deleted and the claim gone while the GPU is still granted.
+    stack.wait_for_empty_queues(Duration::from_secs(10)).await?;
+    let claims = stack.keys(&stack.output_bucket, "orchgpu-claims/").await?;
+    assert!(claims.is_empty(), "claims left behind: {claims:?}");
+    assert_eq!(
+        ssgm.stat("live")?,
+        1,
+        "the release was not held up: the test did not exercise the window"
+    );
+
+    // Killed inside the window: the journal still has the grant; the restart (same
+    // state dir) finds no claim naming it and releases it.
+    stack.process(first).kill();
+    std::fs::remove_file(&hold)?;
+    stack.start_daemon(&ssgm, &args)?;
+    ssgm.wait_all_released(Duration::from_secs(30)).await?;
+    let stats = ssgm.stats()?;
+    assert_eq!(stats["granted"], 1, "the job ran again: {stats}");
+    assert_eq!(stats["failed_releases"], 0, "released twice: {stats}");
+    assert_eq!(stack.invocations().values().sum::<usize>(), 1);
     Ok(())
 }

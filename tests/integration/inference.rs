@@ -162,7 +162,7 @@ async fn dog_jpg_through_the_whole_pipeline_finds_a_dog_and_a_bicycle() -> Resul
     assert_ne!(png, image);
 
     stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -206,6 +206,6 @@ async fn measure_per_image_times() -> Result<()> {
         rows.iter().map(|r| r.2).sum::<f64>() / n
     );
     stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }

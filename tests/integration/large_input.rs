@@ -67,7 +67,7 @@ async fn a_200_mb_input_completes_once() -> Result<()> {
         left.iter().all(|p| p.ends_with("lock")),
         "files left in the work dir: {left:?}"
     );
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 

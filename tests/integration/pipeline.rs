@@ -75,7 +75,7 @@ async fn awkward_keys_each_get_exactly_one_correct_result() -> Result<()> {
         0,
         "dead-letter queue"
     );
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     assert_eq!(ssgm.stat("granted")?, AWKWARD_KEYS.len() as u64);
     assert!(
         stack.process(daemon).try_status()?.is_none(),
@@ -142,7 +142,7 @@ async fn junk_messages_are_dropped_and_later_jobs_still_run() -> Result<()> {
     );
     // The missing object never reached the scheduler.
     assert_eq!(ssgm.stat("alloc_calls")?, 1);
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -178,7 +178,7 @@ async fn one_gpu_five_jobs_never_overlap_and_do_not_hammer_the_scheduler() -> Re
         alloc_calls < 2 * JOBS,
         "{alloc_calls} alloc calls for {JOBS} jobs: {stats}"
     );
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -210,7 +210,7 @@ async fn large_and_small_inputs_side_by_side_each_get_their_result() -> Result<(
     let jobs = inputs.len() as u64;
     assert_one_result_each_equal_to_its_input(&results, inputs);
     assert_eq!(ssgm.stat("granted")?, jobs);
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -241,7 +241,7 @@ async fn a_small_input_gone_before_its_job_is_dropped_with_no_gpu_kept() -> Resu
         Ok((ssgm.stat("live")? == 0).then_some(()))
     })
     .await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     assert_eq!(
         ssgm.stat("alloc_calls")?,
         0,
@@ -252,7 +252,7 @@ async fn a_small_input_gone_before_its_job_is_dropped_with_no_gpu_kept() -> Resu
     stack.upload("after-gone.png", b"still works").await?;
     stack.wait_for_results(1, Duration::from_secs(60)).await?;
     stack.wait_for_empty_queues(Duration::from_secs(30)).await?;
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -322,7 +322,7 @@ async fn stale_events_and_folder_keys_cost_no_gpu_and_folders_no_request() -> Re
         "GPUs granted for inputs that are not there: {books}"
     );
     assert_eq!(books["alloc_calls"], 1, "{books}");
-    ssgm.assert_all_released()?;
+    ssgm.wait_all_released(Duration::from_secs(10)).await?;
 
     // One GET per event that names an object (the real one, its stale twin, the missing
     // ones), plus the claims location's check at start-up; none for the folder keys.

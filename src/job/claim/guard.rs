@@ -15,6 +15,21 @@ use super::{
 };
 use crate::backoff::Backoff;
 
+/// A claim is renewed every `lease / RENEW_EVERY`.
+///
+/// Why a half, not a third (as until issue 17): the room a renewal leaves before the
+/// holder must act (a call timeout before the expiry) is `lease / 2 - call_timeout`, at
+/// least two call timeouts (`call_timeout` is at most a sixth of the lease): a renewal
+/// and one retry fit even when both hang until their timeouts, and three quick retries
+/// fit. A third left three call timeouts; the extra room cost a third more renewals, the
+/// largest share of a waiting job's CPU (BENCHMARKS.md, "Memory (issue 17)"). A holder
+/// that dies is taken over when its last expiry passes, between half a lease and a lease
+/// after its death (was two thirds to one): the failover is, if anything, earlier. What
+/// is shorter is how long S3 may refuse renewals before a holder gives its job up (20
+/// instead of 30 s with the default 60 s lease); such a job is handed over through its
+/// claim or returned, never lost.
+pub(super) const RENEW_EVERY: u32 = 2;
+
 /// A claim this process holds, shared between the guard and its handles.
 struct Held {
     claims: Claims,
@@ -356,8 +371,8 @@ impl ClaimGuard {
         }
     }
 
-    /// Runs `work` while renewing the claim every third of the lease; a renewal runs
-    /// beside the work, never pausing it. Unless a renewal was confirmed, `lost` is
+    /// Runs `work` while renewing the claim every half of the lease (`RENEW_EVERY`); a
+    /// renewal runs beside the work, never pausing it. Unless a renewal was confirmed, `lost` is
     /// cancelled a call timeout before the last confirmed expiry (our lease may end
     /// before we learn anything), or as soon as another daemon is seen to hold the
     /// claim; `work` is still awaited, so it can stop cleanly. Returns the work's output
@@ -371,8 +386,10 @@ impl ClaimGuard {
     ) -> (T, bool) {
         tokio::pin!(work);
         let held = &self.held;
-        let every = held.shared().lease / 3;
-        let mut retries = Backoff::new(every / 8, every / 2).with_jitter();
+        let every = held.shared().lease / RENEW_EVERY;
+        // Three quick retries (1/16, 1/8, 1/4 of the interval, jittered) fit in the room
+        // a renewal leaves before the holder must act (a third of the lease).
+        let mut retries = Backoff::new(every / 16, every / 4).with_jitter();
         let mut next = tokio::time::Instant::now() + every;
         let mut renewal: Option<BoxFuture<'static, Result<(), ClaimError>>> = None;
         loop {

@@ -186,7 +186,7 @@ pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
         let messages = match &drain {
             Some(drain) => {
                 let (new, again) = drain.sort(messages);
-                hold(&batcher, drain, &again, settings.retry_backoff).await;
+                drain::hold(&batcher, drain, &again, settings.retry_backoff).await;
                 new
             }
             None => messages,
@@ -247,7 +247,7 @@ pub(crate) async fn run<S: GpuScheduler + Send + Sync + 'static>(
     tracker.wait().await;
     info!("All jobs ended.");
     if let Some(drain) = &drain {
-        end_drain(&queue, &batcher, drain, drained).await;
+        drain::end_drain(&queue, &batcher, drain, drained).await;
     }
     // The jobs held the other handles: the lanes send what is queued, then stop.
     drop(batcher);
@@ -513,78 +513,6 @@ impl HeartbeatSchedule {
             .max(HEARTBEAT_RETRY_MIN);
         self.next = now + wait;
         wait
-    }
-}
-
-/// In a drain, puts back messages the run already tried, untried: hidden until the run
-/// ends, then visible after the usual retry backoff.
-async fn hold(
-    batcher: &QueueBatcher,
-    drain: &drain::Drain,
-    messages: &[ReceivedMessage],
-    retry_backoff: Duration,
-) {
-    let replies: Vec<Reply> = messages
-        .iter()
-        .map(|message| batcher.set_visibility(message, drain::HOLD))
-        .collect();
-    for (message, reply) in messages.iter().zip(replies) {
-        info!(message_id = %message.message_id, receive_count = message.receive_count,
-            "Message already tried in this drain; held until it ends.");
-        if let Err(e) = reply.await {
-            warn!(message_id = %message.message_id, error = %error_chain(&e), "Could not hold the message; it reappears after its visibility timeout.");
-        }
-        drain.hold(
-            message.clone(),
-            retry_delay(retry_backoff, message.receive_count),
-        );
-    }
-}
-
-/// The end of a drain run: the held messages become visible after their retry backoff,
-/// and one line says how the run went.
-async fn end_drain(queue: &Queue, batcher: &QueueBatcher, drain: &drain::Drain, drained: bool) {
-    let totals = drain.totals();
-    let held = drain.take_held();
-    let replies: Vec<Reply> = held
-        .iter()
-        .map(|(message, delay)| batcher.set_visibility(message, *delay))
-        .collect();
-    for ((message, delay), reply) in held.iter().zip(replies) {
-        match reply.await {
-            Ok(()) => {
-                info!(message_id = %message.message_id, delay_s = delay.as_secs(), "Message returned for a retry.")
-            }
-            Err(e) => {
-                warn!(message_id = %message.message_id, error = %error_chain(&e), "Could not return the message; it reappears when its hold ends.")
-            }
-        }
-    }
-    use aws_sdk_sqs::types::QueueAttributeName;
-    let not_visible = match queue
-        .attribute(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .await
-    {
-        Ok(count) => count.unwrap_or_default(),
-        Err(e) => {
-            warn!(error = %error_chain(&e), "Cannot read the queue's hidden message count.");
-            "unknown".to_string()
-        }
-    };
-    if drained {
-        info!(
-            tried = totals.tried,
-            returned = totals.held,
-            not_visible = %not_visible,
-            "Drained."
-        );
-    } else {
-        info!(
-            tried = totals.tried,
-            returned = totals.held,
-            not_visible = %not_visible,
-            "Drain stopped before the queue was empty."
-        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! `--drain`: receive until the queue has nothing new, finish the jobs, exit 0 (for cron,
-//! CI, a batch system and tests). This module owns the book of one drain run; the loop in
-//! `daemon` asks it what each received message is and when the run is over.
+//! CI, a batch system and tests). This module owns the book of one drain run and what the
+//! run does to the messages it holds (hidden while it goes on, given back at its end); the
+//! loop in `daemon` asks it what each received message is and when the run is over.
 //!
 //! The rules, as `docs/operations.md` states them for operators:
 //!
@@ -34,7 +35,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::aws::queue::ReceivedMessage;
+use tracing::{info, warn};
+
+use super::retry_delay;
+use crate::aws::batcher::{QueueBatcher, Reply};
+use crate::aws::error_chain;
+use crate::aws::queue::{Queue, ReceivedMessage};
 
 /// How long a failed (or returning) message is kept hidden while the run goes on: the
 /// daemon's longest retry backoff, so a killed run delays it no more than that.
@@ -110,6 +116,78 @@ impl Drain {
             tried: book.tried.len(),
             held: book.held.len(),
         }
+    }
+}
+
+/// In a drain, puts back messages the run already tried, untried: hidden until the run
+/// ends, then visible after the usual retry backoff.
+pub(super) async fn hold(
+    batcher: &QueueBatcher,
+    drain: &Drain,
+    messages: &[ReceivedMessage],
+    retry_backoff: Duration,
+) {
+    let replies: Vec<Reply> = messages
+        .iter()
+        .map(|message| batcher.set_visibility(message, HOLD))
+        .collect();
+    for (message, reply) in messages.iter().zip(replies) {
+        info!(message_id = %message.message_id, receive_count = message.receive_count,
+            "Message already tried in this drain; held until it ends.");
+        if let Err(e) = reply.await {
+            warn!(message_id = %message.message_id, error = %error_chain(&e), "Could not hold the message; it reappears after its visibility timeout.");
+        }
+        drain.hold(
+            message.clone(),
+            retry_delay(retry_backoff, message.receive_count),
+        );
+    }
+}
+
+/// The end of a drain run: the held messages become visible after their retry backoff,
+/// and one line says how the run went.
+pub(super) async fn end_drain(queue: &Queue, batcher: &QueueBatcher, drain: &Drain, drained: bool) {
+    let totals = drain.totals();
+    let held = drain.take_held();
+    let replies: Vec<Reply> = held
+        .iter()
+        .map(|(message, delay)| batcher.set_visibility(message, *delay))
+        .collect();
+    for ((message, delay), reply) in held.iter().zip(replies) {
+        match reply.await {
+            Ok(()) => {
+                info!(message_id = %message.message_id, delay_s = delay.as_secs(), "Message returned for a retry.")
+            }
+            Err(e) => {
+                warn!(message_id = %message.message_id, error = %error_chain(&e), "Could not return the message; it reappears when its hold ends.")
+            }
+        }
+    }
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let not_visible = match queue
+        .attribute(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .await
+    {
+        Ok(count) => count.unwrap_or_default(),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "Cannot read the queue's hidden message count.");
+            "unknown".to_string()
+        }
+    };
+    if drained {
+        info!(
+            tried = totals.tried,
+            returned = totals.held,
+            not_visible = %not_visible,
+            "Drained."
+        );
+    } else {
+        info!(
+            tried = totals.tried,
+            returned = totals.held,
+            not_visible = %not_visible,
+            "Drain stopped before the queue was empty."
+        );
     }
 }
 

@@ -10,7 +10,7 @@
 //! - the daemon: `app` (builds and runs it from a `Config` and a shutdown signal), `cli`
 //!   (flags to a validated `Config`; the only module that knows clap), with `values` (the
 //!   flags' value parsers) and `jobs` (the `orchgpu jobs` command line), `daemon` (the
-//!   receive loop, job slots, heartbeats, shutdown), `signal` (SIGTERM/SIGINT to
+//!   receive loop, job slots, heartbeats, shutdown; `drain`, the `--drain` run), `signal` (SIGTERM/SIGINT to
 //!   shutdown tokens), `location` (a bucket and a dir), `backoff` (the one retry policy);
 //! - the AWS side, `aws`: the SDK clients, and `queue` (SQS), `batcher` (batched deletes
 //!   and visibility changes), `storage` (S3 transfers), `metrics` (AWS request counts);
@@ -19,14 +19,15 @@
 //!   wait for the result), `outcome` (how a job ends, what that means for its message),
 //!   `claimed` (a job under its claim), `serverless` (a job as the Lambda jobs handler
 //!   runs it), `event` (S3 notifications to objects), `bundle` (the `.tar.gz`), `claim`
-//!   (the job's shared record in S3; `store`, its conditional writes; `guard`, the lease
-//!   on our own clock), `results` (event-driven result detection), `workdir` (this run's
+//!   (the job's shared record in S3; `record`, what it says; `store`, its conditional
+//!   writes; `guard`, the lease on our own clock), `results` (event-driven result detection), `workdir` (this run's
 //!   files on disk);
 //! - the Lambda front end, `lambda` (`orchgpu-lambda`): `config` (the daemon's `ORCHGPU_*`
 //!   variables), `route` (which handler an event is for), `handler` (one sandbox's parts),
 //!   `jobs`, `results` and `schedule` (the three handlers), `finish` (what they share);
 //! - the GPUs: `reservations` (every GPU from the request to the confirmed release: the
-//!   gate and replay, `ledger`, `journal` (crash-safe), `releaser`) and `scheduler`
+//!   gate and replay, `ledger`, `journal` (crash-safe), `releaser`, `handover` (grants
+//!   passed on through a claim)) and `scheduler`
 //!   (the `GpuScheduler` trait; `ssgm`, the SSGM client; `reply`, its reply parser);
 //! - the operator's view, `ops`: `telemetry` (metrics, liveness, readiness), `http` (the
 //!   listener), `web` (the page for uploaders: `routes`, `upload`, `status`, `names`,

@@ -10,8 +10,8 @@
 //! - the daemon: `app` (builds and runs it from a `Config` and a shutdown signal), `cli`
 //!   (flags to a validated `Config`; the only module that knows clap), with `values` (the
 //!   flags' value parsers) and `jobs` (the `orchgpu jobs` command line), `daemon` (the
-//!   receive loop, job slots, heartbeats, shutdown; `drain`, the `--drain` run), `signal` (SIGTERM/SIGINT to
-//!   shutdown tokens), `location` (a bucket and a dir), `backoff` (the one retry policy);
+//!   receive loop, job slots, heartbeats, shutdown; `drain`, the `--drain` run),
+//!   `signal` (SIGTERM/SIGINT to shutdown tokens), `location` (a bucket and a dir), `backoff` (the one retry policy);
 //! - the AWS side, `aws`: the SDK clients, and `queue` (SQS), `batcher` (batched deletes
 //!   and visibility changes), `storage` (S3 transfers), `metrics` (AWS request counts);
 //! - the job pipeline, `job`: one job's stages in order, and `id` (the job's id),
@@ -20,8 +20,8 @@
 //!   `claimed` (a job under its claim), `serverless` (a job as the Lambda jobs handler
 //!   runs it), `event` (S3 notifications to objects), `bundle` (the `.tar.gz`), `claim`
 //!   (the job's shared record in S3; `record`, what it says; `store`, its conditional
-//!   writes; `guard`, the lease on our own clock), `results` (event-driven result detection), `workdir` (this run's
-//!   files on disk);
+//!   writes; `guard`, the lease on our own clock), `results` (event-driven result
+//!   detection), `workdir` (this run's files on disk);
 //! - the Lambda front end, `lambda` (`orchgpu-lambda`): `config` (the daemon's `ORCHGPU_*`
 //!   variables), `route` (which handler an event is for), `handler` (one sandbox's parts),
 //!   `jobs`, `results` and `schedule` (the three handlers), `finish` (what they share);

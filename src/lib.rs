@@ -11,7 +11,8 @@
 //!   (flags to a validated `Config`; the only module that knows clap), with `values` (the
 //!   flags' value parsers) and `jobs` (the `orchgpu jobs` command line), `daemon` (the
 //!   receive loop, job slots, heartbeats, shutdown; `drain`, the `--drain` run),
-//!   `signal` (SIGTERM/SIGINT to shutdown tokens), `location` (a bucket and a dir), `backoff` (the one retry policy);
+//!   `signal` (SIGTERM/SIGINT to shutdown tokens), `location` (a bucket and a dir),
+//!   `backoff` (the one retry policy);
 //! - the AWS side, `aws`: the SDK clients, and `queue` (SQS), `batcher` (batched deletes
 //!   and visibility changes), `storage` (S3 transfers), `metrics` (AWS request counts);
 //! - the job pipeline, `job`: one job's stages in order, and `id` (the job's id),

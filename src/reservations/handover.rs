@@ -123,6 +123,7 @@ impl<S: GpuScheduler + Send + Sync + 'static> Reservations<S> {
         telemetry::get().scheduler_call("dealloc", dealloc_reply_label(&released));
         if released.is_ok() {
             self.shared.count_gpu_time(granted_unix_ms);
+            self.shared.ledger.on_freed_uncounted();
             self.shared.gpus_freed.notify_waiters();
             info!(
                 stage = "release",

@@ -48,6 +48,13 @@ impl GrantLedger {
         crate::ops::telemetry::get().set_gpus_held(self.held());
     }
 
+    /// GPUs we did not count as held were confirmed released (a grant a claim records,
+    /// released through it in Lambda mode): the scheduler has more room than its last busy
+    /// answer showed, so that answer says nothing any more.
+    pub(crate) fn on_freed_uncounted(&self) {
+        *self.busy_mark() = None;
+    }
+
     pub(crate) fn on_busy(&self) {
         *self.busy_mark() = Some((self.held(), Instant::now()));
     }
@@ -69,6 +76,20 @@ impl GrantLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_of_grants_we_did_not_count_ends_the_wait() {
+        let ledger = GrantLedger::default();
+        let retry = Duration::from_secs(60);
+        // Busy while holding nothing counted (Lambda mode hands its grants to claims).
+        ledger.on_busy();
+        assert!(
+            ledger.wait_before_asking(retry).is_some(),
+            "busy at 0: wait"
+        );
+        ledger.on_freed_uncounted();
+        assert_eq!(ledger.wait_before_asking(retry), None, "GPUs freed: ask");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn waits_while_we_hold_what_we_held_at_busy() {
